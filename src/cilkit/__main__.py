@@ -1,0 +1,5 @@
+import sys
+
+from cilkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""Command line: ``cilkit run | info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cilkit.errors import UserError
+
+
+def _unique_dir(base: Path) -> Path:
+    if not base.exists() or not any(base.iterdir()):
+        return base
+    k = 2
+    while (base.parent / f"{base.name}-{k}").exists():
+        k += 1
+    return base.parent / f"{base.name}-{k}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cilkit.config import load_config, read_yaml, validate
+    from cilkit.report import state_table
+    from cilkit.runner import run_methods
+
+    overrides = list(args.set or [])
+    if args.methods:
+        overrides.append(f"method=[{args.methods}]")
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config:
+            raise UserError("--resume takes the run directory alone (its config.yaml is used)")
+        cfg_file = run_dir / "config.yaml"
+        if not cfg_file.is_file():
+            raise UserError(f"--resume: '{cfg_file}' not found (not a cilkit run directory)")
+        config = validate(read_yaml(cfg_file), source=str(cfg_file))
+        if overrides:
+            raise UserError("--resume continues a run as configured; --set/--methods are not allowed")
+    else:
+        config = load_config(args.config, overrides)
+        name = config.name or (Path(args.config).stem if args.config else "quickstart")
+        run_dir = Path(args.out) if args.out else _unique_dir(Path("runs") / name)
+    results = run_methods(config, run_dir, resume=bool(args.resume))
+    print()
+    print(state_table(results))
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from cilkit.data import SOURCE_DESCRIPTIONS
+    from cilkit.methods import METHODS
+    from cilkit.models import BACKBONE_DESCRIPTIONS
+
+    def section(title: str, items: dict[str, str]) -> None:
+        print(f"{title}:")
+        for k in sorted(items):
+            print(f"  {k:<16} {items[k]}")
+        print()
+
+    section("datasets", SOURCE_DESCRIPTIONS)
+    section("methods", {k: m.description for k, m in METHODS.items()})
+    section("backbones", BACKBONE_DESCRIPTIONS)
+    section("selection strategies", {
+        "herding": "iCaRL herding: greedy picks keeping the exemplar mean closest to the class mean",
+        "random": "seeded random picks",
+    })
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cilkit", description="Class-incremental learning under imbalance.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a protocol (default: the embedded digits quickstart)")
+    r.add_argument("config", nargs="?", help="YAML config (default: the embedded quickstart)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--methods", help="comma-separated methods to compare on the same protocol")
+    r.add_argument("--out", help="run directory (default: runs/<name>)")
+    r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
+    r.set_defaults(func=cmd_run)
+    i = sub.add_parser("info", help="list datasets, methods, backbones and selection strategies")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished states are saved; continue with cilkit run --resume DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Typed run configuration: YAML loading, ``--set`` overrides, validation with clear errors.
+
+Every key of a run lives here, with its default. A method's own hyperparameters live in the
+method's ``Config`` (a pydantic model declared in its file) and are given in the YAML under a
+top-level key named after the method (e.g. ``icarl: {temperature: 2}``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cilkit.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    num_classes: int = Field(10, ge=2)
+    train_per_class: int = Field(40, ge=1)
+    test_per_class: int = Field(10, ge=1)
+    size: int = Field(8, ge=4)
+    channels: Literal[1, 3] = 1
+
+
+class DataConfig(Strict):
+    """Where the images come from. See ``cilkit info`` for the sources."""
+
+    name: str = "digits"
+    root: str | None = None  # folder of the files (idx, cifar, imagefolder, listfile)
+    train_list: str | None = None  # listfile: "relative/path label" per line
+    test_list: str | None = None
+    image_size: int | None = Field(None, ge=4)  # file images: training crop / eval crop size
+    resize: int | None = Field(None, ge=4)  # file images: eval resize before the centre crop
+    in_memory: bool = False  # file images: decode once into memory at image_size
+    workers: int = Field(2, ge=0)  # file images: DataLoader workers
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # digits: stratified, fixed test split
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    mean: list[float] | None = None  # override the known / computed statistics
+    std: list[float] | None = None
+    crop_pad: int | None = Field(None, ge=0)  # override the dataset's default augmentation
+    flip: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from cilkit.data import SOURCES
+
+        if v not in SOURCES:
+            raise ValueError(f"unknown dataset '{v}' (known: {', '.join(sorted(SOURCES))})")
+        return v
+
+
+class ScenarioConfig(Strict):
+    """Class order and states. ``order`` is a seed (``numpy.random.seed(s); permutation``, the
+    iCaRL convention, default 1993) or an explicit list of class ids."""
+
+    order: int | list[int] = 1993
+    initial: int = Field(2, ge=1)  # B: classes of state 0
+    increment: int = Field(2, ge=1)  # P: classes added by each later state
+    states: int | None = Field(None, ge=1)  # default: as many as the classes allow
+    val_per_class: int = Field(0, ge=0)  # balanced hold-out taken from each class's train data
+
+
+class MemoryConfig(Strict):
+    """Exemplar memory. ``total`` = K images over all seen classes (re-balanced after each
+    state), or ``per_class`` = m images per class. Setting neither (or total: 0) = no memory."""
+
+    total: int | None = Field(None, ge=0)
+    per_class: int | None = Field(None, ge=0)
+    selection: Literal["herding", "random"] = "herding"
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "MemoryConfig":
+        if self.total is not None and self.per_class is not None:
+            raise ValueError("set memory.total or memory.per_class, not both")
+        return self
+
+
+class ModelConfig(Strict):
+    backbone: str = "convnet"  # resnet32 | resnet18 | resnet18_cifar | convnet
+    width: int = Field(32, ge=4)  # convnet channels
+
+
+class ScheduleConfig(Strict):
+    type: Literal["constant", "multistep", "cosine", "plateau"] = "multistep"
+    milestones: list[int] = Field(default_factory=list)  # epochs (multistep)
+    gamma: float = Field(0.1, gt=0)  # multistep / plateau factor
+    patience: int = Field(5, ge=0)  # plateau, on the epoch's training loss
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=0)
+    epochs_first: int | None = Field(None, ge=0)  # state 0 (default: epochs)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    lr_first: float | None = Field(None, gt=0)  # state 0 (default: lr)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval_batch_size: int = Field(1024, ge=1)
+
+    def epochs_of(self, state: int) -> int:
+        return self.epochs_first if state == 0 and self.epochs_first is not None else self.epochs
+
+    def lr_of(self, state: int) -> float:
+        return self.lr_first if state == 0 and self.lr_first is not None else self.lr
+
+
+class RunConfig(BaseModel):
+    """A whole run. Extra top-level keys must be method names holding that method's options."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str | None = None
+    seed: int = 0
+    method: str | list[str] = "finetune"
+    data: DataConfig = Field(default_factory=DataConfig)
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = Field(None, ge=1)  # CPU threads (default: the cores free to us)
+    amp: bool = False  # bf16 autocast (CUDA, or CPU when asked)
+    channels_last: bool = False
+    state0_cache: str | None = "~/.cache/cilkit/state0"  # null = never reuse a state-0 model
+    keep_checkpoints: Literal["last", "all"] = "last"
+
+    @field_validator("method")
+    @classmethod
+    def _known_methods(cls, v: str | list[str]) -> str | list[str]:
+        from cilkit.methods import METHODS
+
+        for name in [v] if isinstance(v, str) else v:
+            if name not in METHODS:
+                raise ValueError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+        if isinstance(v, list) and not v:
+            raise ValueError("the list of methods is empty")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"unknown device '{v}' (auto, cpu, cuda or cuda:N)")
+        return v
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "RunConfig":
+        from cilkit.methods import METHODS
+
+        for key, value in (self.model_extra or {}).items():
+            if key not in METHODS:
+                raise ValueError(f"unknown key '{key}'")
+            try:
+                validated = METHODS[key].Config.model_validate(value or {})
+            except ValidationError as e:
+                raise ValueError(_first_error(e, prefix=key)) from None
+            self.model_extra[key] = validated.model_dump()
+        return self
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    def method_options(self, name: str) -> dict[str, Any]:
+        return dict((self.model_extra or {}).get(name) or {})
+
+    def for_method(self, name: str) -> "RunConfig":
+        """This config with a single method (one run of a multi-method comparison)."""
+        data = self.to_dict()
+        data["method"] = name
+        data["name"] = f"{self.name}/{name}" if self.name else name
+        return RunConfig.model_validate(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _first_error(e: ValidationError, prefix: str = "") -> str:
+    """The first validation error as one line naming the key."""
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if err["type"] == "missing":
+        return f"missing key '{key}'"
+    if not key or msg.startswith(("unknown key", "config key")):
+        return msg
+    got = err.get("input")
+    suffix = "" if got is None or isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"config key '{key}': {msg}{suffix}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"memory.total=500"`` -> (["memory", "total"], 500). Values are parsed as YAML."""
+    if "=" not in item:
+        raise UserError(f"--set '{item}': expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set '{item}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None)
+        raise UserError(f"config file '{path}'{where}: invalid YAML ({problem or 'unreadable'})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}': expected a mapping of keys at the top level")
+    return data
+
+
+def quickstart_dict() -> dict[str, Any]:
+    """The embedded default protocol (digits, 5 states of 2 classes, finetune vs icarl)."""
+    text = resources.files("cilkit").joinpath("configs/quickstart.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{source}: {_first_error(e)}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or the embedded quickstart when ``path`` is None), apply ``--set``."""
+    data = quickstart_dict() if path is None else read_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    return validate(data, source=str(path) if path else "quickstart config")

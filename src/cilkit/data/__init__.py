@@ -1,0 +1,70 @@
+"""Data sources: a registry of readers, each turning a :class:`DataConfig` into a :class:`Dataset`.
+
+A reader is registered with :func:`register_source`; :func:`load_dataset` looks it up by
+``data.name``, applies the config's statistics / augmentation overrides and checks the labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from cilkit.config import DataConfig
+from cilkit.data.base import Dataset, ImageSet, TensorImages
+from cilkit.errors import UserError
+
+Reader = Callable[[DataConfig], Dataset]
+
+SOURCES: dict[str, Reader] = {}
+SOURCE_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_source(name: str, description: str) -> Callable[[Reader], Reader]:
+    """Decorator: register ``reader`` under ``name`` (with a one-line description for ``cilkit info``)."""
+
+    def wrap(reader: Reader) -> Reader:
+        if name in SOURCES:
+            raise ValueError(f"data source '{name}' is registered twice")
+        SOURCES[name] = reader
+        SOURCE_DESCRIPTIONS[name] = description
+        return reader
+
+    return wrap
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Read the dataset named by ``cfg.name``, apply the overrides of ``cfg``, check its labels."""
+    reader = SOURCES.get(cfg.name)
+    if reader is None:
+        raise UserError(f"unknown dataset '{cfg.name}' (known: {', '.join(sorted(SOURCES))})")
+    dataset = reader(cfg)
+    channels = _channels(dataset.train)
+    if cfg.mean is not None:
+        dataset.mean = _stats_override("data.mean", cfg.mean, channels, positive=False)
+    if cfg.std is not None:
+        dataset.std = _stats_override("data.std", cfg.std, channels, positive=True)
+    changes = {k: v for k, v in (("crop_pad", cfg.crop_pad), ("flip", cfg.flip)) if v is not None}
+    if changes:
+        dataset.augment = dataclasses.replace(dataset.augment, **changes)
+    dataset.check_labels()
+    return dataset
+
+
+def _channels(images: ImageSet) -> int | None:
+    if isinstance(images, TensorImages):
+        return images.shape[0]
+    return getattr(images, "channels", None)
+
+
+def _stats_override(key: str, values: list[float], channels: int | None, *, positive: bool) -> tuple[float, ...]:
+    if channels is not None and len(values) != channels:
+        raise UserError(f"config key '{key}': {len(values)} values given but the images have {channels} channel(s)")
+    if positive and any(v <= 0 for v in values):
+        raise UserError(f"config key '{key}': every value must be > 0 (got {values})")
+    return tuple(float(v) for v in values)
+
+
+# Importing the reader modules registers their sources.
+from cilkit.data import files, sources  # noqa: E402,F401
+
+__all__ = ["SOURCES", "SOURCE_DESCRIPTIONS", "load_dataset", "register_source"]

@@ -1,0 +1,148 @@
+"""The data contract: image sets that batch themselves, and a dataset = train + test + facts.
+
+Two kinds of image set:
+- :class:`TensorImages`: small images held in memory as one uint8 tensor (N, C, H, W), moved
+  once to the training device; batches are index lookups, augmentation is batched tensor ops.
+- :class:`FileImages` (in ``cilkit.data.files``): large images decoded by Pillow in DataLoader
+  workers (ImageNet-style folders and list files).
+
+Both yield ``(x, y, idx)``: ``x`` float32 normalised on the device, ``y`` the ORIGINAL class ids
+(int64, on the device) and ``idx`` the positions in the set (int64, on the device). Selecting a
+subset (a state's classes, the memory, an annotated pool) is just an index tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from cilkit.data.transforms import Augment, augment_batch, normalise
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class ImageSet(ABC):
+    """Labelled images addressed by position. Subclasses implement :meth:`batches`."""
+
+    labels: torch.Tensor  # int64 (N,), original class ids 0..C-1, on CPU
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device | str) -> "ImageSet":
+        return self
+
+    @abstractmethod
+    def batches(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        augment: Augment | None = None,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[Batch]:
+        """Yield ``(x, y, idx)`` over ``indices`` (shuffled with ``generator`` if asked)."""
+
+    @abstractmethod
+    def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std (in [0, 1] units) of the images at ``indices``."""
+
+
+class TensorImages(ImageSet):
+    """Images in memory as one uint8 tensor (N, C, H, W)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"TensorImages wants uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images = images
+        self.labels = labels.to(torch.int64).cpu()
+        self._labels_dev = self.labels
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> "TensorImages":
+        device = torch.device(device)
+        if self.images.device != device:
+            self.images = self.images.to(device)
+            self._labels_dev = self.labels.to(device)
+        return self
+
+    def batches(
+        self,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        augment: Augment | None = None,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[Batch]:
+        self.to(device)
+        dev = self.images.device
+        indices = indices.to(torch.int64)
+        if shuffle:
+            order = torch.randperm(indices.numel(), generator=generator)
+            indices = indices[order]
+        indices = indices.to(dev)
+        mean, std = mean.to(dev), std.to(dev)
+        for start in range(0, indices.numel(), batch_size):
+            idx = indices[start : start + batch_size]
+            x = self.images[idx]
+            if augment is not None:
+                x = augment_batch(x, augment, generator)
+            yield normalise(x, mean, std), self._labels_dev[idx], idx
+
+    def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[indices.to(self.images.device)].to(torch.float64) / 255.0
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3))
+        return mean.float().cpu(), std.float().cpu()
+
+
+@dataclass
+class Dataset:
+    """A train set, a test set and what a run must know about them.
+
+    ``mean``/``std`` are None when the dataset has no known statistics: the runner then
+    computes them from the training images of state 0 (as the IL2M / active-IL seeds say).
+    ``augment`` is the dataset's default training augmentation.
+    """
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augment: Augment = field(default_factory=Augment)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def check_labels(self) -> None:
+        """Raise a clear error for a label outside 0..num_classes-1."""
+        from cilkit.errors import UserError
+
+        for split, s in (("train", self.train), ("test", self.test)):
+            if len(s) == 0:
+                raise UserError(f"dataset '{self.name}': the {split} split is empty")
+            lo, hi = int(s.labels.min()), int(s.labels.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise UserError(
+                    f"dataset '{self.name}': {split} label {hi if hi >= self.num_classes else lo} "
+                    f"is outside 0..{self.num_classes - 1}"
+                )

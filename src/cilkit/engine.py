@@ -1,0 +1,167 @@
+"""The one training loop and the batched evaluation, shared by every method.
+
+Data stays on the training device; a method only supplies the training indices, the
+parameter groups and the loss (see ``cilkit.methods.base``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cilkit.config import TrainConfig
+from cilkit.data.base import Dataset, ImageSet
+
+if TYPE_CHECKING:
+    from cilkit.methods.base import Context, Method
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float) -> torch.optim.SGD:
+    """SGD with momentum and weight decay; a group may set its own ``lr`` / ``weight_decay``."""
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int) -> Any:
+    s = cfg.schedule
+    if s.type == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=s.milestones, gamma=s.gamma)
+    if s.type == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    if s.type == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=s.gamma, patience=s.patience)
+    return None
+
+
+class Engine:
+    """Run-level settings bound once: device, precision, the train/test sets, normalisation."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        train_cfg: TrainConfig,
+        device: torch.device,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        amp: bool = False,
+        channels_last: bool = False,
+        progress: bool | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.cfg = train_cfg
+        self.device = device
+        self.mean, self.std = mean, std
+        self.amp = amp
+        self.channels_last = channels_last
+        self.progress = progress  # None: tqdm shows bars only on a terminal
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def fit(
+        self,
+        ctx: "Context",
+        method: "Method",
+        indices: torch.Tensor,
+        epochs: int,
+        lr: float,
+        desc: str = "train",
+    ) -> dict[str, Any]:
+        """Train ``ctx.model`` on ``indices`` of the training set with ``method.loss``."""
+        model = ctx.model
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        opt = make_optimizer(method.param_groups(ctx), self.cfg, lr)
+        sched = make_scheduler(opt, self.cfg, epochs)
+        self.optimizer = opt
+        losses: list[float] = []
+        start, seen = time.perf_counter(), 0
+        bar = tqdm(range(epochs), desc=desc, leave=False, disable=self._bar_disabled())
+        for _ in bar:
+            model.train()
+            total, count = torch.zeros((), device=self.device), 0
+            for x, labels, idx in self.dataset.train.batches(
+                indices,
+                self.cfg.batch_size,
+                mean=self.mean,
+                std=self.std,
+                augment=self.dataset.augment,
+                shuffle=True,
+                generator=ctx.generator,
+                device=self.device,
+            ):
+                batch = _batch(ctx, x, labels, idx)
+                with self._autocast():
+                    out = model(self._prepare(batch.x))
+                out = {k: v.float() for k, v in out.items()}
+                loss = method.loss(ctx, batch, out)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * x.shape[0]
+                count += x.shape[0]
+            epoch_loss = (total / max(count, 1)).item()
+            losses.append(epoch_loss)
+            seen += count
+            bar.set_postfix(loss=f"{epoch_loss:.3f}")
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(epoch_loss)
+            elif sched is not None:
+                sched.step()
+        seconds = time.perf_counter() - start
+        return {"epoch_losses": losses, "train_seconds": seconds, "images_per_second": seen / seconds if seconds else None}
+
+    def _bar_disabled(self) -> bool | None:
+        return None if self.progress is None else not self.progress
+
+    @torch.inference_mode()
+    def infer(
+        self,
+        model: torch.nn.Module,
+        images: ImageSet,
+        indices: torch.Tensor,
+        want_features: bool = True,
+        hflip: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Logits (and features) of ``images[indices]`` in large batches, eval transform (plus a
+        horizontal flip if ``hflip``), returned on CPU."""
+        model.eval()
+        logits, feats, labels = [], [], []
+        for x, y, _ in images.batches(
+            indices, self.cfg.eval_batch_size, mean=self.mean, std=self.std, device=self.device
+        ):
+            if hflip:
+                x = x.flip(3)
+            with self._autocast():
+                out = model(self._prepare(x))
+            logits.append(out["logits"].float().cpu())
+            if want_features:
+                feats.append(out["features"].float().cpu())
+            labels.append(y.cpu())
+        result = {"logits": _cat(logits), "labels": _cat(labels, torch.int64)}
+        if want_features:
+            result["features"] = _cat(feats)
+        return result
+
+    def train_features(self, model: torch.nn.Module, indices: torch.Tensor, hflip: bool = False) -> torch.Tensor:
+        """Features of training images (eval transform: no augmentation)."""
+        return self.infer(model, self.dataset.train, indices, hflip=hflip)["features"]
+
+
+def _batch(ctx: "Context", x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> Any:
+    from cilkit.methods.base import Batch
+
+    return Batch(x=x, y=ctx.targets(labels), idx=idx)
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)

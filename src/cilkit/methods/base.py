@@ -1,0 +1,140 @@
+"""The method hook protocol.
+
+The runner owns the one training loop (``cilkit.runner``, ``cilkit.engine``). A method is one
+file that subclasses :class:`Method`, overrides only the hooks it needs, and registers itself
+with ``@register("name")``. Per state the runner calls, in this order::
+
+    before_state(ctx)            grow the head, keep a frozen teacher, imprint ...
+    train_set(ctx) -> indices    what the state trains on (default: new data + memory)
+    param_groups(ctx)            what the optimiser updates (default: all parameters)
+    loss(ctx, batch, out)        per batch (default: cross-entropy)
+    <memory update>              herding / random over the new classes
+    after_state(ctx)             extra stages and statistics (bias layer, class means ...)
+    predict(ctx, out)            the method's test scores (default: the logits)
+    extra_scores(ctx, out)       other score sets worth reporting (e.g. CNN beside NME)
+
+The memory is updated before ``after_state`` (DESIGN.md has it after), because the stages that
+follow training (iCaRL class means, IL2M current means, LUCIR balanced finetuning) read it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from cilkit.config import RunConfig
+from cilkit.data.base import Dataset
+from cilkit.memory import Memory
+from cilkit.models import IncrementalNet, build_model
+from cilkit.scenario import Scenario, State
+
+
+class MethodConfig(BaseModel):
+    """A method's own hyperparameters; subclass it in the method's file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # normalised images on the device
+    y: torch.Tensor  # class positions (0..n_seen-1) on the device
+    idx: torch.Tensor  # indices into the training set
+
+
+@dataclass
+class Context:
+    """What a hook may read: the state, the data, the model, the memory, the run settings."""
+
+    config: RunConfig
+    scenario: Scenario
+    dataset: Dataset
+    state: State
+    model: IncrementalNet
+    memory: Memory
+    device: torch.device
+    generator: torch.Generator  # this state's random numbers (CPU); seeded from the run seed
+    mean: torch.Tensor
+    std: torch.Tensor
+    run_dir: Path | None = None
+    teacher: IncrementalNet | None = None
+    engine: Any = None  # cilkit.engine module helpers bound to this run (see runner)
+    info: dict[str, Any] = field(default_factory=dict)  # extra results for this state
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Original class ids -> class positions in the run's order."""
+        return self.scenario.position_of.to(labels.device)[labels]
+
+
+class Method:
+    """Defaults: fine-tuning with cross-entropy on new data + memory, logits as scores."""
+
+    name: ClassVar[str] = "method"
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_teacher: ClassVar[bool] = False  # keep a frozen copy of the previous model
+
+    def __init__(self, config: RunConfig, options: MethodConfig | None = None) -> None:
+        self.run_config = config
+        self.cfg = options if options is not None else self.Config.model_validate(config.method_options(self.name))
+
+    # ----- model -------------------------------------------------------------------------------
+    def build_model(self, in_channels: int, image_size: int) -> IncrementalNet:
+        m = self.run_config.model
+        return build_model(m.backbone, in_channels=in_channels, image_size=image_size, width=m.width)
+
+    def state0_signature(self) -> dict[str, Any]:
+        """What of this method shapes the state-0 model (part of the state-0 cache key).
+        State 0 trains with :meth:`loss` on the initial classes, with no teacher."""
+        return {"head": "linear", "last_relu": True, "loss": "ce"}
+
+    # ----- hooks -------------------------------------------------------------------------------
+    def before_state(self, ctx: Context) -> None:
+        if self.needs_teacher and ctx.state.index > 0:
+            ctx.teacher = freeze(copy.deepcopy(ctx.model))
+        ctx.model.add_classes(ctx.state.n_new)
+
+    def train_set(self, ctx: Context) -> torch.Tensor:
+        return torch.cat([ctx.state.train, ctx.memory.indices(ctx.state.old)])
+
+    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
+        return [{"params": [p for p in ctx.model.parameters() if p.requires_grad]}]
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(out["logits"], batch.y)
+
+    def after_state(self, ctx: Context) -> None:
+        return None
+
+    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return out["logits"]
+
+    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    # ----- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): cross-entropy between
+    softmax(teacher / T) and softmax(student / T), averaged over the batch."""
+    target = F.softmax(teacher / temperature, dim=1)
+    return -(target * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()

@@ -1,0 +1,27 @@
+"""Fine-tuning with memory (FT): the baseline of IL2M and of active IL.
+
+At each state the previous model is extended to the new classes and trained with plain
+cross-entropy on the new data plus the exemplars, without distillation (METHODS.md, FT).
+"""
+
+from __future__ import annotations
+
+from cilkit.methods import register
+from cilkit.methods.base import Context, Method, MethodConfig
+
+
+class FinetuneConfig(MethodConfig):
+    # IL2M's original code re-initialises the whole classifier layer at each state.
+    reinit_classifier: bool = False
+
+
+@register("finetune")
+class Finetune(Method):
+    description = "fine-tuning with memory: cross-entropy on new data + exemplars, no distillation"
+    Config = FinetuneConfig
+    cfg: FinetuneConfig
+
+    def before_state(self, ctx: Context) -> None:
+        super().before_state(ctx)
+        if self.cfg.reinit_classifier and ctx.state.index > 0:
+            ctx.model.head.reset_parameters()

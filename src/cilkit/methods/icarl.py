@@ -1,0 +1,97 @@
+"""iCaRL (Rebuffi et al., CVPR 2017): herding memory, distillation, nearest-mean classifier.
+
+Loss (``loss: bce``, the paper's Sec. 2.2 / Alg. 3 and its original code): sigmoid binary
+cross-entropy over all seen classes, where the targets of the old classes are the previous
+model's sigmoid outputs (distillation) and those of the new classes are one-hot labels.
+``loss: ce_kd`` is the variant of later libraries: cross-entropy + KD on old logits at T.
+
+Classification is nearest-mean-of-exemplars (Alg. 1): class means of L2-normalised features of
+each class's exemplars (and of their horizontal flips when the dataset trains with flips, as
+the original code does), re-normalised; a test image goes to the nearest mean. The CNN's own
+(logit) accuracy is reported beside it as ``cnn``. Use ``memory.selection: herding``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from cilkit.methods import register
+from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
+
+
+class ICaRLConfig(MethodConfig):
+    loss: Literal["bce", "ce_kd"] = "bce"
+    temperature: float = 2.0  # ce_kd only
+
+
+@register("icarl")
+class ICaRL(Method):
+    description = "iCaRL: herding memory, distillation, nearest-mean-of-exemplars classifier (NME + CNN)"
+    Config = ICaRLConfig
+    cfg: ICaRLConfig
+    needs_teacher = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_means = torch.empty(0)
+
+    def state0_signature(self) -> dict[str, Any]:
+        return {**super().state0_signature(), "loss": self.cfg.loss}
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = out["logits"]
+        n_old = ctx.state.n_old
+        old_logits = None
+        if ctx.teacher is not None and n_old > 0:
+            with torch.no_grad():
+                old_logits = ctx.teacher(batch.x)["logits"].float()[:, :n_old]
+        if self.cfg.loss == "bce":
+            target = F.one_hot(batch.y, logits.shape[1]).float()
+            if old_logits is not None:
+                target[:, :n_old] = torch.sigmoid(old_logits)
+            return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+        loss = F.cross_entropy(logits, batch.y)
+        if old_logits is not None:
+            loss = loss + distillation_kl(logits[:, :n_old], old_logits, self.cfg.temperature)
+        return loss
+
+    def after_state(self, ctx: Context) -> None:
+        self.class_means = self.compute_class_means(ctx)
+
+    def compute_class_means(self, ctx: Context) -> torch.Tensor:
+        """(n_seen, D) normalised means of each class's normalised exemplar features; a class
+        with no exemplar falls back to its training images if they are at hand (new classes)."""
+        flip = ctx.dataset.augment.flip
+        means = []
+        for c in ctx.state.seen:
+            idx = ctx.memory.of_class(c)
+            if idx.numel() == 0 and c in ctx.state.new:
+                idx = ctx.state.train[ctx.scenario.train_pos[ctx.state.train] == c]
+            if idx.numel() == 0:
+                means.append(None)
+                continue
+            f = F.normalize(ctx.engine.train_features(ctx.model, idx), dim=1)
+            if flip:
+                f = torch.cat([f, F.normalize(ctx.engine.train_features(ctx.model, idx, hflip=True), dim=1)])
+            means.append(F.normalize(f.mean(dim=0), dim=0))
+        dim = next((m.numel() for m in means if m is not None), 1)
+        return torch.stack([m if m is not None else torch.full((dim,), float("nan")) for m in means])
+
+    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """NME scores: minus the squared distance to each class mean (-inf for a class with
+        no mean, i.e. no exemplar)."""
+        f = F.normalize(out["features"], dim=1)
+        scores = -torch.cdist(f, self.class_means.to(f.device)).pow(2)
+        return torch.nan_to_num(scores, nan=float("-inf"))
+
+    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"cnn": out["logits"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_means": self.class_means}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.class_means = state["class_means"]

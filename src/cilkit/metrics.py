@@ -1,0 +1,89 @@
+"""Class-incremental metrics: top-k, old/new, balanced accuracy, accuracy matrix, forgetting.
+
+Labels and score columns are class *positions* in the run's class order (0..n_seen-1), so the
+classes of state b are a contiguous range. Accuracies are percentages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean (N,): is the label among the ``k`` highest scores (k capped at #columns)."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
+def _pct(mask: torch.Tensor) -> float | None:
+    return None if mask.numel() == 0 else 100.0 * mask.double().mean().item()
+
+
+def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Macro accuracy: the mean over classes present in ``labels`` of each class's recall."""
+    if labels.numel() == 0:
+        return None
+    classes = labels.unique()
+    correct = (pred == labels).double()
+    per_class = torch.stack([correct[labels == c].mean() for c in classes])
+    return 100.0 * per_class.mean().item()
+
+
+def state_accuracies(scores: torch.Tensor, labels: torch.Tensor, n_old: int) -> dict[str, float | None]:
+    """Top-1, top-5, top-1 on old classes (< n_old), on new classes, and balanced top-1."""
+    pred = scores.argmax(dim=1)
+    correct = pred == labels
+    old = labels < n_old
+    return {
+        "top1": _pct(correct),
+        "top5": _pct(topk_correct(scores, labels, 5)),
+        "top1_old": _pct(correct[old]) if n_old > 0 else None,
+        "top1_new": _pct(correct[~old]),
+        "balanced_top1": balanced_accuracy(pred, labels),
+    }
+
+
+def accuracy_per_state(scores: torch.Tensor, labels: torch.Tensor, state_ends: Sequence[int]) -> list[float | None]:
+    """Top-1 (over all seen classes' scores) on the test images of each state's classes.
+
+    ``state_ends[s]`` is the first class position after state s, so state s owns positions
+    ``state_ends[s-1]..state_ends[s]-1``. One row of the accuracy matrix.
+    """
+    correct = scores.argmax(dim=1) == labels
+    row, start = [], 0
+    for end in state_ends:
+        mask = (labels >= start) & (labels < end)
+        row.append(_pct(correct[mask]))
+        start = end
+    return row
+
+
+def mean_incremental(values: Sequence[float], skip_first: bool = False) -> float | None:
+    """Mean over states; ``skip_first`` excludes state 0 (as IL2M / active IL report)."""
+    vals = list(values[1:] if skip_first else values)
+    return sum(vals) / len(vals) if vals else None
+
+
+def average_forgetting(matrix: Sequence[Sequence[float | None]]) -> float | None:
+    """Average forgetting (Chaudhry et al., 2018) after the last state.
+
+    ``matrix[b][s]`` is the accuracy after state b on the classes of state s (s <= b). For each
+    state s before the last, forgetting is the best accuracy it ever had before the last state
+    minus its accuracy now; the result is the mean over those states (None with one state).
+    """
+    last = len(matrix) - 1
+    if last < 1:
+        return None
+    drops = []
+    for s in range(last):
+        best = max(matrix[b][s] for b in range(s, last))
+        drops.append(best - matrix[last][s])
+    return sum(drops) / len(drops)
+
+
+def new_class_share(scores: torch.Tensor, n_old: int) -> float:
+    """Share (%) of test predictions that fall into the classes new in this state."""
+    return 100.0 * (scores.argmax(dim=1) >= n_old).float().mean().item()

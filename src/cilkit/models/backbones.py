@@ -1,0 +1,287 @@
+"""Feature extractors (backbones) for class-incremental learning.
+
+Every backbone is an ``nn.Module`` whose ``forward(x)`` returns pooled features of shape
+``(N, out_dim)`` and which exposes the int attribute ``out_dim``. Every constructor takes
+``in_channels`` and ``last_relu``: LUCIR (Hou et al., CVPR 2019, section 3.2) removes the
+ReLU after the last residual block so that the cosine classifier sees features that can be
+negative. With ``last_relu=False`` the last block returns ``bn(conv(...)) + shortcut``
+without the final ReLU (for the convnet, the last activation before pooling is dropped).
+
+Weights are initialised with Kaiming normal (fan_out, relu) for convolutions and
+weight 1 / bias 0 for batch norm (He et al., ICCV 2015; as in He et al., CVPR 2016). All
+randomness comes from the global torch RNG at construction, so callers seed it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cilkit.errors import UserError
+
+ShortcutKind = Literal["conv", "pad"]
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Kaiming normal (fan_out, relu) for convs; BN weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class PadShortcut(nn.Module):
+    """Parameter-free shortcut ("option A", He et al. 2016, section 3.3).
+
+    Subsamples spatially by ``stride`` and zero-pads the extra channels.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.extra = out_ch - in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int, kind: ShortcutKind) -> nn.Module:
+    """Identity if shapes match, else option B (1x1 conv + BN) or option A (pad)."""
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    if kind == "pad":
+        return PadShortcut(in_ch, out_ch, stride)
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_ch),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut (He et al. 2016, Fig. 2 left).
+
+    With ``last_relu=False`` the block returns ``bn2(conv2(...)) + shortcut`` without the
+    final ReLU (LUCIR).
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int = 1,
+        shortcut: ShortcutKind = "conv",
+        last_relu: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_ch, out_ch, stride)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = _conv3x3(out_ch, out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = _shortcut(in_ch, out_ch, stride, shortcut)
+        self.last_relu = last_relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return F.relu(out) if self.last_relu else out
+
+
+def _make_stage(
+    in_ch: int,
+    out_ch: int,
+    blocks: int,
+    stride: int,
+    shortcut: ShortcutKind = "conv",
+    last_relu: bool = True,
+) -> nn.Sequential:
+    """A stage of ``blocks`` basic blocks; only the first strides, only the last may skip ReLU."""
+    layers = []
+    for i in range(blocks):
+        layers.append(
+            BasicBlock(
+                in_ch if i == 0 else out_ch,
+                out_ch,
+                stride if i == 0 else 1,
+                shortcut,
+                last_relu=last_relu or i < blocks - 1,
+            )
+        )
+    return nn.Sequential(*layers)
+
+
+class ResNet(nn.Module):
+    """A stem, a list of basic-block stages, and global average pooling."""
+
+    def __init__(self, stem: nn.Module, stages: list[nn.Sequential], out_dim: int) -> None:
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.Sequential(*stages)
+        self.out_dim = out_dim
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _resnet_stages(
+    widths: list[int],
+    blocks: int,
+    in_ch: int,
+    shortcut: ShortcutKind,
+    last_relu: bool,
+) -> list[nn.Sequential]:
+    """Stages with the given widths; the first stage has stride 1, the others stride 2."""
+    stages = []
+    for i, w in enumerate(widths):
+        is_last = i == len(widths) - 1
+        stages.append(
+            _make_stage(in_ch, w, blocks, 1 if i == 0 else 2, shortcut, last_relu or not is_last)
+        )
+        in_ch = w
+    return stages
+
+
+def resnet32(
+    in_channels: int = 3,
+    last_relu: bool = True,
+    shortcut: ShortcutKind = "conv",
+) -> ResNet:
+    """CIFAR ResNet-32 (He et al., CVPR 2016, section 4.2), 6n+2 layers with n=5.
+
+    3x3 conv with 16 channels, three stages of 5 basic blocks with 16/32/64 channels
+    (stride 2 at stages 2 and 3), global average pooling -> 64-d features.
+
+    Shortcut when the shape changes: ``shortcut='conv'`` (default) is option B, a 1x1
+    stride-2 conv + BN (~0.47M parameters); ``shortcut='pad'`` is option A, stride-2
+    subsampling with zero-padded channels (~0.46M parameters), as used by some iCaRL/LUCIR
+    code bases.
+    """
+    if shortcut not in ("conv", "pad"):
+        raise ValueError(f"shortcut must be 'conv' or 'pad', got {shortcut!r}")
+    stem = nn.Sequential(_conv3x3(in_channels, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+    stages = _resnet_stages([16, 32, 64], 5, 16, shortcut, last_relu)
+    return ResNet(stem, stages, out_dim=64)
+
+
+def resnet18(in_channels: int = 3, last_relu: bool = True) -> ResNet:
+    """ImageNet ResNet-18 (He et al., CVPR 2016, Table 1) without the fc layer -> 512-d.
+
+    7x7 stride-2 conv (64), BN, ReLU, 3x3 stride-2 max-pool, four stages of 2 basic blocks
+    with 64/128/256/512 channels, 1x1 conv + BN downsampling shortcuts (option B).
+    """
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    )
+    stages = _resnet_stages([64, 128, 256, 512], 2, 64, "conv", last_relu)
+    return ResNet(stem, stages, out_dim=512)
+
+
+def resnet18_cifar(in_channels: int = 3, last_relu: bool = True) -> ResNet:
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool, otherwise as ``resnet18``.
+
+    This is the common CIFAR adaptation of ResNet-18 (e.g. used by PODNet/DER code bases).
+    """
+    stem = nn.Sequential(_conv3x3(in_channels, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+    stages = _resnet_stages([64, 128, 256, 512], 2, 64, "conv", last_relu)
+    return ResNet(stem, stages, out_dim=512)
+
+
+def _conv_bn_relu(in_ch: int, out_ch: int, relu: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [_conv3x3(in_ch, out_ch), nn.BatchNorm2d(out_ch)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class ConvNet(nn.Module):
+    """Small fast convnet for 8x8 (digits) and 28x28 (MNIST-like) inputs.
+
+    conv3x3(w)-BN-ReLU, [maxpool 2 if image_size >= 16], conv3x3(w)-BN-ReLU, maxpool 2,
+    conv3x3(2w)-BN-ReLU, conv3x3(2w)-BN-ReLU, global average pool -> 2w features.
+    The extra early max-pool for inputs of at least 16 px keeps the cost low (28x28 is
+    reduced to 14x14 right after the first conv). With ``last_relu=False`` the final ReLU
+    before pooling is dropped.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        last_relu: bool = True,
+        image_size: int = 28,
+        width: int = 32,
+    ) -> None:
+        super().__init__()
+        layers = _conv_bn_relu(in_channels, width)
+        if image_size >= 16:
+            layers.append(nn.MaxPool2d(2))
+        layers += _conv_bn_relu(width, width)
+        layers.append(nn.MaxPool2d(2))
+        layers += _conv_bn_relu(width, 2 * width)
+        layers += _conv_bn_relu(2 * width, 2 * width, relu=last_relu)
+        self.body = nn.Sequential(*layers)
+        self.out_dim = 2 * width
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
+
+
+def convnet(
+    in_channels: int = 1,
+    last_relu: bool = True,
+    image_size: int = 28,
+    width: int = 32,
+) -> ConvNet:
+    """Small convnet for tiny images (see ``ConvNet``)."""
+    return ConvNet(in_channels, last_relu, image_size, width)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet32": resnet32,
+    "resnet18": resnet18,
+    "resnet18_cifar": resnet18_cifar,
+    "convnet": convnet,
+}
+
+BACKBONE_DESCRIPTIONS: dict[str, str] = {
+    "resnet32": "CIFAR ResNet-32 (He et al. 2016, sec. 4.2), 0.47M params, 64-d features",
+    "resnet18": "ImageNet ResNet-18 (7x7 stem + max-pool), 11.2M params, 512-d features",
+    "resnet18_cifar": "ResNet-18 with a 3x3 stride-1 stem and no max-pool for 32x32 inputs, 512-d",
+    "convnet": "small fast 4-conv net for 8x8/28x28 inputs, 2*width-d features (default 64)",
+}
+
+
+def build_backbone(
+    name: str,
+    *,
+    in_channels: int,
+    image_size: int,
+    width: int = 32,
+    last_relu: bool = True,
+) -> nn.Module:
+    """Build the backbone registered under ``name``; ``width`` only applies to ``convnet``.
+
+    Raises ``UserError`` for an unknown name.
+    """
+    if name not in BACKBONES:
+        known = ", ".join(sorted(BACKBONES))
+        raise UserError(f"unknown backbone '{name}' (known: {known})")
+    if name == "convnet":
+        return convnet(in_channels, last_relu, image_size=image_size, width=width)
+    return BACKBONES[name](in_channels=in_channels, last_relu=last_relu)

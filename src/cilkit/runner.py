@@ -1,0 +1,340 @@
+"""One class-incremental run, state after state, with checkpoints, resume and a state-0 cache.
+
+Randomness: every state draws from its own generators, seeded from ``(run seed, state)``, and
+the global torch RNG is re-seeded the same way at the start of each state. A resumed run
+therefore replays exactly the random numbers an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cilkit import io
+from cilkit.config import RunConfig
+from cilkit.data import load_dataset
+from cilkit.data.base import Dataset
+from cilkit.engine import Engine
+from cilkit.errors import UserError
+from cilkit.memory import Memory
+from cilkit.methods import METHODS
+from cilkit.methods.base import Context, Method
+from cilkit.metrics import (
+    accuracy_per_state,
+    average_forgetting,
+    mean_incremental,
+    new_class_share,
+    state_accuracies,
+)
+from cilkit.scenario import Scenario
+
+RESULTS_VERSION = 1
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed from the run seed and a purpose (e.g. ``"state", 3``)."""
+    text = json.dumps([seed, *parts])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"config key 'device': '{name}' asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def free_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def normalisation(dataset: Dataset, scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known statistics, else the mean/std of the training images of state 0 (as the IL2M and
+    active-IL seeds prescribe for a dataset without known statistics)."""
+    if dataset.mean is not None and dataset.std is not None:
+        return torch.tensor(dataset.mean), torch.tensor(dataset.std)
+    mean, std = dataset.train.channel_stats(scenario.state(0).train)
+    return mean, std.clamp_min(1e-3)
+
+
+def image_geometry(dataset: Dataset) -> tuple[int, int]:
+    """(channels, size) of the images the model sees."""
+    x, _, _ = next(dataset.train.batches(torch.arange(1), 1, mean=torch.zeros(1), std=torch.ones(1)))
+    return int(x.shape[1]), int(x.shape[-1])
+
+
+class Run:
+    """A single-method run writing into ``run_dir``."""
+
+    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, progress: bool | None = None) -> None:
+        if not isinstance(config.method, str):
+            raise ValueError("Run takes one method; use run_methods for a comparison")
+        self.config = config
+        self.dir = Path(run_dir)
+        self.progress = progress
+        torch.set_num_threads(config.threads or free_cores())
+        self.device = resolve_device(config.device)
+        self.dataset = load_dataset(config.data)
+        self.scenario = Scenario(
+            config.scenario,
+            self.dataset.train.labels,
+            self.dataset.test.labels,
+            self.dataset.num_classes,
+            config.seed,
+            self.dataset.name,
+        )
+        self.mean, self.std = normalisation(self.dataset, self.scenario)
+        self.dataset.train.to(self.device)
+        self.dataset.test.to(self.device)
+        self.engine = Engine(
+            self.dataset, config.train, self.device, self.mean, self.std, config.amp, config.channels_last, progress
+        )
+        self.method: Method = METHODS[config.method](config)
+        torch.manual_seed(derive_seed(config.seed, "model"))
+        self.channels, self.size = image_geometry(self.dataset)
+        self.model = self.method.build_model(self.channels, self.size).to(self.device)
+        self.memory = Memory(config.memory)
+        self.results = self._empty_results()
+
+    # ----- results ---------------------------------------------------------------------------
+    def _empty_results(self) -> dict[str, Any]:
+        return {
+            "version": RESULTS_VERSION,
+            "method": self.config.method,
+            "dataset": self.dataset.name,
+            "num_states": self.scenario.num_states,
+            "class_order": self.scenario.order[: self.scenario.ends[-1]],
+            "state_ends": self.scenario.ends,
+            "primary_scores": "nme" if self.config.method == "icarl" else "cnn",
+            "states": [],
+            "accuracy_matrix": [],
+            "complete": False,
+            "wall_time_s": 0.0,
+        }
+
+    def _summarise(self) -> None:
+        r = self.results
+        top1 = [s["top1"] for s in r["states"]]
+        top5 = [s["top5"] for s in r["states"]]
+        r["mean_incremental_top1"] = mean_incremental(top1)
+        r["mean_incremental_top1_excl_first"] = mean_incremental(top1, skip_first=True)
+        r["mean_incremental_top5"] = mean_incremental(top5)
+        r["mean_incremental_top5_excl_first"] = mean_incremental(top5, skip_first=True)
+        r["average_forgetting"] = average_forgetting(r["accuracy_matrix"])
+        r["complete"] = len(r["states"]) == self.scenario.num_states
+
+    # ----- the loop --------------------------------------------------------------------------
+    def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
+        """Run (or continue) the states; ``until_state`` stops after that state (for tests)."""
+        start = self._restore() if resume else self._start_fresh()
+        last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
+        for b in range(start, last + 1):
+            self._run_state(b)
+        return self.results
+
+    def _start_fresh(self) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        io.write_yaml(self.dir / "config.yaml", self.config.to_dict())
+        return 0
+
+    def _context(self, b: int) -> Context:
+        return Context(
+            config=self.config,
+            scenario=self.scenario,
+            dataset=self.dataset,
+            state=self.scenario.state(b),
+            model=self.model,
+            memory=self.memory,
+            device=self.device,
+            generator=torch.Generator().manual_seed(derive_seed(self.config.seed, "state", b)),
+            mean=self.mean,
+            std=self.std,
+            run_dir=self.dir,
+            engine=self.engine,
+        )
+
+    def _run_state(self, b: int) -> None:
+        t0 = time.perf_counter()
+        torch.manual_seed(derive_seed(self.config.seed, "torch", b))
+        ctx = self._context(b)
+        st = ctx.state
+        name = self.config.method
+        log(
+            f"[{name}] state {b + 1}/{self.scenario.num_states}: classes {st.new.start}..{st.new.stop - 1} "
+            f"new, {st.n_seen} seen"
+        )
+        self.method.before_state(ctx)
+        train_info = self._train(ctx)
+        self._update_memory(ctx)
+        self.method.after_state(ctx)
+        entry = self._evaluate(ctx)
+        entry.update(train_info)
+        entry.update(ctx.info)
+        entry["memory_size"] = len(self.memory)
+        entry["time_s"] = time.perf_counter() - t0
+        self.results["states"].append(entry)
+        self.results["accuracy_matrix"].append(entry.pop("accuracy_per_state"))
+        self.results["wall_time_s"] += entry["time_s"]
+        self._summarise()
+        self._save_state(ctx)
+        old = f", old {entry['top1_old']:.1f}" if entry["top1_old"] is not None else ""
+        log(f"[{name}] state {b + 1}: top-1 {entry['top1']:.2f}{old}, new {entry['top1_new']:.1f} ({entry['time_s']:.1f} s)")
+
+    def _train(self, ctx: Context) -> dict[str, Any]:
+        b = ctx.state.index
+        epochs, lr = self.config.train.epochs_of(b), self.config.train.lr_of(b)
+        indices = self.method.train_set(ctx)
+        info: dict[str, Any] = {"train_images": int(indices.numel())}
+        cache = self._state0_cache_path() if b == 0 else None
+        if cache is not None and cache.is_file():
+            cached = io.load_torch(cache)
+            self.model.load_state_dict(cached["model"])
+            log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
+                "(same data, order, backbone, head, training settings and seed)")
+            info.update(json.loads(cached["fit"]), state0_cached=True)
+            return info
+        fit = self.engine.fit(ctx, self.method, indices, epochs, lr, desc=f"state {b + 1}")
+        fit_info = {"train_seconds": fit["train_seconds"], "images_per_second": fit["images_per_second"],
+                    "final_loss": fit["epoch_losses"][-1] if fit["epoch_losses"] else None}
+        info.update(fit_info)
+        if cache is not None:
+            io.write_torch(cache, {"model": self.model.state_dict(), "fit": json.dumps(fit_info)})
+            info["state0_cached"] = False
+        return info
+
+    def _update_memory(self, ctx: Context) -> None:
+        st = ctx.state
+        pos = self.scenario.train_pos[st.train]
+        new = {c: st.train[pos == c] for c in st.new}
+        self.memory.update(
+            st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx), ctx.generator
+        )
+
+    def _evaluate(self, ctx: Context) -> dict[str, Any]:
+        st = ctx.state
+        out = self.engine.infer(self.model, self.dataset.test, st.test)
+        labels = ctx.targets(out["labels"])
+        scores = self.method.predict(ctx, out)
+        extras = self.method.extra_scores(ctx, out)
+        entry: dict[str, Any] = {"state": st.index, "classes_seen": st.n_seen, "new_classes": list(st.new)}
+        entry.update(state_accuracies(scores, labels, st.n_old))
+        entry["new_class_share"] = new_class_share(scores, st.n_old)
+        entry["accuracy_per_state"] = accuracy_per_state(scores, labels, self.scenario.ends[: st.index + 1])
+        entry["variants"] = {k: state_accuracies(v, labels, st.n_old) for k, v in extras.items()}
+        arrays = {"logits": out["logits"].numpy(), "labels": labels.numpy(), "scores": scores.numpy()}
+        arrays.update({f"scores_{k}": v.numpy() for k, v in extras.items()})
+        io.write_npz(self.dir / "scores" / f"state_{st.index:02d}.npz", **arrays)
+        return entry
+
+    # ----- files -----------------------------------------------------------------------------
+    def _save_state(self, ctx: Context) -> None:
+        b = ctx.state.index
+        io.write_json(self.dir / "memory" / f"state_{b:02d}.json", self._memory_record())
+        ckpt = {
+            "state": b,
+            "num_classes": self.model.num_classes,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "memory": self.memory.state_dict(),
+            "optimizer": self.engine.optimizer.state_dict() if self.engine.optimizer is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": ctx.generator.get_state()},
+            "results": json.dumps(self.results),
+        }
+        ckpt_dir = self.dir / "checkpoints"
+        io.write_torch(ckpt_dir / f"state_{b:02d}.pt", ckpt)
+        if self.config.keep_checkpoints == "last":
+            for old in ckpt_dir.glob("state_*.pt"):
+                if old.name != f"state_{b:02d}.pt":
+                    old.unlink()
+        io.write_json(self.dir / "results.json", self.results)
+
+    def _memory_record(self) -> dict[str, Any]:
+        """Exemplar ids per class (original class id -> training-set indices, priority order)."""
+        return {
+            "selection": self.config.memory.selection,
+            "exemplars": {
+                str(self.scenario.order[int(c)]): ids for c, ids in self.memory.as_lists().items()
+            },
+        }
+
+    def _restore(self) -> int:
+        ckpts = sorted((self.dir / "checkpoints").glob("state_*.pt"))
+        if not ckpts:
+            io.write_yaml(self.dir / "config.yaml", self.config.to_dict())
+            log(f"[{self.config.method}] no checkpoint in {self.dir}: starting from state 1")
+            return 0
+        try:
+            ckpt = io.load_torch(ckpts[-1])
+        except Exception as e:  # a corrupt or foreign file
+            raise UserError(f"checkpoint '{ckpts[-1]}' cannot be read: {e.__class__.__name__}") from None
+        grow = ckpt["num_classes"] - self.model.num_classes
+        if grow > 0:
+            self.model.add_classes(grow)
+        self.model.load_state_dict(ckpt["model"])
+        self.method.load_state_dict(ckpt["method"])
+        self.memory.load_state_dict(ckpt["memory"])
+        self.results = json.loads(ckpt["results"])
+        b = int(ckpt["state"])
+        log(f"[{self.config.method}] resuming {self.dir} after state {b + 1}/{self.scenario.num_states}")
+        return b + 1
+
+    def _state0_cache_path(self) -> Path | None:
+        if self.config.state0_cache is None:
+            return None
+        c = self.config
+        key = {
+            "data": c.data.model_dump(mode="json"),
+            "augment": repr(self.dataset.augment),
+            "order": self.scenario.order[: self.scenario.ends[0]],
+            "val_per_class": c.scenario.val_per_class,
+            "model": c.model.model_dump(mode="json"),
+            "method": self.method.state0_signature(),
+            "train": {
+                "epochs": c.train.epochs_of(0),
+                "lr": c.train.lr_of(0),
+                "batch_size": c.train.batch_size,
+                "momentum": c.train.momentum,
+                "weight_decay": c.train.weight_decay,
+                "schedule": c.train.schedule.model_dump(mode="json"),
+            },
+            "seed": c.seed,
+            "amp": c.amp,
+            "channels_last": c.channels_last,
+            "device": self.device.type,
+            "torch": torch.__version__,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(os.path.expanduser(c.state0_cache)) / f"{self.dataset.name}-{digest}.pt"
+
+
+def run_methods(
+    config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run every method of ``config`` on the same protocol; one sub-directory per method when
+    there are several. Returns ``{method: results}``."""
+    out = Path(out_dir)
+    if isinstance(config.method, str):
+        return {config.method: Run(config, out, progress).execute(resume=resume)}
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        io.write_yaml(out / "config.yaml", config.to_dict())
+    results = {}
+    for name in config.methods:
+        sub = config.for_method(name)
+        results[name] = Run(sub, out / name, progress).execute(resume=resume and (out / name).exists())
+    return results
+

@@ -1,0 +1,35 @@
+"""Small fast configs for end-to-end tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cilkit.config import RunConfig, apply_overrides, validate
+
+TIMING_KEYS = {"time_s", "train_seconds", "images_per_second", "wall_time_s", "state0_cached"}
+
+
+def tiny_config(tmp_path, *overrides: str, **extra: Any) -> RunConfig:
+    data = {
+        "name": "tiny",
+        "seed": 3,
+        "method": "finetune",
+        "data": {"name": "digits"},
+        "scenario": {"initial": 4, "increment": 3, "states": 3},
+        "memory": {"total": 60},
+        "model": {"backbone": "convnet", "width": 8},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "eval_batch_size": 512},
+        "state0_cache": str(tmp_path / "cache"),
+        "threads": 2,
+    }
+    data.update(extra)
+    return validate(apply_overrides(data, list(overrides)))
+
+
+def strip_timings(obj: Any) -> Any:
+    """Results without wall-clock figures, for equality between runs."""
+    if isinstance(obj, dict):
+        return {k: strip_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timings(v) for v in obj]
+    return obj

@@ -1,0 +1,99 @@
+"""Config validation: every user mistake is one line naming the key, exit status 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cilkit.cli import main
+from cilkit.config import apply_overrides, load_config, validate
+from cilkit.errors import UserError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_quickstart_is_valid_and_compares_finetune_and_icarl():
+    cfg = load_config(None)
+    assert cfg.methods == ["finetune", "icarl"]
+    assert cfg.data.name == "digits"
+    assert (cfg.scenario.initial, cfg.scenario.increment) == (2, 2)
+
+
+def test_overrides_reach_nested_keys_and_parse_yaml_values():
+    cfg = load_config(None, ["method=icarl", "memory.total=500", "train.schedule.milestones=[3, 6]", "icarl.loss=ce_kd"])
+    assert cfg.method == "icarl"
+    assert cfg.memory.total == 500
+    assert cfg.train.schedule.milestones == [3, 6]
+    assert cfg.method_options("icarl")["loss"] == "ce_kd"
+
+
+def test_override_does_not_mutate_input():
+    data = {"memory": {"total": 1}}
+    apply_overrides(data, ["memory.total=2"])
+    assert data["memory"]["total"] == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("memroy: {total: 10}\n", "unknown key 'memroy'"),
+        ("memory: {totl: 10}\n", "unknown key 'memory.totl'"),
+        ("memory: {total: -5}\n", "config key 'memory.total'"),
+        ("train: {epochs: many}\n", "config key 'train.epochs'"),
+        ("method: nosuch\n", "unknown method 'nosuch'"),
+        ("data: {name: nosuch}\n", "unknown dataset 'nosuch'"),
+        ("memory: {total: 10, per_class: 2}\n", "not both"),
+        ("icarl: {loss: hinge}\n", "icarl.loss"),
+        ("device: tpu\n", "config key 'device'"),
+    ],
+)
+def test_bad_config_values_name_the_key(tmp_path, text, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    with pytest.raises(UserError, match="line 2"):
+        load_config(write(tmp_path, "seed: 1\nmemory: total: 5\n"))
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="not found"):
+        load_config("/nonexistent/run.yaml")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "memory.total=-1"], "memory.total"),
+        (["--set", "scenario.initial=8", "--set", "scenario.states=3"], "scenario"),
+        (["--set", "method=nosuch"], "unknown method"),
+        (["--set", "nokey"], "expected key=value"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    code = main(["run", "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cilkit", "run", "--set", "memory.total=-3", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "memory.total" in proc.stderr
+
+
+def test_validate_names_the_source():
+    with pytest.raises(UserError, match="^my.yaml: "):
+        validate({"seed": "x"}, source="my.yaml")

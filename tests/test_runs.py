@@ -1,0 +1,115 @@
+"""End-to-end runs on digits: run directory, resume equality, state-0 cache, each method."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cilkit.cli import main
+from cilkit.io import load_torch
+from cilkit.runner import Run, run_methods
+from helpers import strip_timings, tiny_config
+
+
+def test_run_directory_and_results(tmp_path):
+    cfg = tiny_config(tmp_path)
+    res = Run(cfg, tmp_path / "run", progress=False).execute()
+    d = tmp_path / "run"
+    assert (d / "config.yaml").is_file()
+    on_disk = json.loads((d / "results.json").read_text())
+    assert strip_timings(on_disk) == strip_timings(res)
+    assert on_disk["complete"] and len(on_disk["states"]) == 3
+    assert [s["classes_seen"] for s in on_disk["states"]] == [4, 7, 10]
+    for b, s in enumerate(on_disk["states"]):
+        for key in ("top1", "top5", "top1_new", "balanced_top1"):
+            assert 0.0 <= s[key] <= 100.0
+        assert (s["top1_old"] is None) == (b == 0)
+        npz = np.load(d / "scores" / f"state_{b:02d}.npz")
+        assert npz["logits"].shape[1] == s["classes_seen"]
+        assert npz["labels"].max() < s["classes_seen"]
+        # top1 in results.json is recomputable from the stored scores
+        acc = 100 * (npz["scores"].argmax(1) == npz["labels"]).mean()
+        assert abs(acc - s["top1"]) < 1e-6
+        mem = json.loads((d / "memory" / f"state_{b:02d}.json").read_text())
+        assert sum(len(v) for v in mem["exemplars"].values()) == s["memory_size"] <= 60
+    matrix = on_disk["accuracy_matrix"]
+    assert [len(r) for r in matrix] == [1, 2, 3]
+    assert on_disk["mean_incremental_top1"] == pytest.approx(np.mean([s["top1"] for s in on_disk["states"]]))
+    assert on_disk["mean_incremental_top1_excl_first"] == pytest.approx(np.mean([s["top1"] for s in on_disk["states"][1:]]))
+    assert on_disk["average_forgetting"] is not None
+    assert not list(d.rglob("*.tmp")), "no temporary file left behind"
+    # the checkpoint loads without executing code and holds what a resume needs
+    ckpt = load_torch(sorted((d / "checkpoints").glob("*.pt"))[-1])
+    assert set(ckpt) >= {"model", "method", "memory", "optimizer", "rng", "state"}
+    assert len(list((d / "checkpoints").glob("*.pt"))) == 1  # keep_checkpoints: last
+
+
+def test_same_config_same_numbers(tmp_path):
+    cfg = tiny_config(tmp_path, "state0_cache=null")
+    a = Run(cfg, tmp_path / "a", progress=False).execute()
+    b = Run(cfg, tmp_path / "b", progress=False).execute()
+    assert strip_timings(a) == strip_timings(b)
+
+
+@pytest.mark.parametrize("method", ["finetune", "icarl"])
+def test_resume_gives_the_uninterrupted_results(tmp_path, method):
+    cfg = tiny_config(tmp_path, f"method={method}", "state0_cache=null", "memory.selection=random")
+    full = Run(cfg, tmp_path / "full", progress=False).execute()
+    Run(cfg, tmp_path / "cut", progress=False).execute(until_state=0)  # "killed" after state 1
+    partial = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert len(partial["states"]) == 1 and not partial["complete"]
+    assert main(["run", "--resume", str(tmp_path / "cut")]) == 0
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert strip_timings(resumed) == strip_timings(full)
+    for b in range(3):
+        x = np.load(tmp_path / "full" / "scores" / f"state_{b:02d}.npz")
+        y = np.load(tmp_path / "cut" / "scores" / f"state_{b:02d}.npz")
+        assert np.array_equal(x["logits"], y["logits"])
+
+
+def test_state0_cache_is_reused_and_gives_the_same_state0(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    first = Run(cfg, tmp_path / "one", progress=False).execute()
+    assert first["states"][0]["state0_cached"] is False
+    capsys.readouterr()
+    second = Run(cfg.for_method("finetune"), tmp_path / "two", progress=False).execute()
+    assert "reusing the cached state-0 model" in capsys.readouterr().out
+    assert second["states"][0]["state0_cached"] is True
+    assert strip_timings(second["states"]) == strip_timings(first["states"])
+    # a different seed is a different state-0 model: no reuse
+    third = Run(tiny_config(tmp_path, "seed=4"), tmp_path / "three", progress=False).execute()
+    assert third["states"][0]["state0_cached"] is False
+
+
+def test_icarl_reports_nme_and_cnn(tmp_path):
+    res = Run(tiny_config(tmp_path, "method=icarl"), tmp_path / "r", progress=False).execute()
+    assert res["primary_scores"] == "nme"
+    for s in res["states"]:
+        assert set(s["variants"]) == {"cnn"}
+        assert 0 <= s["variants"]["cnn"]["top1"] <= 100
+
+
+def test_joint_trains_on_all_seen_data_and_finetune_on_new_plus_memory(tmp_path):
+    joint_run = Run(tiny_config(tmp_path, "method=joint"), tmp_path / "j", progress=False)
+    joint = joint_run.execute()
+    ft = Run(tiny_config(tmp_path), tmp_path / "f", progress=False).execute()
+    sc = joint_run.scenario
+    assert joint["states"][-1]["train_images"] == len(joint_run.dataset.train)  # all 10 classes
+    assert ft["states"][-1]["train_images"] == sc.state(2).train.numel() + 60  # new data + memory
+    assert ft["states"][-1]["memory_size"] == 60
+
+
+def test_no_memory_means_no_exemplars(tmp_path):
+    res = Run(tiny_config(tmp_path, "memory.total=0"), tmp_path / "r", progress=False).execute()
+    assert all(s["memory_size"] == 0 for s in res["states"])
+
+
+def test_several_methods_share_one_parent_directory(tmp_path, capsys):
+    code = main(["run", "--out", str(tmp_path / "cmp"), "--methods", "finetune,icarl",
+                 "--set", "train.epochs=1", "--set", "scenario.states=2", "--set", "model.width=8"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| finetune |" in out and "| icarl |" in out
+    for m in ("finetune", "icarl"):
+        assert json.loads((tmp_path / "cmp" / m / "results.json").read_text())["method"] == m
