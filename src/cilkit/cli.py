@@ -68,6 +68,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cilkit.calibration import calibrate_run
+
+    calibrate_run(Path(args.run_dir), args.rectifier, Path(args.out) if args.out else None)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cilkit.report import compare_runs
+
+    compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cilkit", description="Class-incremental learning under imbalance.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
     r.set_defaults(func=cmd_run)
+    c = sub.add_parser("calibrate", help="rectify the stored scores of a finished run, without a model")
+    c.add_argument("run_dir", help="a run directory (or a parent of several)")
+    c.add_argument("--with", dest="rectifier", required=True, help="il2m | scaling | none")
+    c.add_argument("--out", help="where to write (default: RUN_DIR/calibrated/<rectifier>)")
+    c.set_defaults(func=cmd_calibrate)
+    k = sub.add_parser("compare", help="tables, plots and report.html over run directories")
+    k.add_argument("dirs", nargs="+", help="run directories (or parents of several)")
+    k.add_argument("--out", help="where to write the report (default: the first DIR/report)")
+    k.set_defaults(func=cmd_compare)
     i = sub.add_parser("info", help="list datasets, methods, backbones and selection strategies")
     i.set_defaults(func=cmd_info)
     return p

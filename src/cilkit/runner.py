@@ -196,30 +196,44 @@ class Run:
 
     def _train(self, ctx: Context) -> dict[str, Any]:
         b = ctx.state.index
-        epochs, lr = self.config.train.epochs_of(b), self.config.train.lr_of(b)
-        indices = self.method.train_set(ctx)
-        info: dict[str, Any] = {"train_images": int(indices.numel())}
-        cache = self._state0_cache_path() if b == 0 else None
+        rounds = self.method.rounds(ctx)
+        cache = self._state0_cache_path() if b == 0 and rounds == 1 else None
         if cache is not None and cache.is_file():
             cached = io.load_torch(cache)
             self.model.load_state_dict(cached["model"])
             log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
                 "(same data, order, backbone, head, training settings and seed)")
-            info.update(json.loads(cached["fit"]), state0_cached=True)
-            return info
-        fit = self.engine.fit(ctx, self.method, indices, epochs, lr, desc=f"state {b + 1}")
-        fit_info = {"train_seconds": fit["train_seconds"], "images_per_second": fit["images_per_second"],
-                    "final_loss": fit["epoch_losses"][-1] if fit["epoch_losses"] else None}
-        info.update(fit_info)
+            indices = self.method.train_set(ctx)
+            return {"train_images": int(indices.numel()), **json.loads(cached["fit"]), "state0_cached": True}
+        info: dict[str, Any] = {}
+        seconds = 0.0
+        for r in range(rounds):
+            ctx.round = r
+            info.update(self._fit_round(ctx, f"state {b + 1}" + (f" round {r + 1}" if rounds > 1 else "")))
+            seconds += info["train_seconds"]
+        info["train_seconds"] = seconds
         if cache is not None:
-            io.write_torch(cache, {"model": self.model.state_dict(), "fit": json.dumps(fit_info)})
+            io.write_torch(cache, {"model": self.model.state_dict(), "fit": json.dumps(
+                {k: info[k] for k in ("train_seconds", "images_per_second", "final_loss")})})
             info["state0_cached"] = False
         return info
 
+    def _fit_round(self, ctx: Context, desc: str) -> dict[str, Any]:
+        indices = self.method.train_set(ctx)
+        epochs, lr = self.config.train.epochs_of(ctx.state.index), self.config.train.lr_of(ctx.state.index)
+        fit = self.engine.fit(ctx, self.method, indices, epochs, lr, desc=desc)
+        return {
+            "train_images": int(indices.numel()),
+            "train_seconds": fit["train_seconds"],
+            "images_per_second": fit["images_per_second"],
+            "final_loss": fit["epoch_losses"][-1] if fit["epoch_losses"] else None,
+        }
+
     def _update_memory(self, ctx: Context) -> None:
         st = ctx.state
-        pos = self.scenario.train_pos[st.train]
-        new = {c: st.train[pos == c] for c in st.new}
+        candidates = self.method.memory_candidates(ctx)
+        pos = self.scenario.train_pos[candidates]
+        new = {c: candidates[pos == c] for c in st.new}
         self.memory.update(
             st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx), ctx.generator
         )

@@ -5,10 +5,14 @@ file that subclasses :class:`Method`, overrides only the hooks it needs, and reg
 with ``@register("name")``. Per state the runner calls, in this order::
 
     before_state(ctx)            grow the head, keep a frozen teacher, imprint ...
-    train_set(ctx) -> indices    what the state trains on (default: new data + memory)
+    rounds(ctx) -> int           training rounds in this state (default 1; active IL: one per
+                                 annotation cycle); for each round r (ctx.round = r):
+    train_set(ctx) -> indices    what the round trains on (default: new data + memory)
     param_groups(ctx)            what the optimiser updates (default: all parameters)
     loss(ctx, batch, out)        per batch (default: cross-entropy)
-    <memory update>              herding / random over the new classes
+    memory_candidates(ctx)       the new-class images the memory may store (default: all of
+                                 the state's training images; active IL: the annotated ones)
+    <memory update>              herding / random over those candidates
     after_state(ctx)             extra stages and statistics (bias layer, class means ...)
     predict(ctx, out)            the method's test scores (default: the logits)
     extra_scores(ctx, out)       other score sets worth reporting (e.g. CNN beside NME)
@@ -66,6 +70,7 @@ class Context:
     teacher: IncrementalNet | None = None
     engine: Any = None  # cilkit.engine module helpers bound to this run (see runner)
     info: dict[str, Any] = field(default_factory=dict)  # extra results for this state
+    round: int = 0  # the training round within the state (see Method.rounds)
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Original class ids -> class positions in the run's order."""
@@ -100,8 +105,14 @@ class Method:
             ctx.teacher = freeze(copy.deepcopy(ctx.model))
         ctx.model.add_classes(ctx.state.n_new)
 
+    def rounds(self, ctx: Context) -> int:
+        return 1
+
     def train_set(self, ctx: Context) -> torch.Tensor:
         return torch.cat([ctx.state.train, ctx.memory.indices(ctx.state.old)])
+
+    def memory_candidates(self, ctx: Context) -> torch.Tensor:
+        return ctx.state.train
 
     def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
         return [{"params": [p for p in ctx.model.parameters() if p.requires_grad]}]

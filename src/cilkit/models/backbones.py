@@ -202,8 +202,10 @@ def resnet18_cifar(in_channels: int = 3, last_relu: bool = True) -> ResNet:
     return ResNet(stem, stages, out_dim=512)
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, relu: bool = True) -> list[nn.Module]:
-    layers: list[nn.Module] = [_conv3x3(in_ch, out_ch), nn.BatchNorm2d(out_ch)]
+def _conv_bn_relu(
+    in_ch: int, out_ch: int, relu: bool = True, stride: int = 1
+) -> list[nn.Module]:
+    layers: list[nn.Module] = [_conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch)]
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return layers
@@ -212,11 +214,14 @@ def _conv_bn_relu(in_ch: int, out_ch: int, relu: bool = True) -> list[nn.Module]
 class ConvNet(nn.Module):
     """Small fast convnet for 8x8 (digits) and 28x28 (MNIST-like) inputs.
 
-    conv3x3(w)-BN-ReLU, [maxpool 2 if image_size >= 16], conv3x3(w)-BN-ReLU, maxpool 2,
-    conv3x3(2w)-BN-ReLU, conv3x3(2w)-BN-ReLU, global average pool -> 2w features.
-    The extra early max-pool for inputs of at least 16 px keeps the cost low (28x28 is
-    reduced to 14x14 right after the first conv). With ``last_relu=False`` the final ReLU
-    before pooling is dropped.
+    conv3x3(w)-BN-ReLU, conv3x3(w)-BN-ReLU, maxpool 2, conv3x3(2w)-BN-ReLU,
+    conv3x3(2w)-BN-ReLU, global average pool -> 2w features (a VGG-style plain net,
+    Simonyan & Zisserman 2015, scaled down). For inputs of at least 16 px
+    (``image_size >= 16``) the first conv has stride 2, an extra downsampling stage that
+    halves the resolution before the costly layers: it matches conv + max-pool in accuracy
+    on Fashion-MNIST class pairs and is about twice as fast on CPU (max-pool with indices
+    and BN at full 28x28 resolution dominate the cost otherwise).
+    With ``last_relu=False`` the final ReLU before pooling is dropped.
     """
 
     def __init__(
@@ -227,9 +232,8 @@ class ConvNet(nn.Module):
         width: int = 32,
     ) -> None:
         super().__init__()
-        layers = _conv_bn_relu(in_channels, width)
-        if image_size >= 16:
-            layers.append(nn.MaxPool2d(2))
+        stride = 2 if image_size >= 16 else 1
+        layers = _conv_bn_relu(in_channels, width, stride=stride)
         layers += _conv_bn_relu(width, width)
         layers.append(nn.MaxPool2d(2))
         layers += _conv_bn_relu(width, 2 * width)

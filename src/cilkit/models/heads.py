@@ -10,7 +10,7 @@ from torch import nn
 
 
 def _linear_init(weight: torch.Tensor, bias: torch.Tensor, in_dim: int) -> None:
-    """In-place ``nn.Linear`` default init: kaiming_uniform(a=sqrt(5)) and U(-1/sqrt(D), 1/sqrt(D))."""
+    """In-place ``nn.Linear`` default init: kaiming_uniform(a=sqrt(5)), bias U(+-1/sqrt(D))."""
     if weight.numel() == 0:
         return
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
