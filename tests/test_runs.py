@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from helpers import strip_timings, tiny_config
 
 from cilkit.cli import main
 from cilkit.io import load_torch
-from cilkit.runner import Run, run_methods
-from helpers import strip_timings, tiny_config
+from cilkit.runner import Run
 
 
 def test_run_directory_and_results(tmp_path):
@@ -52,7 +51,7 @@ def test_same_config_same_numbers(tmp_path):
     assert strip_timings(a) == strip_timings(b)
 
 
-@pytest.mark.parametrize("method", ["finetune", "icarl"])
+@pytest.mark.parametrize("method", ["finetune", "icarl", "lucir", "bic"])
 def test_resume_gives_the_uninterrupted_results(tmp_path, method):
     cfg = tiny_config(tmp_path, f"method={method}", "state0_cache=null", "memory.selection=random")
     full = Run(cfg, tmp_path / "full", progress=False).execute()

@@ -20,8 +20,8 @@ def _unique_dir(base: Path) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cilkit.config import load_config, read_yaml, validate
-    from cilkit.report import state_table
-    from cilkit.runner import run_methods
+    from cilkit.report import compare_runs
+    from cilkit.runner import repeat_dirs, run_methods
 
     overrides = list(args.set or [])
     if args.methods:
@@ -40,9 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         name = config.name or (Path(args.config).stem if args.config else "quickstart")
         run_dir = Path(args.out) if args.out else _unique_dir(Path("runs") / name)
-    results = run_methods(config, run_dir, resume=bool(args.resume))
+    run_methods(config, run_dir, resume=bool(args.resume))
     print()
-    print(state_table(results))
+    # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
+    compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), run_dir / "report")
     print(f"\nrun directory: {run_dir}")
     return 0
 

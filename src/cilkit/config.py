@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cilkit.errors import UserError
 
@@ -59,6 +66,35 @@ class DataConfig(Strict):
         return v
 
 
+class ImbalanceConfig(Strict):
+    """Per-class training-set sizes, applied by the scenario before the hold-out is taken (see
+    ``cilkit.scenario.imbalance_counts``). ``longtail``: the class of rank r (0..C-1) keeps
+    ``floor(n_max * ratio^(-r/(C-1)))`` images; ``step``: the last ``minority_fraction`` of the
+    ranks keep ``floor(n_max / ratio)``; ``counts``: explicit kept counts, one per class position
+    in the run's order. Ranks are a seeded shuffle of the class positions (``ordering:
+    shuffled``, seed ``seed``, default the run seed) or the positions themselves (``position``:
+    the first classes of the order are the largest). ``apply_to_test`` keeps the same fraction
+    of each class's test images."""
+
+    profile: Literal["none", "longtail", "step", "counts"] = "none"
+    ratio: float = Field(10.0, ge=1)  # rho = n_max / n_min
+    minority_fraction: float = Field(0.5, gt=0, lt=1)  # step only
+    counts: list[int] | None = None  # counts only
+    ordering: Literal["shuffled", "position"] = "shuffled"
+    seed: int | None = None  # shuffle and dropped images (default: the run seed)
+    apply_to_test: bool = False
+
+    @model_validator(mode="after")
+    def _counts_with_profile(self) -> "ImbalanceConfig":
+        if self.profile == "counts" and not self.counts:
+            raise ValueError("config key 'scenario.imbalance.counts': required by profile 'counts'")
+        if self.profile != "counts" and self.counts is not None:
+            raise ValueError("config key 'scenario.imbalance.counts': only used with profile 'counts'")
+        if self.counts is not None and any(c < 1 for c in self.counts):
+            raise ValueError("config key 'scenario.imbalance.counts': every count must be >= 1")
+        return self
+
+
 class ScenarioConfig(Strict):
     """Class order and states. ``order`` is a seed (``numpy.random.seed(s); permutation``, the
     iCaRL convention, default 1993) or an explicit list of class ids."""
@@ -68,6 +104,7 @@ class ScenarioConfig(Strict):
     increment: int = Field(2, ge=1)  # P: classes added by each later state
     states: int | None = Field(None, ge=1)  # default: as many as the classes allow
     val_per_class: int = Field(0, ge=0)  # balanced hold-out taken from each class's train data
+    imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
 
 
 class MemoryConfig(Strict):
@@ -122,6 +159,7 @@ class RunConfig(BaseModel):
 
     name: str | None = None
     seed: int = 0
+    runs: int = Field(1, ge=1)  # > 1: seeds seed, seed+1, ... into run_<k>/ and a summary.json
     method: str | list[str] = "finetune"
     data: DataConfig = Field(default_factory=DataConfig)
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)

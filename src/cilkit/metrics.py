@@ -87,3 +87,29 @@ def average_forgetting(matrix: Sequence[Sequence[float | None]]) -> float | None
 def new_class_share(scores: torch.Tensor, n_old: int) -> float:
     """Share (%) of test predictions that fall into the classes new in this state."""
     return 100.0 * (scores.argmax(dim=1) >= n_old).float().mean().item()
+
+
+def score_metrics(
+    scores: torch.Tensor, labels: torch.Tensor, n_old: int, state_ends: Sequence[int]
+) -> dict[str, float | list[float | None] | None]:
+    """A state's figures in results.json for one score matrix: :func:`state_accuracies`,
+    ``new_class_share`` and ``accuracy_per_state`` (its row of the accuracy matrix). Shared by
+    the runner and ``cilkit calibrate``."""
+    out: dict[str, float | list[float | None] | None] = dict(state_accuracies(scores, labels, n_old))
+    out["new_class_share"] = new_class_share(scores, n_old)
+    out["accuracy_per_state"] = accuracy_per_state(scores, labels, state_ends)
+    return out
+
+
+def run_summary(states: Sequence[dict], matrix: Sequence[Sequence[float | None]]) -> dict[str, float | None]:
+    """A run's summaries in results.json: mean incremental top-1, top-5 and balanced top-1,
+    each with and without state 0, and average forgetting. A mean over a state without a value
+    (e.g. balanced top-1 of an empty test set) is None."""
+    out: dict[str, float | None] = {}
+    for key in ("top1", "top5", "balanced_top1"):
+        values = [s.get(key) for s in states]
+        for suffix, skip in (("", False), ("_excl_first", True)):
+            kept = values[1:] if skip else values
+            out[f"mean_incremental_{key}{suffix}"] = None if None in kept else mean_incremental(kept)
+    out["average_forgetting"] = average_forgetting(matrix)
+    return out

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from cilkit import io
+from cilkit import calibration, io
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
@@ -25,26 +26,15 @@ from cilkit.errors import UserError
 from cilkit.memory import Memory
 from cilkit.methods import METHODS
 from cilkit.methods.base import Context, Method
-from cilkit.metrics import (
-    accuracy_per_state,
-    average_forgetting,
-    mean_incremental,
-    new_class_share,
-    state_accuracies,
-)
+from cilkit.metrics import run_summary, score_metrics, state_accuracies
 from cilkit.scenario import Scenario
+from cilkit.seeding import derive_seed, seeded_generator
 
 RESULTS_VERSION = 1
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A stable 63-bit seed from the run seed and a purpose (e.g. ``"state", 3``)."""
-    text = json.dumps([seed, *parts])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,7 +70,13 @@ def image_geometry(dataset: Dataset) -> tuple[int, int]:
 class Run:
     """A single-method run writing into ``run_dir``."""
 
-    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, progress: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | os.PathLike,
+        progress: bool | None = None,
+        dataset: Dataset | None = None,
+    ) -> None:
         if not isinstance(config.method, str):
             raise ValueError("Run takes one method; use run_methods for a comparison")
         self.config = config
@@ -88,7 +84,7 @@ class Run:
         self.progress = progress
         torch.set_num_threads(config.threads or free_cores())
         self.device = resolve_device(config.device)
-        self.dataset = load_dataset(config.data)
+        self.dataset = dataset if dataset is not None else load_dataset(config.data)
         self.scenario = Scenario(
             config.scenario,
             self.dataset.train.labels,
@@ -119,7 +115,8 @@ class Run:
             "num_states": self.scenario.num_states,
             "class_order": self.scenario.order[: self.scenario.ends[-1]],
             "state_ends": self.scenario.ends,
-            "primary_scores": "nme" if self.config.method == "icarl" else "cnn",
+            "imbalance": self.scenario.imbalance,  # profile and kept images per class position
+            "primary_scores": self.method.primary_scores,
             "states": [],
             "accuracy_matrix": [],
             "complete": False,
@@ -128,13 +125,7 @@ class Run:
 
     def _summarise(self) -> None:
         r = self.results
-        top1 = [s["top1"] for s in r["states"]]
-        top5 = [s["top5"] for s in r["states"]]
-        r["mean_incremental_top1"] = mean_incremental(top1)
-        r["mean_incremental_top1_excl_first"] = mean_incremental(top1, skip_first=True)
-        r["mean_incremental_top5"] = mean_incremental(top5)
-        r["mean_incremental_top5_excl_first"] = mean_incremental(top5, skip_first=True)
-        r["average_forgetting"] = average_forgetting(r["accuracy_matrix"])
+        r.update(run_summary(r["states"], r["accuracy_matrix"]))
         r["complete"] = len(r["states"]) == self.scenario.num_states
 
     # ----- the loop --------------------------------------------------------------------------
@@ -160,7 +151,7 @@ class Run:
             model=self.model,
             memory=self.memory,
             device=self.device,
-            generator=torch.Generator().manual_seed(derive_seed(self.config.seed, "state", b)),
+            generator=seeded_generator(self.config.seed, "state", b),
             mean=self.mean,
             std=self.std,
             run_dir=self.dir,
@@ -181,6 +172,7 @@ class Run:
         train_info = self._train(ctx)
         self._update_memory(ctx)
         self.method.after_state(ctx)
+        calibration.save_state_statistics(ctx, self.method)
         entry = self._evaluate(ctx)
         entry.update(train_info)
         entry.update(ctx.info)
@@ -245,9 +237,7 @@ class Run:
         scores = self.method.predict(ctx, out)
         extras = self.method.extra_scores(ctx, out)
         entry: dict[str, Any] = {"state": st.index, "classes_seen": st.n_seen, "new_classes": list(st.new)}
-        entry.update(state_accuracies(scores, labels, st.n_old))
-        entry["new_class_share"] = new_class_share(scores, st.n_old)
-        entry["accuracy_per_state"] = accuracy_per_state(scores, labels, self.scenario.ends[: st.index + 1])
+        entry.update(score_metrics(scores, labels, st.n_old, self.scenario.ends[: st.index + 1]))
         entry["variants"] = {k: state_accuracies(v, labels, st.n_old) for k, v in extras.items()}
         arrays = {"logits": out["logits"].numpy(), "labels": labels.numpy(), "scores": scores.numpy()}
         arrays.update({f"scores_{k}": v.numpy() for k, v in extras.items()})
@@ -315,6 +305,7 @@ class Run:
             "augment": repr(self.dataset.augment),
             "order": self.scenario.order[: self.scenario.ends[0]],
             "val_per_class": c.scenario.val_per_class,
+            **({"imbalance": self.scenario.imbalance} if c.scenario.imbalance.profile != "none" else {}),
             "model": c.model.model_dump(mode="json"),
             "method": self.method.state0_signature(),
             "train": {
@@ -339,16 +330,68 @@ def run_methods(
     config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool | None = None
 ) -> dict[str, dict[str, Any]]:
     """Run every method of ``config`` on the same protocol; one sub-directory per method when
-    there are several. Returns ``{method: results}``."""
+    there are several. Returns ``{method: results}``. With ``runs: R > 1`` see
+    :func:`repeat_runs`."""
     out = Path(out_dir)
+    if config.runs > 1:
+        return repeat_runs(config, out, resume, progress)
     if isinstance(config.method, str):
         return {config.method: Run(config, out, progress).execute(resume=resume)}
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         io.write_yaml(out / "config.yaml", config.to_dict())
     results = {}
+    dataset = load_dataset(config.data)  # read once, shared by every method
     for name in config.methods:
         sub = config.for_method(name)
-        results[name] = Run(sub, out / name, progress).execute(resume=resume and (out / name).exists())
+        results[name] = Run(sub, out / name, progress, dataset).execute(resume=resume and (out / name).exists())
     return results
 
+
+def repeat_dirs(config: RunConfig, out_dir: str | os.PathLike) -> list[Path]:
+    """The run directories of ``runs: R``: ``<out>/run_<k>`` for one method, else
+    ``<out>/<method>/run_<k>``."""
+    out = Path(out_dir)
+    bases = [out] if isinstance(config.method, str) else [out / m for m in config.methods]
+    return [base / f"run_{k}" for base in bases for k in range(config.runs)]
+
+
+SUMMARY_KEYS = ("mean_incremental_top1", "mean_incremental_top1_excl_first",
+                "mean_incremental_balanced_top1", "mean_incremental_balanced_top1_excl_first")
+
+
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    known = [v for v in values if v is not None]
+    arr = np.array(known, dtype=np.float64)
+    return {"mean": float(arr.mean()) if known else None, "std": float(arr.std()) if known else None,
+            "values": values}
+
+
+def repeat_runs(
+    config: RunConfig, out: Path, resume: bool = False, progress: bool | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each method ``runs`` times with seeds ``seed, seed+1, ...`` (into :func:`repeat_dirs`),
+    then ``<out>/summary.json``: per method, mean and std (population std, numpy's default, as
+    the active-IL code reports it) over the runs of the mean incremental top-1 and balanced
+    top-1, with and without state 0. Returns ``{"<method>/run_<k>": results}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        io.write_yaml(out / "config.yaml", config.to_dict())
+    dataset = load_dataset(config.data)
+    dirs = iter(repeat_dirs(config, out))
+    results: dict[str, dict[str, Any]] = {}
+    summary: dict[str, Any] = {"runs": config.runs, "seeds": [config.seed + k for k in range(config.runs)], "methods": {}}
+    for name in config.methods:
+        runs = []
+        for k in range(config.runs):
+            data = config.for_method(name).to_dict() | {"seed": config.seed + k, "runs": 1}
+            d = next(dirs)
+            r = Run(RunConfig.model_validate(data), d, progress, dataset).execute(resume=resume and d.exists())
+            results[f"{name}/run_{k}"] = r
+            runs.append(r)
+        summary["methods"][name] = {key: _mean_std([r[key] for r in runs]) for key in SUMMARY_KEYS}
+        m = summary["methods"][name]["mean_incremental_top1_excl_first"]
+        if m["mean"] is not None:
+            log(f"[{name}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} +- {m['std']:.2f}")
+    io.write_json(out / "summary.json", summary)
+    return results

@@ -6,13 +6,16 @@ so that state b owns a contiguous range of positions, and hands out index tensor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from cilkit.config import ScenarioConfig
+from cilkit.config import ImbalanceConfig, ScenarioConfig
 from cilkit.errors import UserError
+from cilkit.seeding import seeded_generator
 
 
 def class_order(order: int | list[int], num_classes: int) -> list[int]:
@@ -27,6 +30,67 @@ def class_order(order: int | list[int], num_classes: int) -> list[int]:
         dup = next(c for c in order if order.count(c) > 1)
         raise UserError(f"config key 'scenario.order': class {dup} appears twice")
     return list(order)
+
+
+def class_counts(pos: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes,) number of images per class position (images with position -1 ignored)."""
+    return torch.bincount(pos[pos >= 0], minlength=n_classes)[:n_classes]
+
+
+def imbalance_ranks(cfg: ImbalanceConfig, n_classes: int, seed: int) -> torch.Tensor:
+    """(C,) the size rank of each class position (0 = largest): the positions themselves
+    (``ordering: position``) or a seeded permutation of them (``shuffled``)."""
+    if cfg.ordering == "position":
+        return torch.arange(n_classes)
+    return torch.randperm(n_classes, generator=seeded_generator(seed, "imbalance-order"))
+
+
+def imbalance_counts(cfg: ImbalanceConfig, available: torch.Tensor, seed: int) -> torch.Tensor:
+    """(C,) training images kept per class position, given the ``available`` ones.
+
+    * ``longtail`` (exponential profile of Cui et al., CVPR 2019 / Cao et al., NeurIPS 2019):
+      the class of rank r keeps ``floor(n_max * ratio^(-r / (C-1)))``;
+    * ``step`` (Buda et al., 2018): the ``round(minority_fraction * C)`` classes of the last
+      ranks keep ``floor(n_max / ratio)``, the others ``n_max``;
+    * ``counts``: ``counts[c]`` for class position c.
+
+    ``n_max`` is the largest available count; a class never keeps more than it has, nor fewer
+    than one image.
+    """
+    n = available.numel()
+    if cfg.profile == "none":
+        return available.clone()
+    if cfg.profile == "counts":
+        counts = cfg.counts or []
+        if len(counts) < n:
+            raise UserError(f"config key 'scenario.imbalance.counts': {len(counts)} counts for "
+                            f"the {n} classes of the scenario (one per class position)")
+        want = torch.tensor(counts[:n], dtype=torch.int64)
+        over = (want > available).nonzero().flatten()
+        if over.numel():
+            c = int(over[0])
+            raise UserError(f"config key 'scenario.imbalance.counts': class position {c} asks for "
+                            f"{int(want[c])} images but has {int(available[c])}")
+        return want
+    ranks = imbalance_ranks(cfg, n, seed).double()
+    n_max = float(available.max())
+    if cfg.profile == "longtail":
+        factor = cfg.ratio ** (-ranks / max(n - 1, 1))
+    else:  # step
+        n_minor = int(math.floor(cfg.minority_fraction * n + 0.5))
+        factor = torch.where(ranks >= n - n_minor, 1.0 / cfg.ratio, 1.0)
+    target = torch.floor(n_max * factor + 1e-9).long()
+    return torch.minimum(target, available).clamp_min(1)
+
+
+def subsample(pos: torch.Tensor, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``pos`` with all but ``keep[c]`` seeded-random images of each class c set to -1."""
+    out = pos.clone()
+    for c in range(keep.numel()):
+        idx = (pos == c).nonzero().flatten()
+        drop = idx[torch.randperm(idx.numel(), generator=generator)[int(keep[c]):]]
+        out[drop] = -1
+    return out
 
 
 @dataclass(frozen=True)
@@ -85,7 +149,28 @@ class Scenario:
         self.position_of[torch.tensor(self.order[:needed])] = torch.arange(needed)
         self.train_pos = self.position_of[train_labels]
         self.test_pos = self.position_of[test_labels]
+        self.imbalance = self._apply_imbalance(cfg.imbalance, seed)
         self.val_mask = self._holdout(cfg.val_per_class, seed)
+
+    def _apply_imbalance(self, cfg: ImbalanceConfig, run_seed: int) -> dict[str, Any]:
+        """Drop images (seeded choice) to the per-class profile; returns what was applied, with
+        the kept counts per class position (train, and test) for results.json. The hold-out of
+        ``val_per_class`` is taken afterwards, from the kept images."""
+        seed = run_seed if cfg.seed is None else cfg.seed
+        n = self.ends[-1]
+        available = class_counts(self.train_pos, n)
+        keep = imbalance_counts(cfg, available, seed)
+        if cfg.profile != "none":
+            self.train_pos = subsample(self.train_pos, keep, seeded_generator(seed, "imbalance-train"))
+        if cfg.profile != "none" and cfg.apply_to_test:
+            # each class keeps the same fraction of its test images as of its training images
+            test_avail = class_counts(self.test_pos, n)
+            test_keep = torch.floor(test_avail.double() * keep / available.clamp_min(1) + 0.5).long()
+            self.test_pos = subsample(self.test_pos, test_keep.clamp(1), seeded_generator(seed, "imbalance-test"))
+        record = cfg.model_dump(mode="json")
+        record["train_per_class"] = class_counts(self.train_pos, n).tolist()  # by class position
+        record["test_per_class"] = class_counts(self.test_pos, n).tolist()
+        return record
 
     def _holdout(self, per_class: int, seed: int) -> torch.Tensor:
         """Mark ``per_class`` training images of every class as validation (seeded choice)."""

@@ -24,7 +24,16 @@ def register(name: str) -> Callable[[type["Method"]], type["Method"]]:
 
 def _load_all() -> None:
     # Import every method file so that its @register line runs.
-    from cilkit.methods import finetune, icarl, joint  # noqa: F401
+    from cilkit.methods import (  # noqa: F401  # noqa: F401
+        active,  # noqa: F401
+        bic,
+        finetune,
+        icarl,
+        il2m,  # noqa: F401
+        joint,
+        lucir,  # noqa: F401
+        sir,
+    )
 
 
 _load_all()

@@ -84,6 +84,7 @@ class Method:
     description: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = False  # keep a frozen copy of the previous model
+    primary_scores: ClassVar[str] = "cnn"  # what `predict` reports (the top1 of results.json)
 
     def __init__(self, config: RunConfig, options: MethodConfig | None = None) -> None:
         self.run_config = config

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from cilkit.methods import register
 from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
+from cilkit.methods.nme import class_means, nme_scores
 
 
 class ICaRLConfig(MethodConfig):
@@ -33,6 +34,7 @@ class ICaRL(Method):
     Config = ICaRLConfig
     cfg: ICaRLConfig
     needs_teacher = True
+    primary_scores = "nme"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -59,33 +61,11 @@ class ICaRL(Method):
         return loss
 
     def after_state(self, ctx: Context) -> None:
-        self.class_means = self.compute_class_means(ctx)
-
-    def compute_class_means(self, ctx: Context) -> torch.Tensor:
-        """(n_seen, D) normalised means of each class's normalised exemplar features; a class
-        with no exemplar falls back to its training images if they are at hand (new classes)."""
-        flip = ctx.dataset.augment.flip
-        means = []
-        for c in ctx.state.seen:
-            idx = ctx.memory.of_class(c)
-            if idx.numel() == 0 and c in ctx.state.new:
-                idx = ctx.state.train[ctx.scenario.train_pos[ctx.state.train] == c]
-            if idx.numel() == 0:
-                means.append(None)
-                continue
-            f = F.normalize(ctx.engine.train_features(ctx.model, idx), dim=1)
-            if flip:
-                f = torch.cat([f, F.normalize(ctx.engine.train_features(ctx.model, idx, hflip=True), dim=1)])
-            means.append(F.normalize(f.mean(dim=0), dim=0))
-        dim = next((m.numel() for m in means if m is not None), 1)
-        return torch.stack([m if m is not None else torch.full((dim,), float("nan")) for m in means])
+        self.class_means = class_means(ctx, ctx.model)
 
     def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """NME scores: minus the squared distance to each class mean (-inf for a class with
-        no mean, i.e. no exemplar)."""
-        f = F.normalize(out["features"], dim=1)
-        scores = -torch.cdist(f, self.class_means.to(f.device)).pow(2)
-        return torch.nan_to_num(scores, nan=float("-inf"))
+        """NME scores (-inf for a class with no mean, i.e. no exemplar), see ``methods.nme``."""
+        return nme_scores(out["features"], self.class_means)
 
     def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"cnn": out["logits"]}

@@ -1,0 +1,233 @@
+"""Active class-incremental learning for imbalanced datasets (Belouadah, Popescu, Aggarwal &
+Saci, IPCV workshop at ECCV 2020; METHODS.md, "Active class-incremental learning ...").
+
+State 0 is fully labelled and trained as fine-tuning (FT). From state 1 on, the new classes'
+training images are an unlabelled pool held by an :class:`~cilkit.active.Oracle`; an annotation
+budget of ``budget`` x pool images is spent in ``cycles`` rounds (``first_share`` of it in the
+first, the rest split evenly over the others: 40 / 20 / 20 / 20 % by default). Each round is
+one ``train_set`` + fit of the runner: ``train_set`` annotates the round's share, then returns
+the exemplars + every image annotated so far in the state (cross-entropy, FT; no distillation).
+
+* Round 0 selects with the *previous* model (frozen in ``before_state``) and the ``classical``
+  function; later rounds with the current model and the ``balancing`` function (``none``: the
+  classical one again).
+* ``scaling``: class prediction scaling ``p'_j = p_j * N / n_j`` (``n_j`` training images of
+  class j in the training set of the model, ``N`` their total; unchanged where ``n_j = 0``),
+  in the probabilities the acquisition functions see and in the test scores (``predict``);
+  never in training. Round 0 uses the counts the previous model was trained with.
+* The memory stores annotated images only (``memory_candidates``).
+
+Reading chosen where the sources leave a choice:
+* default ``classical: random`` + ``balancing: poor``, the original code's config
+  (``ail/configs/config.cf``); ``scaling: true`` (its ``apply_th_val_al = True``).
+* Budget: ``round(budget * pool)`` (half up) per state, spent exactly; round r's share is the
+  difference of the half-up-rounded cumulative shares (the original truncates each share, so
+  it may spend less). Each round trains ``train.epochs`` epochs (the original: 80 / 4 = 20)
+  with a fresh optimiser at ``train.lr`` (the original resets the learning rate each cycle).
+* Features (k-center, poor, bcore): the model's pooled features of the whole state pool
+  (annotated or not), min-max normalised per dimension over it, recomputed each round with the
+  round's model; the class means ``mu_c`` are those of the annotated images in that space. The
+  original keeps the features saved when each image was annotated.
+* Per state, ``results.json`` gets ``annotation_budget``, ``annotations``,
+  ``annotations_per_cycle``, ``annotations_per_class`` (class position -> count),
+  ``labels_revealed`` (the oracle's counter) and ``pool_size``; ``active/state_XX.json`` in the
+  run directory lists the annotated indices of each round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from cilkit import io
+from cilkit.active import acquisition as af
+from cilkit.active.oracle import Oracle
+from cilkit.calibration import prediction_scaling
+from cilkit.methods import register
+from cilkit.methods.base import Context, Method, MethodConfig
+from cilkit.seeding import seeded_generator
+
+Classical = Literal["random", "entropy", "margin", "least_confidence", "kcenter"]
+
+
+class ActiveConfig(MethodConfig):
+    budget: float = Field(0.05, gt=0, le=1)  # fraction of each state's unlabelled pool
+    cycles: int = Field(4, ge=1)  # annotation / training rounds per state
+    first_share: float = Field(0.4, gt=0, le=1)  # of the budget, in the first cycle
+    classical: Classical = "random"  # first cycle, previous model
+    balancing: Literal["poor", "bcore", "none"] = "poor"  # later cycles, current model
+    scaling: bool = True  # class prediction scaling at inference and in acquisition
+    margin_order: Literal["standard", "original"] = "standard"  # original: largest gaps first
+
+
+def annotation_budget(fraction: float, pool: int) -> int:
+    """Images to annotate in a state: ``fraction * pool`` rounded half up."""
+    return min(pool, int(math.floor(fraction * pool + 0.5)))
+
+
+def cycle_budgets(total: int, cycles: int, first_share: float) -> list[int]:
+    """Split ``total`` over ``cycles``: ``first_share`` in the first, the rest evenly (one
+    cycle: everything); each
+    cycle gets the difference of consecutive half-up-rounded cumulative shares, so the parts
+    sum to ``total`` exactly (100 -> 40, 20, 20, 20; 22 -> 9, 4, 5, 4)."""
+    if cycles == 1:
+        return [total]
+    rest = (1.0 - first_share) / (cycles - 1)
+    bounds = [0] + [int(math.floor(total * (first_share + rest * r) + 0.5)) for r in range(cycles - 1)] + [total]
+    return [bounds[r + 1] - bounds[r] for r in range(cycles)]
+
+
+@register("active")
+class ActiveIL(Method):
+    description = "active CIL: annotation budget in cycles (classical + poor/bcore), FT, class prediction scaling"
+    Config = ActiveConfig
+    cfg: ActiveConfig
+    needs_teacher = True  # the previous model selects the first cycle
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_counts = torch.zeros(0, dtype=torch.int64)  # n_j of the current model's training set
+        self.oracle: Oracle | None = None
+        self.budgets: list[int] = []
+        self.selections: list[torch.Tensor] = []  # per cycle, annotated training-set indices
+
+    # ----- the state ---------------------------------------------------------------------------
+    def before_state(self, ctx: Context) -> None:
+        super().before_state(ctx)
+        self.oracle, self.budgets, self.selections = None, [], []
+        if ctx.state.index > 0:
+            pool = ctx.state.train
+            self.oracle = Oracle(pool, ctx.scenario.train_pos)
+            self.budgets = cycle_budgets(annotation_budget(self.cfg.budget, pool.numel()), self.cfg.cycles,
+                                         self.cfg.first_share)
+
+    def rounds(self, ctx: Context) -> int:
+        return 1 if ctx.state.index == 0 else self.cfg.cycles
+
+    def train_set(self, ctx: Context) -> torch.Tensor:
+        """State 0: all its (labelled) images. Later: annotate this round's share (once per
+        round; a repeated call for the same round annotates nothing), then exemplars + every
+        image annotated so far in the state."""
+        st = ctx.state
+        if self.oracle is None:
+            indices = super().train_set(ctx)
+            self.train_counts = torch.bincount(ctx.scenario.train_pos[indices], minlength=st.n_seen)[: st.n_seen]
+            return indices
+        if ctx.round == len(self.selections):
+            self.selections.append(self._annotate_cycle(ctx, ctx.round))
+            self.train_counts = self._training_counts(ctx)
+        return torch.cat([ctx.memory.indices(st.old), self.oracle.annotated])
+
+    def _training_counts(self, ctx: Context) -> torch.Tensor:
+        """(n_seen,) ``n_j`` of exemplars + annotated images: exemplar counts from the memory,
+        new-class counts from the labels the oracle revealed."""
+        st = ctx.state
+        counts = self.oracle.counts(st.n_seen).clone()
+        counts[: st.n_old] = torch.tensor([ctx.memory.of_class(c).numel() for c in st.old], dtype=torch.int64)
+        return counts
+
+    def memory_candidates(self, ctx: Context) -> torch.Tensor:
+        return ctx.state.train if self.oracle is None else self.oracle.annotated
+
+    def after_state(self, ctx: Context) -> None:
+        if self.oracle is None:
+            return
+        st = ctx.state
+        counts = self.oracle.counts(st.n_seen)
+        ctx.info.update({
+            "pool_size": int(self.oracle.pool.numel()),
+            "annotation_budget": sum(self.budgets),
+            "annotations": int(self.oracle.annotated.numel()),
+            "annotations_per_cycle": [int(s.numel()) for s in self.selections],
+            "annotations_per_class": {str(c): int(counts[c]) for c in st.new},
+            "labels_revealed": self.oracle.revealed,
+        })
+        if ctx.run_dir is not None:
+            sizes = [int(s.numel()) for s in self.selections]
+            io.write_json(ctx.run_dir / "active" / f"state_{st.index:02d}.json", {
+                "budgets": self.budgets,
+                "cycles": [s.tolist() for s in self.selections],  # training-set indices
+                "labels": [y.tolist() for y in self.oracle.labels.split(sizes)],  # revealed positions
+            })
+
+    # ----- selection ---------------------------------------------------------------------------
+    def _cycle_generator(self, ctx: Context, r: int) -> torch.Generator:
+        return seeded_generator(self.run_config.seed, "active", ctx.state.index, r)
+
+    def _annotate_cycle(self, ctx: Context, r: int) -> torch.Tensor:
+        """Annotate round ``r``'s share of the budget; returns the annotated indices."""
+        oracle = self.oracle
+        k = min(self.budgets[r], oracle.unlabelled.numel())
+        if k == 0:
+            return torch.empty(0, dtype=torch.int64)
+        function = self.cfg.classical if r == 0 or self.cfg.balancing == "none" else self.cfg.balancing
+        model = ctx.teacher if r == 0 else ctx.model
+        gen = self._cycle_generator(ctx, r)
+        candidates = oracle.unlabelled
+        if function == "random":
+            rows = af.random_pick(candidates.numel(), k, gen)
+            oracle.annotate(candidates[rows])
+            return candidates[rows]
+        pool = oracle.pool
+        logits, features = self._pool_outputs(ctx, model, pool)
+        is_cand = ~oracle.is_annotated(pool)
+        if function in ("entropy", "margin", "least_confidence"):
+            counts = self.train_counts if self.cfg.scaling else None
+            probs = af.acquisition_probabilities(logits[is_cand], counts)
+            rows = {"entropy": lambda: af.entropy_pick(probs, k),
+                    "margin": lambda: af.margin_pick(probs, k, self.cfg.margin_order),
+                    "least_confidence": lambda: af.least_confidence_pick(probs, k)}[function]()
+            oracle.annotate(candidates[rows])
+            return candidates[rows]
+        annotated_rows = self._pool_rows(pool, oracle.annotated)
+        centres = features[annotated_rows]
+        if function == "kcenter":
+            rows = af.kcenter_pick(features[is_cand], k, gen, centres)
+            oracle.annotate(candidates[rows])
+            return candidates[rows]
+        stats = af.ClassStats.of(centres, oracle.labels, ctx.state.n_seen)
+
+        def annotate(row: int) -> int:
+            return int(oracle.annotate(candidates[row])[0])
+
+        if function == "poor":
+            rows = af.poor_pick(features[is_cand], k, stats, annotate, gen)
+        else:
+            rows = af.bcore_pick(features[is_cand], k, stats, annotate, gen, centres)
+        return candidates[rows]
+
+    @staticmethod
+    def _pool_outputs(ctx: Context, model: torch.nn.Module, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and min-max normalised features of the whole pool; the labels the engine
+        reads with the images are dropped here, unseen (only the oracle hands labels out)."""
+        out = ctx.engine.infer(model, ctx.dataset.train, pool)
+        return out["logits"], af.minmax_normalise(out["features"])
+
+    @staticmethod
+    def _pool_rows(pool: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Rows of ``pool`` holding ``indices`` (in the order of ``indices``)."""
+        order = torch.argsort(pool)
+        return order[torch.searchsorted(pool[order], indices)]
+
+    # ----- scores ------------------------------------------------------------------------------
+    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.cfg.scaling:
+            return out["logits"]
+        return prediction_scaling(out["logits"], self.train_counts.to(out["logits"].device))
+
+    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The other side of prediction scaling at inference: raw logits (``cnn``) when scaling
+        is on, scaled probabilities (``scaled``) when it is off."""
+        if self.cfg.scaling:
+            return {"cnn": out["logits"]}
+        return {"scaled": prediction_scaling(out["logits"], self.train_counts.to(out["logits"].device))}
+
+    # ----- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_counts": self.train_counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_counts = state["train_counts"].clone()

@@ -1,0 +1,259 @@
+"""BiC, bias correction (Wu et al., "Large Scale Incremental Learning", CVPR 2019).
+
+Per state ``b >= 1`` (METHODS.md, BiC):
+
+* **Validation split** (Sec. 4.1, Fig. 2): the same number ``v`` of images of every seen class
+  is held out of stage 1. Old classes give ``v`` of their exemplars (so the split comes out of
+  the memory budget), new classes ``v`` of their new images. ``v = floor(val_ratio * m)``, where
+  ``m`` is the smallest memory share of an old class in this state (at least 1, at most ``m``).
+  This is the original code's rule (``imagenet_main.py``: 10% of the old classes' exemplars,
+  new classes matched to the same count; with 2000 exemplars and 10 classes per step it gives
+  its ``floor(20/t)`` per class); libraries (FACIL, PyCIL) call it ``val_ratio = 0.1`` of the
+  budget. Which images: a seeded random choice within each class (seed from the run seed and
+  the state). State 0 holds nothing out: it has no bias stage, and so its model is exactly the
+  fine-tuning state-0 model (shared through the state-0 cache). The original held its
+  validation images out of state 0 as well.
+* **Stage 1** (Sec. 4.1, Eq. 1-3): ``L = lambda * L_d + (1 - lambda) * L_c`` with
+  ``lambda = n_old / n_seen``; ``L_c`` cross-entropy over all seen classes, ``L_d`` the
+  cross-entropy between softmax(teacher old logits / T) and softmax(student old logits / T),
+  ``T = 2`` (:func:`~cilkit.methods.base.distillation_kl`). The teacher is the previous model
+  *with its bias correction*: the bias layer of state ``b-1`` rescales the teacher's logits of
+  the classes new in ``b-1`` (README of the original: "classifier after correction is used for
+  the distilling loss in the next incremental training"); the student's logits are raw.
+* **Stage 2** (Sec. 4.2, Eq. 4-5): with everything else frozen, learn ``alpha`` (init 1) and
+  ``beta`` (init 0) of ``o = [z_old, alpha * z_new + beta]`` by cross-entropy on the validation
+  split, plus ``0.1 * beta^2 / 2`` (the original code's L2 on its ``gamma``, our ``beta``). The
+  backbone and classifier are frozen, so the validation logits are computed once
+  (``ctx.engine.infer``, eval transform: no augmentation) and the two scalars are optimised over
+  those stored logits in shuffled mini-batches (SGD, momentum 0.9, 200 epochs, lr 0.1, x0.1 at
+  epochs 60/120/160/180, batch = the run's ``train.batch_size`` unless ``bias_batch_size`` is
+  set), as the original's schedule (``imagenet_main.py``: boundaries 30/60/80/90 x 2 bias epochs).
+
+Weight decay: ``train.weight_decay`` throughout (the CIFAR-100 library setting), or with
+``state_weight_decay: true`` the original's ``train.weight_decay * S / (b + 1)`` in state ``b``
+of ``S`` (its ImageNet code; it also exempts batch-norm parameters, which we do not).
+
+One bias layer per state. The test scores of state ``b`` (``predict``, reported as ``bic``) apply
+only the layer of ``b`` to the classes new in ``b``; ``uncorrected`` holds the raw logits (the
+accuracy "before bias correction"). ``alpha`` and ``beta`` of each state go to results.json under
+``bic``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from cilkit.errors import UserError
+from cilkit.methods import register
+from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
+from cilkit.models.bias import BiasLayer, correct_logits
+from cilkit.scenario import Scenario
+from cilkit.seeding import seeded_generator
+
+
+class BiCConfig(MethodConfig):
+    # Sec. 6.1: "the ratio of train/validation split on the exemplars is 9:1".
+    val_ratio: float = Field(0.1, gt=0, lt=1)
+    # Sec. 6.2: "The temperature scalar T in Eq. 1 is set to 2".
+    temperature: float = Field(2.0, gt=0)
+    # Stage 2, the original code (imagenet_main.py / resnet.py): 200 epochs, lr 0.1 decayed x0.1
+    # at 60/120/160/180, momentum 0.9, L2 of 0.1 on beta (its "gamma").
+    bias_epochs: int = Field(200, ge=1)
+    bias_lr: float = Field(0.1, gt=0)
+    bias_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160, 180])
+    bias_gamma: float = Field(0.1, gt=0)
+    bias_momentum: float = Field(0.9, ge=0)
+    beta_l2: float = Field(0.1, ge=0)
+    bias_batch_size: int | None = Field(None, ge=1)  # default: train.batch_size (the original's)
+    # The original's weight decay of state b: train.weight_decay * states / (b + 1)
+    # (imagenet_model_fn: 1e-4 * nb_groups / (itera + 1)); off = train.weight_decay throughout.
+    state_weight_decay: bool = False
+
+
+def fit_bias_layer(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    layer: BiasLayer,
+    *,
+    epochs: int,
+    lr: float,
+    milestones: list[int],
+    gamma: float,
+    momentum: float,
+    beta_l2: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> BiasLayer:
+    """BiC stage 2 (Sec. 4.2, Eq. 5) over stored logits: minimise
+    ``CE(layer(z), y) + beta_l2 * beta^2 / 2`` in ``alpha`` and ``beta`` only, with SGD over
+    shuffled mini-batches of the (frozen) logits, lr x``gamma`` at each milestone epoch."""
+    logits, labels = logits.detach().float(), labels.long()
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=gamma)
+    n = labels.numel()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(layer(logits[idx]), labels[idx]) + beta_l2 * layer.beta**2 / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return layer
+
+
+def _pick(indices: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` of ``indices``, a seeded random choice."""
+    return indices[torch.randperm(indices.numel(), generator=generator)[:k]]
+
+
+@register("bic")
+class BiC(Method):
+    description = ("BiC: distillation from the bias-corrected previous model + a bias layer (alpha, beta) "
+                   "fit on a balanced validation split")
+    Config = BiCConfig
+    cfg: BiCConfig
+    needs_teacher = True
+    primary_scores = "bic"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not (self.run_config.memory.total or self.run_config.memory.per_class):
+            raise UserError("method 'bic' needs an exemplar memory (set memory.total or memory.per_class): "
+                            "its validation split comes out of the exemplars")
+        self.bias: dict[int, tuple[float, float]] = {}  # state -> (alpha, beta), states >= 1
+        self.val: dict[int, torch.Tensor] = {}  # state -> validation indices (old classes first)
+        self.val_per_class: dict[int, int] = {}
+
+    def state0_signature(self) -> dict[str, Any]:
+        sig = super().state0_signature()
+        if self.cfg.state_weight_decay:  # state 0's weight decay depends on the number of states
+            sc = self.run_config.scenario
+            sig["state_weight_decay"] = {"states": sc.states, "increment": sc.increment}
+        return sig
+
+    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
+        groups = super().param_groups(ctx)
+        if self.cfg.state_weight_decay:
+            wd = ctx.config.train.weight_decay * ctx.scenario.num_states / (ctx.state.index + 1)
+            for g in groups:
+                g["weight_decay"] = wd
+        return groups
+
+    # ----- validation split --------------------------------------------------------------------
+    def validation_split(self, ctx: Context) -> torch.Tensor:
+        """The state's validation indices (computed once per state, then kept): ``v`` exemplars
+        of every old class and ``v`` new images of every new class (see the module docstring)."""
+        b = ctx.state.index
+        if b not in self.val:
+            self.val[b], self.val_per_class[b] = self._draw_split(ctx)
+        return self.val[b]
+
+    def _draw_split(self, ctx: Context) -> tuple[torch.Tensor, int]:
+        st = ctx.state
+        shares = [ctx.memory.of_class(c) for c in st.old]
+        m = min(s.numel() for s in shares)
+        if m == 0:
+            raise UserError(f"method 'bic': an old class has no exemplar in state {st.index + 1}; "
+                            "raise memory.total / memory.per_class")
+        v = min(m, max(1, math.floor(self.cfg.val_ratio * m)))
+        gen = seeded_generator(ctx.config.seed, "bic-validation", st.index)
+        parts = [_pick(s, v, gen) for s in shares]
+        new_pos = ctx.scenario.train_pos[st.train]
+        for c in st.new:
+            images = st.train[new_pos == c]
+            if images.numel() <= v:
+                raise UserError(f"method 'bic': class {ctx.scenario.order[c]} has {images.numel()} training "
+                                f"images, too few to hold out {v} for validation (lower bic.val_ratio)")
+            parts.append(_pick(images, v, gen))
+        return torch.cat(parts), v
+
+    def train_set(self, ctx: Context) -> torch.Tensor:
+        """Stage 1 trains on new data + exemplars minus the validation split."""
+        everything = super().train_set(ctx)
+        if ctx.state.index == 0:
+            return everything
+        return everything[~torch.isin(everything, self.validation_split(ctx))]
+
+    # ----- stage 1 -----------------------------------------------------------------------------
+    def corrected(self, logits: torch.Tensor, state: int, scenario: Scenario) -> torch.Tensor:
+        """``logits`` with the bias layer of ``state`` applied to that state's new classes
+        (unchanged for state 0 or a state without a layer)."""
+        if state not in self.bias:
+            return logits
+        alpha, beta = self.bias[state]
+        cols = scenario.state_range(state)
+        return correct_logits(logits, cols.start, cols.stop, alpha, beta)
+
+    @torch.no_grad()
+    def teacher_logits(self, ctx: Context, x: torch.Tensor) -> torch.Tensor:
+        """The previous model's logits (old classes) with the previous state's bias correction."""
+        assert ctx.teacher is not None
+        z = ctx.teacher(x)["logits"].float()
+        return self.corrected(z, ctx.state.index - 1, ctx.scenario)
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Eq. 3: ``lambda * L_d + (1 - lambda) * L_c``, ``lambda = n_old / n_seen``."""
+        logits = out["logits"]
+        ce = F.cross_entropy(logits, batch.y)
+        n_old = ctx.state.n_old
+        if ctx.teacher is None or n_old == 0:
+            return ce
+        lam = n_old / ctx.state.n_seen
+        kd = distillation_kl(logits[:, :n_old], self.teacher_logits(ctx, batch.x), self.cfg.temperature)
+        return lam * kd + (1 - lam) * ce
+
+    # ----- stage 2 -----------------------------------------------------------------------------
+    def after_state(self, ctx: Context) -> None:
+        b = ctx.state.index
+        if b == 0:
+            ctx.info["bic"] = {"alpha": 1.0, "beta": 0.0, "val_per_class": 0, "val_images": 0}
+            return
+        val = self.validation_split(ctx)
+        out = ctx.engine.infer(ctx.model, ctx.dataset.train, val, want_features=False)
+        logits, labels = out["logits"], ctx.targets(out["labels"])
+        cfg = self.cfg
+        layer = fit_bias_layer(
+            logits, labels, BiasLayer(ctx.state.new.start, ctx.state.new.stop),
+            epochs=cfg.bias_epochs, lr=cfg.bias_lr, milestones=cfg.bias_milestones, gamma=cfg.bias_gamma,
+            momentum=cfg.bias_momentum, beta_l2=cfg.beta_l2,
+            batch_size=cfg.bias_batch_size or ctx.config.train.batch_size,
+            generator=seeded_generator(ctx.config.seed, "bic-bias", b),
+        )
+        self.bias[b] = (float(layer.alpha.item()), float(layer.beta.item()))
+        after = self.corrected(logits, b, ctx.scenario)
+        ctx.info["bic"] = {
+            "alpha": self.bias[b][0],
+            "beta": self.bias[b][1],
+            "val_per_class": self.val_per_class[b],
+            "val_images": int(val.numel()),
+            "val_top1_uncorrected": 100.0 * (logits.argmax(1) == labels).double().mean().item(),
+            "val_top1_corrected": 100.0 * (after.argmax(1) == labels).double().mean().item(),
+        }
+
+    # ----- scores ------------------------------------------------------------------------------
+    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logits with this state's bias layer only (on this state's new classes)."""
+        return self.corrected(out["logits"], ctx.state.index, ctx.scenario)
+
+    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"uncorrected": out["logits"]}
+
+    # ----- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "bias": {b: [a, c] for b, (a, c) in self.bias.items()},
+            "val": {b: v.clone() for b, v in self.val.items()},
+            "val_per_class": dict(self.val_per_class),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bias = {int(b): (float(a), float(c)) for b, (a, c) in state["bias"].items()}
+        self.val = {int(b): v.clone() for b, v in state["val"].items()}
+        self.val_per_class = {int(b): int(v) for b, v in state["val_per_class"].items()}

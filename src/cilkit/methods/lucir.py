@@ -1,0 +1,316 @@
+"""LUCIR, "Learning a Unified Classifier Incrementally via Rebalancing" (Hou et al., CVPR 2019).
+
+Written from the paper (Sec. 3 and 4.1) and checked against the authors' code
+(hshustc/CVPR19_Incremental_Learning, ``class_incremental_cosine_*.py`` and
+``incremental_train_and_eval_MR_LF.py``, run with ``--imprint_weights --less_forget
+--adapt_lamda --mr_loss``, plus ``--cb_finetune`` for class-balanced finetuning).
+
+- Model: the backbone without the ReLU after its last block, and a cosine classifier
+  ``logits = sigma * cos(f, w_c)`` with one learnable scalar sigma, initialised to 1
+  (Sec. 3.2, "cosine normalization"; :class:`cilkit.models.SplitCosineLinear`). State 0 trains
+  it with plain cross-entropy. From state 1 the rows of the old classes are frozen (no gradient,
+  not in the optimiser, so no weight decay either) and only the new rows are trained; sigma
+  is shared and trained (with weight decay: the original puts it in the backbone's group).
+- Imprinting (the original's ``--imprint_weights``, after Qi et al., CVPR 2018): before
+  training a state, each new class's row is the normalised mean of the normalised features of
+  its training images under the previous model (eval transform, no flip), rescaled to the mean
+  norm of the old rows.
+- Loss at states >= 1: ``CE(sigma * cos) + lambda * L_lf + mr_weight * L_mr``.
+  * Less-forget constraint (Sec. 3.3): ``L_lf = mean over the batch of 1 - cos(f(x), f*(x))``
+    between the current and the frozen previous model's features (the input of the
+    classifier), with the adaptive weight ``lambda = lambda_base * sqrt(n_old / n_new)``.
+  * Margin ranking (Sec. 3.4, inter-class separation), only for the batch's samples of old
+    classes: with unscaled cosines, the ground-truth score against each of the top-K new-class
+    scores, ``max(0, m - s_gt + s_k)``. Reading chosen: the MEAN over (old-class samples x K),
+    as the original's ``nn.MarginRankingLoss`` computes it. The paper's equation sums over K
+    and averages over the old samples, i.e. K times this value (``mr_weight: 2`` for K = 2).
+- Class-balanced finetuning (optional, ``cbf: true``; the paper uses it on ImageNet): after
+  training and the memory update, fine-tune the classifier on the exemplar memory (balanced:
+  every seen class, the new ones included), 20 epochs, lr 0.01 x0.1 at epoch 10. Reading of the
+  original's default ``--ft_flag 2``: the old and new class rows are trained; sigma and the
+  feature extractor (its batch-norm statistics included) stay fixed. Its loss is the training
+  loss without ``L_lf``: with fixed features that term is a constant (no gradient).
+- Evaluation: the network's logits (``predict``, primary) and nearest-mean-of-exemplars
+  (``nme``, :mod:`cilkit.methods.nme`).
+
+Per state, ``results.json`` records ``lucir_lambda``, ``lucir_sigma`` (after the state) and
+``lucir_loss_terms``: the mean of the unweighted CE, L_lf and L_mr over the state's batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from cilkit.config import ScheduleConfig
+from cilkit.errors import UserError
+from cilkit.methods import register
+from cilkit.methods.base import Batch, Context, Method, MethodConfig
+from cilkit.methods.nme import class_means, nme_scores
+from cilkit.models import IncrementalNet, SplitCosineLinear, build_model
+
+
+class LUCIRConfig(MethodConfig):
+    # Sec. 4.1 (implementation details): lambda_base = 5 on CIFAR-100, 10 on ImageNet.
+    lambda_base: float = Field(5.0, ge=0)
+    # Sec. 3.3: lambda = lambda_base * sqrt(n_old / n_new); false: lambda = lambda_base.
+    adaptive_lambda: bool = True
+    # Sec. 3.4 / 4.1: margin m = 0.5, K = 2 hardest new classes; weight 1 (original lw_mr).
+    margin: float = Field(0.5, ge=0)
+    top_k: int = Field(2, ge=1)
+    mr_weight: float = Field(1.0, ge=0)
+    # Imprint the new classes' weights before training a state (original --imprint_weights).
+    imprint: bool = True
+    # Class-balanced finetuning (Sec. 4.1, ImageNet): 20 epochs, lr 0.01, x0.1 at epoch 10.
+    cbf: bool = False
+    cbf_epochs: int = Field(20, ge=0)
+    cbf_lr: float = Field(0.01, gt=0)
+    cbf_milestones: list[int] = Field(default_factory=lambda: [10])
+
+
+# ----- the formulas ---------------------------------------------------------------------------
+def less_forget_weight(lambda_base: float, n_old: int, n_new: int, adaptive: bool = True) -> float:
+    """LUCIR Sec. 3.3: ``lambda = lambda_base * sqrt(n_old / n_new)`` (``lambda_base`` if not
+    adaptive)."""
+    return lambda_base * math.sqrt(n_old / n_new) if adaptive else lambda_base
+
+
+def less_forget_loss(features: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """LUCIR Sec. 3.3, less-forget constraint: ``mean_x (1 - cos(f(x), f*(x)))`` over the batch
+    (the original's ``CosineEmbeddingLoss`` with target 1)."""
+    return (1.0 - F.cosine_similarity(features, previous, dim=1)).mean()
+
+
+def margin_ranking_loss(
+    cosines: torch.Tensor, targets: torch.Tensor, n_old: int, k: int, margin: float
+) -> torch.Tensor:
+    """LUCIR Sec. 3.4, inter-class separation. For every sample of an old class (target <
+    ``n_old``): ``max(0, margin - s_gt + s_j)`` for each of the ``k`` largest new-class cosines
+    ``s_j`` (``cosines`` are unscaled). Returns the mean over (old-class samples x k), 0 when
+    the batch holds no old-class sample or there is no new class."""
+    k = min(k, cosines.shape[1] - n_old)
+    if k <= 0:
+        return cosines.new_zeros(())
+    ground_truth = cosines.gather(1, targets[:, None])
+    hardest_new = cosines[:, n_old:].topk(k, dim=1).values
+    hinge = (margin - ground_truth + hardest_new).clamp_min(0.0)
+    old = (targets < n_old).to(cosines.dtype)[:, None]
+    return (hinge * old).sum() / (old.sum() * k).clamp_min(1.0)
+
+
+def imprinted_weights(
+    features: torch.Tensor, classes: torch.Tensor, norm: torch.Tensor | float, fallback: torch.Tensor
+) -> torch.Tensor:
+    """Weight imprinting as in LUCIR's code: row c = ``normalize(mean_i normalize(f_i))`` over
+    the images of class c, times ``norm`` (the mean norm of the old rows). ``classes`` holds
+    0..n-1, ``fallback`` (n, D) gives the rows of classes without an image."""
+    f = F.normalize(features.float(), dim=1)
+    n = fallback.shape[0]
+    sums = f.new_zeros(n, f.shape[1]).index_add_(0, classes, f)
+    counts = torch.bincount(classes, minlength=n).to(f.dtype)
+    rows = F.normalize(sums / counts.clamp_min(1.0)[:, None], dim=1) * norm
+    return torch.where((counts > 0)[:, None], rows, fallback.to(rows))
+
+
+# ----- helpers for the class-balanced finetuning -----------------------------------------------
+@contextlib.contextmanager
+def frozen_feature_extractor(model: IncrementalNet) -> Iterator[None]:
+    """Freeze the backbone's parameters and keep it in eval mode (fixed batch-norm statistics,
+    the original's ``fix_bn``) even though the engine puts the model in train mode each epoch:
+    a forward pre-hook switches the backbone back to eval before every forward."""
+    params = list(model.backbone.parameters())
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    handle = model.register_forward_pre_hook(_backbone_to_eval)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+
+
+def _backbone_to_eval(model: IncrementalNet, args: Any) -> None:
+    model.backbone.eval()  # returns None: the hook leaves the inputs as they are
+
+
+@contextlib.contextmanager
+def trainable(param: torch.nn.Parameter) -> Iterator[None]:
+    """Let a frozen parameter train inside the block."""
+    saved = param.requires_grad
+    param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        param.requires_grad_(saved)
+
+
+@contextlib.contextmanager
+def train_schedule(engine: Any, schedule: ScheduleConfig) -> Iterator[None]:
+    """Run ``engine.fit`` with another learning-rate schedule inside the block (the optimiser's
+    momentum, weight decay and batch size stay the run's)."""
+    saved = engine.cfg
+    engine.cfg = saved.model_copy(update={"schedule": schedule})
+    try:
+        yield
+    finally:
+        engine.cfg = saved
+
+
+class BalancedFinetune:
+    """The hooks ``engine.fit`` needs for LUCIR's class-balanced finetuning: the class rows
+    (old and new) as the only parameters, and CE + margin ranking as the loss."""
+
+    def __init__(self, method: "LUCIR") -> None:
+        self.method = method
+
+    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
+        head = _cosine_head(ctx)
+        return [{"params": [head.weight_old, head.weight_new]}]
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        ce, mr = self.method.classification_terms(ctx, batch, out["features"])
+        return ce + self.method.cfg.mr_weight * mr
+
+
+def _cosine_head(ctx: Context) -> SplitCosineLinear:
+    head = ctx.model.head
+    if not isinstance(head, SplitCosineLinear):
+        raise TypeError("LUCIR needs the cosine head built by LUCIR.build_model")
+    return head
+
+
+# ----- the method ------------------------------------------------------------------------------
+@register("lucir")
+class LUCIR(Method):
+    description = (
+        "LUCIR: cosine classifier, imprinting, less-forget constraint, margin ranking, "
+        "optional class-balanced finetuning (CNN + NME)"
+    )
+    Config = LUCIRConfig
+    cfg: LUCIRConfig
+    needs_teacher = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        mem = self.run_config.memory
+        if self.cfg.cbf and not (mem.total or mem.per_class):
+            raise UserError("config key 'lucir.cbf': class-balanced finetuning needs an exemplar memory "
+                            "(set memory.total or memory.per_class)")
+        self.class_means = torch.empty(0)
+        self.lambda_ = self.cfg.lambda_base
+        self._terms: torch.Tensor | None = None  # running sums of (CE, L_lf, L_mr, batches)
+
+    # ----- model -------------------------------------------------------------------------------
+    def build_model(self, in_channels: int, image_size: int) -> IncrementalNet:
+        m = self.run_config.model
+        return build_model(
+            m.backbone, in_channels=in_channels, image_size=image_size, width=m.width,
+            last_relu=False, head="cosine",
+        )  # fmt: skip
+
+    def state0_signature(self) -> dict[str, Any]:
+        return {"head": "cosine", "last_relu": False, "loss": "ce"}
+
+    # ----- hooks -------------------------------------------------------------------------------
+    def before_state(self, ctx: Context) -> None:
+        super().before_state(ctx)  # frozen teacher, then the head grows (old rows frozen)
+        self._terms = None
+        if ctx.state.index == 0:
+            return
+        self.lambda_ = less_forget_weight(
+            self.cfg.lambda_base, ctx.state.n_old, ctx.state.n_new, self.cfg.adaptive_lambda
+        )
+        ctx.info["lucir_lambda"] = self.lambda_
+        if self.cfg.imprint:
+            self.imprint(ctx)
+
+    def imprint(self, ctx: Context) -> None:
+        """Set the new rows from the new classes' training images under the model as it is
+        before this state's training (the previous model)."""
+        head = _cosine_head(ctx)
+        train = ctx.state.train
+        features = ctx.engine.train_features(ctx.model, train)
+        classes = ctx.scenario.train_pos[train] - ctx.state.new.start
+        norm = head.weight_old.detach().norm(dim=1).mean().cpu()
+        rows = imprinted_weights(features, classes, norm, head.weight_new.detach().cpu())
+        with torch.no_grad():
+            head.weight_new.copy_(rows)
+
+    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
+        """Everything but the frozen old-class rows (backbone, new rows, sigma)."""
+        frozen = _cosine_head(ctx).weight_old
+        return [{"params": [p for p in ctx.model.parameters() if p is not frozen and p.requires_grad]}]
+
+    def classification_terms(
+        self, ctx: Context, batch: Batch, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy on ``sigma * cos``, margin ranking loss on the unscaled cosines)."""
+        head = _cosine_head(ctx)
+        cosines = head.cosine(features)
+        ce = F.cross_entropy(head.sigma * cosines, batch.y)
+        mr = margin_ranking_loss(cosines, batch.y, ctx.state.n_old, self.cfg.top_k, self.cfg.margin)
+        return ce, mr
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        if ctx.teacher is None:  # state 0: cross-entropy on sigma * cos
+            return F.cross_entropy(out["logits"], batch.y)
+        ce, mr = self.classification_terms(ctx, batch, out["features"])
+        with torch.no_grad():
+            previous = ctx.teacher.features(batch.x).float()
+        lf = less_forget_loss(out["features"], previous)
+        self._record(ce, lf, mr)
+        return ce + self.lambda_ * lf + self.cfg.mr_weight * mr
+
+    def _record(self, ce: torch.Tensor, lf: torch.Tensor, mr: torch.Tensor) -> None:
+        """Accumulate the loss terms on the device (no synchronisation per batch)."""
+        terms = torch.stack([ce.detach(), lf.detach(), mr.detach(), torch.ones_like(ce)])
+        self._terms = terms if self._terms is None else self._terms + terms
+
+    def after_state(self, ctx: Context) -> None:
+        if self._terms is not None:
+            ce, lf, mr, n = self._terms.tolist()
+            ctx.info["lucir_loss_terms"] = {"ce": ce / n, "less_forget": lf / n, "margin_ranking": mr / n}
+        if self.cfg.cbf and ctx.state.index > 0:
+            self.balanced_finetune(ctx)
+        ctx.info["lucir_sigma"] = float(_cosine_head(ctx).sigma.detach())
+        self.class_means = class_means(ctx, ctx.model)
+
+    def balanced_finetune(self, ctx: Context) -> None:
+        """Class-balanced finetuning of the class rows on the exemplar memory (which the runner
+        has already updated with the new classes' exemplars), through ``engine.fit``."""
+        indices = ctx.memory.indices(ctx.state.seen)
+        schedule = ScheduleConfig(type="multistep", milestones=self.cfg.cbf_milestones, gamma=0.1)
+        head = _cosine_head(ctx)
+        frozen, rows = frozen_feature_extractor(ctx.model), trainable(head.weight_old)
+        with frozen, rows, train_schedule(ctx.engine, schedule):
+            fit = ctx.engine.fit(
+                ctx, BalancedFinetune(self), indices, self.cfg.cbf_epochs, self.cfg.cbf_lr,
+                desc=f"state {ctx.state.index + 1} balanced finetuning",
+            )  # fmt: skip
+        losses = fit["epoch_losses"]
+        ctx.info["cbf"] = {
+            "train_images": int(indices.numel()),
+            "final_loss": losses[-1] if losses else None,
+            "train_seconds": fit["train_seconds"],
+        }
+
+    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return out["logits"]
+
+    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"nme": nme_scores(out["features"], self.class_means)}
+
+    # ----- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_means": self.class_means}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.class_means = state["class_means"]

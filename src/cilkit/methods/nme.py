@@ -1,0 +1,48 @@
+"""Nearest-mean-of-exemplars classification, shared by iCaRL and LUCIR.
+
+iCaRL (Rebuffi et al., CVPR 2017, Alg. 1): the mean of a class is the mean of the
+L2-normalised features of its exemplars, re-normalised; a test image goes to the class whose
+mean is nearest to its normalised feature. As in iCaRL's and LUCIR's original code, when the
+dataset trains with horizontal flips the flipped exemplars are averaged in as well (LUCIR's
+code: ``(mean(D) + mean(D_flip)) / 2`` then normalised, which is the mean over both sets here
+since a class has as many flipped images as plain ones).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from cilkit.methods.base import Context
+
+
+def class_means(ctx: "Context", model: torch.nn.Module) -> torch.Tensor:
+    """(n_seen, D) normalised means of each seen class's normalised exemplar features under
+    ``model`` (eval transform). A class with no exemplar falls back to its training images when
+    it is new in this state (they are at hand); a class with neither gets a row of NaN."""
+    flip = ctx.dataset.augment.flip
+    means: list[torch.Tensor | None] = []
+    for c in ctx.state.seen:
+        idx = ctx.memory.of_class(c)
+        if idx.numel() == 0 and c in ctx.state.new:
+            idx = ctx.state.train[ctx.scenario.train_pos[ctx.state.train] == c]
+        if idx.numel() == 0:
+            means.append(None)
+            continue
+        f = F.normalize(ctx.engine.train_features(model, idx), dim=1)
+        if flip:
+            f = torch.cat([f, F.normalize(ctx.engine.train_features(model, idx, hflip=True), dim=1)])
+        means.append(F.normalize(f.mean(dim=0), dim=0))
+    dim = next((m.numel() for m in means if m is not None), 1)
+    return torch.stack([m if m is not None else torch.full((dim,), float("nan")) for m in means])
+
+
+def nme_scores(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """NME scores ``(N, C)``: minus the squared Euclidean distance between each normalised
+    feature and each class mean (so argmax = nearest mean); -inf for a class without a mean."""
+    f = F.normalize(features, dim=1)
+    scores = -torch.cdist(f, means.to(f.device)).pow(2)
+    return torch.nan_to_num(scores, nan=float("-inf"))

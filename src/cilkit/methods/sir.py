@@ -1,0 +1,218 @@
+"""SIR, self-paced imbalance rectification (Liu, Zhu, Cao; arXiv 2202.03703) -- a RECONSTRUCTION.
+
+No code of SIR was published (its repository holds only a README) and we read only the
+abstract. The abstract names three parts; each is implemented here as a separate, switchable
+component with its own hyperparameters, following the reading of METHODS.md (SIR). The defaults
+of the hyperparameters are ours, not the paper's (``docs/sir.md``). SIR is a loss-level plug-in
+(the paper adds it to PODNet and DER); here the host is fine-tuning with memory (cross-entropy
+on new data + exemplars, no distillation), and SIR acts in the states ``b >= 1``, where the new
+samples outnumber the old exemplars; state 0 trains with plain cross-entropy, so its model is
+the fine-tuning state-0 model. Scores at test time are the raw logits.
+
+1. **Frequency compensation** ("adjusts the logits margin between old and new classes with the
+   corresponding number ratio"): logit adjustment by the class frequencies of the state's
+   training set, inside the training loss only (Menon et al., "Long-tail learning via logit
+   adjustment", ICLR 2021, Eq. 10)::
+
+       z'_j = z_j + tau_j * log(n_j / N)
+
+   ``n_j`` = training images of class j in this state (exemplars for an old class, new images
+   for a new one; clamped to >= 1), ``N = sum_j n_j``. A rare (old) class gets a more negative
+   offset, so the loss asks for a larger raw logit margin in its favour.
+2. **Inheritance transfer** ("reduce the representation confusion by estimating the similarity
+   of different classes in the old embedding space"): at the start of the state, with the
+   previous model (the model before this state's training), each old class o gets a prototype
+   ``mu_o`` = the L2-normalised mean of the L2-normalised features of its exemplars, and each new
+   class n a prototype ``mu_n`` from its new training images likewise. The class-to-class
+   similarity ``q_n = softmax_o(cos(mu_n, mu_o) / T)`` over the old classes turns the one-hot
+   target of every sample of new class n into::
+
+       t = (1 - w) * onehot(n) + w * [q_n, 0, .., 0]      (w = transfer_weight)
+
+   (old-class samples keep one-hot targets). The loss is the soft cross-entropy
+   ``-sum_j t_j log softmax(z')_j`` over the (compensated) logits ``z'``. This is the
+   class-level reading ("similarity of different classes"); the similarity is not re-estimated
+   per sample.
+3. **Chronological attenuation** ("mitigate the repetitive optimization of the older classes at
+   multiple step-wise increments"): the compensation strength of a class decays with its age,
+   ``tau_j = tau * gamma ** age_j``, ``age_j = b - s_j`` = states since the class was learned
+   (``s_j`` its state; new classes have age 0 and the full ``tau``). It acts on frequency
+   compensation only (and needs it on).
+
+Each component: ``sir: {frequency_compensation: false}`` etc. With all three off SIR is
+fine-tuning with memory. ``benchmarks/bench_sir_ablation.py`` runs the ablation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from cilkit.methods import register
+from cilkit.methods.base import Batch, Context, Method, MethodConfig
+from cilkit.scenario import Scenario
+
+
+class SIRConfig(MethodConfig):
+    # 1. frequency compensation; tau = 1 is the Bayes-consistent logit adjustment (Menon et al.)
+    frequency_compensation: bool = True
+    tau: float = Field(1.0, ge=0)
+    # 2. inheritance transfer: weight w of the old-class similarity in a new sample's target,
+    #    temperature T of the softmax over cosine similarities (our defaults)
+    inheritance_transfer: bool = True
+    transfer_weight: float = Field(0.1, ge=0, le=1)
+    transfer_temperature: float = Field(0.1, gt=0)
+    # 3. chronological attenuation: tau_j = tau * gamma ** age_j (our default gamma)
+    chronological_attenuation: bool = True
+    attenuation: float = Field(0.9, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _attenuation_needs_compensation(self) -> "SIRConfig":
+        if self.chronological_attenuation and not self.frequency_compensation:
+            raise ValueError("config key 'sir.chronological_attenuation': attenuates the frequency "
+                             "compensation, so it needs sir.frequency_compensation: true")
+        return self
+
+
+# ----- the components, as pure functions ---------------------------------------------------------
+def class_ages(scenario: Scenario, state: int) -> torch.Tensor:
+    """(n_seen,) states since each seen class was learned: ``state - s_j``."""
+    ends = torch.tensor(scenario.ends[: state + 1])
+    positions = torch.arange(int(ends[-1]))
+    learned_in = torch.bucketize(positions, ends, right=True)
+    return state - learned_in
+
+
+def compensation_strengths(tau: float, ages: torch.Tensor, attenuation: float | None) -> torch.Tensor:
+    """(n_seen,) ``tau_j``: ``tau * attenuation ** age_j`` (chronological attenuation), or ``tau``
+    for every class when ``attenuation`` is None."""
+    if attenuation is None:
+        return torch.full(ages.shape, float(tau))
+    return tau * torch.pow(torch.tensor(float(attenuation)), ages.float())
+
+
+def frequency_offsets(counts: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
+    """(n_seen,) logit adjustment ``tau_j * log(n_j / N)`` (counts clamped to >= 1, so that a
+    class without training images keeps a finite offset)."""
+    n = counts.double().clamp_min(1.0)
+    return (strengths.double() * torch.log(n / n.sum())).float()
+
+
+def class_prototypes(features: torch.Tensor, positions: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes, D) L2-normalised mean of L2-normalised features per class; NaN rows for a
+    class without images (iCaRL's class mean, Rebuffi et al. 2017, Alg. 1)."""
+    f = F.normalize(features.float(), dim=1)
+    sums = torch.zeros(n_classes, f.shape[1]).index_add_(0, positions, f)
+    counts = torch.bincount(positions, minlength=n_classes)[:n_classes]
+    means = F.normalize(sums, dim=1)
+    means[counts == 0] = float("nan")
+    return means
+
+
+def transfer_distribution(new_protos: torch.Tensor, old_protos: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(n_new, n_old) ``softmax_o(cos(mu_n, mu_o) / T)`` over the old classes; an old class
+    without a prototype gets weight 0."""
+    sim = new_protos @ old_protos.T  # both normalised: cosines
+    sim = torch.nan_to_num(sim, nan=float("-inf"))
+    return torch.softmax(sim / temperature, dim=1).nan_to_num(0.0)
+
+
+def inheritance_targets(labels: torch.Tensor, n_seen: int, n_old: int, transfer: torch.Tensor,
+                        weight: float) -> torch.Tensor:
+    """(N, n_seen) targets: one-hot for old-class samples; ``(1 - w) * onehot(y) + w * q_y`` over
+    the old classes for a sample of new class y (``q_y`` = row ``y - n_old`` of ``transfer``).
+    A new class whose row is all zero (no old class has a prototype) keeps its one-hot target."""
+    onehot = F.one_hot(labels, n_seen).float()
+    is_new = labels >= n_old
+    inherited = torch.zeros_like(onehot)
+    inherited[:, :n_old] = transfer.to(onehot.device)[(labels - n_old).clamp_min(0)]
+    mass = inherited.sum(dim=1, keepdim=True)  # 1, or 0 without old prototypes
+    mixed = (1.0 - weight * mass) * onehot + weight * inherited
+    return torch.where(is_new[:, None], mixed, onehot)
+
+
+def sir_loss(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor | None,
+             targets: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy over ``logits + offsets`` with hard labels, or soft cross-entropy
+    ``-sum_j t_j log softmax(z')_j`` with ``targets``; batch mean."""
+    z = logits if offsets is None else logits + offsets.to(logits.device)
+    if targets is None:
+        return F.cross_entropy(z, labels)
+    return -(targets * F.log_softmax(z, dim=1)).sum(dim=1).mean()
+
+
+# ----- the method --------------------------------------------------------------------------------
+@register("sir")
+class SIR(Method):
+    description = ("SIR (reconstruction from the abstract): fine-tuning with memory + frequency "
+                   "compensation, inheritance transfer, chronological attenuation")
+    Config = SIRConfig
+    cfg: SIRConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.offsets: torch.Tensor | None = None  # this state's logit adjustment
+        self.transfer: torch.Tensor | None = None  # this state's (n_new, n_old) similarity targets
+        self.counts = torch.zeros(0, dtype=torch.int64)  # this state's n_j
+
+    def before_state(self, ctx: Context) -> None:
+        super().before_state(ctx)
+        self.offsets, self.transfer = None, None
+        if ctx.state.index > 0 and self.cfg.inheritance_transfer:
+            # ctx.model has not trained in this state yet: its backbone is the previous model's.
+            self.transfer = self._old_space_similarity(ctx)
+
+    def _old_space_similarity(self, ctx: Context) -> torch.Tensor:
+        st = ctx.state
+        old_idx = ctx.memory.indices(st.old)
+        idx = torch.cat([old_idx, st.train])
+        protos = class_prototypes(ctx.engine.train_features(ctx.model, idx), ctx.scenario.train_pos[idx], st.n_seen)
+        new_protos, old_protos = protos[st.new.start : st.new.stop], protos[: st.n_old]
+        return transfer_distribution(new_protos, old_protos, self.cfg.transfer_temperature)
+
+    def train_set(self, ctx: Context) -> torch.Tensor:
+        indices = super().train_set(ctx)
+        if ctx.state.index > 0:
+            self.counts = self._class_counts(ctx, indices)
+            if self.cfg.frequency_compensation:
+                self.offsets = frequency_offsets(self.counts, self.strengths(ctx)).to(ctx.device)
+        return indices
+
+    @staticmethod
+    def _class_counts(ctx: Context, indices: torch.Tensor) -> torch.Tensor:
+        """(n_seen,) training images per class in this state (``n_j``)."""
+        pos = ctx.scenario.train_pos[indices]
+        return torch.bincount(pos[pos >= 0], minlength=ctx.state.n_seen)[: ctx.state.n_seen]
+
+    def strengths(self, ctx: Context) -> torch.Tensor:
+        """(n_seen,) ``tau_j`` of this state (attenuated by age when that component is on)."""
+        gamma = self.cfg.attenuation if self.cfg.chronological_attenuation else None
+        return compensation_strengths(self.cfg.tau, class_ages(ctx.scenario, ctx.state.index), gamma)
+
+    def after_state(self, ctx: Context) -> None:
+        if ctx.state.index > 0:
+            ctx.info["sir"] = self._record(ctx)
+
+    def _record(self, ctx: Context) -> dict[str, Any]:
+        """What results.json keeps of the state: per class its training count and ``tau_j``
+        (null with frequency compensation off), and for each new class its most similar old class
+        and that class's weight in the transfer distribution."""
+        taus = self.strengths(ctx).tolist() if self.cfg.frequency_compensation else None
+        rec: dict[str, Any] = {"train_counts": self.counts.tolist(),
+                               "tau": [round(t, 6) for t in taus] if taus is not None else None}
+        if self.transfer is not None and self.transfer.numel():
+            w, o = self.transfer.max(dim=1)
+            rec["nearest_old_class"] = {str(n): [int(c), round(float(x), 4)]
+                                        for n, c, x in zip(ctx.state.new, o.tolist(), w.tolist())}
+        return rec
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = out["logits"]
+        targets = None
+        if self.transfer is not None and ctx.state.n_old > 0:
+            targets = inheritance_targets(batch.y, ctx.state.n_seen, ctx.state.n_old, self.transfer,
+                                          self.cfg.transfer_weight)
+        return sir_loss(logits, batch.y, self.offsets, targets)

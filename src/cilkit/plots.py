@@ -1,0 +1,322 @@
+"""Figures comparing runs: accuracy curves, old/new accuracy, confusion, new-class share, annotations.
+
+Every figure has two halves: a ``*_data`` function that pulls the plotted numbers out of
+results.json (or the stored scores) and returns them as plain lists, and a ``plot_*`` function
+that draws exactly that data. Tests check the first against results.json; the second only draws.
+
+Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no display, and no
+change to the caller's matplotlib backend) and returned as PNG bytes.
+"""
+
+from __future__ import annotations
+
+import io as _bytes_io
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from cilkit.errors import UserError
+from cilkit.report import variant_names
+
+DPI = 100
+PALETTE = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+]
+
+Results = Mapping[str, Mapping[str, Any]]  # label -> results.json content, in display order
+
+
+# ----- data ------------------------------------------------------------------------------------
+def curve_data(results: Results) -> dict[str, dict[str, Any]]:
+    """Top-1 after each state against the number of classes seen: one line per method, plus a
+    dashed line per extra score set (``"icarl [cnn]"``) whose ``base`` is the method's label."""
+    data: dict[str, dict[str, Any]] = {}
+    for label, r in results.items():
+        classes = [s["classes_seen"] for s in r["states"]]
+        data[label] = {"classes": classes, "top1": [s["top1"] for s in r["states"]], "base": label}
+        for v in variant_names(r):
+            data[f"{label} [{v}]"] = {
+                "classes": classes,
+                "top1": [s.get("variants", {}).get(v, {}).get("top1") for s in r["states"]],
+                "base": label,
+            }
+    return data
+
+
+def old_new_data(results: Results) -> dict[str, dict[str, Any]]:
+    """Per method and state: top-1 on the old classes (None in state 0) and on the new ones."""
+    return {
+        label: {
+            "classes": [s["classes_seen"] for s in r["states"]],
+            "old": [s["top1_old"] for s in r["states"]],
+            "new": [s["top1_new"] for s in r["states"]],
+        }
+        for label, r in results.items()
+    }
+
+
+def new_share_data(results: Results) -> dict[str, dict[str, Any]]:
+    """Per method and state: the share (%) of test predictions falling into the newest classes."""
+    return {
+        label: {
+            "classes": [s["classes_seen"] for s in r["states"]],
+            "share": [s["new_class_share"] for s in r["states"]],
+        }
+        for label, r in results.items()
+    }
+
+
+def _read_npz(path: Path, *keys: str) -> list[np.ndarray]:
+    try:
+        with np.load(path) as z:
+            return [z[k] for k in keys]
+    except FileNotFoundError:
+        raise UserError(f"'{path}' not found (the run's stored test scores)") from None
+    except Exception as e:  # truncated, foreign or missing key
+        raise UserError(f"'{path}' cannot be read: {e.__class__.__name__}: {e}") from None
+
+
+def true_new_share(run_dir: Path, results: Mapping[str, Any]) -> list[float]:
+    """Share (%) of the test images that belong to the newest classes, per state: what an
+    unbiased classifier's ``new_class_share`` would be (from the stored labels)."""
+    shares = []
+    for s in results["states"]:
+        (labels,) = _read_npz(run_dir / "scores" / f"state_{s['state']:02d}.npz", "labels")
+        n_old = s["classes_seen"] - len(s["new_classes"])
+        shares.append(100.0 * float((labels >= n_old).mean()) if labels.size else 0.0)
+    return shares
+
+
+def confusion_data(run_dirs: Mapping[str, Path], results: Results) -> dict[str, dict[str, Any]]:
+    """The last state's confusion matrix per method: ``matrix[i][j]`` counts the test images of
+    class position i whose ``scores`` argmax is j. ``classes`` are the original class ids in the
+    run's order; ``state_ends`` mark where each state's classes begin."""
+    data = {}
+    for label, r in results.items():
+        if not r["states"]:
+            continue
+        last = r["states"][-1]
+        n = last["classes_seen"]
+        scores, labels = _read_npz(run_dirs[label] / "scores" / f"state_{last['state']:02d}.npz", "scores", "labels")
+        pred = scores.argmax(axis=1) if scores.size else np.zeros(0, dtype=np.int64)
+        counts = np.bincount(labels.astype(np.int64) * n + pred, minlength=n * n).reshape(n, n)
+        data[label] = {
+            "matrix": counts.tolist(),
+            "classes": list(r["class_order"][:n]),
+            "state_ends": [e for e in r["state_ends"] if e <= n],
+        }
+    return data
+
+
+def _annotation_row(value: Any) -> dict[str, float]:
+    """One state's ``annotations_per_class``: a ``{class: count}`` mapping or a list by class."""
+    items = value.items() if isinstance(value, Mapping) else enumerate(value)
+    return {str(k): v for k, v in items}
+
+
+def _class_key(name: str) -> tuple[int, Any]:
+    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+
+
+def annotation_data(results: Results) -> dict[str, dict[str, Any]]:
+    """Annotations per class, for the runs whose states carry ``annotations_per_class`` (active
+    learning). ``counts[i][j]`` is the count of ``classes[j]`` in ``states[i]`` (None if absent)."""
+    data = {}
+    for label, r in results.items():
+        rows = {s["state"]: _annotation_row(s["annotations_per_class"])
+                for s in r["states"] if s.get("annotations_per_class") is not None}
+        if not rows:
+            continue
+        classes = sorted({c for row in rows.values() for c in row}, key=_class_key)
+        data[label] = {
+            "states": list(rows),
+            "classes": classes,
+            "counts": [[row.get(c) for c in classes] for row in rows.values()],
+        }
+    return data
+
+
+# ----- drawing ---------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG (no timestamp metadata, so the same data gives the same file)."""
+    buf = _bytes_io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _nan(values: list[float | None]) -> list[float]:
+    return [math.nan if v is None else v for v in values]
+
+
+def _colours(labels: list[str]) -> dict[str, str]:
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+
+
+def _grid(n: int, per_row: int = 3) -> tuple[int, int]:
+    cols = min(n, per_row)
+    return math.ceil(n / cols), cols
+
+
+def _state_axis(ax: Any, classes: list[int]) -> None:
+    ax.set_xticks(classes)
+    ax.set_xlabel("classes seen")
+    ax.grid(alpha=0.3)
+
+
+def _label_state_plot(ax: Any, data: Mapping[str, Mapping[str, Any]], ylabel: str, ymax: float, title: str) -> None:
+    """Axes, labels and legend of a one-panel plot of a per-state value of every method."""
+    _state_axis(ax, sorted({c for d in data.values() for c in d["classes"]}))
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, ymax)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+
+
+def plot_curves(data: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Top-1 vs classes seen (``curve_data``); extra score sets dashed in their method's colour."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    colours = _colours([label for label, d in data.items() if d["base"] == label])
+    for label, d in data.items():
+        primary = d["base"] == label
+        ax.plot(d["classes"], _nan(d["top1"]), color=colours.get(d["base"], "black"), marker="o" if primary else None,
+                linestyle="-" if primary else "--", linewidth=2 if primary else 1.2, markersize=4, label=label)
+    _label_state_plot(ax, data, "top-1 accuracy (%)", 100, "Top-1 on all classes seen")
+    return fig
+
+
+def plot_old_new(data: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """One panel per method: top-1 on old and on new classes per state (``old_new_data``)."""
+    rows, cols = _grid(len(data))
+    fig = _figure(3.6 * cols, 3.0 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+    colours = _colours(list(data))
+    for ax, (label, d) in zip(axes, data.items()):
+        ax.plot(d["classes"], _nan(d["old"]), color=colours[label], marker="o", markersize=4, label="old classes")
+        ax.plot(d["classes"], _nan(d["new"]), color=colours[label], marker="s", markersize=4, linestyle="--",
+                alpha=0.7, label="new classes")
+        _state_axis(ax, d["classes"])
+        ax.set_ylim(0, 100)
+        ax.set_title(label)
+        ax.legend(fontsize="x-small")
+    for ax in axes[: len(data): cols]:
+        ax.set_ylabel("top-1 (%)")
+    for ax in axes[len(data):]:
+        ax.set_visible(False)
+    return fig
+
+
+def plot_confusion(data: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """One panel per method: the last state's confusion matrix (``confusion_data``), each row
+    normalised to the % of that true class's test images; white lines separate the states."""
+    rows, cols = _grid(len(data))
+    fig = _figure(3.6 * cols + 0.8, 3.8 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    image = None
+    for ax, (label, d) in zip(axes, data.items()):
+        m = np.asarray(d["matrix"], dtype=float)
+        m = 100.0 * m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
+        image = ax.imshow(m, cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+        for end in d["state_ends"][:-1]:
+            ax.axhline(end - 0.5, color="white", linewidth=0.8)
+            ax.axvline(end - 0.5, color="white", linewidth=0.8)
+        n = len(d["classes"])
+        ticks = range(n) if n <= 20 else [e - 1 for e in d["state_ends"]]
+        ax.set_xticks(list(ticks), [str(d["classes"][t]) for t in ticks], fontsize="x-small")
+        ax.set_yticks(list(ticks), [str(d["classes"][t]) for t in ticks], fontsize="x-small")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(label)
+    for ax in axes[len(data):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[: len(data)]), fraction=0.04, aspect=30, label="% of the true class")
+    return fig
+
+
+def plot_new_share(data: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any] | None = None) -> Figure:
+    """Share of test predictions in the newest classes per state (``new_share_data``); the
+    dotted ``reference`` is the share of test images that truly belong to them."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    colours = _colours(list(data))
+    for label, d in data.items():
+        ax.plot(d["classes"], _nan(d["share"]), color=colours[label], marker="o", markersize=4, label=label)
+    if reference is not None:
+        ax.plot(reference["classes"], reference["share"], color="black", linestyle=":", linewidth=1.5,
+                label="true share of new-class images")
+    _label_state_plot(ax, data, "predictions in the new classes (%)", 105, "Bias towards the newest classes")
+    return fig
+
+
+def plot_annotations(data: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """One panel per active run (``annotation_data``): images annotated per class, one bar
+    colour per state; a class counted in several states gets side-by-side bars."""
+    width = max(6.4, min(16.0, 0.25 * max(len(d["classes"]) for d in data.values()) + 2.0))
+    fig = _figure(width, 3.2 * len(data))
+    axes = fig.subplots(len(data), 1, squeeze=False).ravel()
+    for ax, (label, d) in zip(axes, data.items()):
+        counts = np.array(_nan_rows(d["counts"]), dtype=float)  # (states, classes)
+        present = ~np.isnan(counts)
+        per_class = np.maximum(present.sum(axis=0), 1)
+        rank = np.cumsum(present, axis=0) - 1  # a state's slot among the bars of its class
+        bar_width = 0.8 / per_class
+        x = np.arange(len(d["classes"])) - 0.4 + bar_width * (rank + 0.5)
+        for i, state in enumerate(d["states"]):
+            row = present[i]
+            ax.bar(x[i][row], counts[i][row], width=bar_width[row], color=PALETTE[i % len(PALETTE)],
+                   label=f"state {state + 1}")
+        k = len(d["classes"])
+        step = max(1, k // 40)
+        ax.set_xticks(list(range(0, k, step)), d["classes"][::step], fontsize="x-small")
+        ax.set_xlim(-0.6, k - 0.4)
+        ax.set_xlabel("class (as keyed in results.json: a position in the run's class order)")
+        ax.set_ylabel("annotated images")
+        ax.set_title(f"{label}: annotations per class")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small", ncols=min(len(d["states"]), 5))
+    return fig
+
+
+def _nan_rows(rows: list[list[float | None]]) -> list[list[float]]:
+    return [_nan(r) for r in rows]
+
+
+# ----- all figures of a comparison ----------------------------------------------------------
+def figures(run_dirs: Mapping[str, Path], results: Results) -> list[tuple[str, str, bytes]]:
+    """``(file name, caption, PNG)`` for every figure of a comparison; the annotation figure
+    only when some run is an active-learning run."""
+    out = [
+        ("top1_curve.png", "Top-1 accuracy on all classes seen so far, after each state "
+         "(dashed: other score sets of the same run, e.g. iCaRL's CNN beside NME).",
+         png_bytes(plot_curves(curve_data(results)))),
+        ("old_new.png", "Top-1 on the old and on the new classes after each state.",
+         png_bytes(plot_old_new(old_new_data(results)))),
+        ("confusion_last_state.png", "Confusion matrix after the last state (rows: true class in the "
+         "run's class order; % of that class's test images); lines separate the states.",
+         png_bytes(plot_confusion(confusion_data(run_dirs, results)))),
+    ]
+    first = next(iter(results))
+    first_r = results[first]
+    reference = {"classes": [s["classes_seen"] for s in first_r["states"]],
+                 "share": true_new_share(run_dirs[first], first_r)}
+    out.append(("new_class_share.png", "Share of test predictions that fall into the classes new in "
+                "each state (the bias towards new classes); dotted: the true share of their test images.",
+                png_bytes(plot_new_share(new_share_data(results), reference))))
+    active = annotation_data(results)
+    if active:
+        out.append(("annotations_per_class.png", "Active learning: images annotated per class in each state.",
+                    png_bytes(plot_annotations(active))))
+    return out

@@ -1,0 +1,156 @@
+"""BiC: the bias layer, stage 2 on synthetic logits, the corrected teacher, the validation split,
+and an end-to-end run on digits."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_config
+
+from cilkit.config import ScenarioConfig
+from cilkit.errors import UserError
+from cilkit.io import load_torch, write_torch
+from cilkit.methods.base import Batch, distillation_kl
+from cilkit.methods.bic import BiC, fit_bias_layer
+from cilkit.models import BiasLayer
+from cilkit.runner import Run
+from cilkit.scenario import Scenario
+
+
+def test_bias_layer_changes_only_its_classes():
+    layer = BiasLayer(2, 4)
+    with torch.no_grad():
+        layer.alpha.fill_(0.5)
+        layer.beta.fill_(-1.0)
+    z = torch.arange(12.0).reshape(2, 6)
+    out = layer(z)
+    assert torch.equal(out[:, [0, 1, 4, 5]], z[:, [0, 1, 4, 5]])
+    assert torch.allclose(out[:, 2:4], 0.5 * z[:, 2:4] - 1.0)
+
+
+def _biased_logits(n=4000, classes=6, new=(4, 6), scale=0.5, shift=-1.5, seed=0):
+    """True logits, labels drawn from their softmax, and observed logits whose new-class columns
+    are biased so that exactly ``scale * z_obs + shift`` recovers the truth."""
+    g = torch.Generator().manual_seed(seed)
+    z_true = 2.0 * torch.randn(n, classes, generator=g)
+    labels = torch.multinomial(torch.softmax(z_true, 1), 1, generator=g).squeeze(1)
+    z_obs = z_true.clone()
+    z_obs[:, new[0] : new[1]] = (z_true[:, new[0] : new[1]] - shift) / scale
+    return z_obs, labels
+
+
+def _fit(z, y, beta_l2, epochs=60):
+    return fit_bias_layer(z, y, BiasLayer(4, 6), epochs=epochs, lr=0.1, milestones=[40], gamma=0.1,
+                          momentum=0.9, beta_l2=beta_l2, batch_size=256, generator=torch.Generator().manual_seed(1))
+
+
+def test_stage2_recovers_a_known_scale_and_shift():
+    z, y = _biased_logits()
+    layer = _fit(z, y, beta_l2=0.0)
+    assert layer.alpha.item() == pytest.approx(0.5, abs=0.06)
+    assert layer.beta.item() == pytest.approx(-1.5, abs=0.15)
+    # the correction removes the bias toward the new classes: more test images right
+    acc_before = (z.argmax(1) == y).float().mean()
+    acc_after = (layer(z).argmax(1) == y).float().mean()
+    assert acc_after > acc_before + 0.05
+    # the original's L2 on beta (0.1 * beta^2 / 2) pulls beta toward 0
+    assert abs(_fit(z, y, beta_l2=0.1).beta.item()) < abs(layer.beta.item())
+
+
+def _state_ctx(scenario, state, teacher_logits):
+    """The parts of a Context that BiC's stage-1 loss reads."""
+    teacher = lambda x: {"logits": teacher_logits}  # noqa: E731
+    return SimpleNamespace(state=scenario.state(state), scenario=scenario, teacher=teacher)
+
+
+def test_the_teacher_of_distillation_carries_the_previous_bias_correction(tmp_path):
+    labels = torch.arange(6).repeat(5)
+    scenario = Scenario(ScenarioConfig(order=list(range(6)), initial=2, increment=2), labels, labels, 6, 0)
+    bic = BiC(tiny_config(tmp_path, "method=bic"))
+    g = torch.Generator().manual_seed(0)
+    teacher_z = torch.randn(5, 4, generator=g)  # state 2: the teacher knows classes 0..3
+    student_z = torch.randn(5, 6, generator=g)
+    y = torch.tensor([0, 3, 4, 5, 5])
+    ctx = _state_ctx(scenario, 2, teacher_z)
+    batch = Batch(x=torch.zeros(5, 1), y=y, idx=torch.arange(5))
+
+    bic.bias = {1: (1.0, 0.0)}  # identity correction
+    plain = bic.loss(ctx, batch, {"logits": student_z})
+    bic.bias = {1: (2.0, -1.0), 2: (7.0, 7.0)}
+    target = bic.teacher_logits(ctx, batch.x)
+    # the layer of state 1 acts on state 1's classes (2, 3) only; state 2's layer not at all
+    assert torch.equal(target[:, :2], teacher_z[:, :2])
+    assert torch.allclose(target[:, 2:], 2.0 * teacher_z[:, 2:] - 1.0)
+    corrected = bic.loss(ctx, batch, {"logits": student_z})
+    assert corrected.item() != pytest.approx(plain.item())
+    lam = 4 / 6  # n_old / n_seen
+    expected = lam * distillation_kl(student_z[:, :4], target, 2.0) + (1 - lam) * F.cross_entropy(student_z, y)
+    assert corrected.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_validation_split_is_balanced_and_held_out_of_stage1(tmp_path):
+    cfg = tiny_config(tmp_path, "method=bic", "memory.total=200", "memory.selection=random")
+    run = Run(cfg, tmp_path / "r", progress=False)
+    run.execute(until_state=0)
+    bic = run.method
+    ctx = run._context(1)  # the memory is as state 1 trains on it (not yet updated)
+    train = bic.train_set(ctx)
+    val = bic.val[1]
+    pos = run.scenario.train_pos
+    counts = torch.bincount(pos[val], minlength=ctx.state.n_seen)
+    v = bic.val_per_class[1]
+    assert v == 5  # floor(0.1 * 200 / 4 old classes)
+    assert counts.tolist() == [v] * ctx.state.n_seen  # the same count for old and new classes
+    assert not torch.isin(val, train).any()  # not trained on in stage 1
+    old_val = val[pos[val] < ctx.state.n_old]
+    assert torch.isin(old_val, run.memory.indices(ctx.state.old)).all()  # out of the exemplars
+    everything = torch.cat([ctx.state.train, run.memory.indices(ctx.state.old)])
+    assert sorted(torch.cat([train, val]).tolist()) == sorted(everything.tolist())
+    assert torch.equal(bic.train_set(ctx), train)  # asked again (statistics): the same split
+    # the split and the bias layers survive a checkpoint (loaded with weights_only)
+    bic.bias[1] = (0.8, -0.3)
+    write_torch(tmp_path / "m.pt", {"method": bic.state_dict()})
+    other = BiC(cfg)
+    other.load_state_dict(load_torch(tmp_path / "m.pt")["method"])
+    assert torch.equal(other.val[1], val) and other.bias == {1: (0.8, -0.3)} and other.val_per_class == {1: v}
+
+
+def test_state_weight_decay_follows_the_original_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, "method=bic", "bic.state_weight_decay=true", "train.weight_decay=0.001")
+    bic = BiC(cfg)
+    labels = torch.arange(10).repeat(3)
+    scenario = Scenario(ScenarioConfig(order=list(range(10)), initial=4, increment=3), labels, labels, 10, 0)
+    model = torch.nn.Linear(2, 2)
+    for b in range(3):  # 1e-3 * 3 states / (b + 1)
+        ctx = SimpleNamespace(config=cfg, scenario=scenario, state=scenario.state(b), model=model)
+        assert bic.param_groups(ctx)[0]["weight_decay"] == pytest.approx(0.003 / (b + 1))
+    # a different state-0 model: not the cached fine-tuning one
+    assert bic.state0_signature() != BiC(tiny_config(tmp_path, "method=bic")).state0_signature()
+
+
+def test_bic_needs_a_memory(tmp_path):
+    with pytest.raises(UserError, match="memory"):
+        BiC(tiny_config(tmp_path, "method=bic", "memory.total=0"))
+
+
+def test_bic_end_to_end_on_digits(tmp_path):
+    res = Run(tiny_config(tmp_path, "method=bic"), tmp_path / "r", progress=False).execute()
+    assert res["complete"] and res["primary_scores"] == "bic"
+    ends = res["state_ends"]
+    for b, s in enumerate(res["states"]):
+        assert set(s["variants"]) == {"uncorrected"}
+        info = s["bic"]
+        npz = np.load(tmp_path / "r" / "scores" / f"state_{b:02d}.npz")
+        z, scores = npz["logits"], npz["scores"]
+        assert np.array_equal(npz["scores_uncorrected"], z)
+        if b == 0:
+            assert (info["alpha"], info["beta"]) == (1.0, 0.0) and np.array_equal(scores, z)
+            continue
+        assert info["val_images"] == info["val_per_class"] * s["classes_seen"] > 0
+        # test scores: only this state's layer, only on this state's new classes
+        new = slice(ends[b - 1], ends[b])
+        assert np.array_equal(scores[:, : ends[b - 1]], z[:, : ends[b - 1]])
+        assert np.allclose(scores[:, new], info["alpha"] * z[:, new] + info["beta"], atol=1e-5)
+        assert abs(100 * (z.argmax(1) == npz["labels"]).mean() - s["variants"]["uncorrected"]["top1"]) < 1e-6

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from helpers import tiny_config
+
+from cilkit.config import DataConfig, ScenarioConfig, TrainConfig
+from cilkit.data import load_dataset
+from cilkit.engine import make_optimizer, make_scheduler
+from cilkit.runner import Run, normalisation
+from cilkit.scenario import Scenario
+
+
+def lrs(schedule, epochs=10, losses=None):
+    cfg = TrainConfig(lr=0.1, schedule=schedule)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer([{"params": [p]}], cfg, cfg.lr)
+    sched = make_scheduler(opt, cfg, epochs)
+    out = []
+    for e in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(losses[e])
+        elif sched is not None:
+            sched.step()
+    return out
+
+
+def test_multistep_decays_at_milestones():
+    got = lrs({"type": "multistep", "milestones": [3, 6], "gamma": 0.1})
+    assert got[:3] == [0.1] * 3 and got[3:6] == pytest.approx([0.01] * 3) and got[6:] == pytest.approx([0.001] * 4)
+
+
+def test_cosine_decreases_to_zero():
+    got = lrs({"type": "cosine"})
+    assert got[0] == 0.1 and all(a > b for a, b in zip(got, got[1:])) and got[-1] < 0.01
+
+
+def test_plateau_reduces_after_patience():
+    got = lrs({"type": "plateau", "patience": 2, "gamma": 0.5}, losses=[1.0] * 10)
+    assert got[:4] == [0.1] * 4 and got[4] == pytest.approx(0.05)
+
+
+def test_constant():
+    assert lrs({"type": "constant"}) == [0.1] * 10
+
+
+def test_normalisation_from_state0_training_images_when_unknown():
+    ds = load_dataset(DataConfig(name="digits"))
+    assert ds.mean is None
+    sc = Scenario(ScenarioConfig(initial=2, increment=2), ds.train.labels, ds.test.labels, 10, seed=0)
+    mean, std = normalisation(ds, sc)
+    x = ds.train.images[sc.state(0).train].double() / 255
+    assert mean.item() == pytest.approx(x.mean().item(), rel=1e-5)
+    assert std.item() == pytest.approx(x.std().item(), rel=1e-4)
+
+
+def test_known_statistics_are_used_as_given():
+    ds = load_dataset(DataConfig(name="digits", mean=[0.5], std=[0.25]))
+    sc = Scenario(ScenarioConfig(), ds.train.labels, ds.test.labels, 10, seed=0)
+    mean, std = normalisation(ds, sc)
+    assert mean.tolist() == [0.5] and std.tolist() == [0.25]
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
+    res = Run(tiny_config(tmp_path, "amp=true", "channels_last=true", "scenario.states=2"), tmp_path / "r",
+              progress=False).execute()
+    assert res["complete"] and res["states"][-1]["top1"] > 0

@@ -1,0 +1,122 @@
+"""SIR (reconstruction): each component on hand-made inputs, the switches, and an end-to-end run."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_config
+
+from cilkit.config import ScenarioConfig
+from cilkit.errors import UserError
+from cilkit.methods.sir import (
+    class_ages,
+    class_prototypes,
+    compensation_strengths,
+    frequency_offsets,
+    inheritance_targets,
+    sir_loss,
+    transfer_distribution,
+)
+from cilkit.runner import Run
+from cilkit.scenario import Scenario
+
+
+def _scenario():
+    labels = torch.arange(10).repeat(3)
+    return Scenario(ScenarioConfig(order=list(range(10)), initial=4, increment=3), labels, labels, 10, 0)
+
+
+# ----- 1. frequency compensation ----------------------------------------------------------------
+def test_frequency_offsets_are_tau_log_class_frequency():
+    off = frequency_offsets(torch.tensor([10, 90]), torch.tensor([1.0, 0.5]))
+    assert off.tolist() == pytest.approx([math.log(0.1), 0.5 * math.log(0.9)])
+    # a class without images keeps a finite offset (count clamped to 1)
+    assert torch.isfinite(frequency_offsets(torch.tensor([0, 50]), torch.ones(2))).all()
+
+
+def _fit_class_biases(labels, offsets, steps=300):
+    """A model with nothing but one bias per class, trained with ``sir_loss``."""
+    bias = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([bias], lr=1.0)
+    for _ in range(steps):
+        loss = sir_loss(bias.expand(labels.numel(), 2), labels, offsets, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return bias.detach()
+
+
+def test_frequency_compensation_removes_the_prior_of_the_frequent_class():
+    # 1 exemplar of an old class for 9 new images: plain cross-entropy learns the prior
+    # (the new class wins by log 9); the compensated loss learns balanced scores.
+    labels = torch.tensor([0] + [1] * 9)
+    counts = torch.bincount(labels)
+    plain = _fit_class_biases(labels, None)
+    compensated = _fit_class_biases(labels, frequency_offsets(counts, torch.ones(2)))
+    assert (plain[1] - plain[0]).item() == pytest.approx(math.log(9), abs=0.02)
+    assert (compensated[1] - compensated[0]).item() == pytest.approx(0.0, abs=0.02)
+
+
+# ----- 3. chronological attenuation -------------------------------------------------------------
+def test_class_ages_and_attenuated_strengths():
+    ages = class_ages(_scenario(), 2)  # classes 0-3 from state 0, 4-6 from state 1, 7-9 new
+    assert ages.tolist() == [2, 2, 2, 2, 1, 1, 1, 0, 0, 0]
+    assert compensation_strengths(2.0, ages, 0.5).tolist() == [0.5] * 4 + [1.0] * 3 + [2.0] * 3
+    assert compensation_strengths(2.0, ages, None).tolist() == [2.0] * 10
+    # attenuated: the oldest classes get the smallest compensation
+    off = frequency_offsets(torch.tensor([10] * 7 + [100] * 3), compensation_strengths(1.0, ages, 0.5))
+    assert off[0] > off[4] > off[7] - 10  # less negative = less boost for the older classes
+
+
+# ----- 2. inheritance transfer ------------------------------------------------------------------
+def test_transfer_follows_the_similarity_in_the_old_feature_space():
+    # old classes 0, 1, 2 along the axes; old class 3 has no exemplar; new class 4 lies near class 1
+    feats = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0.1], [0, 0, 1.0], [0.1, 1.0, 0.2]])
+    pos = torch.tensor([0, 0, 1, 1, 2, 4])
+    protos = class_prototypes(feats, pos, 5)
+    assert torch.isnan(protos[3]).all()
+    assert protos[0].tolist() == pytest.approx([1.0, 0.0, 0.0])
+    q = transfer_distribution(protos[4:5], protos[:4], temperature=0.1)
+    assert q.sum().item() == pytest.approx(1.0)
+    assert q[0].argmax().item() == 1 and q[0, 3].item() == 0.0
+    # a lower temperature concentrates the weight on the nearest old class
+    assert transfer_distribution(protos[4:5], protos[:4], 0.05)[0, 1] > q[0, 1]
+
+
+def test_inheritance_targets_mix_the_transfer_into_new_samples_only():
+    transfer = torch.tensor([[0.25, 0.75], [1.0, 0.0]])  # new classes 2, 3 over old classes 0, 1
+    t = inheritance_targets(torch.tensor([0, 2, 3]), n_seen=4, n_old=2, transfer=transfer, weight=0.2)
+    assert t[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert t[1].tolist() == pytest.approx([0.05, 0.15, 0.8, 0.0])
+    assert t[2].tolist() == pytest.approx([0.2, 0.0, 0.0, 0.8])
+    # no old prototype at all (no memory): the targets stay one-hot
+    none = inheritance_targets(torch.tensor([2]), 4, 2, torch.zeros(2, 2), weight=0.2)
+    assert none[0].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert transfer_distribution(torch.ones(1, 3) / 3**0.5, torch.full((2, 3), float("nan")), 0.1).sum() == 0
+    z = torch.randn(3, 4)
+    y = torch.tensor([0, 2, 3])
+    one_hot = inheritance_targets(y, 4, 2, transfer, weight=0.0)
+    assert sir_loss(z, y, None, one_hot).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
+    assert sir_loss(z, y, None, t).item() != pytest.approx(F.cross_entropy(z, y).item())
+
+
+# ----- switches, end to end ---------------------------------------------------------------------
+def test_attenuation_without_compensation_is_a_config_error(tmp_path):
+    with pytest.raises(UserError, match="sir.chronological_attenuation"):
+        tiny_config(tmp_path, "method=sir", "sir.frequency_compensation=false")
+
+
+def test_sir_end_to_end_and_with_every_component_off_it_is_finetuning(tmp_path):
+    sir = Run(tiny_config(tmp_path, "method=sir"), tmp_path / "sir", progress=False).execute()
+    assert sir["complete"]
+    last = sir["states"][-1]["sir"]
+    assert last["tau"][:4] == pytest.approx([0.81] * 4) and last["tau"][-1] == 1.0  # attenuated by age
+    assert sum(last["train_counts"][7:]) > sum(last["train_counts"][:7])  # new data outnumber exemplars
+    assert set(last["nearest_old_class"]) == {"7", "8", "9"}
+    off = tiny_config(tmp_path, "method=sir", "sir.frequency_compensation=false",
+                      "sir.inheritance_transfer=false", "sir.chronological_attenuation=false")
+    plain = Run(off, tmp_path / "off", progress=False).execute(until_state=1)
+    ft = Run(tiny_config(tmp_path), tmp_path / "ft", progress=False).execute(until_state=1)
+    assert plain["accuracy_matrix"] == ft["accuracy_matrix"]
+    assert sir["accuracy_matrix"][:2] != ft["accuracy_matrix"]
