@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,17 @@ def test_console_script_exit_status(tmp_path):
 def test_validate_names_the_source():
     with pytest.raises(UserError, match="^my.yaml: "):
         validate({"seed": "x"}, source="my.yaml")
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+KNOWN_CLASSES = {"cifar100": 100, "fashion-mnist": 10, "digits": 10}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_is_valid_and_fits_its_dataset(path):
+    cfg = load_config(path)  # raises UserError on any invalid key or method option
+    n = KNOWN_CLASSES.get(cfg.data.name)
+    if n is not None and cfg.scenario.states is not None:
+        assert cfg.scenario.initial + cfg.scenario.increment * (cfg.scenario.states - 1) <= n
+    if n is not None:
+        assert cfg.scenario.initial < n and (n - cfg.scenario.initial) % cfg.scenario.increment == 0

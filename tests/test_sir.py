@@ -120,3 +120,15 @@ def test_sir_end_to_end_and_with_every_component_off_it_is_finetuning(tmp_path):
     ft = Run(tiny_config(tmp_path), tmp_path / "ft", progress=False).execute(until_state=1)
     assert plain["accuracy_matrix"] == ft["accuracy_matrix"]
     assert sir["accuracy_matrix"][:2] != ft["accuracy_matrix"]
+
+
+def test_inherited_mass_is_scored_against_the_raw_logits_and_the_own_class_against_the_compensated():
+    z = torch.tensor([[0.3, -0.2, 1.0, 0.1]])
+    y = torch.tensor([2])
+    offsets = torch.tensor([-2.0, -2.0, 0.0, 0.0])
+    t = torch.tensor([[0.06, 0.04, 0.9, 0.0]])
+    expected = -(0.9 * F.log_softmax(z + offsets, dim=1)[0, 2]
+                 + 0.06 * F.log_softmax(z, dim=1)[0, 0] + 0.04 * F.log_softmax(z, dim=1)[0, 1])
+    assert sir_loss(z, y, offsets, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    # without compensation it is the plain soft cross-entropy
+    assert sir_loss(z, y, None, t).item() == pytest.approx(-(t * F.log_softmax(z, dim=1)).sum().item(), rel=1e-6)

@@ -29,8 +29,9 @@ the fine-tuning state-0 model. Scores at test time are the raw logits.
 
        t = (1 - w) * onehot(n) + w * [q_n, 0, .., 0]      (w = transfer_weight)
 
-   (old-class samples keep one-hot targets). The loss is the soft cross-entropy
-   ``-sum_j t_j log softmax(z')_j`` over the (compensated) logits ``z'``. This is the
+   (old-class samples keep one-hot targets). The loss is the soft cross-entropy of ``t``; the
+   mass on the sample's own class is scored against the compensated logits ``z'``, the
+   inherited mass against the raw logits (see :func:`sir_loss` for why). This is the
    class-level reading ("similarity of different classes"); the similarity is not re-estimated
    per sample.
 3. **Chronological attenuation** ("mitigate the repetitive optimization of the older classes at
@@ -136,12 +137,28 @@ def inheritance_targets(labels: torch.Tensor, n_seen: int, n_old: int, transfer:
 
 def sir_loss(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor | None,
              targets: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy over ``logits + offsets`` with hard labels, or soft cross-entropy
-    ``-sum_j t_j log softmax(z')_j`` with ``targets``; batch mean."""
+    """Batch mean of the SIR training loss.
+
+    Hard labels: cross-entropy over the compensated logits ``z' = z + offsets``. With inheritance
+    ``targets`` t: the mass on the sample's own class is scored against ``z'`` and the inherited
+    mass (on the old classes) against the raw logits ``z``::
+
+        -t_y log softmax(z')_y  -  sum_{o != y} t_o log softmax(z)_o
+
+    Why the split (our reading): the inherited mass states how much an image looks like an old
+    class, a property of the image, not of class frequencies. Scored against ``z'`` it would be
+    divided by the old classes' small prior (logit adjustment trains ``z`` towards ``p(y|x) /
+    p(y)``), i.e. multiplied by the new/old count ratio at test time; on Fashion-MNIST with
+    memory 2000 that cost the new classes 15 points (benchmarks/RESULTS.md). Without offsets the
+    two forms coincide: ``-sum_j t_j log softmax(z)_j``."""
     z = logits if offsets is None else logits + offsets.to(logits.device)
     if targets is None:
         return F.cross_entropy(z, labels)
-    return -(targets * F.log_softmax(z, dim=1)).sum(dim=1).mean()
+    own = targets.gather(1, labels[:, None])
+    inherited = targets.scatter(1, labels[:, None], 0.0)
+    compensated = -(own * F.log_softmax(z, dim=1).gather(1, labels[:, None])).squeeze(1)
+    transferred = -(inherited * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return (compensated + transferred).mean()
 
 
 # ----- the method --------------------------------------------------------------------------------
