@@ -51,7 +51,7 @@ def test_same_config_same_numbers(tmp_path):
     assert strip_timings(a) == strip_timings(b)
 
 
-@pytest.mark.parametrize("method", ["finetune", "icarl", "lucir", "bic"])
+@pytest.mark.parametrize("method", ["finetune", "icarl", "lucir", "bic", "sir", "joint"])
 def test_resume_gives_the_uninterrupted_results(tmp_path, method):
     cfg = tiny_config(tmp_path, f"method={method}", "state0_cache=null", "memory.selection=random")
     full = Run(cfg, tmp_path / "full", progress=False).execute()
