@@ -1,14 +1,15 @@
 """SIR ablation: each component of SIR on and off, beside fine-tuning, on one protocol.
 
-    python benchmarks/bench_sir_ablation.py [--config configs/fashion-mnist.yaml]
-        [--out runs/sir-ablation] [--variants all no-fc no-it no-ca fc-only none] [--set KEY=VALUE ...]
+    python benchmarks/bench_sir_ablation.py [configs/ablations/sir-fashion-mnist.yaml]
+        [--out runs/sir-ablation] [--variants all no-ca ...] [--set KEY=VALUE ...]
 
-Every variant is a ``sir`` run of the same config (same seed, data, memory, epochs; the state-0
-model is shared through the state-0 cache) with its switches set as below; ``finetune`` is the
-host method without SIR. Runs go to ``<out>/<variant>/`` (an existing complete run is reused,
-an interrupted one resumed). Prints a Markdown table (per-state top-1, mean incremental top-1 with
-and without state 0, last-state old/new top-1, wall time) and writes it to ``<out>/ablation.md``
-and ``<out>/ablation.json``.
+The ablation config names a run config (``protocol``) and the variants (``variants``: name ->
+SIR switches, or null for the host method ``finetune``). Every variant is a run of the same
+protocol (same seed, data, memory, epochs; the state-0 model is shared through the state-0
+cache). Runs go to ``<out>/<variant>/`` (an existing complete run is reused, an interrupted one
+resumed). Prints a Markdown table (per-state top-1, mean incremental top-1 with and without
+state 0, last-state old/new top-1, wall time) and writes it to ``<out>/ablation.md`` and
+``<out>/ablation.json``.
 """
 
 from __future__ import annotations
@@ -19,22 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from cilkit import io
-from cilkit.config import apply_overrides, load_config, validate
+from cilkit.config import apply_overrides, load_config, read_yaml, validate
+from cilkit.errors import UserError
 from cilkit.runner import Run
 
-FC, IT, CA = "frequency_compensation", "inheritance_transfer", "chronological_attenuation"
-VARIANTS: dict[str, dict[str, bool] | None] = {
-    "all": {FC: True, IT: True, CA: True},
-    "no-ca": {FC: True, IT: True, CA: False},  # compensation without attenuation
-    "no-it": {FC: True, IT: False, CA: True},
-    "no-fc": {FC: False, IT: True, CA: False},  # attenuation needs compensation: inheritance only
-    "fc-only": {FC: True, IT: False, CA: False},
-    "none": {FC: False, IT: False, CA: False},  # every component off: fine-tuning, via sir
-    "finetune": None,  # the host method itself
-}
+DEFAULT_ABLATION = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "sir-fashion-mnist.yaml"
+Switches = dict[str, bool] | None
 
 
-def variant_config(base: dict[str, Any], switches: dict[str, bool] | None) -> dict[str, Any]:
+def load_ablation(path: Path) -> tuple[Path, dict[str, Switches]]:
+    """(protocol config path, {variant: switches}) of an ablation config; mistakes are UserErrors."""
+    data = read_yaml(path)
+    if not isinstance(data, dict) or set(data) != {"protocol", "variants"} or not isinstance(data["variants"], dict):
+        raise UserError(f"ablation config '{path}': needs exactly the keys 'protocol' and 'variants' (a mapping)")
+    for name, switches in data["variants"].items():
+        if switches is not None and not isinstance(switches, dict):
+            raise UserError(f"ablation config '{path}': variant '{name}' must be a mapping of SIR options or null")
+    return (path.parent / str(data["protocol"])).resolve(), data["variants"]
+
+
+def variant_config(base: dict[str, Any], switches: Switches) -> dict[str, Any]:
     data = dict(base)
     if switches is None:
         data["method"] = "finetune"
@@ -44,8 +49,8 @@ def variant_config(base: dict[str, Any], switches: dict[str, bool] | None) -> di
     return data
 
 
-def run_variant(base: dict[str, Any], name: str, out: Path) -> dict[str, Any]:
-    cfg = validate(variant_config(base, VARIANTS[name]), source=f"variant '{name}'")
+def run_variant(base: dict[str, Any], name: str, switches: Switches, out: Path) -> dict[str, Any]:
+    cfg = validate(variant_config(base, switches), source=f"variant '{name}'")
     run_dir = out / name
     done = run_dir / "results.json"
     if done.is_file() and json.loads(done.read_text()).get("complete"):
@@ -78,18 +83,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/fashion-mnist.yaml")
+    p.add_argument("ablation", nargs="?", type=Path, default=DEFAULT_ABLATION, help="ablation config")
     p.add_argument("--out", type=Path, default=Path("runs/sir-ablation"))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", help="a subset of the config's variants, in this order")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
-    base = apply_overrides(load_config(args.config).to_dict(), args.overrides)
-    rows = [summary_row(v, run_variant(base, v, args.out)) for v in args.variants]
+    protocol, variants = load_ablation(args.ablation)
+    chosen = args.variants or list(variants)
+    unknown = [v for v in chosen if v not in variants]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; the config has {list(variants)}")
+    base = apply_overrides(load_config(protocol).to_dict(), args.overrides)
+    rows = [summary_row(v, run_variant(base, v, variants[v], args.out)) for v in chosen]
     table = markdown(rows)
     print(table)
     io.write_text(args.out / "ablation.md", table + "\n")
-    io.write_json(args.out / "ablation.json", {"config": args.config, "overrides": args.overrides, "rows": rows})
+    io.write_json(args.out / "ablation.json", {"ablation": str(args.ablation), "protocol": str(protocol),
+                                               "overrides": args.overrides, "rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -132,3 +132,31 @@ def test_inherited_mass_is_scored_against_the_raw_logits_and_the_own_class_again
     assert sir_loss(z, y, offsets, t).item() == pytest.approx(expected.item(), rel=1e-6)
     # without compensation it is the plain soft cross-entropy
     assert sir_loss(z, y, None, t).item() == pytest.approx(-(t * F.log_softmax(z, dim=1)).sum().item(), rel=1e-6)
+
+
+def _ablation_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sir_ablation.py"
+    spec = importlib.util.spec_from_file_location("bench_sir_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ablation_config_switches_each_component_on_and_off():
+    from cilkit.config import load_config, validate
+
+    bench = _ablation_module()
+    protocol, variants = bench.load_ablation(bench.DEFAULT_ABLATION)
+    base = load_config(protocol).to_dict()
+    configs = {name: validate(bench.variant_config(base, sw)) for name, sw in variants.items()}
+    assert configs["finetune"].method == "finetune"
+    switches = {name: tuple(c.to_dict()["sir"][k] for k in ("frequency_compensation", "inheritance_transfer",
+                                                             "chronological_attenuation"))
+                for name, c in configs.items() if c.method == "sir"}
+    for i in range(3):  # every component is on in some variant and off in another
+        assert {s[i] for s in switches.values()} == {True, False}
+    assert switches["all"] == (True, True, True) and switches["none"] == (False, False, False)
+    assert all(c.train == configs["all"].train and c.memory == configs["all"].memory for c in configs.values())

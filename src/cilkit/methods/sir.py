@@ -41,7 +41,8 @@ the fine-tuning state-0 model. Scores at test time are the raw logits.
    compensation only (and needs it on).
 
 Each component: ``sir: {frequency_compensation: false}`` etc. With all three off SIR is
-fine-tuning with memory. ``benchmarks/bench_sir_ablation.py`` runs the ablation.
+fine-tuning with memory. ``benchmarks/bench_sir_ablation.py configs/ablations/sir-fashion-mnist.yaml``
+runs the ablation.
 """
 
 from __future__ import annotations
