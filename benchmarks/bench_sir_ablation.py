@@ -7,9 +7,9 @@ The ablation config names a run config (``protocol``) and the variants (``varian
 SIR switches, or null for the host method ``finetune``). Every variant is a run of the same
 protocol (same seed, data, memory, epochs; the state-0 model is shared through the state-0
 cache). Runs go to ``<out>/<variant>/`` (an existing complete run is reused, an interrupted one
-resumed). Prints a Markdown table (per-state top-1, mean incremental top-1 with and without
-state 0, last-state old/new top-1, wall time) and writes it to ``<out>/ablation.md`` and
-``<out>/ablation.json``.
+resumed). Prints the table of ``cilkit compare`` (per-state top-1, mean incremental top-1 with
+and without state 0, last-state old/new top-1, forgetting, wall time), writes it to
+``<out>/ablation.md`` and the variants' summaries to ``<out>/ablation.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from cilkit import io
 from cilkit.config import apply_overrides, load_config, read_yaml, validate
 from cilkit.errors import UserError
+from cilkit.report import state_table
 from cilkit.runner import Run
 
 DEFAULT_ABLATION = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "sir-fashion-mnist.yaml"
@@ -71,16 +72,6 @@ def summary_row(name: str, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | top-1 per state | mean incr. | mean incr. excl. state 0 | last old | last new | wall s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {' '.join(f'{a:.2f}' for a in r['top1_per_state'])} | "
-                     f"{r['mean_incremental_top1']:.2f} | {r['mean_incremental_top1_excl_first']:.2f} | "
-                     f"{r['last_top1_old']:.2f} | {r['last_top1_new']:.2f} | {r['wall_time_s']:.0f} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ablation", nargs="?", type=Path, default=DEFAULT_ABLATION, help="ablation config")
@@ -94,8 +85,9 @@ def main() -> None:
     if unknown:
         p.error(f"unknown variant(s) {unknown}; the config has {list(variants)}")
     base = apply_overrides(load_config(protocol).to_dict(), args.overrides)
-    rows = [summary_row(v, run_variant(base, v, variants[v], args.out)) for v in chosen]
-    table = markdown(rows)
+    results = {v: run_variant(base, v, variants[v], args.out) for v in chosen}
+    rows = [summary_row(v, r) for v, r in results.items()]
+    table = state_table(results)
     print(table)
     io.write_text(args.out / "ablation.md", table + "\n")
     io.write_json(args.out / "ablation.json", {"ablation": str(args.ablation), "protocol": str(protocol),

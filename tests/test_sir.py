@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
+from cilkit.classwise import normalised_class_means as class_prototypes
 from cilkit.config import ScenarioConfig
 from cilkit.errors import UserError
 from cilkit.methods.sir import (
     class_ages,
-    class_prototypes,
     compensation_strengths,
     frequency_offsets,
     inheritance_targets,

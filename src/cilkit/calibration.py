@@ -33,9 +33,11 @@ import numpy as np
 import torch
 
 from cilkit import io
+from cilkit.classwise import class_counts, class_means
 from cilkit.errors import UserError
 from cilkit.memory import Memory, class_quotas
 from cilkit.metrics import run_summary, score_metrics, state_accuracies
+from cilkit.report import find_runs
 
 if TYPE_CHECKING:
     from cilkit.methods.base import Context, Method
@@ -62,10 +64,8 @@ def training_memory(ctx: "Context") -> Memory:
 def own_logit_means(logits: torch.Tensor, positions: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(n_classes,) mean of ``z_c(x)`` over the images ``x`` of each class ``c`` (the logit of an
     image's own class); NaN for a class without images. Float64."""
-    own = logits.double().gather(1, positions[:, None]).squeeze(1)
-    sums = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, positions, own)
-    counts = torch.bincount(positions, minlength=n_classes)[:n_classes].double()
-    return sums / counts  # 0/0 -> NaN for an empty class
+    own = logits.double().gather(1, positions[:, None])
+    return class_means(own, positions, n_classes)[:, 0]
 
 
 def _train_logits(ctx: "Context", indices: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ def state_statistics(ctx: "Context", method: "Method") -> Stats:
     pos_of = ctx.scenario.train_pos
     memory = training_memory(ctx)
     trained_pos = pos_of[method.train_set(dataclasses.replace(ctx, memory=memory))]
-    counts = torch.bincount(trained_pos[trained_pos >= 0], minlength=st.n_seen)[: st.n_seen]
+    counts = class_counts(trained_pos, st.n_seen)
 
     candidates = method.memory_candidates(ctx)
     new_pos = pos_of[candidates]
@@ -119,7 +119,7 @@ def state_statistics(ctx: "Context", method: "Method") -> Stats:
     old_idx = memory.indices(st.old)
     logits = _train_logits(ctx, torch.cat([new_idx, old_idx]))
     z_new, z_old = logits[: new_idx.numel()], logits[new_idx.numel() :]
-    old_counts = torch.bincount(pos_of[old_idx], minlength=st.n_seen)[: st.n_seen]
+    old_counts = class_counts(pos_of[old_idx], st.n_seen)
 
     init_old, conf = _previous_history(ctx)
     conf_b = float(z_new.max(dim=1).values.mean()) if z_new.shape[0] else None
@@ -293,18 +293,6 @@ def calibrated_results(run_dir: Path, source: dict[str, Any], rectifier: str) ->
     return out, arrays
 
 
-def _runs_under(run_dir: Path) -> list[tuple[str, Path, dict[str, Any]]]:
-    """(label, directory, results) of the run in ``run_dir`` or of each method sub-directory."""
-    from cilkit.report import (  # matplotlib: only imported when needed
-        find_runs,
-        load_results,
-    )
-
-    if (run_dir / "results.json").is_file():
-        return [("", run_dir, load_results(run_dir / "results.json"))]
-    return [(r.label, r.path, r.results) for r in find_runs([run_dir])]
-
-
 def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: bool = True) -> dict[str, Any]:
     """``cilkit calibrate``: rectify the stored test logits of a finished run with ``rectifier``
     (``il2m``, ``scaling`` or ``none``) and write results.json and ``scores/state_XX.npz`` into
@@ -314,12 +302,13 @@ def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: 
     Returns ``{label: results}`` (label ``""`` for a single run)."""
     check_rectifier(rectifier)
     run_dir = Path(run_dir)
+    single = (run_dir / "results.json").is_file()
     done = []
-    for label, path, source in _runs_under(run_dir):
-        results, arrays = calibrated_results(path, source, rectifier)
-        base = Path(out) if out is not None else path / "calibrated" / rectifier
-        dest = base / path.name if (label and out is not None) else base
-        done.append((label, dest, results, arrays))
+    for run in find_runs([run_dir]):
+        results, arrays = calibrated_results(run.path, run.results, rectifier)
+        base = Path(out) if out is not None else run.path / "calibrated" / rectifier
+        dest = base / run.path.name if (not single and out is not None) else base
+        done.append(("" if single else run.label, dest, results, arrays))
     for _, dest, results, arrays in done:
         for b, arr in arrays.items():
             io.write_npz(dest / "scores" / f"state_{b:02d}.npz", **arr)

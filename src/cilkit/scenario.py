@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cilkit.classwise import class_counts
 from cilkit.config import ImbalanceConfig, ScenarioConfig
 from cilkit.errors import UserError
 from cilkit.seeding import seeded_generator
@@ -30,11 +31,6 @@ def class_order(order: int | list[int], num_classes: int) -> list[int]:
         dup = next(c for c in order if order.count(c) > 1)
         raise UserError(f"config key 'scenario.order': class {dup} appears twice")
     return list(order)
-
-
-def class_counts(pos: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(n_classes,) number of images per class position (images with position -1 ignored)."""
-    return torch.bincount(pos[pos >= 0], minlength=n_classes)[:n_classes]
 
 
 def imbalance_ranks(cfg: ImbalanceConfig, n_classes: int, seed: int) -> torch.Tensor:

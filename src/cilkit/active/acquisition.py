@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from cilkit.calibration import prediction_scaling
+from cilkit.classwise import class_counts
 
 Annotate = Callable[[int], int]  # candidate row -> class position revealed by the oracle
 
@@ -162,7 +163,7 @@ class ClassStats:
     def of(cls, features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> "ClassStats":
         f = features.double()
         sums = torch.zeros(n_classes, f.shape[1], dtype=torch.float64).index_add_(0, labels, f)
-        return cls(torch.bincount(labels, minlength=n_classes)[:n_classes].clone(), sums)
+        return cls(class_counts(labels, n_classes).clone(), sums)
 
     def add(self, label: int, feature: torch.Tensor) -> None:
         self.counts[label] += 1

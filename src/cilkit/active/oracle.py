@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from cilkit.classwise import class_counts
+
 
 class Oracle:
     """A pool of training-set indices whose labels (class positions) stay hidden until
@@ -58,4 +60,4 @@ class Oracle:
 
     def counts(self, n_classes: int) -> torch.Tensor:
         """(n_classes,) annotations per class position."""
-        return torch.bincount(self.labels, minlength=n_classes)[:n_classes]
+        return class_counts(self.labels, n_classes)

@@ -46,6 +46,7 @@ from cilkit import io
 from cilkit.active import acquisition as af
 from cilkit.active.oracle import Oracle
 from cilkit.calibration import prediction_scaling
+from cilkit.classwise import class_counts
 from cilkit.methods import register
 from cilkit.methods.base import Context, Method, MethodConfig
 from cilkit.seeding import seeded_generator
@@ -114,7 +115,7 @@ class ActiveIL(Method):
         st = ctx.state
         if self.oracle is None:
             indices = super().train_set(ctx)
-            self.train_counts = torch.bincount(ctx.scenario.train_pos[indices], minlength=st.n_seen)[: st.n_seen]
+            self.train_counts = class_counts(ctx.scenario.train_pos[indices], st.n_seen)
             return indices
         if ctx.round == len(self.selections):
             self.selections.append(self._annotate_cycle(ctx, ctx.round))
@@ -167,37 +168,46 @@ class ActiveIL(Method):
         model = ctx.teacher if r == 0 else ctx.model
         gen = self._cycle_generator(ctx, r)
         candidates = oracle.unlabelled
+        if function in ("poor", "bcore"):
+            return candidates[self._balanced_rows(ctx, model, function, k, gen)]
+        rows = self._classical_rows(ctx, model, function, k, gen)
+        oracle.annotate(candidates[rows])
+        return candidates[rows]
+
+    def _classical_rows(self, ctx: Context, model: torch.nn.Module, function: str, k: int,
+                        gen: torch.Generator) -> torch.Tensor:
+        """Rows of ``oracle.unlabelled`` picked by a classical function (not yet annotated)."""
+        oracle = self.oracle
         if function == "random":
-            rows = af.random_pick(candidates.numel(), k, gen)
-            oracle.annotate(candidates[rows])
-            return candidates[rows]
-        pool = oracle.pool
-        logits, features = self._pool_outputs(ctx, model, pool)
-        is_cand = ~oracle.is_annotated(pool)
-        if function in ("entropy", "margin", "least_confidence"):
-            counts = self.train_counts if self.cfg.scaling else None
-            probs = af.acquisition_probabilities(logits[is_cand], counts)
-            rows = {"entropy": lambda: af.entropy_pick(probs, k),
-                    "margin": lambda: af.margin_pick(probs, k, self.cfg.margin_order),
-                    "least_confidence": lambda: af.least_confidence_pick(probs, k)}[function]()
-            oracle.annotate(candidates[rows])
-            return candidates[rows]
-        annotated_rows = self._pool_rows(pool, oracle.annotated)
-        centres = features[annotated_rows]
+            return af.random_pick(oracle.unlabelled.numel(), k, gen)
+        logits, features = self._pool_outputs(ctx, model, oracle.pool)
+        is_cand = ~oracle.is_annotated(oracle.pool)
         if function == "kcenter":
-            rows = af.kcenter_pick(features[is_cand], k, gen, centres)
-            oracle.annotate(candidates[rows])
-            return candidates[rows]
+            return af.kcenter_pick(features[is_cand], k, gen, features[self._pool_rows(oracle.pool, oracle.annotated)])
+        probs = af.acquisition_probabilities(logits[is_cand], self.train_counts if self.cfg.scaling else None)
+        if function == "entropy":
+            return af.entropy_pick(probs, k)
+        if function == "margin":
+            return af.margin_pick(probs, k, self.cfg.margin_order)
+        return af.least_confidence_pick(probs, k)
+
+    def _balanced_rows(self, ctx: Context, model: torch.nn.Module, function: str, k: int,
+                       gen: torch.Generator) -> torch.Tensor:
+        """Rows of ``oracle.unlabelled`` picked by ``poor`` or ``bcore``, which annotate as they
+        go (each pick's revealed label steers the next)."""
+        oracle = self.oracle
+        candidates = oracle.unlabelled
+        _, features = self._pool_outputs(ctx, model, oracle.pool)
+        pool_features = features[~oracle.is_annotated(oracle.pool)]
+        centres = features[self._pool_rows(oracle.pool, oracle.annotated)]
         stats = af.ClassStats.of(centres, oracle.labels, ctx.state.n_seen)
 
         def annotate(row: int) -> int:
             return int(oracle.annotate(candidates[row])[0])
 
         if function == "poor":
-            rows = af.poor_pick(features[is_cand], k, stats, annotate, gen)
-        else:
-            rows = af.bcore_pick(features[is_cand], k, stats, annotate, gen, centres)
-        return candidates[rows]
+            return af.poor_pick(pool_features, k, stats, annotate, gen)
+        return af.bcore_pick(pool_features, k, stats, annotate, gen, centres)
 
     @staticmethod
     def _pool_outputs(ctx: Context, model: torch.nn.Module, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from cilkit.classwise import normalised_class_means
 from cilkit.config import ScheduleConfig
 from cilkit.errors import UserError
 from cilkit.methods import register
@@ -110,12 +111,8 @@ def imprinted_weights(
     """Weight imprinting as in LUCIR's code: row c = ``normalize(mean_i normalize(f_i))`` over
     the images of class c, times ``norm`` (the mean norm of the old rows). ``classes`` holds
     0..n-1, ``fallback`` (n, D) gives the rows of classes without an image."""
-    f = F.normalize(features.float(), dim=1)
-    n = fallback.shape[0]
-    sums = f.new_zeros(n, f.shape[1]).index_add_(0, classes, f)
-    counts = torch.bincount(classes, minlength=n).to(f.dtype)
-    rows = F.normalize(sums / counts.clamp_min(1.0)[:, None], dim=1) * norm
-    return torch.where((counts > 0)[:, None], rows, fallback.to(rows))
+    rows = normalised_class_means(features, classes, fallback.shape[0]) * norm
+    return torch.where(rows.isnan(), fallback.to(rows), rows)
 
 
 # ----- helpers for the class-balanced finetuning -----------------------------------------------

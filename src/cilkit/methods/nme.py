@@ -15,29 +15,27 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from cilkit.classwise import normalised_class_means
+
 if TYPE_CHECKING:
     from cilkit.methods.base import Context
 
 
 def class_means(ctx: "Context", model: torch.nn.Module) -> torch.Tensor:
     """(n_seen, D) normalised means of each seen class's normalised exemplar features under
-    ``model`` (eval transform). A class with no exemplar falls back to its training images when
-    it is new in this state (they are at hand); a class with neither gets a row of NaN."""
-    flip = ctx.dataset.augment.flip
-    means: list[torch.Tensor | None] = []
-    for c in ctx.state.seen:
-        idx = ctx.memory.of_class(c)
-        if idx.numel() == 0 and c in ctx.state.new:
-            idx = ctx.state.train[ctx.scenario.train_pos[ctx.state.train] == c]
-        if idx.numel() == 0:
-            means.append(None)
-            continue
-        f = F.normalize(ctx.engine.train_features(model, idx), dim=1)
-        if flip:
-            f = torch.cat([f, F.normalize(ctx.engine.train_features(model, idx, hflip=True), dim=1)])
-        means.append(F.normalize(f.mean(dim=0), dim=0))
-    dim = next((m.numel() for m in means if m is not None), 1)
-    return torch.stack([m if m is not None else torch.full((dim,), float("nan")) for m in means])
+    ``model`` (eval transform), from one feature pass over all exemplars (and one over their
+    flips). A class with no exemplar falls back to its training images when it is new in this
+    state (they are at hand); a class with neither gets a row of NaN."""
+    st, pos_of = ctx.state, ctx.scenario.train_pos
+    exemplars = ctx.memory.indices(st.seen)
+    without = [c for c in st.new if ctx.memory.of_class(c).numel() == 0]
+    fallback = st.train[torch.isin(pos_of[st.train], torch.tensor(without, dtype=torch.int64))]
+    idx = torch.cat([exemplars, fallback])
+    features, positions = ctx.engine.train_features(model, idx), pos_of[idx]
+    if ctx.dataset.augment.flip:
+        features = torch.cat([features, ctx.engine.train_features(model, idx, hflip=True)])
+        positions = torch.cat([positions, positions])
+    return normalised_class_means(features, positions, st.n_seen)
 
 
 def nme_scores(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from cilkit.classwise import class_counts, normalised_class_means
 from cilkit.methods import register
 from cilkit.methods.base import Batch, Context, Method, MethodConfig
 from cilkit.scenario import Scenario
@@ -101,17 +102,6 @@ def frequency_offsets(counts: torch.Tensor, strengths: torch.Tensor) -> torch.Te
     class without training images keeps a finite offset)."""
     n = counts.double().clamp_min(1.0)
     return (strengths.double() * torch.log(n / n.sum())).float()
-
-
-def class_prototypes(features: torch.Tensor, positions: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(n_classes, D) L2-normalised mean of L2-normalised features per class; NaN rows for a
-    class without images (iCaRL's class mean, Rebuffi et al. 2017, Alg. 1)."""
-    f = F.normalize(features.float(), dim=1)
-    sums = torch.zeros(n_classes, f.shape[1]).index_add_(0, positions, f)
-    counts = torch.bincount(positions, minlength=n_classes)[:n_classes]
-    means = F.normalize(sums, dim=1)
-    means[counts == 0] = float("nan")
-    return means
 
 
 def transfer_distribution(new_protos: torch.Tensor, old_protos: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -187,23 +177,17 @@ class SIR(Method):
         st = ctx.state
         old_idx = ctx.memory.indices(st.old)
         idx = torch.cat([old_idx, st.train])
-        protos = class_prototypes(ctx.engine.train_features(ctx.model, idx), ctx.scenario.train_pos[idx], st.n_seen)
+        protos = normalised_class_means(ctx.engine.train_features(ctx.model, idx), ctx.scenario.train_pos[idx], st.n_seen)
         new_protos, old_protos = protos[st.new.start : st.new.stop], protos[: st.n_old]
         return transfer_distribution(new_protos, old_protos, self.cfg.transfer_temperature)
 
     def train_set(self, ctx: Context) -> torch.Tensor:
         indices = super().train_set(ctx)
         if ctx.state.index > 0:
-            self.counts = self._class_counts(ctx, indices)
+            self.counts = class_counts(ctx.scenario.train_pos[indices], ctx.state.n_seen)
             if self.cfg.frequency_compensation:
                 self.offsets = frequency_offsets(self.counts, self.strengths(ctx)).to(ctx.device)
         return indices
-
-    @staticmethod
-    def _class_counts(ctx: Context, indices: torch.Tensor) -> torch.Tensor:
-        """(n_seen,) training images per class in this state (``n_j``)."""
-        pos = ctx.scenario.train_pos[indices]
-        return torch.bincount(pos[pos >= 0], minlength=ctx.state.n_seen)[: ctx.state.n_seen]
 
     def strengths(self, ctx: Context) -> torch.Tensor:
         """(n_seen,) ``tau_j`` of this state (attenuated by age when that component is on)."""
