@@ -12,7 +12,7 @@ from helpers import strip_timings, tiny_config
 
 from cilkit.active import acquisition as af
 from cilkit.active.oracle import Oracle
-from cilkit.calibration import prediction_scaling
+from cilkit.rectify import prediction_scaling
 from cilkit.config import ImbalanceConfig, ScenarioConfig, load_config
 from cilkit.engine import Engine
 from cilkit.errors import UserError

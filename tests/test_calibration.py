@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import strip_timings, tiny_config
 
-from cilkit.calibration import calibrate_run, il2m_rectify, prediction_scaling
+from cilkit.calibrate import calibrate_run
+from cilkit.rectify import il2m_rectify, prediction_scaling
 from cilkit.cli import main
 from cilkit.runner import Run, run_methods
 

@@ -13,7 +13,7 @@ def lrs(schedule, epochs=10, losses=None):
     cfg = TrainConfig(lr=0.1, schedule=schedule)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = make_optimizer([{"params": [p]}], cfg, cfg.lr)
-    sched = make_scheduler(opt, cfg, epochs)
+    sched = make_scheduler(opt, cfg.schedule, epochs)
     out = []
     for e in range(epochs):
         out.append(opt.param_groups[0]["lr"])

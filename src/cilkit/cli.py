@@ -1,4 +1,4 @@
-"""Command line: ``cilkit run | info``."""
+"""Command line: ``cilkit run | calibrate | compare | info``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from cilkit.calibrate import calibrate_run
+from cilkit.config import load_config, read_yaml, validate
 from cilkit.errors import UserError
+from cilkit.models import BACKBONE_DESCRIPTIONS
+from cilkit.registry import METHODS, SOURCE_DESCRIPTIONS
+from cilkit.report import compare_runs
+from cilkit.rundir import RunLayout
+from cilkit.runner import repeat_dirs, run_methods
 
 
 def _unique_dir(base: Path) -> Path:
@@ -19,10 +26,6 @@ def _unique_dir(base: Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cilkit.config import load_config, read_yaml, validate
-    from cilkit.report import compare_runs
-    from cilkit.runner import repeat_dirs, run_methods
-
     overrides = list(args.set or [])
     if args.methods:
         overrides.append(f"method=[{args.methods}]")
@@ -30,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if args.config:
             raise UserError("--resume takes the run directory alone (its config.yaml is used)")
-        cfg_file = run_dir / "config.yaml"
+        cfg_file = RunLayout(run_dir).config
         if not cfg_file.is_file():
             raise UserError(f"--resume: '{cfg_file}' not found (not a cilkit run directory)")
         config = validate(read_yaml(cfg_file), source=str(cfg_file))
@@ -43,16 +46,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_methods(config, run_dir, resume=bool(args.resume))
     print()
     # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
-    compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), run_dir / "report")
+    compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report)
     print(f"\nrun directory: {run_dir}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from cilkit.data import SOURCE_DESCRIPTIONS
-    from cilkit.methods import METHODS
-    from cilkit.models import BACKBONE_DESCRIPTIONS
-
     def section(title: str, items: dict[str, str]) -> None:
         print(f"{title}:")
         for k in sorted(items):
@@ -70,15 +69,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from cilkit.calibration import calibrate_run
 
     calibrate_run(Path(args.run_dir), args.rectifier, Path(args.out) if args.out else None)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cilkit.report import compare_runs
-
     compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
     return 0
 

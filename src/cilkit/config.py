@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from cilkit.errors import UserError
+from cilkit.registry import METHODS, SOURCES
 
 
 class Strict(BaseModel):
@@ -59,8 +60,6 @@ class DataConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        from cilkit.data import SOURCES
-
         if v not in SOURCES:
             raise ValueError(f"unknown dataset '{v}' (known: {', '.join(sorted(SOURCES))})")
         return v
@@ -121,6 +120,11 @@ class MemoryConfig(Strict):
             raise ValueError("set memory.total or memory.per_class, not both")
         return self
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any exemplar is stored."""
+        return bool(self.total) or bool(self.per_class)
+
 
 class ModelConfig(Strict):
     backbone: str = "convnet"  # resnet32 | resnet18 | resnet18_cifar | convnet
@@ -176,8 +180,6 @@ class RunConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_methods(cls, v: str | list[str]) -> str | list[str]:
-        from cilkit.methods import METHODS
-
         for name in [v] if isinstance(v, str) else v:
             if name not in METHODS:
                 raise ValueError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
@@ -194,8 +196,6 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _method_options(self) -> "RunConfig":
-        from cilkit.methods import METHODS
-
         for key, value in (self.model_extra or {}).items():
             if key not in METHODS:
                 raise ValueError(f"unknown key '{key}'")

@@ -8,16 +8,33 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from cilkit.config import TrainConfig
+from cilkit.config import ScheduleConfig, TrainConfig
 from cilkit.data.base import Dataset, ImageSet
 
 if TYPE_CHECKING:
-    from cilkit.methods.base import Context, Method
+    from cilkit.methods.base import Context
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # normalised images on the device
+    y: torch.Tensor  # class positions (0..n_seen-1) on the device
+    idx: torch.Tensor  # indices into the training set
+
+
+class TrainingHooks(Protocol):
+    """What :meth:`Engine.fit` asks of the thing it trains for: a method, or a stage of one
+    (LUCIR's class-balanced finetuning)."""
+
+    def param_groups(self, ctx: "Context") -> list[dict[str, Any]]: ...
+
+    def loss(self, ctx: "Context", batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float) -> torch.optim.SGD:
@@ -25,8 +42,7 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float) ->
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int) -> Any:
-    s = cfg.schedule
+def make_scheduler(opt: torch.optim.Optimizer, s: ScheduleConfig, epochs: int) -> Any:
     if s.type == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=s.milestones, gamma=s.gamma)
     if s.type == "cosine":
@@ -57,7 +73,6 @@ class Engine:
         self.amp = amp
         self.channels_last = channels_last
         self.progress = progress  # None: tqdm shows bars only on a terminal
-        self.optimizer: torch.optim.Optimizer | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -70,19 +85,21 @@ class Engine:
     def fit(
         self,
         ctx: "Context",
-        method: "Method",
+        hooks: TrainingHooks,
         indices: torch.Tensor,
         epochs: int,
         lr: float,
+        schedule: ScheduleConfig,
         desc: str = "train",
     ) -> dict[str, Any]:
-        """Train ``ctx.model`` on ``indices`` of the training set with ``method.loss``."""
+        """Train ``ctx.model`` on ``indices`` of the training set with ``hooks.loss``: a fresh
+        SGD over ``hooks.param_groups`` at ``lr`` for ``epochs`` epochs, under ``schedule``
+        (the run's momentum, weight decay and batch size)."""
         model = ctx.model
         if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        opt = make_optimizer(method.param_groups(ctx), self.cfg, lr)
-        sched = make_scheduler(opt, self.cfg, epochs)
-        self.optimizer = opt
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        opt = make_optimizer(hooks.param_groups(ctx), self.cfg, lr)
+        sched = make_scheduler(opt, schedule, epochs)
         losses: list[float] = []
         start, seen = time.perf_counter(), 0
         bar = tqdm(range(epochs), desc=desc, leave=False, disable=self._bar_disabled())
@@ -99,11 +116,11 @@ class Engine:
                 generator=ctx.generator,
                 device=self.device,
             ):
-                batch = _batch(ctx, x, labels, idx)
+                batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
                 with self._autocast():
                     out = model(self._prepare(batch.x))
                 out = {k: v.float() for k, v in out.items()}
-                loss = method.loss(ctx, batch, out)
+                loss = hooks.loss(ctx, batch, out)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -155,12 +172,6 @@ class Engine:
     def train_features(self, model: torch.nn.Module, indices: torch.Tensor, hflip: bool = False) -> torch.Tensor:
         """Features of training images (eval transform: no augmentation)."""
         return self.infer(model, self.dataset.train, indices, hflip=hflip)["features"]
-
-
-def _batch(ctx: "Context", x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> Any:
-    from cilkit.methods.base import Batch
-
-    return Batch(x=x, y=ctx.targets(labels), idx=idx)
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -64,10 +64,6 @@ class Memory:
         self.ranking: dict[int, torch.Tensor] = {}
         self.quotas: list[int] = []
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.cfg.total) or bool(self.cfg.per_class)
-
     def update(
         self,
         n_seen: int,

@@ -6,9 +6,27 @@ classes of state b are a contiguous range. Accuracies are percentages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+
+Results = Mapping[str, Mapping[str, Any]]  # label -> results.json content, in display order
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: ``-`` for a missing figure, strings as they are, numbers to ``digits``."""
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else f"{value:.{digits}f}"
+
+
+def variant_names(results: Mapping[str, Any]) -> list[str]:
+    """The extra score sets a run reports beside its primary one (e.g. iCaRL's ``cnn``)."""
+    names: dict[str, None] = {}
+    for s in results["states"]:
+        names.update(dict.fromkeys(s.get("variants", {})))
+    return list(names)
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,7 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cilkit.errors import UserError
-from cilkit.report import variant_names
+from cilkit.metrics import Results, variant_names
+from cilkit.rundir import RunLayout, read_scores
 
 DPI = 100
 PALETTE = [
@@ -29,7 +30,6 @@ PALETTE = [
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 ]
 
-Results = Mapping[str, Mapping[str, Any]]  # label -> results.json content, in display order
 
 
 # ----- data ------------------------------------------------------------------------------------
@@ -72,22 +72,12 @@ def new_share_data(results: Results) -> dict[str, dict[str, Any]]:
     }
 
 
-def _read_npz(path: Path, *keys: str) -> list[np.ndarray]:
-    try:
-        with np.load(path) as z:
-            return [z[k] for k in keys]
-    except FileNotFoundError:
-        raise UserError(f"'{path}' not found (the run's stored test scores)") from None
-    except Exception as e:  # truncated, foreign or missing key
-        raise UserError(f"'{path}' cannot be read: {e.__class__.__name__}: {e}") from None
-
-
 def true_new_share(run_dir: Path, results: Mapping[str, Any]) -> list[float]:
     """Share (%) of the test images that belong to the newest classes, per state: what an
     unbiased classifier's ``new_class_share`` would be (from the stored labels)."""
     shares = []
     for s in results["states"]:
-        (labels,) = _read_npz(run_dir / "scores" / f"state_{s['state']:02d}.npz", "labels")
+        (labels,) = read_scores(RunLayout(run_dir).scores(s["state"]), "labels")
         n_old = s["classes_seen"] - len(s["new_classes"])
         shares.append(100.0 * float((labels >= n_old).mean()) if labels.size else 0.0)
     return shares
@@ -103,7 +93,7 @@ def confusion_data(run_dirs: Mapping[str, Path], results: Results) -> dict[str, 
             continue
         last = r["states"][-1]
         n = last["classes_seen"]
-        scores, labels = _read_npz(run_dirs[label] / "scores" / f"state_{last['state']:02d}.npz", "scores", "labels")
+        scores, labels = read_scores(RunLayout(run_dirs[label]).scores(last["state"]), "scores", "labels")
         pred = scores.argmax(axis=1) if scores.size else np.zeros(0, dtype=np.int64)
         counts = np.bincount(labels.astype(np.int64) * n + pred, minlength=n * n).reshape(n, n)
         data[label] = {

@@ -26,9 +26,10 @@ import yaml
 
 from cilkit import io
 from cilkit.errors import UserError
-from cilkit.metrics import mean_incremental
+from cilkit.metrics import Results, fmt, mean_incremental, variant_names
+from cilkit.plots import figures as make_figures
+from cilkit.rundir import RunLayout, read_results
 
-Results = Mapping[str, Mapping[str, Any]]  # label -> results.json content, in display order
 
 
 # ----- the table -------------------------------------------------------------------------------
@@ -66,14 +67,6 @@ def table_columns(results: Results) -> list[Column]:
     ]
 
 
-def variant_names(results: Mapping[str, Any]) -> list[str]:
-    """The extra score sets a run reports beside its primary one (e.g. iCaRL's ``cnn``)."""
-    names: dict[str, None] = {}
-    for s in results["states"]:
-        names.update(dict.fromkeys(s.get("variants", {})))
-    return list(names)
-
-
 def _padded(values: list[float | None], n: int) -> list[float | None]:
     return values + [None] * (n - len(values))
 
@@ -107,15 +100,9 @@ def table_rows(results: Results) -> list[list[Any]]:
     return rows
 
 
-def _fmt(v: Any, digits: int) -> str:
-    if v is None:
-        return "-"
-    return v if isinstance(v, str) else f"{v:.{digits}f}"
-
-
 def _formatted(results: Results) -> tuple[list[Column], list[list[str]]]:
     cols = table_columns(results)
-    return cols, [[_fmt(v, c.digits) for v, c in zip(row, cols)] for row in table_rows(results)]
+    return cols, [[fmt(v, c.digits) for v, c in zip(row, cols)] for row in table_rows(results)]
 
 
 def state_table(results: Results) -> str:
@@ -152,31 +139,12 @@ def table_html(results: Results) -> str:
 
 # ----- finding the runs ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RunDir:
+class FoundRun:
+    """A run found by :func:`find_runs`: its label in tables, directory and results."""
+
     label: str
     path: Path
     results: dict[str, Any]
-
-
-_RUN_KEYS = ("state_ends", "class_order")
-_STATE_KEYS = ("state", "classes_seen", "new_classes", "top1", "top1_old", "top1_new", "new_class_share")
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    """A run's results.json; a missing, unreadable or foreign file is a ``UserError``."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"'{path}' not found (not a cilkit run directory)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"'{path}' cannot be read: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("states"), list):
-        raise UserError(f"'{path}' is not a cilkit results file (no 'states' list)")
-    missing = [k for k in _RUN_KEYS if k not in data]
-    missing += [f"states[{b}].{k}" for b, s in enumerate(data["states"]) for k in _STATE_KEYS if k not in s]
-    if missing:
-        raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
-    return data
 
 
 def _listed_methods(parent: Path) -> list[str]:
@@ -200,7 +168,7 @@ def _method_dirs(parent: Path) -> list[Path]:
     return listed + others
 
 
-def find_runs(dirs: Sequence[str | os.PathLike]) -> list[RunDir]:
+def find_runs(dirs: Sequence[str | os.PathLike]) -> list[FoundRun]:
     """Each DIR is a run (it holds results.json) or a parent of one run directory per method.
     A run named twice is taken once. Labels are the method names, made unique with the
     directory when two runs share one."""
@@ -217,9 +185,9 @@ def find_runs(dirs: Sequence[str | os.PathLike]) -> list[RunDir]:
     for p in paths:
         first.setdefault(p.resolve(), p)  # each run once, where it is first named
     paths = list(first.values())
-    loaded = [(p, load_results(p / "results.json")) for p in paths]
+    loaded = [(p, read_results(RunLayout(p).results)) for p in paths]
     names = [str(r.get("method", p.name)) for p, r in loaded]
-    return [RunDir(n if names.count(n) == 1 else f"{n} ({p})", p, r) for n, (p, r) in zip(names, loaded)]
+    return [FoundRun(n if names.count(n) == 1 else f"{n} ({p})", p, r) for n, (p, r) in zip(names, loaded)]
 
 
 # ----- report.html -----------------------------------------------------------------------------
@@ -256,7 +224,7 @@ def _settings(run_dir: Path) -> str:
         return ""
 
 
-def _describe(runs: Sequence[RunDir]) -> str:
+def _describe(runs: Sequence[FoundRun]) -> str:
     datasets = sorted({str(r.results.get("dataset", "?")) for r in runs})
     first = runs[0].results
     return (f"Dataset: {', '.join(datasets)}. {first.get('num_states', len(first['state_ends']))} states; "
@@ -264,7 +232,7 @@ def _describe(runs: Sequence[RunDir]) -> str:
             + _settings(runs[0].path))
 
 
-def report_html(runs: Sequence[RunDir], table: str, figures: Sequence[tuple[str, str, bytes]]) -> str:
+def report_html(runs: Sequence[FoundRun], table: str, figures: Sequence[tuple[str, str, bytes]]) -> str:
     """One HTML file with the table and every figure inlined as a base64 ``data:`` URI: no
     external resource, so it opens offline (a Content-Security-Policy forbids any fetch)."""
     e = html.escape
@@ -306,10 +274,6 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     runs = find_runs(dirs)
     out_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
     results = {r.label: r.results for r in runs}
-    from cilkit.plots import (
-        figures as make_figures,  # matplotlib, only when figures are drawn
-    )
-
     figs = make_figures({r.label: r.path for r in runs}, results)  # every input is read before writing
     table = state_table(results)
     io.write_text(out_dir / "table.md", table + "\n")

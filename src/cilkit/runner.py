@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit import calibration, io
+from cilkit import io
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
@@ -25,12 +25,12 @@ from cilkit.engine import Engine
 from cilkit.errors import UserError
 from cilkit.memory import Memory
 from cilkit.methods import METHODS
-from cilkit.methods.base import Context, Method
+from cilkit.methods.base import Context, Method, TrainingRecord
 from cilkit.metrics import run_summary, score_metrics, state_accuracies
+from cilkit.rundir import RESULTS_VERSION, RunLayout, read_stats
 from cilkit.scenario import Scenario
 from cilkit.seeding import derive_seed, seeded_generator
-
-RESULTS_VERSION = 1
+from cilkit.statistics import Stats, state_statistics
 
 
 def log(msg: str) -> None:
@@ -80,7 +80,7 @@ class Run:
         if not isinstance(config.method, str):
             raise ValueError("Run takes one method; use run_methods for a comparison")
         self.config = config
-        self.dir = Path(run_dir)
+        self.layout = RunLayout(run_dir)
         self.progress = progress
         torch.set_num_threads(config.threads or free_cores())
         self.device = resolve_device(config.device)
@@ -104,6 +104,7 @@ class Run:
         self.channels, self.size = image_geometry(self.dataset)
         self.model = self.method.build_model(self.channels, self.size).to(self.device)
         self.memory = Memory(config.memory)
+        self.statistics: Stats | None = None  # the last finished state's class statistics
         self.results = self._empty_results()
 
     # ----- results ---------------------------------------------------------------------------
@@ -138,8 +139,8 @@ class Run:
         return self.results
 
     def _start_fresh(self) -> int:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        io.write_yaml(self.dir / "config.yaml", self.config.to_dict())
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        io.write_yaml(self.layout.config, self.config.to_dict())
         return 0
 
     def _context(self, b: int) -> Context:
@@ -154,8 +155,8 @@ class Run:
             generator=seeded_generator(self.config.seed, "state", b),
             mean=self.mean,
             std=self.std,
-            run_dir=self.dir,
             engine=self.engine,
+            layout=self.layout,
         )
 
     def _run_state(self, b: int) -> None:
@@ -169,10 +170,11 @@ class Run:
             f"new, {st.n_seen} seen"
         )
         self.method.before_state(ctx)
+        ctx.trained = TrainingRecord(old_exemplars=self.memory.indices(st.old))
         train_info = self._train(ctx)
         self._update_memory(ctx)
         self.method.after_state(ctx)
-        calibration.save_state_statistics(ctx, self.method)
+        ctx.statistics = self._statistics(ctx)
         entry = self._evaluate(ctx)
         entry.update(train_info)
         entry.update(ctx.info)
@@ -195,7 +197,7 @@ class Run:
             self.model.load_state_dict(cached["model"])
             log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
                 "(same data, order, backbone, head, training settings and seed)")
-            indices = self.method.train_set(ctx)
+            indices = self._train_set(ctx)
             return {"train_images": int(indices.numel()), **json.loads(cached["fit"]), "state0_cached": True}
         info: dict[str, Any] = {}
         seconds = 0.0
@@ -210,10 +212,18 @@ class Run:
             info["state0_cached"] = False
         return info
 
-    def _fit_round(self, ctx: Context, desc: str) -> dict[str, Any]:
+    def _train_set(self, ctx: Context) -> torch.Tensor:
+        """The round's training indices from the method, recorded as trained on."""
         indices = self.method.train_set(ctx)
-        epochs, lr = self.config.train.epochs_of(ctx.state.index), self.config.train.lr_of(ctx.state.index)
-        fit = self.engine.fit(ctx, self.method, indices, epochs, lr, desc=desc)
+        assert ctx.trained is not None
+        ctx.trained.rounds.append(indices)
+        return indices
+
+    def _fit_round(self, ctx: Context, desc: str) -> dict[str, Any]:
+        indices = self._train_set(ctx)
+        train = self.config.train
+        b = ctx.state.index
+        fit = self.engine.fit(ctx, self.method, indices, train.epochs_of(b), train.lr_of(b), train.schedule, desc=desc)
         return {
             "train_images": int(indices.numel()),
             "train_seconds": fit["train_seconds"],
@@ -224,6 +234,8 @@ class Run:
     def _update_memory(self, ctx: Context) -> None:
         st = ctx.state
         candidates = self.method.memory_candidates(ctx)
+        assert ctx.trained is not None
+        ctx.trained.new_images = candidates
         pos = self.scenario.train_pos[candidates]
         new = {c: candidates[pos == c] for c in st.new}
         self.memory.update(
@@ -241,30 +253,48 @@ class Run:
         entry["variants"] = {k: state_accuracies(v, labels, st.n_old) for k, v in extras.items()}
         arrays = {"logits": out["logits"].numpy(), "labels": labels.numpy(), "scores": scores.numpy()}
         arrays.update({f"scores_{k}": v.numpy() for k, v in extras.items()})
-        io.write_npz(self.dir / "scores" / f"state_{st.index:02d}.npz", **arrays)
+        io.write_npz(self.layout.scores(st.index), **arrays)
         return entry
+
+    def _statistics(self, ctx: Context) -> Stats:
+        """The state's class statistics (:mod:`cilkit.statistics`) from what it trained on,
+        written to ``stats/state_XX.json``; kept as the history of the next state."""
+        assert ctx.trained is not None
+        stats = state_statistics(ctx, ctx.trained, self.statistics)
+        io.write_json(self.layout.stats(ctx.state.index), stats)
+        if stats["nonpositive_cur_mean"]:
+            classes = ", ".join(str(self.scenario.order[c]) for c in stats["nonpositive_cur_mean"])
+            log(f"[{self.config.method}] warning: state {ctx.state.index + 1}: old class(es) {classes} have a "
+                "mean score <= 0 on their exemplars; IL2M's rectification flips the sign of their scores "
+                "(il2m.guard_nonpositive: true leaves them unrectified)")
+        self.statistics = stats
+        return stats
 
     # ----- files -----------------------------------------------------------------------------
     def _save_state(self, ctx: Context) -> None:
         b = ctx.state.index
-        io.write_json(self.dir / "memory" / f"state_{b:02d}.json", self._memory_record())
-        ckpt = {
+        io.write_json(self.layout.memory(b), self._memory_record())
+        io.write_torch(self.layout.checkpoint(b), self._checkpoint(b))
+        if self.config.keep_checkpoints == "last":
+            for state, old in self.layout.checkpoints():
+                if state != b:
+                    old.unlink()
+        io.write_json(self.layout.results, self.results)
+
+    def _checkpoint(self, b: int) -> dict[str, Any]:
+        """What a resume needs after state ``b``: the model, the method's and the memory's
+        state, the class statistics (the history IL2M's next state reads) and the results so
+        far. No optimiser (every state, and every round, starts a fresh one) and no RNG state
+        (every state re-seeds its generators from ``(seed, state)``)."""
+        return {
             "state": b,
             "num_classes": self.model.num_classes,
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
             "memory": self.memory.state_dict(),
-            "optimizer": self.engine.optimizer.state_dict() if self.engine.optimizer is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "generator": ctx.generator.get_state()},
+            "statistics": json.dumps(self.statistics),
             "results": json.dumps(self.results),
         }
-        ckpt_dir = self.dir / "checkpoints"
-        io.write_torch(ckpt_dir / f"state_{b:02d}.pt", ckpt)
-        if self.config.keep_checkpoints == "last":
-            for old in ckpt_dir.glob("state_*.pt"):
-                if old.name != f"state_{b:02d}.pt":
-                    old.unlink()
-        io.write_json(self.dir / "results.json", self.results)
 
     def _memory_record(self) -> dict[str, Any]:
         """Exemplar ids per class (original class id -> training-set indices, priority order)."""
@@ -276,24 +306,31 @@ class Run:
         }
 
     def _restore(self) -> int:
-        ckpts = sorted((self.dir / "checkpoints").glob("state_*.pt"))
+        ckpts = self.layout.checkpoints()
         if not ckpts:
-            io.write_yaml(self.dir / "config.yaml", self.config.to_dict())
-            log(f"[{self.config.method}] no checkpoint in {self.dir}: starting from state 1")
+            io.write_yaml(self.layout.config, self.config.to_dict())
+            log(f"[{self.config.method}] no checkpoint in {self.layout.root}: starting from state 1")
             return 0
+        path = ckpts[-1][1]
         try:
-            ckpt = io.load_torch(ckpts[-1])
+            ckpt = io.load_torch(path)
         except Exception as e:  # a corrupt or foreign file
-            raise UserError(f"checkpoint '{ckpts[-1]}' cannot be read: {e.__class__.__name__}") from None
+            raise UserError(f"checkpoint '{path}' cannot be read: {e.__class__.__name__}") from None
+        results = json.loads(ckpt["results"])
+        if results.get("version", 1) > RESULTS_VERSION:
+            raise UserError(f"checkpoint '{path}' was written by a newer cilkit (results version "
+                            f"{results['version']}; this one reads up to {RESULTS_VERSION})")
         grow = ckpt["num_classes"] - self.model.num_classes
         if grow > 0:
             self.model.add_classes(grow)
         self.model.load_state_dict(ckpt["model"])
         self.method.load_state_dict(ckpt["method"])
         self.memory.load_state_dict(ckpt["memory"])
-        self.results = json.loads(ckpt["results"])
+        self.results = results
         b = int(ckpt["state"])
-        log(f"[{self.config.method}] resuming {self.dir} after state {b + 1}/{self.scenario.num_states}")
+        self.statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt
+                           else read_stats(self.layout.stats(b), b))  # checkpoints of cilkit <= 0.1.0
+        log(f"[{self.config.method}] resuming {self.layout.root} after state {b + 1}/{self.scenario.num_states}")
         return b + 1
 
     def _state0_cache_path(self) -> Path | None:
@@ -339,7 +376,7 @@ def run_methods(
         return {config.method: Run(config, out, progress).execute(resume=resume)}
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        io.write_yaml(out / "config.yaml", config.to_dict())
+        io.write_yaml(RunLayout(out).config, config.to_dict())
     results = {}
     dataset = load_dataset(config.data)  # read once, shared by every method
     for name in config.methods:
@@ -376,7 +413,7 @@ def repeat_runs(
     top-1, with and without state 0. Returns ``{"<method>/run_<k>": results}``."""
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        io.write_yaml(out / "config.yaml", config.to_dict())
+        io.write_yaml(RunLayout(out).config, config.to_dict())
     dataset = load_dataset(config.data)
     dirs = iter(repeat_dirs(config, out))
     results: dict[str, dict[str, Any]] = {}
@@ -393,5 +430,5 @@ def repeat_runs(
         m = summary["methods"][name]["mean_incremental_top1_excl_first"]
         if m["mean"] is not None:
             log(f"[{name}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} +- {m['std']:.2f}")
-    io.write_json(out / "summary.json", summary)
+    io.write_json(RunLayout(out).summary, summary)
     return results

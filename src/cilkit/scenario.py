@@ -173,7 +173,7 @@ class Scenario:
         mask = torch.zeros_like(self.train_pos, dtype=torch.bool)
         if per_class == 0:
             return mask
-        gen = torch.Generator().manual_seed(seed * 7919 + 17)
+        gen = seeded_generator(seed, "validation")
         for c in range(self.ends[-1]):
             idx = (self.train_pos == c).nonzero().flatten()
             if idx.numel() <= per_class:
@@ -186,9 +186,6 @@ class Scenario:
 
     def state_range(self, b: int) -> range:
         return range(self.ends[b - 1] if b > 0 else 0, self.ends[b])
-
-    def state_of_class(self, position: int) -> int:
-        return next(b for b, end in enumerate(self.ends) if position < end)
 
     def state(self, b: int) -> State:
         if not 0 <= b < self.num_states:

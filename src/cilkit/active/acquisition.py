@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from cilkit.calibration import prediction_scaling
+from cilkit.rectify import prediction_scaling
 from cilkit.classwise import class_counts
 
 Annotate = Callable[[int], int]  # candidate row -> class position revealed by the oracle
@@ -35,7 +35,7 @@ Annotate = Callable[[int], int]  # candidate row -> class position revealed by t
 # ----- inputs --------------------------------------------------------------------------------
 def acquisition_probabilities(logits: torch.Tensor, counts: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
     """``softmax(z)``, or with ``counts`` the class prediction scaling of the paper,
-    ``p'_j = p_j * N / n_j`` where ``n_j > 0`` (:func:`cilkit.calibration.prediction_scaling`),
+    ``p'_j = p_j * N / n_j`` where ``n_j > 0`` (:func:`cilkit.rectify.prediction_scaling`),
     renormalised per row so that entropy, margin and least confidence see a distribution.
     (The original code computes them on the scaled, unnormalised scores; renormalising leaves
     the ranking of least confidence unchanged but can change those of entropy and margin.)"""

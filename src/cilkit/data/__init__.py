@@ -11,25 +11,11 @@ from collections.abc import Callable
 
 from cilkit.config import DataConfig
 from cilkit.data.base import Dataset, ImageSet, TensorImages
+from cilkit.data import files, sources  # the readers register themselves
 from cilkit.errors import UserError
+from cilkit.registry import SOURCE_DESCRIPTIONS, SOURCES, register_source
 
 Reader = Callable[[DataConfig], Dataset]
-
-SOURCES: dict[str, Reader] = {}
-SOURCE_DESCRIPTIONS: dict[str, str] = {}
-
-
-def register_source(name: str, description: str) -> Callable[[Reader], Reader]:
-    """Decorator: register ``reader`` under ``name`` (with a one-line description for ``cilkit info``)."""
-
-    def wrap(reader: Reader) -> Reader:
-        if name in SOURCES:
-            raise ValueError(f"data source '{name}' is registered twice")
-        SOURCES[name] = reader
-        SOURCE_DESCRIPTIONS[name] = description
-        return reader
-
-    return wrap
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -63,8 +49,4 @@ def _stats_override(key: str, values: list[float], channels: int | None, *, posi
         raise UserError(f"config key '{key}': every value must be > 0 (got {values})")
     return tuple(float(v) for v in values)
 
-
-# Importing the reader modules registers their sources.
-from cilkit.data import files, sources  # noqa: E402,F401
-
-__all__ = ["SOURCES", "SOURCE_DESCRIPTIONS", "load_dataset", "register_source"]
+__all__ = ["SOURCES", "SOURCE_DESCRIPTIONS", "files", "load_dataset", "register_source", "sources"]

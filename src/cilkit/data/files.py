@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from cilkit.config import DataConfig
-from cilkit.data import register_source
+from cilkit.registry import register_source
 from cilkit.data.base import Batch, Dataset, ImageSet, TensorImages
 from cilkit.data.transforms import Augment, augment_batch, normalise
 from cilkit.errors import UserError

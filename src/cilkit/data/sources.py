@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cilkit.config import DataConfig
-from cilkit.data import register_source
+from cilkit.registry import register_source
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.data.transforms import Augment
 from cilkit.errors import UserError

@@ -1,39 +1,13 @@
-"""Method registry: ``@register("name")`` on a :class:`~cilkit.methods.base.Method` subclass."""
+"""Method registry: ``@register("name")`` on a :class:`~cilkit.methods.base.Method` subclass.
+
+Importing this package imports every built-in method file, so that its ``@register`` line runs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from cilkit.registry import METHODS
+from cilkit.registry import register_method as register
 
-if TYPE_CHECKING:
-    from cilkit.methods.base import Method
+from cilkit.methods import active, bic, finetune, icarl, il2m, joint, lucir, sir  # isort: skip
 
-METHODS: dict[str, type["Method"]] = {}
-
-
-def register(name: str) -> Callable[[type["Method"]], type["Method"]]:
-    def wrap(cls: type["Method"]) -> type["Method"]:
-        if name in METHODS:
-            raise ValueError(f"method '{name}' registered twice")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_all() -> None:
-    # Import every method file so that its @register line runs.
-    from cilkit.methods import (  # noqa: F401  # noqa: F401
-        active,  # noqa: F401
-        bic,
-        finetune,
-        icarl,
-        il2m,  # noqa: F401
-        joint,
-        lucir,  # noqa: F401
-        sir,
-    )
-
-
-_load_all()
+__all__ = ["METHODS", "register", "active", "bic", "finetune", "icarl", "il2m", "joint", "lucir", "sir"]

@@ -45,7 +45,7 @@ from pydantic import Field
 from cilkit import io
 from cilkit.active import acquisition as af
 from cilkit.active.oracle import Oracle
-from cilkit.calibration import prediction_scaling
+from cilkit.rectify import prediction_scaling
 from cilkit.classwise import class_counts
 from cilkit.methods import register
 from cilkit.methods.base import Context, Method, MethodConfig
@@ -126,7 +126,7 @@ class ActiveIL(Method):
         """(n_seen,) ``n_j`` of exemplars + annotated images: exemplar counts from the memory,
         new-class counts from the labels the oracle revealed."""
         st = ctx.state
-        counts = self.oracle.counts(st.n_seen).clone()
+        counts = self.pool_oracle.counts(st.n_seen).clone()
         counts[: st.n_old] = torch.tensor([ctx.memory.of_class(c).numel() for c in st.old], dtype=torch.int64)
         return counts
 
@@ -146,13 +146,20 @@ class ActiveIL(Method):
             "annotations_per_class": {str(c): int(counts[c]) for c in st.new},
             "labels_revealed": self.oracle.revealed,
         })
-        if ctx.run_dir is not None:
+        if ctx.layout is not None:
             sizes = [int(s.numel()) for s in self.selections]
-            io.write_json(ctx.run_dir / "active" / f"state_{st.index:02d}.json", {
+            io.write_json(ctx.layout.active(st.index), {
                 "budgets": self.budgets,
                 "cycles": [s.tolist() for s in self.selections],  # training-set indices
                 "labels": [y.tolist() for y in self.oracle.labels.split(sizes)],  # revealed positions
             })
+
+    @property
+    def pool_oracle(self) -> Oracle:
+        """The oracle of the current incremental state (none in state 0)."""
+        if self.oracle is None:
+            raise RuntimeError("active: no unlabelled pool in state 0")
+        return self.oracle
 
     # ----- selection ---------------------------------------------------------------------------
     def _cycle_generator(self, ctx: Context, r: int) -> torch.Generator:
@@ -160,12 +167,12 @@ class ActiveIL(Method):
 
     def _annotate_cycle(self, ctx: Context, r: int) -> torch.Tensor:
         """Annotate round ``r``'s share of the budget; returns the annotated indices."""
-        oracle = self.oracle
+        oracle = self.pool_oracle
         k = min(self.budgets[r], oracle.unlabelled.numel())
         if k == 0:
             return torch.empty(0, dtype=torch.int64)
         function = self.cfg.classical if r == 0 or self.cfg.balancing == "none" else self.cfg.balancing
-        model = ctx.teacher if r == 0 else ctx.model
+        model = ctx.model if r > 0 or ctx.teacher is None else ctx.teacher
         gen = self._cycle_generator(ctx, r)
         candidates = oracle.unlabelled
         if function in ("poor", "bcore"):
@@ -177,7 +184,7 @@ class ActiveIL(Method):
     def _classical_rows(self, ctx: Context, model: torch.nn.Module, function: str, k: int,
                         gen: torch.Generator) -> torch.Tensor:
         """Rows of ``oracle.unlabelled`` picked by a classical function (not yet annotated)."""
-        oracle = self.oracle
+        oracle = self.pool_oracle
         if function == "random":
             return af.random_pick(oracle.unlabelled.numel(), k, gen)
         logits, features = self._pool_outputs(ctx, model, oracle.pool)
@@ -195,7 +202,7 @@ class ActiveIL(Method):
                        gen: torch.Generator) -> torch.Tensor:
         """Rows of ``oracle.unlabelled`` picked by ``poor`` or ``bcore``, which annotate as they
         go (each pick's revealed label steers the next)."""
-        oracle = self.oracle
+        oracle = self.pool_oracle
         candidates = oracle.unlabelled
         _, features = self._pool_outputs(ctx, model, oracle.pool)
         pool_features = features[~oracle.is_annotated(oracle.pool)]

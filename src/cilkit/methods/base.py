@@ -18,14 +18,17 @@ with ``@register("name")``. Per state the runner calls, in this order::
     extra_scores(ctx, out)       other score sets worth reporting (e.g. CNN beside NME)
 
 The memory is updated before ``after_state`` (DESIGN.md has it after), because the stages that
-follow training (iCaRL class means, IL2M current means, LUCIR balanced finetuning) read it.
+follow training (iCaRL class means, LUCIR balanced finetuning) read it. What the state trained
+on is recorded by the runner (:class:`TrainingRecord`, ``ctx.trained``) as it happens: the
+class statistics and any hook that needs the past read that record, so no hook is ever called a
+second time to reconstruct it. After ``after_state`` the runner computes the state's class
+statistics (:mod:`cilkit.statistics`) into ``ctx.statistics``, which ``predict`` may read (IL2M).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -34,9 +37,13 @@ from pydantic import BaseModel, ConfigDict
 
 from cilkit.config import RunConfig
 from cilkit.data.base import Dataset
+from cilkit.engine import Batch, Engine
 from cilkit.memory import Memory
 from cilkit.models import IncrementalNet, build_model
+from cilkit.rundir import RunLayout
 from cilkit.scenario import Scenario, State
+
+__all__ = ["Batch", "Context", "Method", "MethodConfig", "TrainingRecord", "distillation_kl", "freeze"]
 
 
 class MethodConfig(BaseModel):
@@ -46,10 +53,13 @@ class MethodConfig(BaseModel):
 
 
 @dataclass
-class Batch:
-    x: torch.Tensor  # normalised images on the device
-    y: torch.Tensor  # class positions (0..n_seen-1) on the device
-    idx: torch.Tensor  # indices into the training set
+class TrainingRecord:
+    """What a state trained on, recorded by the runner while it happened."""
+
+    old_exemplars: torch.Tensor  # the memory's old-class images as the state trained on them
+    rounds: list[torch.Tensor] = field(default_factory=list)  # training-set indices of each round
+    new_images: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    # ^ the new-class images the memory could store (method.memory_candidates), after training
 
 
 @dataclass
@@ -66,11 +76,13 @@ class Context:
     generator: torch.Generator  # this state's random numbers (CPU); seeded from the run seed
     mean: torch.Tensor
     std: torch.Tensor
-    run_dir: Path | None = None
+    engine: Engine
+    layout: RunLayout | None = None  # the run directory's files; None outside a run
     teacher: IncrementalNet | None = None
-    engine: Any = None  # cilkit.engine module helpers bound to this run (see runner)
     info: dict[str, Any] = field(default_factory=dict)  # extra results for this state
     round: int = 0  # the training round within the state (see Method.rounds)
+    trained: TrainingRecord | None = None  # filled by the runner as the state trains
+    statistics: dict[str, Any] | None = None  # the state's class statistics, before predict
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Original class ids -> class positions in the run's order."""
@@ -138,7 +150,7 @@ class Method:
         return None
 
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
+def freeze(model: IncrementalNet) -> IncrementalNet:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -124,7 +124,7 @@ class BiC(Method):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not (self.run_config.memory.total or self.run_config.memory.per_class):
+        if not self.run_config.memory.enabled:
             raise UserError("method 'bic' needs an exemplar memory (set memory.total or memory.per_class): "
                             "its validation split comes out of the exemplars")
         self.bias: dict[int, tuple[float, float]] = {}  # state -> (alpha, beta), states >= 1

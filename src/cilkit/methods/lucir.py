@@ -149,18 +149,6 @@ def trainable(param: torch.nn.Parameter) -> Iterator[None]:
         param.requires_grad_(saved)
 
 
-@contextlib.contextmanager
-def train_schedule(engine: Any, schedule: ScheduleConfig) -> Iterator[None]:
-    """Run ``engine.fit`` with another learning-rate schedule inside the block (the optimiser's
-    momentum, weight decay and batch size stay the run's)."""
-    saved = engine.cfg
-    engine.cfg = saved.model_copy(update={"schedule": schedule})
-    try:
-        yield
-    finally:
-        engine.cfg = saved
-
-
 class BalancedFinetune:
     """The hooks ``engine.fit`` needs for LUCIR's class-balanced finetuning: the class rows
     (old and new) as the only parameters, and CE + margin ranking as the loss."""
@@ -197,8 +185,7 @@ class LUCIR(Method):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        mem = self.run_config.memory
-        if self.cfg.cbf and not (mem.total or mem.per_class):
+        if self.cfg.cbf and not self.run_config.memory.enabled:
             raise UserError("config key 'lucir.cbf': class-balanced finetuning needs an exemplar memory "
                             "(set memory.total or memory.per_class)")
         self.class_means = torch.empty(0)
@@ -287,9 +274,9 @@ class LUCIR(Method):
         schedule = ScheduleConfig(type="multistep", milestones=self.cfg.cbf_milestones, gamma=0.1)
         head = _cosine_head(ctx)
         frozen, rows = frozen_feature_extractor(ctx.model), trainable(head.weight_old)
-        with frozen, rows, train_schedule(ctx.engine, schedule):
+        with frozen, rows:
             fit = ctx.engine.fit(
-                ctx, BalancedFinetune(self), indices, self.cfg.cbf_epochs, self.cfg.cbf_lr,
+                ctx, BalancedFinetune(self), indices, self.cfg.cbf_epochs, self.cfg.cbf_lr, schedule,
                 desc=f"state {ctx.state.index + 1} balanced finetuning",
             )  # fmt: skip
         losses = fit["epoch_losses"]

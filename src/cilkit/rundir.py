@@ -1,0 +1,137 @@
+"""The layout of a run directory, in one place.
+
+Every path of a run directory is built here; the runner, the statistics step, the offline
+calibration, the report and the methods ask a :class:`RunLayout` instead of joining strings::
+
+    config.yaml  results.json  summary.json
+    scores/state_XX.npz   stats/state_XX.json   memory/state_XX.json   active/state_XX.json
+    checkpoints/state_XX.pt   report/   calibrated/<rectifier>/
+
+``XX`` is the 0-based state index, two digits at least (``state_100`` after ``state_99``:
+:meth:`RunLayout.checkpoints` sorts by the number, not the name). Reading a run's files goes
+through the readers below, which turn a missing, foreign or newer-version file into one
+:class:`~cilkit.errors.UserError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cilkit.errors import UserError
+
+RESULTS_VERSION = 1  # of results.json; a newer one is refused by read_results
+
+_STATE_FILE = re.compile(r"state_(\d+)\.pt")
+_RUN_KEYS = ("state_ends", "class_order")
+_STATE_KEYS = ("state", "classes_seen", "new_classes", "top1", "top1_old", "top1_new", "new_class_share")
+
+
+class RunLayout:
+    """The files of one run directory (``root``)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def scores(self, b: int) -> Path:
+        return self.root / "scores" / f"state_{b:02d}.npz"
+
+    def stats(self, b: int) -> Path:
+        return self.root / "stats" / f"state_{b:02d}.json"
+
+    def memory(self, b: int) -> Path:
+        return self.root / "memory" / f"state_{b:02d}.json"
+
+    def active(self, b: int) -> Path:
+        return self.root / "active" / f"state_{b:02d}.json"
+
+    def checkpoint(self, b: int) -> Path:
+        return self.checkpoint_dir / f"state_{b:02d}.pt"
+
+    def calibrated(self, rectifier: str) -> Path:
+        return self.root / "calibrated" / rectifier
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``(state, path)`` of every checkpoint, in state order."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.iterdir() if (m := _STATE_FILE.fullmatch(p.name))]
+        return sorted(found)
+
+
+# ----- readers ---------------------------------------------------------------------------------
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file; missing or unreadable -> ``UserError`` naming it and ``what`` it holds."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"'{path}' not found ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"'{path}' cannot be read ({what}): {e}") from None
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's results.json, checked: a foreign file, one missing a key the report needs, or
+    one written by a newer cilkit (``version`` above :data:`RESULTS_VERSION`) is refused."""
+    data = read_json(path, "not a cilkit run directory")
+    if not isinstance(data, dict) or not isinstance(data.get("states"), list):
+        raise UserError(f"'{path}' is not a cilkit results file (no 'states' list)")
+    version = data.get("version", 1)
+    if not isinstance(version, int) or version > RESULTS_VERSION:
+        raise UserError(f"'{path}' was written by a newer cilkit (results version {version}; this one "
+                        f"reads up to {RESULTS_VERSION}): upgrade cilkit to read it")
+    missing = [k for k in _RUN_KEYS if k not in data]
+    missing += [f"states[{b}].{k}" for b, s in enumerate(data["states"]) for k in _STATE_KEYS if k not in s]
+    if missing:
+        raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
+    return data
+
+
+def read_scores(path: Path, *keys: str) -> list[np.ndarray]:
+    """The named arrays of a stored ``scores/state_XX.npz`` (object arrays refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return [npz[k] for k in keys]
+    except FileNotFoundError:
+        raise UserError(f"'{path}' not found (the run's stored test scores)") from None
+    except KeyError as e:
+        raise UserError(f"'{path}' has no {e} array (not a cilkit scores file)") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"'{path}' cannot be read: {e.__class__.__name__}: {e}") from None
+
+
+def read_stats(path: Path, b: int) -> dict[str, Any]:
+    """A state's saved class statistics (``stats/state_XX.json``), with the keys the
+    rectifiers read."""
+    data = read_json(path, f"class statistics of state {b + 1}; runs made before cilkit saved "
+                           "statistics cannot be rectified")
+    needed = ("state", "n_old", "state_ends", "init_mean", "conf", "cur_mean", "train_counts")
+    missing = [k for k in needed if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"'{path}' is not a cilkit statistics file: no '{missing[0]}'")
+    return data
