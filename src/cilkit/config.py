@@ -196,14 +196,15 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _method_options(self) -> "RunConfig":
-        for key, value in (self.model_extra or {}).items():
+        extra = self.model_extra if self.model_extra is not None else {}
+        for key, value in extra.items():
             if key not in METHODS:
                 raise ValueError(f"unknown key '{key}'")
             try:
                 validated = METHODS[key].Config.model_validate(value or {})
             except ValidationError as e:
                 raise ValueError(_first_error(e, prefix=key)) from None
-            self.model_extra[key] = validated.model_dump()
+            extra[key] = validated.model_dump()
         return self
 
     @property

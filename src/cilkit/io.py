@@ -42,7 +42,17 @@ def _umask() -> int:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
+    def _save(p: Path) -> None:
+        p.write_text(text)
+
+    return atomic_write(path, _save)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    def _save(p: Path) -> None:
+        p.write_bytes(data)
+
+    return atomic_write(path, _save)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -56,7 +66,7 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
 def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     def _save(p: Path) -> None:
         with open(p, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
     return atomic_write(path, _save)
 

@@ -97,9 +97,11 @@ def average_forgetting(matrix: Sequence[Sequence[float | None]]) -> float | None
         return None
     drops = []
     for s in range(last):
-        best = max(matrix[b][s] for b in range(s, last))
-        drops.append(best - matrix[last][s])
-    return sum(drops) / len(drops)
+        before = [a for b in range(s, last) if (a := matrix[b][s]) is not None]
+        now = matrix[last][s]
+        if before and now is not None:
+            drops.append(max(before) - now)
+    return sum(drops) / len(drops) if drops else None
 
 
 def new_class_share(scores: torch.Tensor, n_old: int) -> float:
@@ -128,6 +130,7 @@ def run_summary(states: Sequence[dict], matrix: Sequence[Sequence[float | None]]
         values = [s.get(key) for s in states]
         for suffix, skip in (("", False), ("_excl_first", True)):
             kept = values[1:] if skip else values
-            out[f"mean_incremental_{key}{suffix}"] = None if None in kept else mean_incremental(kept)
+            known = [v for v in kept if v is not None]
+            out[f"mean_incremental_{key}{suffix}"] = mean_incremental(known) if len(known) == len(kept) else None
     out["average_forgetting"] = average_forgetting(matrix)
     return out

@@ -20,7 +20,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cilkit.errors import UserError
 from cilkit.metrics import Results, variant_names
 from cilkit.rundir import RunLayout, read_scores
 

@@ -15,7 +15,6 @@ import base64
 import csv
 import html
 import io as _text_io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -150,7 +149,7 @@ class FoundRun:
 def _listed_methods(parent: Path) -> list[str]:
     """The methods a comparison's config.yaml lists (``method: [a, b]``), in its order."""
     try:
-        method = (yaml.safe_load((parent / "config.yaml").read_text()) or {}).get("method")
+        method = (yaml.safe_load(RunLayout(parent).config.read_text()) or {}).get("method")
     except (OSError, yaml.YAMLError, AttributeError):
         return []
     return [str(m) for m in method] if isinstance(method, list) else []
@@ -161,10 +160,10 @@ def _method_dirs(parent: Path) -> list[Path]:
     have results.json), then any other sub-directory holding one, by name."""
     listed = [parent / m for m in _listed_methods(parent)]
     for d in listed:
-        if not (d / "results.json").is_file():
-            raise UserError(f"'{d / 'results.json'}' not found (method '{d.name}' of "
-                            f"'{parent / 'config.yaml'}' has no finished state)")
-    others = sorted(d for d in parent.iterdir() if d.is_dir() and d not in listed and (d / "results.json").is_file())
+        if not RunLayout(d).results.is_file():
+            raise UserError(f"'{RunLayout(d).results}' not found (method '{d.name}' of "
+                            f"'{RunLayout(parent).config}' has no finished state)")
+    others = sorted(d for d in parent.iterdir() if d.is_dir() and d not in listed and RunLayout(d).results.is_file())
     return listed + others
 
 
@@ -174,12 +173,12 @@ def find_runs(dirs: Sequence[str | os.PathLike]) -> list[FoundRun]:
     directory when two runs share one."""
     paths: list[Path] = []
     for d in map(Path, dirs):
-        if (d / "results.json").is_file():
+        if RunLayout(d).results.is_file():
             paths.append(d)
         elif d.is_dir() and (subs := _method_dirs(d)):
             paths += subs
         else:
-            raise UserError(f"'{d / 'results.json'}' not found (not a cilkit run directory, "
+            raise UserError(f"'{RunLayout(d).results}' not found (not a cilkit run directory, "
                             "nor a parent of run directories)")
     first: dict[Path, Path] = {}
     for p in paths:
@@ -215,7 +214,7 @@ _TABLE_NOTE = (
 def _settings(run_dir: Path) -> str:
     """The main settings from a run's config.yaml (empty when it cannot be read)."""
     try:
-        c = yaml.safe_load((run_dir / "config.yaml").read_text())
+        c = yaml.safe_load(RunLayout(run_dir).config.read_text())
         mem = c["memory"]
         budget = f"{mem['total']} in total" if mem.get("total") is not None else f"{mem.get('per_class')} per class"
         return (f" Backbone {c['model']['backbone']}; memory {budget} ({mem['selection']}); "
@@ -279,7 +278,7 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     io.write_text(out_dir / "table.md", table + "\n")
     io.write_text(out_dir / "table.csv", table_csv(results))
     for name, _, png in figs:
-        io.atomic_write(out_dir / name, lambda p, data=png: p.write_bytes(data))
+        io.write_bytes(out_dir / name, png)
     io.write_text(out_dir / "report.html", report_html(runs, table_html(results), figs))
     if echo:
         print(table)

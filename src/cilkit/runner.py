@@ -337,6 +337,7 @@ class Run:
         if self.config.state0_cache is None:
             return None
         c = self.config
+        root = Path(os.path.expanduser(self.config.state0_cache))
         key = {
             "data": c.data.model_dump(mode="json"),
             "augment": repr(self.dataset.augment),
@@ -360,7 +361,7 @@ class Run:
             "torch": torch.__version__,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return Path(os.path.expanduser(c.state0_cache)) / f"{self.dataset.name}-{digest}.pt"
+        return root / f"{self.dataset.name}-{digest}.pt"
 
 
 def run_methods(

@@ -6,7 +6,9 @@ cross-entropy on the new data plus the exemplars, without distillation (METHODS.
 
 from __future__ import annotations
 
+from cilkit.errors import UserError
 from cilkit.methods import register
+from cilkit.models import IncrementalLinear
 from cilkit.methods.base import Context, Method, MethodConfig
 
 
@@ -24,4 +26,7 @@ class Finetune(Method):
     def before_state(self, ctx: Context) -> None:
         super().before_state(ctx)
         if self.cfg.reinit_classifier and ctx.state.index > 0:
-            ctx.model.head.reset_parameters()
+            head = ctx.model.head
+            if not isinstance(head, IncrementalLinear):
+                raise UserError(f"config key '{self.name}.reinit_classifier' needs the linear head")
+            head.reset_parameters()

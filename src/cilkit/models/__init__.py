@@ -31,10 +31,10 @@ def build_model(
 ) -> IncrementalNet:
     """Backbone ``backbone`` plus a head with 0 classes: ``IncrementalLinear`` (``"linear"``)
     or LUCIR's ``SplitCosineLinear`` (``"cosine"``)."""
-    heads = {"linear": IncrementalLinear, "cosine": SplitCosineLinear}
+    heads: dict[str, type[IncrementalLinear] | type[SplitCosineLinear]] = {"linear": IncrementalLinear, "cosine": SplitCosineLinear}
     if head not in heads:
         raise ValueError(f"unknown head '{head}' ({' or '.join(heads)})")
     net = build_backbone(
         backbone, in_channels=in_channels, image_size=image_size, width=width, last_relu=last_relu
     )
-    return IncrementalNet(net, heads[head](net.out_dim))
+    return IncrementalNet(net, heads[head](int(getattr(net, "out_dim"))))

@@ -67,7 +67,7 @@ class IncrementalLinear(nn.Module):
 class IncrementalNet(nn.Module):
     """A backbone followed by a growable head; forward returns features and logits."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: IncrementalLinear | SplitCosineLinear) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -155,8 +155,9 @@ class SplitCosineLinear(nn.Module):
         for name, trainable in (("weight_old", False), ("weight_new", True)):
             saved = state_dict.get(prefix + name)
             current = getattr(self, name)
-            fits = saved is not None and saved.dim() == 2 and saved.shape[1] == self.in_dim
-            if fits and saved.shape != current.shape:
+            if saved is None or saved.dim() != 2 or saved.shape[1] != self.in_dim:
+                continue
+            if saved.shape != current.shape:
                 setattr(self, name, nn.Parameter(current.new_empty(saved.shape), requires_grad=trainable))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
