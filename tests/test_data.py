@@ -90,18 +90,19 @@ def cifar_rows(n: int, seed: int) -> np.ndarray:
 
 def test_cifar100_pixel_layout_and_labels(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-100-python"
-    train, test = cifar_rows(5, 0), cifar_rows(3, 1)
+    train, test = cifar_rows(100, 0), cifar_rows(100, 1)
     # image 2, green channel, row 7, column 30 -> offset 1024 + 7 * 32 + 30 in its row
     train[2, 1024 + 7 * 32 + 30] = 123
-    write_pickle(folder / "train", {b"data": train, b"fine_labels": [0, 1, 2, 3, 99], b"coarse_labels": [0] * 5})
-    write_pickle(folder / "test", {b"data": test, b"fine_labels": [5, 6, 7]})
+    train_labels, test_labels = [99, *range(99)], [(i + 5) % 100 for i in range(100)]
+    write_pickle(folder / "train", {b"data": train, b"fine_labels": train_labels, b"coarse_labels": [0] * 100})
+    write_pickle(folder / "test", {b"data": test, b"fine_labels": test_labels})
     write_pickle(folder / "meta", {b"fine_label_names": [f"class{i}".encode() for i in range(100)]})
     for root in (tmp_path, folder):  # the folder itself or its parent
         ds = load_dataset(DataConfig(name="cifar100", root=str(root)))
-        assert ds.train.shape == (3, 32, 32) and len(ds.train) == 5 and len(ds.test) == 3
+        assert ds.train.shape == (3, 32, 32) and len(ds.train) == 100 and len(ds.test) == 100
         assert ds.train.images[2, 1, 7, 30] == 123
         assert torch.equal(ds.train.images[0, 2].reshape(-1), torch.from_numpy(train[0, 2048:]))
-        assert ds.train.labels.tolist() == [0, 1, 2, 3, 99] and ds.test.labels.tolist() == [5, 6, 7]
+        assert ds.train.labels.tolist() == train_labels and ds.test.labels.tolist() == test_labels
         assert ds.num_classes == 100 and ds.class_names[99] == "class99"
         assert ds.mean == (0.5071, 0.4866, 0.4409) and ds.augment == Augment(crop_pad=4, flip=True)
 
@@ -109,13 +110,13 @@ def test_cifar100_pixel_layout_and_labels(tmp_path: Path) -> None:
 def test_cifar10_batches_folder(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     for i in range(1, 6):
-        write_pickle(folder / f"data_batch_{i}", {b"data": cifar_rows(2, i), b"labels": [i, i + 1]})
-    test = cifar_rows(4, 9)
+        write_pickle(folder / f"data_batch_{i}", {b"data": cifar_rows(2, i), b"labels": [10 - i, i - 1]})
+    test = cifar_rows(10, 9)
     test[3, 2047] = 7  # green, last row, last column
-    write_pickle(folder / "test_batch", {b"data": test, b"labels": [0, 1, 2, 9]})
+    write_pickle(folder / "test_batch", {b"data": test, b"labels": list(range(10))})
     write_pickle(folder / "batches.meta", {b"label_names": [b"airplane"] + [f"c{i}".encode() for i in range(1, 10)]})
     ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
-    assert len(ds.train) == 10 and ds.train.labels.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    assert len(ds.train) == 10 and ds.train.labels.tolist() == [9, 0, 8, 1, 7, 2, 6, 3, 5, 4]
     assert ds.test.images[3, 1, 31, 31] == 7
     assert ds.class_names[0] == "airplane" and ds.std == (0.2470, 0.2435, 0.2616)
 
@@ -139,7 +140,7 @@ def idx_bytes(array: np.ndarray, magic: bytes | None = None) -> bytes:
     return header + struct.pack(f">{array.ndim}i", *array.shape) + array.astype(np.uint8).tobytes()
 
 
-def write_idx_folder(folder: Path, gz: bool, n_train: int = 6, n_test: int = 4, size: int = 5) -> dict[str, np.ndarray]:
+def write_idx_folder(folder: Path, gz: bool, n_train: int = 12, n_test: int = 10, size: int = 5) -> dict[str, np.ndarray]:
     folder.mkdir(parents=True, exist_ok=True)
     rs = np.random.RandomState(0)
     arrays = {
@@ -161,11 +162,11 @@ def write_idx_folder(folder: Path, gz: bool, n_train: int = 6, n_test: int = 4, 
 def test_mnist_idx_files(tmp_path: Path, gz: bool) -> None:
     arrays = write_idx_folder(tmp_path, gz)
     ds = load_dataset(DataConfig(name="mnist", root=str(tmp_path)))
-    assert ds.train.shape == (1, 5, 5) and len(ds.train) == 6 and len(ds.test) == 4
+    assert ds.train.shape == (1, 5, 5) and len(ds.train) == 12 and len(ds.test) == 10
     assert np.array_equal(ds.train.images[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
     assert np.array_equal(ds.test.images[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
     assert ds.train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
-    assert ds.test.labels.tolist() == [3, 4, 5, 6]
+    assert ds.test.labels.tolist() == [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]
     assert ds.class_names == [str(i) for i in range(10)] and ds.mean == (0.1307,)
     assert ds.augment == Augment(crop_pad=2, flip=False)
 
@@ -179,7 +180,7 @@ def test_fashion_mnist_from_a_given_root(tmp_path: Path) -> None:
 
 def test_idx_wrong_magic(tmp_path: Path) -> None:
     write_idx_folder(tmp_path, gz=False)
-    bad = idx_bytes(np.zeros((6, 5, 5)), magic=bytes([0, 0, 9, 3]))  # 0x09 = signed bytes
+    bad = idx_bytes(np.zeros((12, 5, 5)), magic=bytes([0, 0, 9, 3]))  # 0x09 = signed bytes
     (tmp_path / "train-images-idx3-ubyte").write_bytes(bad)
     with pytest.raises(UserError, match="train-images-idx3-ubyte.*magic"):
         load_dataset(DataConfig(name="mnist", root=str(tmp_path)))
@@ -197,8 +198,8 @@ def test_idx_truncated(tmp_path: Path, gz: bool) -> None:
 
 def test_idx_count_mismatch_and_missing_file(tmp_path: Path) -> None:
     write_idx_folder(tmp_path, gz=False)
-    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5)))
-    with pytest.raises(UserError, match="6 images.*5 labels"):
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(11)))
+    with pytest.raises(UserError, match="12 images.*11 labels"):
         load_dataset(DataConfig(name="mnist", root=str(tmp_path)))
     (tmp_path / "train-labels-idx1-ubyte").unlink()
     with pytest.raises(UserError, match="train-labels-idx1-ubyte.*not found"):
@@ -207,7 +208,7 @@ def test_idx_count_mismatch_and_missing_file(tmp_path: Path) -> None:
 
 def test_label_out_of_range_is_a_user_error(tmp_path: Path) -> None:
     write_idx_folder(tmp_path, gz=False)
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0, 1, 10, 2])))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0, 1, 10, 2, 3, 4, 5, 6, 7, 8])))
     with pytest.raises(UserError, match="test label 10 is outside 0..9"):
         load_dataset(DataConfig(name="mnist", root=str(tmp_path)))
 
@@ -372,9 +373,8 @@ def test_file_images_channel_stats_match_the_decoded_images(image_folder: Path) 
 
 def test_imagefolder_errors(image_folder: Path) -> None:
     (image_folder / "val" / "dog" / "1.PNG").write_bytes(b"garbage")
-    ds = load_dataset(DataConfig(name="imagefolder", root=str(image_folder), image_size=8, workers=1))
-    with pytest.raises(UserError, match=r"cannot read image '.*val/dog/1\.PNG'"):
-        all_batches(ds.test, torch.arange(6), batch_size=6, mean=torch.zeros(3), std=torch.ones(3))
+    with pytest.raises(UserError, match=r"cannot read image '.*val/dog/1\.PNG'"):  # at load, before training
+        load_dataset(DataConfig(name="imagefolder", root=str(image_folder), image_size=8, workers=1))
     write_png(image_folder / "val" / "yak" / "0.png", (1, 2, 3))
     with pytest.raises(UserError, match="class 'yak' is not among the training classes"):
         load_dataset(DataConfig(name="imagefolder", root=str(image_folder)))
@@ -391,8 +391,8 @@ def test_resized_crop_box_stays_inside_the_image() -> None:
 def test_listfile(tmp_path: Path) -> None:
     write_png(tmp_path / "imgs" / "a.png", (0, 0, 0))
     write_png(tmp_path / "imgs" / "b b.png", (255, 255, 255))  # a space in the path
-    (tmp_path / "train.txt").write_text("imgs/a.png 0\n\nimgs/b b.png 2\n")
-    (tmp_path / "test.txt").write_text("imgs/b b.png 1\n")
+    (tmp_path / "train.txt").write_text("imgs/a.png 0\n\nimgs/b b.png 1\n")
+    (tmp_path / "test.txt").write_text("imgs/b b.png 1\nimgs/a.png 0\n")
     cfg = DataConfig(
         name="listfile",
         train_list=str(tmp_path / "train.txt"),
@@ -401,14 +401,14 @@ def test_listfile(tmp_path: Path) -> None:
         workers=0,
     )
     ds = load_dataset(cfg)  # paths relative to the list file's folder
-    assert ds.class_names == ["0", "1", "2"] and ds.train.labels.tolist() == [0, 2] and ds.test.labels.tolist() == [1]
+    assert ds.class_names == ["0", "1"] and ds.train.labels.tolist() == [0, 1] and ds.test.labels.tolist() == [1, 0]
     x, _, _ = all_batches(ds.train, torch.arange(2), batch_size=2, mean=torch.zeros(3), std=torch.ones(3))
     assert x.shape == (2, 3, 8, 8) and x[0].max() == 0 and x[1].min() == 1
 
     (tmp_path / "lists").mkdir()
-    (tmp_path / "lists" / "test.txt").write_text("imgs/a.png 0\n")
+    (tmp_path / "lists" / "test.txt").write_text("imgs/a.png 0\nimgs/a.png 1\n")
     ds = load_dataset(cfg.model_copy(update={"root": str(tmp_path), "test_list": str(tmp_path / "lists" / "test.txt")}))
-    assert len(ds.test) == 1
+    assert len(ds.test) == 2
 
 
 def test_listfile_errors(tmp_path: Path) -> None:

@@ -44,10 +44,21 @@ class DataConfig(Strict):
 
     name: str = "digits"
     root: str | None = None  # folder of the files (idx, cifar, imagefolder, listfile)
-    train_list: str | None = None  # listfile: "relative/path label" per line
+    # listfile: "path label" per line, labels 0..C-1 with every class in both lists. A relative
+    # list path is read from data.root when root is set (else from the working directory); the
+    # image paths inside are relative to data.root, else to the list file's folder.
+    train_list: str | None = None
     test_list: str | None = None
-    image_size: int | None = Field(None, ge=4)  # file images: training crop / eval crop size
+    # file images: training crop / eval crop size. Unset: the images' own size (they must all
+    # have one size; a non-square size gives centre crops of its shorter side, not rescaled).
+    image_size: int | None = Field(None, ge=4)
     resize: int | None = Field(None, ge=4)  # file images: eval resize before the centre crop
+    # file images: 1 (grayscale) or 3 (RGB); unset: 3 if any checked image is colour, else 1.
+    channels: Literal[1, 3] | None = None
+    # file images, checked at load before any training: "full" decodes every file; "quick"
+    # decodes a fixed-seed sample (one image per class and split, plus 256) and reads sizes
+    # and colour from it alone. Both check every label, class count and path in full.
+    check: Literal["full", "quick"] = "full"
     in_memory: bool = False  # file images: decode once into memory at image_size
     workers: int = Field(2, ge=0)  # file images: DataLoader workers
     test_fraction: float = Field(0.2, gt=0, lt=1)  # digits: stratified, fixed test split

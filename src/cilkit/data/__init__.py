@@ -1,7 +1,8 @@
 """Data sources: a registry of readers, each turning a :class:`DataConfig` into a :class:`Dataset`.
 
 A reader is registered with :func:`register_source`; :func:`load_dataset` looks it up by
-``data.name``, applies the config's statistics / augmentation overrides and checks the labels.
+``data.name``, applies the config's statistics / augmentation overrides and checks the labels
+(range, and images of every class in both splits).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         dataset.mean = _stats_override("data.mean", cfg.mean, channels, positive=False)
     if cfg.std is not None:
         dataset.std = _stats_override("data.std", cfg.std, channels, positive=True)
-    changes = {k: v for k, v in (("crop_pad", cfg.crop_pad), ("flip", cfg.flip)) if v is not None}
-    if changes:
-        dataset.augment = dataclasses.replace(dataset.augment, **changes)
+    if cfg.crop_pad is not None:
+        dataset.augment = dataclasses.replace(dataset.augment, crop_pad=cfg.crop_pad)
+    if cfg.flip is not None:
+        dataset.augment = dataclasses.replace(dataset.augment, flip=cfg.flip)
     dataset.check_labels()
     return dataset
 

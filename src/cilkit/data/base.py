@@ -118,7 +118,10 @@ class Dataset:
 
     ``mean``/``std`` are None when the dataset has no known statistics: the runner then
     computes them from the training images of state 0 (as the IL2M / active-IL seeds say).
-    ``augment`` is the dataset's default training augmentation.
+    ``augment`` is the dataset's default training augmentation. ``origin`` names, per split
+    ('train', 'test'), the file or folder its labels come from (for error messages);
+    ``notes`` are the decisions taken while loading (channels, image size, skipped files),
+    one short sentence each, for the runner to show.
     """
 
     name: str
@@ -128,21 +131,33 @@ class Dataset:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     augment: Augment = field(default_factory=Augment)
+    origin: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def check_labels(self) -> None:
-        """Raise a clear error for a label outside 0..num_classes-1."""
+        """Raise a clear error for a label outside 0..num_classes-1 or a class without images
+        in either split (a partial copy of a dataset would otherwise train on empty classes)."""
         from cilkit.errors import UserError
 
         for split, s in (("train", self.train), ("test", self.test)):
+            where = self.origin.get(split)
+            where = f"'{where}'" if where else f"dataset '{self.name}'"
             if len(s) == 0:
-                raise UserError(f"dataset '{self.name}': the {split} split is empty")
+                raise UserError(f"{where}: the {split} split is empty")
             lo, hi = int(s.labels.min()), int(s.labels.max())
             if lo < 0 or hi >= self.num_classes:
                 raise UserError(
-                    f"dataset '{self.name}': {split} label {hi if hi >= self.num_classes else lo} "
+                    f"{where}: {split} label {hi if hi >= self.num_classes else lo} "
                     f"is outside 0..{self.num_classes - 1}"
                 )
+            counts = torch.bincount(s.labels, minlength=self.num_classes)
+            empty = (counts == 0).nonzero().flatten().tolist()
+            if empty:
+                c = empty[0]
+                others = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+                kind = "training" if split == "train" else "test"
+                raise UserError(f"{where}: class {c} ('{self.class_names[c]}') has no {kind} images{others}")

@@ -4,8 +4,9 @@ Every reader returns a :class:`Dataset` whose train and test sets are :class:`Te
 Splits and synthetic data use fixed seeds of their own, never the run seed, so that the same
 config always sees the same images.
 
-CIFAR files are Python pickles, the official distribution format. Unpickling can run code:
-only point ``data.root`` at CIFAR files you trust (e.g. downloaded from the official site).
+CIFAR files are Python pickles, the official distribution format. Plain unpickling can run
+code, so they are read by :class:`CifarUnpickler`, which builds numpy arrays and plain Python
+values only and refuses any other reference a crafted file may hold.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from cilkit.config import DataConfig
 from cilkit.registry import register_source
 from cilkit.data.base import Dataset, TensorImages
+from cilkit.data.checks import reason
 from cilkit.data.transforms import Augment
 from cilkit.errors import UserError
 
@@ -81,7 +83,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) ->
 
 @register_source("digits", "scikit-learn's 8x8 handwritten digits (1797 images, 10 classes, no download)")
 def read_digits(cfg: DataConfig) -> Dataset:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
@@ -106,7 +108,7 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"cannot read '{path}': {e}") from None
+        raise UserError(f"cannot read '{path}': {reason(e)}") from None
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -136,22 +138,25 @@ def _idx_file(root: Path, name: str) -> Path:
     raise UserError(f"'{root / name}' (or {name}.gz) not found")
 
 
-def _idx_split(root: Path, split: str) -> TensorImages:
+def _idx_split(root: Path, split: str) -> tuple[TensorImages, Path]:
+    """The images of one split and the label file they were read with."""
     image_path, label_path = (_idx_file(root, name) for name in IDX_FILES[split])
     images, labels = read_idx(image_path, 3), read_idx(label_path, 1)
     if images.shape[0] != labels.shape[0]:
         raise UserError(
             f"'{image_path}' holds {images.shape[0]} images but '{label_path}' holds {labels.shape[0]} labels"
         )
-    return _tensor_set(images[:, None], labels)
+    return _tensor_set(images[:, None], labels), label_path
 
 
 def _read_idx_dataset(cfg: DataConfig, name: str, default_root: str | None) -> Dataset:
     root = _root_folder(cfg, default_root)
+    (train, train_labels), (test, test_labels) = _idx_split(root, "train"), _idx_split(root, "test")
     return Dataset(
         name=name,
-        train=_idx_split(root, "train"),
-        test=_idx_split(root, "test"),
+        train=train,
+        test=test,
+        origin={"train": str(train_labels), "test": str(test_labels)},
         class_names=FASHION_MNIST_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)],
         mean=(0.2860,) if name == "fashion-mnist" else (0.1307,),
         std=(0.3530,) if name == "fashion-mnist" else (0.3081,),
@@ -173,30 +178,68 @@ def read_fashion_mnist(cfg: DataConfig) -> Dataset:
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
-    """Load one CIFAR pickle (trusted files only, see the module docstring) and check its keys."""
+# What a CIFAR pickle may reference: numpy array and dtype reconstruction (numpy >= 2 writes
+# numpy._core, older numpy and the official Python 2 files numpy.core), numpy scalars, the
+# protocol-5 buffer constructor, and _codecs.encode, which Python 3 uses for bytes at protocol 2.
+# Each builds data only; nothing here can reach a function that acts on the system.
+CIFAR_PICKLE_GLOBALS = frozenset(
+    [
+        *((f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")),
+        *((f"{core}.numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    ]
+)
+
+
+class _ForbiddenReference(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.reference = f"{module}.{name}"
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`CIFAR_PICKLE_GLOBALS`: a pickle naming any other
+    class or function (the way a crafted file runs code) stops before anything is called."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise _ForbiddenReference(module, name)
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path, keys: tuple[str, ...]) -> dict[str, object]:
+    """Load one CIFAR pickle with :class:`CifarUnpickler` and check its keys. Keys may be
+    bytes (the official files, written by Python 2) or str (files written by Python 3)."""
     if not path.is_file():
         raise UserError(f"'{path}' not found")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = CifarUnpickler(f, encoding="bytes").load()
+    except _ForbiddenReference as e:
+        raise UserError(
+            f"'{path}' is not a CIFAR pickle: it references {e.reference} "
+            "(only numpy arrays and plain values are read; nothing was run)"
+        ) from None
     except Exception as e:  # any unpickling failure means a corrupt or foreign file
-        raise UserError(f"'{path}' is not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+        raise UserError(f"'{path}' is not a readable CIFAR pickle ({type(e).__name__}: {reason(e)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"'{path}' is not a CIFAR pickle (expected a dict, found {type(obj).__name__})")
-    missing = [k.decode() for k in keys if k not in obj]
+    obj = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    missing = [k for k in keys if k not in obj]
     if missing:
         raise UserError(f"'{path}' is not a CIFAR pickle: key(s) {', '.join(missing)} missing")
     return obj
 
 
-def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    obj = _unpickle(path, (b"data", label_key))
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    obj = _unpickle(path, ("data", label_key))
     try:
-        data = np.asarray(obj[b"data"], dtype=np.uint8)
+        data = np.asarray(obj["data"], dtype=np.uint8)
         labels = np.asarray(obj[label_key], dtype=np.int64)
     except (TypeError, ValueError) as e:
-        raise UserError(f"'{path}': unreadable data or labels ({e})") from None
+        raise UserError(f"'{path}': unreadable data or labels ({reason(e)})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise UserError(f"'{path}': expected data of shape (N, 3072), found {data.shape}")
     if labels.shape != (data.shape[0],):
@@ -214,19 +257,19 @@ class CifarLayout:
     train_files: tuple[str, ...]
     test_file: str
     meta_file: str
-    names_key: bytes
-    label_key: bytes
+    names_key: str
+    label_key: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
 CIFAR10 = CifarLayout(
     "cifar10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
-    "batches.meta", b"label_names", b"labels", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+    "batches.meta", "label_names", "labels", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
 )  # fmt: skip
 CIFAR100 = CifarLayout(
     "cifar100", "cifar-100-python", ("train",), "test",
-    "meta", b"fine_label_names", b"fine_labels", (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023),
+    "meta", "fine_label_names", "fine_labels", (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023),
 )  # fmt: skip
 
 
@@ -240,8 +283,10 @@ def _cifar_folder(cfg: DataConfig, layout: CifarLayout) -> Path:
     raise UserError(f"data.root '{cfg.root}': neither '{layout.folder}/' nor '{layout.train_files[0]}' found there")
 
 
-def _class_names(path: Path, key: bytes) -> list[str]:
+def _class_names(path: Path, key: str) -> list[str]:
     names = _unpickle(path, (key,))[key]
+    if not isinstance(names, (list, tuple)):
+        raise UserError(f"'{path}': '{key}' is not a list of class names")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -253,6 +298,8 @@ def read_cifar(cfg: DataConfig, layout: CifarLayout) -> Dataset:
         train=_tensor_set(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])),
         test=_tensor_set(*_cifar_batch(folder / layout.test_file, layout.label_key)),
         class_names=_class_names(folder / layout.meta_file, layout.names_key),
+        origin={"train": str(folder / "..".join(dict.fromkeys([layout.train_files[0], layout.train_files[-1]]))),
+                "test": str(folder / layout.test_file)},
         mean=layout.mean,
         std=layout.std,
         augment=Augment(crop_pad=4, flip=True),
@@ -260,14 +307,14 @@ def read_cifar(cfg: DataConfig, layout: CifarLayout) -> Dataset:
 
 
 @register_source(
-    "cifar10", "CIFAR-10 python pickles (cifar-10-batches-py/ or its parent in data.root; trusted files only)"
+    "cifar10", "CIFAR-10 python pickles (cifar-10-batches-py/ or its parent in data.root)"
 )
 def read_cifar10(cfg: DataConfig) -> Dataset:
     return read_cifar(cfg, CIFAR10)
 
 
 @register_source(
-    "cifar100", "CIFAR-100 python pickles (cifar-100-python/ or its parent in data.root; trusted files only)"
+    "cifar100", "CIFAR-100 python pickles (cifar-100-python/ or its parent in data.root)"
 )
 def read_cifar100(cfg: DataConfig) -> Dataset:
     return read_cifar(cfg, CIFAR100)
