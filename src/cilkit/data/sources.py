@@ -83,7 +83,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) ->
 
 @register_source("digits", "scikit-learn's 8x8 handwritten digits (1797 images, 10 classes, no download)")
 def read_digits(cfg: DataConfig) -> Dataset:
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    from sklearn.datasets import load_digits  # scikit-learn only when digits are read
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
