@@ -7,22 +7,13 @@ import sys
 from pathlib import Path
 
 from cilkit.calibrate import calibrate_run
-from cilkit.config import load_config, read_yaml, validate
+from cilkit.config import RunConfig, load_config, read_yaml, validate
 from cilkit.errors import UserError
 from cilkit.models import BACKBONE_DESCRIPTIONS
 from cilkit.registry import METHODS, SOURCE_DESCRIPTIONS
 from cilkit.report import compare_runs
-from cilkit.rundir import RunLayout
-from cilkit.runner import repeat_dirs, run_methods
-
-
-def _unique_dir(base: Path) -> Path:
-    if not base.exists() or not any(base.iterdir()):
-        return base
-    k = 2
-    while (base.parent / f"{base.name}-{k}").exists():
-        k += 1
-    return base.parent / f"{base.name}-{k}"
+from cilkit.rundir import RunLayout, fresh_directory
+from cilkit.runner import check_protocol, log, repeat_dirs, run_methods, with_resolved_threads
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -30,25 +21,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.methods:
         overrides.append(f"method=[{args.methods}]")
     if args.resume:
-        run_dir = Path(args.resume)
-        if args.config:
-            raise UserError("--resume takes the run directory alone (its config.yaml is used)")
-        cfg_file = RunLayout(run_dir).config
-        if not cfg_file.is_file():
-            raise UserError(f"--resume: '{cfg_file}' not found (not a cilkit run directory)")
-        config = validate(read_yaml(cfg_file), source=str(cfg_file))
-        if overrides:
-            raise UserError("--resume continues a run as configured; --set/--methods are not allowed")
+        run_dir, config = _resumed_config(Path(args.resume), args, overrides)
+        dataset = None
     else:
         config = load_config(args.config, overrides)
+        dataset = check_protocol(with_resolved_threads(config))  # before any directory is made
         name = config.name or (Path(args.config).stem if args.config else "quickstart")
-        run_dir = Path(args.out) if args.out else _unique_dir(Path("runs") / name)
-    run_methods(config, run_dir, resume=bool(args.resume))
+        run_dir = Path(args.out) if args.out else fresh_directory(Path("runs") / name)
+    try:
+        run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished states are saved; continue with cilkit run --resume {run_dir}",
+              file=sys.stderr)
+        return 130
     print()
     # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
     compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report)
     print(f"\nrun directory: {run_dir}")
     return 0
+
+
+def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str]) -> tuple[Path, RunConfig]:
+    """The run's own config.yaml; only ``--set threads=N`` may change it (the thread count
+    shapes no setting, though it can move the last digits of the numbers: said in a warning)."""
+    if args.config:
+        raise UserError("--resume takes the run directory alone (its config.yaml is used)")
+    if args.overwrite:
+        raise UserError("--resume continues a run; --overwrite replaces one: choose one")
+    cfg_file = RunLayout(run_dir).config
+    if not cfg_file.is_file():
+        raise UserError(f"--resume: '{cfg_file}' not found (not a cilkit run directory)")
+    data = read_yaml(cfg_file)
+    other = [o for o in overrides if o.split("=", 1)[0].strip() != "threads"]
+    if other:
+        raise UserError(f"--resume continues a run as configured; only --set threads=N may change "
+                        f"(not '{other[0]}')")
+    if overrides:
+        config = load_config(str(cfg_file), overrides)
+        if config.threads != data.get("threads"):
+            log(f"warning: resuming with threads={config.threads} instead of the recorded {data.get('threads')}: "
+                 "the numbers of the remaining states may differ in the last digits")
+    else:
+        config = validate(data, source=str(cfg_file))
+    return run_dir, config
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -88,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", help="comma-separated methods to compare on the same protocol")
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
+    r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("calibrate", help="rectify the stored scores of a finished run, without a model")
     c.add_argument("run_dir", help="a run directory (or a parent of several)")
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished states are saved; continue with cilkit run --resume DIR", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io as _bytes_io
 import json
 import os
 import tempfile
@@ -13,26 +14,52 @@ import numpy as np
 import torch
 import yaml
 
+from cilkit.errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
 
     The temporary file lives in the same folder, so the rename is atomic: a killed process
     leaves either the old file or the new one, never half of one.
+    A file-system failure (read-only folder, full disk, no permission) is a ``UserError``
+    naming the path and the cause; the old file, if any, is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp_path, path)
+    except OSError as e:
+        _remove(tmp_path)
+        raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        _remove(tmp_path)
         raise
     return path
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p``; a file-system failure is a ``UserError`` naming the path and the cause."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create directory '{path}': {e.strerror or e}") from None
+    return path
+
+
+def _remove(tmp_path: Path | None) -> None:
+    if tmp_path is not None:
+        try:
+            tmp_path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _umask() -> int:
@@ -72,7 +99,11 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 
 
 def write_torch(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write(path, lambda p: torch.save(obj, p))
+    """``torch.save`` into memory first, so that a full disk is an ``OSError`` of the write
+    (torch's own file writer reports it as an opaque stream error)."""
+    buffer = _bytes_io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getvalue())
 
 
 def load_torch(path: str | os.PathLike) -> Any:

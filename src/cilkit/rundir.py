@@ -15,15 +15,18 @@ through the readers below, which turn a missing, foreign or newer-version file i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cilkit.errors import UserError
+from cilkit.io import make_dir
 
 RESULTS_VERSION = 1  # of results.json; a newer one is refused by read_results
 
@@ -53,6 +56,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -135,3 +142,98 @@ def read_stats(path: Path, b: int) -> dict[str, Any]:
     if missing:
         raise UserError(f"'{path}' is not a cilkit statistics file: no '{missing[0]}'")
     return data
+
+
+# ----- claiming a directory for a run -----------------------------------------------------------
+LOCK_NAME = ".cilkit.lock"
+# What cilkit writes into a run directory (anything else is the user's: never overwritten).
+OWN_ENTRIES = frozenset({
+    "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", ".cilkit.lock",
+    "scores", "stats", "memory", "active", "checkpoints", "report", "calibrated", "tb",
+})
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.yaml").is_file()
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """Entries of ``root`` that cilkit did not write: not one of :data:`OWN_ENTRIES` nor a
+    sub-run (a directory holding a config.yaml: a method or ``run_k`` of a comparison)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.name not in OWN_ENTRIES and not _is_run_dir(p))
+
+
+def holds_run(root: Path) -> bool:
+    return root.is_dir() and any(
+        p.name != LOCK_NAME and (p.name in OWN_ENTRIES or _is_run_dir(p)) for p in root.iterdir()
+    )
+
+
+def check_target(root: Path, overwrite: bool) -> None:
+    """Refuse to start a fresh run in ``root`` when it holds another run (unless
+    ``overwrite``) or files cilkit did not write (always)."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out '{root}' is a file, not a directory")
+    foreign = foreign_entries(root)
+    if foreign:
+        shown = ", ".join(f"'{n}'" for n in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise UserError(f"--out '{root}' holds files that are not a cilkit run ({shown}): choose an empty "
+                        "or new directory")
+    if holds_run(root) and not overwrite:
+        raise UserError(f"--out '{root}' holds a cilkit run: continue it with --resume {root}, or replace "
+                        "it with --overwrite")
+
+
+def clear_run(root: Path) -> None:
+    """Remove a previous run's files from ``root`` (cilkit's own entries and sub-runs only)."""
+    for p in list(root.iterdir()) if root.is_dir() else []:
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.name in OWN_ENTRIES:
+            p.unlink()
+
+
+class DirectoryLock:
+    """An exclusive lock on a run directory for the lifetime of a run (``flock`` on
+    ``.cilkit.lock`` inside it): a second run into the same directory fails at once."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_NAME
+        self._file: Any = None
+
+    def __enter__(self) -> "DirectoryLock":
+        make_dir(self.path.parent)
+        try:
+            self._file = open(self.path, "a")
+        except OSError as e:
+            raise UserError(f"cannot write '{self.path}': {e.strerror or e}") from None
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise UserError(f"'{self.path.parent}' is in use by another cilkit run (locked: {self.path})") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        self._file.close()
+
+
+def fresh_directory(base: Path) -> Path:
+    """Create and return ``base``, or ``base-2``, ``base-3``, ... whichever is free first
+    (``mkdir`` is atomic: two runs started together never pick the same one)."""
+    make_dir(base.parent)
+    k = 1
+    while True:
+        candidate = base if k == 1 else base.parent / f"{base.name}-{k}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            k += 1
+        except OSError as e:
+            raise UserError(f"cannot create directory '{candidate}': {e.strerror or e}") from None

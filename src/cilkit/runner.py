@@ -7,7 +7,6 @@ therefore replays exactly the random numbers an uninterrupted run would have dra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit import io
+from cilkit import io, state0cache
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
@@ -27,7 +26,7 @@ from cilkit.memory import Memory
 from cilkit.methods import METHODS
 from cilkit.methods.base import Context, Method, TrainingRecord
 from cilkit.metrics import run_summary, score_metrics, state_accuracies
-from cilkit.rundir import RESULTS_VERSION, RunLayout, read_stats
+from cilkit.rundir import RESULTS_VERSION, DirectoryLock, RunLayout, check_target, clear_run, read_stats
 from cilkit.scenario import Scenario
 from cilkit.seeding import derive_seed, seeded_generator
 from cilkit.statistics import Stats, state_statistics
@@ -139,7 +138,7 @@ class Run:
         return self.results
 
     def _start_fresh(self) -> int:
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        io.make_dir(self.layout.root)
         io.write_yaml(self.layout.config, self.config.to_dict())
         return 0
 
@@ -192,13 +191,12 @@ class Run:
         b = ctx.state.index
         rounds = self.method.rounds(ctx)
         cache = self._state0_cache_path() if b == 0 and rounds == 1 else None
-        if cache is not None and cache.is_file():
-            cached = io.load_torch(cache)
-            self.model.load_state_dict(cached["model"])
+        cached = state0cache.load_entry(cache, self.model, log) if cache is not None else None
+        if cache is not None and cached is not None:
             log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
-                "(same data, order, backbone, head, training settings and seed)")
+                "(same data content, order, model, state-0 code and options, training settings and seed)")
             indices = self._train_set(ctx)
-            return {"train_images": int(indices.numel()), **json.loads(cached["fit"]), "state0_cached": True}
+            return {"train_images": int(indices.numel()), **cached, "state0_cached": True}
         info: dict[str, Any] = {}
         seconds = 0.0
         for r in range(rounds):
@@ -207,8 +205,7 @@ class Run:
             seconds += info["train_seconds"]
         info["train_seconds"] = seconds
         if cache is not None:
-            io.write_torch(cache, {"model": self.model.state_dict(), "fit": json.dumps(
-                {k: info[k] for k in ("train_seconds", "images_per_second", "final_loss")})})
+            state0cache.store_entry(cache, self.model, info, log)
             info["state0_cached"] = False
         return info
 
@@ -238,8 +235,9 @@ class Run:
         ctx.trained.new_images = candidates
         pos = self.scenario.train_pos[candidates]
         new = {c: candidates[pos == c] for c in st.new}
-        self.memory.update(
-            st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx), ctx.generator
+        self.memory.update(  # its own generator: a state-0 cache hit (no training draws) changes nothing
+            st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx),
+            seeded_generator(self.config.seed, "memory", st.index),
         )
 
     def _evaluate(self, ctx: Context) -> dict[str, Any]:
@@ -262,11 +260,8 @@ class Run:
         assert ctx.trained is not None
         stats = state_statistics(ctx, ctx.trained, self.statistics)
         io.write_json(self.layout.stats(ctx.state.index), stats)
-        if stats["nonpositive_cur_mean"]:
-            classes = ", ".join(str(self.scenario.order[c]) for c in stats["nonpositive_cur_mean"])
-            log(f"[{self.config.method}] warning: state {ctx.state.index + 1}: old class(es) {classes} have a "
-                "mean score <= 0 on their exemplars; IL2M's rectification flips the sign of their scores "
-                "(il2m.guard_nonpositive: true leaves them unrectified)")
+        for message in self.method.statistics_warnings(ctx, stats):
+            log(f"[{self.config.method}] warning: state {ctx.state.index + 1}: {message}")
         self.statistics = stats
         return stats
 
@@ -294,6 +289,7 @@ class Run:
             "memory": self.memory.state_dict(),
             "statistics": json.dumps(self.statistics),
             "results": json.dumps(self.results),
+            "config": json.dumps(self.config.to_dict()),
         }
 
     def _memory_record(self) -> dict[str, Any]:
@@ -316,6 +312,8 @@ class Run:
             ckpt = io.load_torch(path)
         except Exception as e:  # a corrupt or foreign file
             raise UserError(f"checkpoint '{path}' cannot be read: {e.__class__.__name__}") from None
+        if "config" in ckpt:
+            self._check_resume_config(json.loads(ckpt["config"]), path)
         results = json.loads(ckpt["results"])
         if results.get("version", 1) > RESULTS_VERSION:
             raise UserError(f"checkpoint '{path}' was written by a newer cilkit (results version "
@@ -333,19 +331,33 @@ class Run:
         log(f"[{self.config.method}] resuming {self.layout.root} after state {b + 1}/{self.scenario.num_states}")
         return b + 1
 
+    def _check_resume_config(self, saved: dict[str, Any], path: Path) -> None:
+        """Refuse to resume when the run's config.yaml no longer says what the checkpoint was
+        made with (every key but :data:`RESUME_FREE_KEYS`)."""
+        now, then = _flatten(self.config.to_dict()), _flatten(saved)
+        keys = sorted(k for k in now.keys() | then.keys()
+                      if k.split(".")[0] not in RESUME_FREE_KEYS and now.get(k) != then.get(k))
+        if keys:
+            shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+            raise UserError(f"--resume: '{self.layout.config}' differs from checkpoint '{path}' in {shown}: "
+                            "restore those settings, or start a new run")
+
     def _state0_cache_path(self) -> Path | None:
-        if self.config.state0_cache is None:
-            return None
+        """The cache entry for this run's state 0 (see :mod:`cilkit.state0cache` for the key)."""
         c = self.config
-        root = Path(os.path.expanduser(self.config.state0_cache))
+        if c.state0_cache is None:
+            return None
+        first = torch.tensor(self.scenario.order[: self.scenario.ends[0]])
+        state0_images = torch.nonzero(torch.isin(self.dataset.train.labels, first)).flatten()
         key = {
-            "data": c.data.model_dump(mode="json"),
+            "data": self.dataset.train.content_digest(state0_images),
             "augment": repr(self.dataset.augment),
+            "normalisation": [self.mean.tolist(), self.std.tolist()],
             "order": self.scenario.order[: self.scenario.ends[0]],
             "val_per_class": c.scenario.val_per_class,
             **({"imbalance": self.scenario.imbalance} if c.scenario.imbalance.profile != "none" else {}),
-            "model": c.model.model_dump(mode="json"),
-            "method": self.method.state0_signature(),
+            "model": state0cache.model_signature(self.model),
+            "method": state0cache.method_signature(self.method),
             "train": {
                 "epochs": c.train.epochs_of(0),
                 "lr": c.train.lr_of(0),
@@ -358,28 +370,81 @@ class Run:
             "amp": c.amp,
             "channels_last": c.channels_last,
             "device": self.device.type,
-            "torch": torch.__version__,
         }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return root / f"{self.dataset.name}-{digest}.pt"
+        root = Path(os.path.expanduser(c.state0_cache))
+        return state0cache.cache_file(root, self.dataset.name, key)
+
+
+RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache"})
+# ^ keys a resumed run may change: they shape no result (threads: set explicitly, see cmd_run)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def with_resolved_threads(config: RunConfig) -> RunConfig:
+    """``threads: null`` resolved to the cores free to this process, so that config.yaml
+    records the count the numbers depend on and a resume uses the same."""
+    return config if config.threads is not None else config.model_copy(update={"threads": free_cores()})
+
+
+def check_protocol(config: RunConfig) -> Dataset:
+    """Load the data and build the first run (scenario, model, device) without writing
+    anything: a bad data root, an impossible scenario or an unknown backbone fails here,
+    before a run directory is created or touched. Returns the loaded dataset."""
+    dataset = load_dataset(config.data)
+    first = config.for_method(config.methods[0]).model_copy(update={"runs": 1})
+    Run(first, Path("."), dataset=dataset)
+    return dataset
 
 
 def run_methods(
-    config: RunConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool | None = None
+    config: RunConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    dataset: Dataset | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every method of ``config`` on the same protocol; one sub-directory per method when
     there are several. Returns ``{method: results}``. With ``runs: R > 1`` see
-    :func:`repeat_runs`."""
+    :func:`repeat_runs`.
+
+    The directory is claimed first: a fresh run refuses one that holds another run (unless
+    ``overwrite``, which clears that run's files) or files cilkit did not write, and the run
+    holds an exclusive lock on it to the end (a second run into it fails at once)."""
     out = Path(out_dir)
+    if not resume:
+        config = with_resolved_threads(config)
+        check_target(out, overwrite)
+        dataset = dataset if dataset is not None else check_protocol(config)
+    io.make_dir(out)
+    with DirectoryLock(out):
+        if not resume:
+            check_target(out, overwrite)  # again, now that no other run can write here
+            if overwrite:
+                clear_run(out)
+        return _run_claimed(config, out, resume, progress, dataset)
+
+
+def _run_claimed(
+    config: RunConfig, out: Path, resume: bool, progress: bool | None, dataset: Dataset | None
+) -> dict[str, dict[str, Any]]:
     if config.runs > 1:
-        return repeat_runs(config, out, resume, progress)
+        return repeat_runs(config, out, resume, progress, dataset)
     if isinstance(config.method, str):
-        return {config.method: Run(config, out, progress).execute(resume=resume)}
-    out.mkdir(parents=True, exist_ok=True)
+        return {config.method: Run(config, out, progress, dataset).execute(resume=resume)}
     if not resume:
         io.write_yaml(RunLayout(out).config, config.to_dict())
     results = {}
-    dataset = load_dataset(config.data)  # read once, shared by every method
+    dataset = dataset if dataset is not None else load_dataset(config.data)  # read once, shared by every method
     for name in config.methods:
         sub = config.for_method(name)
         results[name] = Run(sub, out / name, progress, dataset).execute(resume=resume and (out / name).exists())
@@ -406,16 +471,16 @@ def _mean_std(values: list[float | None]) -> dict[str, Any]:
 
 
 def repeat_runs(
-    config: RunConfig, out: Path, resume: bool = False, progress: bool | None = None
+    config: RunConfig, out: Path, resume: bool = False, progress: bool | None = None, dataset: Dataset | None = None
 ) -> dict[str, dict[str, Any]]:
     """Each method ``runs`` times with seeds ``seed, seed+1, ...`` (into :func:`repeat_dirs`),
     then ``<out>/summary.json``: per method, mean and std (population std, numpy's default, as
     the active-IL code reports it) over the runs of the mean incremental top-1 and balanced
     top-1, with and without state 0. Returns ``{"<method>/run_<k>": results}``."""
-    out.mkdir(parents=True, exist_ok=True)
+    io.make_dir(out)
     if not resume:
         io.write_yaml(RunLayout(out).config, config.to_dict())
-    dataset = load_dataset(config.data)
+    dataset = dataset if dataset is not None else load_dataset(config.data)
     dirs = iter(repeat_dirs(config, out))
     results: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {"runs": config.runs, "seeds": [config.seed + k for k in range(config.runs)], "methods": {}}

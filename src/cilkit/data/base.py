@@ -13,6 +13,7 @@ subset (a state's classes, the memory, an annotated pool) is just an index tenso
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,11 @@ class ImageSet(ABC):
     @abstractmethod
     def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std (in [0, 1] units) of the images at ``indices``."""
+
+    @abstractmethod
+    def content_digest(self, indices: torch.Tensor) -> str:
+        """A digest that changes when an image or a label at ``indices`` changes (part of the
+        state-0 cache key: a cached model is reused only for the same data)."""
 
 
 class TensorImages(ImageSet):
@@ -104,6 +110,16 @@ class TensorImages(ImageSet):
             if augment is not None:
                 x = augment_batch(x, augment, generator)
             yield normalise(x, mean, std), self._labels_dev[idx], idx
+
+    def content_digest(self, indices: torch.Tensor) -> str:
+        """sha256 of the images and labels at ``indices`` (the uint8 pixels themselves)."""
+        h = hashlib.sha256()
+        h.update(str(tuple(self.images.shape[1:])).encode())
+        h.update(self.labels[indices.cpu()].numpy().tobytes())
+        for start in range(0, indices.numel(), 8192):  # bounded host copies for device-resident data
+            chunk = indices[start : start + 8192].to(self.images.device)
+            h.update(self.images[chunk].cpu().numpy().tobytes())
+        return h.hexdigest()
 
     def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[indices.to(self.images.device)].to(torch.float64) / 255.0

@@ -16,6 +16,7 @@ from all checked images (or ``data.channels``); the decisions are in ``Dataset.n
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -240,6 +241,21 @@ class FileImages(ImageSet):
             if batch_aug is not None:
                 x = augment_batch(x, batch_aug, generator)
             yield normalise(x, mean, std), self.labels[idx].to(device), idx.to(device)
+
+    def content_digest(self, indices: torch.Tensor) -> str:
+        """sha256 over each image's path, size and modification time and its label: cheap
+        (no decoding), and any rewritten or relabelled file changes it."""
+        h = hashlib.sha256()
+        h.update(f"{self.mode} {self.image_size} {self.resize}".encode())
+        labels = self.labels[indices.cpu()].tolist()
+        for i, label in zip(indices.cpu().tolist(), labels):
+            path = self.paths[i]
+            try:
+                st = os.stat(path)
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+            except OSError as e:
+                raise UserError(f"'{path}' cannot be read: {e.strerror or e}") from None
+        return h.hexdigest()
 
     def channel_stats(self, indices: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros(self.channels, dtype=torch.float64)

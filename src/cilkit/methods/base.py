@@ -136,6 +136,10 @@ class Method:
     def after_state(self, ctx: Context) -> None:
         return None
 
+    def statistics_warnings(self, ctx: Context, stats: dict[str, Any]) -> list[str]:
+        """Warnings about this state's class statistics that matter to this method (logged)."""
+        return []
+
     def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return out["logits"]
 

@@ -22,6 +22,8 @@ default, records the classes in the statistics (``nonpositive_cur_mean``) and wa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cilkit.methods import register
@@ -48,6 +50,13 @@ class IL2M(Finetune):
         if ctx.statistics is None:
             raise ValueError("il2m predicts after the runner's statistics step (ctx.statistics is unset)")
         return il2m_from_stats(out["logits"], ctx.statistics, self.cfg.guard_nonpositive)
+
+    def statistics_warnings(self, ctx: Context, stats: dict[str, Any]) -> list[str]:
+        if self.cfg.guard_nonpositive or not stats["nonpositive_cur_mean"]:
+            return []
+        classes = ", ".join(str(ctx.scenario.order[c]) for c in stats["nonpositive_cur_mean"])
+        return [f"old class(es) {classes} have a mean score <= 0 on their exemplars; IL2M's rectification "
+                "flips the sign of their scores (il2m.guard_nonpositive: true leaves them unrectified)"]
 
     def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"cnn": out["logits"]}

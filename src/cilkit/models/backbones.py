@@ -285,7 +285,7 @@ def build_backbone(
     """
     if name not in BACKBONES:
         known = ", ".join(sorted(BACKBONES))
-        raise UserError(f"unknown backbone '{name}' (known: {known})")
+        raise UserError(f"config key 'model.backbone': unknown backbone '{name}' (known: {known})")
     if name == "convnet":
         return convnet(in_channels, last_relu, image_size=image_size, width=width)
     return BACKBONES[name](in_channels=in_channels, last_relu=last_relu)
