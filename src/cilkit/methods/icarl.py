@@ -25,7 +25,18 @@ from cilkit.methods.nme import class_means, nme_scores
 
 class ICaRLConfig(MethodConfig):
     loss: Literal["bce", "ce_kd"] = "bce"
+    # bce only: "sum" over the seen classes, mean over the batch (the paper's Alg. 3 sum, per
+    # image); "mean": the original code's mean over the batch and the run's classes (see above)
+    bce_reduction: Literal["sum", "mean"] = "sum"
     temperature: float = 2.0  # ce_kd only
+
+
+def icarl_bce(logits: torch.Tensor, target: torch.Tensor, divisor: int = 1) -> torch.Tensor:
+    """iCaRL's classification + distillation loss (Alg. 3): sigmoid binary cross-entropy
+    ``-sum_y [t_y log g_y + (1 - t_y) log(1 - g_y)]`` over the seen classes, averaged over the
+    batch and divided by ``divisor`` (1: the paper's sum; the run's class count: the original
+    code's mean over all output units)."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (logits.shape[0] * divisor)
 
 
 @register("icarl")
@@ -54,11 +65,15 @@ class ICaRL(Method):
             target = F.one_hot(batch.y, logits.shape[1]).float()
             if old_logits is not None:
                 target[:, :n_old] = torch.sigmoid(old_logits)
-            return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+            return icarl_bce(logits, target, self._bce_divisor(ctx))
         loss = F.cross_entropy(logits, batch.y)
         if old_logits is not None:
             loss = loss + distillation_kl(logits[:, :n_old], old_logits, self.cfg.temperature)
         return loss
+
+    def _bce_divisor(self, ctx: Context) -> int:
+        """1 for ``sum``; the run's number of classes for ``mean`` (the original's output units)."""
+        return 1 if self.cfg.bce_reduction == "sum" else ctx.scenario.ends[-1]
 
     def after_state(self, ctx: Context) -> None:
         self.class_means = class_means(ctx, ctx.model)
