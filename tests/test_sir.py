@@ -167,7 +167,7 @@ def test_the_ablation_config_switches_each_component_on_and_off():
     from cilkit.config import load_config, validate
 
     bench = _ablation_module()
-    protocol, variants = bench.load_ablation(bench.DEFAULT_ABLATION)
+    protocol, variants, memories = bench.load_ablation(bench.DEFAULT_ABLATION)
     base = load_config(protocol).to_dict()
     configs = {name: validate(bench.variant_config(base, sw)) for name, sw in variants.items()}
     assert configs["finetune"].method == "finetune"
@@ -178,3 +178,8 @@ def test_the_ablation_config_switches_each_component_on_and_off():
         assert {s[i] for s in switches.values()} == {True, False}
     assert switches["all"] == (True, True, True) and switches["none"] == (False, False, False)
     assert all(c.train == configs["all"].train and c.memory == configs["all"].memory for c in configs.values())
+    # the memory sweep replaces the protocol's memory (SIR's protocol: memory per class)
+    assert memories == [200, 50, 20, 5]
+    swept = validate(bench.variant_config(base, variants["all"], memory=5, seed=7))
+    assert (swept.memory.per_class, swept.memory.total, swept.seed) == (5, None, 7)
+    assert swept.memory.selection == configs["all"].memory.selection
