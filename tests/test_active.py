@@ -292,7 +292,7 @@ def test_the_renormalise_option_reaches_the_acquisition_function(tmp_path, monke
     monkeypatch.setattr(af, "entropy_pick", lambda probs, k: seen.append(probs) or pick(probs, k))
     cfg = tiny_config(tmp_path, "method=active", "active.budget=0.2", "active.cycles=1", "train.epochs=1",
                       "active.classical=entropy", "active.balancing=none", "scenario.states=2",
-                      f"active.renormalise={str(renormalise).lower()}", "memory.selection=random")
+                      f"active.renormalise={str(renormalise).lower()}", "memory.selection=random", "threads=1")
     Run(cfg, tmp_path / "r", progress=False).execute()
     sums = seen[0].sum(dim=1)
     assert torch.allclose(sums, torch.ones_like(sums)) == renormalise
@@ -301,7 +301,7 @@ def test_the_renormalise_option_reaches_the_acquisition_function(tmp_path, monke
 @pytest.mark.parametrize("reinit", [True, False])
 def test_reinit_classifier_builds_a_new_last_layer_each_state(tmp_path, reinit):
     cfg = tiny_config(tmp_path, "method=active", f"active.reinit_classifier={str(reinit).lower()}",
-                      "train.epochs=1", "memory.selection=random")
+                      "train.epochs=1", "memory.selection=random", "threads=1")
     run = Run(cfg, tmp_path / "r", progress=False)
     run.execute(until_state=0)
     trained = run.model.head.weight.detach().clone()

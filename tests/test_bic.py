@@ -142,7 +142,7 @@ def test_no_validation_image_is_ever_trained_on_or_stored_as_an_exemplar(tmp_pat
 
     monkeypatch.setattr(Engine, "fit", recording_fit)
     cfg = tiny_config(tmp_path, "method=bic", "scenario.increment=2", "scenario.states=4", "memory.total=200",
-                      "train.epochs=1", "state0_cache=null")
+                      "train.epochs=1", "state0_cache=null", "threads=1")
     run = Run(cfg, tmp_path / "r", progress=False)
     memory_after = {}
     update = run._update_memory
@@ -166,7 +166,9 @@ def test_no_validation_image_is_ever_trained_on_or_stored_as_an_exemplar(tmp_pat
             assert torch.equal(now, before[: now.numel()])
     for b in (1, 2, 3):
         info = res["states"][b]["bic"]
-        assert info["memory_used"] <= 200 and info["memory_used"] == info["train_exemplars"] + info["val_per_class"] * run.scenario.ends[b - 1]
+        old = trained[b][pos[trained[b]] < run.scenario.ends[b - 1]]
+        assert info["train_exemplars"] == old.numel()
+        assert info["memory_used"] == 200 and info["memory_used"] == info["train_exemplars"] + info["val_per_class"] * run.scenario.ends[b - 1]
         record = json.loads((tmp_path / "r" / "bic" / f"state_{b:02d}.json").read_text())
         assert sorted(sum(record["validation"].values(), [])) == sorted(bic.val[b].tolist())
 
@@ -175,11 +177,11 @@ def test_bic_errors_name_the_class_and_the_fix(tmp_path):
     # digits has about 144 training images per class: 2000 exemplars per class at a ratio of
     # 0.5 would hold out 1000 of them
     with pytest.raises(UserError, match="too few to hold out 1000"):
-        Run(tiny_config(tmp_path, "method=bic", "memory.total=null", "memory.per_class=2000", "bic.val_ratio=0.5"),
+        Run(tiny_config(tmp_path, "method=bic", "memory.total=null", "memory.per_class=2000", "bic.val_ratio=0.5", "threads=1"),
             tmp_path / "few", progress=False).execute(until_state=0)
     # 5 exemplars for 7 old classes: some old class has none, so no room for its validation images
     with pytest.raises(UserError, match="has no exemplar in state 3"):
-        Run(tiny_config(tmp_path, "method=bic", "memory.total=5", "train.epochs=1"),
+        Run(tiny_config(tmp_path, "method=bic", "memory.total=5", "train.epochs=1", "threads=1"),
             tmp_path / "none", progress=False).execute()
 
 

@@ -170,6 +170,7 @@ class BiC(Method):
         self.holdout: dict[int, torch.Tensor] = {}  # class position -> its held-out images
         self.val: dict[int, torch.Tensor] = {}  # state -> validation indices (old classes first)
         self.val_per_class: dict[int, int] = {}
+        self.train_exemplars = 0  # old-class exemplars stage 1 of the current state trains on
 
     def _holdout_sizes(self, ends: list[int]) -> list[int]:
         mem = self.run_config.memory
@@ -253,7 +254,9 @@ class BiC(Method):
         new = self._new_training_images(ctx)
         if ctx.state.index == 0:
             return new
-        return torch.cat([new, self.old_exemplars(ctx)])
+        old = self.old_exemplars(ctx)
+        self.train_exemplars = int(old.numel())  # for results.json (the memory changes before after_state)
+        return torch.cat([new, old])
 
     # ----- stage 1 -----------------------------------------------------------------------------
     def corrected(self, logits: torch.Tensor, state: int, scenario: Scenario) -> torch.Tensor:
@@ -303,7 +306,7 @@ class BiC(Method):
         )
         self.bias[b] = (float(layer.alpha.item()), float(layer.beta.item()))
         after = self.corrected(logits, b, ctx.scenario)
-        n_train = int(self.old_exemplars(ctx).numel())
+        n_train = self.train_exemplars
         ctx.info["bic"] = {
             "alpha": self.bias[b][0],
             "beta": self.bias[b][1],
