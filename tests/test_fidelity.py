@@ -194,3 +194,31 @@ threads: 1
     mem = json.loads((tmp_path / "out" / "memory" / "state_01.json").read_text())["exemplars"]
     assert sorted(mem) == ["0", "1", "2", "3"] and sum(len(v) for v in mem.values()) == 20
     assert all(0 <= i < 120 for ids in mem.values() for i in ids)  # indices into the 120 training files
+
+
+# ----- the LeNet backbone ------------------------------------------------------------------------
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (1, 8), (3, 64)])
+def test_lenet_gives_84_features_for_any_channel_count_and_size(channels, size):
+    from cilkit.models import build_backbone, build_model
+
+    torch.manual_seed(0)
+    net = build_backbone("lenet", in_channels=channels, image_size=size)
+    assert net.out_dim == 84 and net.fc1.in_features == 16 * 5 * 5  # LeNet-5's 400 -> 120 -> 84
+    out = net(torch.randn(3, channels, size, size))
+    assert out.shape == (3, 84) and (out >= 0).all()
+    assert build_model("lenet", in_channels=channels, image_size=size).backbone.out_dim == 84
+    # LUCIR's variant without the last ReLU can give negative features
+    bare = build_backbone("lenet", in_channels=channels, image_size=size, last_relu=False)
+    assert (bare(torch.randn(8, channels, size, size)) < 0).any()
+
+
+def test_lenet_on_28_pixels_is_the_lenet5_layout():
+    from cilkit.models import build_backbone
+
+    net = build_backbone("lenet", in_channels=1, image_size=28)
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,)]
+    assert sum(p.numel() for p in net.parameters()) == 60856
+    # a small input is padded to 28 pixels: an 8x8 image gives what its padded 28x28 version gives
+    x = torch.randn(1, 1, 8, 8)
+    assert torch.allclose(net(x), net(torch.nn.functional.pad(x, (10, 10, 10, 10))))
