@@ -222,3 +222,26 @@ def test_lenet_on_28_pixels_is_the_lenet5_layout():
     # a small input is padded to 28 pixels: an 8x8 image gives what its padded 28x28 version gives
     x = torch.randn(1, 1, 8, 8)
     assert torch.allclose(net(x), net(torch.nn.functional.pad(x, (10, 10, 10, 10))))
+
+
+# ----- the papers' protocols as configs -------------------------------------------------------------
+def test_the_papers_cifar100_configs_carry_their_settings():
+    from pathlib import Path
+
+    from cilkit.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    icarl = load_config(configs / "icarl-cifar100-b0-10.yaml")
+    assert (icarl.method, icarl.model.backbone, icarl.memory.total, icarl.scenario.initial, icarl.scenario.increment) == \
+        ("icarl", "resnet32", 2000, 10, 10)
+    t = icarl.train
+    assert (t.lr, t.epochs, t.batch_size, t.momentum, t.schedule.milestones, t.schedule.gamma) == \
+        (2.0, 70, 128, 0.9, [49, 63], 0.2)
+    assert icarl.method_options("icarl")["bce_reduction"] == "mean"  # lr 2.0 belongs to the original's mean
+    lucir_settings = load_config(configs / "cifar100-b0-10.yaml").train
+    assert (lucir_settings.lr, lucir_settings.epochs) == (0.1, 160)
+    for steps, increment in ((5, 10), (10, 5)):
+        sir = load_config(configs / f"sir-cifar100-b50-{steps}steps.yaml")
+        assert (sir.method, sir.scenario.initial, sir.scenario.increment, sir.memory.per_class) == ("sir", 50, increment, 20)
+        lucir = load_config(configs / f"lucir-cifar100-b50-{steps}steps.yaml")
+        assert sir.train == lucir.train and sir.model == lucir.model and sir.scenario == lucir.scenario
