@@ -77,6 +77,27 @@ def test_scaling_changes_the_acquisition_probabilities():
     assert scaled[1, 1] > 0.85 and plain[1, 1] == pytest.approx(0.5)
 
 
+def test_renormalising_the_scaled_probabilities_changes_the_picks_of_every_function():
+    # counts 90 / 10 scale the two classes by 100/90 and 10; rows (before scaling):
+    # A = [0.95, 0.05], B = [0.99, 0.01], C = [0.5, 0.5]
+    logits = torch.tensor([[0.95, 0.05], [0.99, 0.01], [0.5, 0.5]]).log()
+    counts = torch.tensor([90, 10])
+    raw = af.acquisition_probabilities(logits, counts, renormalise=False)  # the original's form
+    norm = af.acquisition_probabilities(logits, counts)  # cilkit's default
+    assert raw[2].tolist() == pytest.approx([0.5 * 100 / 90, 5.0])  # scaled, not summing to 1
+    assert torch.allclose(norm.sum(1), torch.ones(3, dtype=torch.float64))
+    # raw:  top score 1.056, 1.1, 5.0; gap 0.56, 1.0, 4.44; entropy 0.29, 0.13, -7.7
+    # norm: top score 0.68, 0.92, 0.90; gap 0.36, 0.83, 0.80; entropy 0.63, 0.29, 0.33
+    assert af.least_confidence_pick(raw, 2).tolist() == [0, 1]
+    assert af.least_confidence_pick(norm, 2).tolist() == [0, 2]
+    assert af.margin_pick(raw, 2).tolist() == [0, 1]
+    assert af.margin_pick(norm, 2).tolist() == [0, 2]
+    assert af.entropy_pick(raw, 2).tolist() == [0, 1]
+    assert af.entropy_pick(norm, 2).tolist() == [0, 2]
+    # without scaling there is nothing to renormalise
+    assert torch.equal(af.acquisition_probabilities(logits, None, renormalise=False), af.acquisition_probabilities(logits))
+
+
 def test_minmax_normalises_each_dimension_over_the_pool():
     f = af.minmax_normalise(torch.tensor([[0.0, 5.0, 3.0], [10.0, 5.0, 1.0], [5.0, 5.0, 2.0]]))
     assert f.min(0).values.tolist() == [0, 0, 0]
@@ -264,6 +285,36 @@ def test_active_run_trains_only_on_annotated_images_and_resumes(tmp_path, monkey
     assert strip_timings(resumed) == strip_timings(full)
 
 
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_the_renormalise_option_reaches_the_acquisition_function(tmp_path, monkeypatch, renormalise):
+    seen = []
+    pick = af.entropy_pick
+    monkeypatch.setattr(af, "entropy_pick", lambda probs, k: seen.append(probs) or pick(probs, k))
+    cfg = tiny_config(tmp_path, "method=active", "active.budget=0.2", "active.cycles=1", "train.epochs=1",
+                      "active.classical=entropy", "active.balancing=none", "scenario.states=2",
+                      f"active.renormalise={str(renormalise).lower()}", "memory.selection=random", "threads=1")
+    Run(cfg, tmp_path / "r", progress=False).execute()
+    sums = seen[0].sum(dim=1)
+    assert torch.allclose(sums, torch.ones_like(sums)) == renormalise
+
+
+@pytest.mark.parametrize("reinit", [True, False])
+def test_reinit_classifier_builds_a_new_last_layer_each_state(tmp_path, reinit):
+    cfg = tiny_config(tmp_path, "method=active", f"active.reinit_classifier={str(reinit).lower()}",
+                      "train.epochs=1", "memory.selection=random", "threads=1")
+    run = Run(cfg, tmp_path / "r", progress=False)
+    run.execute(until_state=0)
+    trained = run.model.head.weight.detach().clone()
+    ctx = run._context(1)
+    run.method.before_state(ctx)
+    old_rows = ctx.model.head.weight.detach()[: ctx.state.n_old]
+    assert ctx.model.head.num_classes == ctx.state.n_seen
+    assert torch.equal(old_rows, trained) != reinit  # re-initialised, or kept
+    assert torch.equal(ctx.teacher.head.weight, trained)  # the first cycle still selects with the trained layer
+    for name, p in ctx.model.backbone.state_dict().items():  # the backbone continues either way
+        assert torch.equal(p, ctx.teacher.backbone.state_dict()[name])
+
+
 def test_the_active_configs_load_with_the_paper_protocol():
     configs = Path(__file__).resolve().parents[1] / "configs"
     cifar = load_config(configs / "active-cifar100.yaml")
@@ -273,3 +324,7 @@ def test_the_active_configs_load_with_the_paper_protocol():
     for cfg in (cifar, fm):
         opts = cfg.method_options("active")
         assert (opts["budget"], opts["cycles"], opts["first_share"]) == (0.05, 4, 0.4)
+    # the original's new last layer per state and incremental batch of 32; the recorded
+    # Fashion-MNIST figures kept the classifier rows
+    assert cifar.method_options("active")["reinit_classifier"] and cifar.train.batch_size == 32
+    assert not fm.method_options("active")["reinit_classifier"]

@@ -1,6 +1,7 @@
 """BiC: the bias layer, stage 2 on synthetic logits, the corrected teacher, the validation split,
 and an end-to-end run on digits."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,8 @@ from cilkit.config import ScenarioConfig
 from cilkit.errors import UserError
 from cilkit.io import load_torch, write_torch
 from cilkit.methods.base import Batch, distillation_kl
-from cilkit.methods.bic import BiC, fit_bias_layer
+from cilkit.engine import Engine
+from cilkit.methods.bic import BiC, fit_bias_layer, holdout_sizes, validation_sizes
 from cilkit.models import BiasLayer
 from cilkit.runner import Run
 from cilkit.scenario import Scenario
@@ -105,16 +107,82 @@ def test_validation_split_is_balanced_and_held_out_of_stage1(tmp_path):
     assert counts.tolist() == [v] * ctx.state.n_seen  # the same count for old and new classes
     assert not torch.isin(val, train).any()  # not trained on in stage 1
     old_val = val[pos[val] < ctx.state.n_old]
-    assert torch.isin(old_val, run.memory.indices(ctx.state.old)).all()  # out of the exemplars
-    everything = torch.cat([ctx.state.train, run.memory.indices(ctx.state.old)])
-    assert sorted(torch.cat([train, val]).tolist()) == sorted(everything.tolist())
+    assert not torch.isin(old_val, run.memory.indices(ctx.state.old)).any()  # not a training exemplar
+    # inside the budget: each old class trains on its share minus v and keeps v validation images
+    old_train = train[pos[train] < ctx.state.n_old]
+    assert old_train.numel() + old_val.numel() == len(run.memory) == 200
+    assert torch.isin(old_train, run.memory.indices(ctx.state.old)).all()
+    new_train = train[pos[train] >= ctx.state.n_old]
+    assert sorted(torch.cat([new_train, val[pos[val] >= ctx.state.n_old]]).tolist()) == sorted(ctx.state.train.tolist())
     assert torch.equal(bic.train_set(ctx), train)  # asked again (statistics): the same split
-    # the split and the bias layers survive a checkpoint (loaded with weights_only)
+    # the split, the hold-outs and the bias layers survive a checkpoint (loaded with weights_only)
     bic.bias[1] = (0.8, -0.3)
     write_torch(tmp_path / "m.pt", {"method": bic.state_dict()})
     other = BiC(cfg)
     other.load_state_dict(load_torch(tmp_path / "m.pt")["method"])
     assert torch.equal(other.val[1], val) and other.bias == {1: (0.8, -0.3)} and other.val_per_class == {1: v}
+    assert all(torch.equal(other.holdout[c], bic.holdout[c]) for c in range(ctx.state.n_seen))
+
+
+def test_validation_sizes_follow_the_original_for_2000_exemplars_and_10_classes_per_state():
+    ends = [10 * (b + 1) for b in range(10)]
+    assert validation_sizes(ends, 2000, None, 0.1) == [0, 20, 10, 6, 5, 4, 3, 2, 2, 2]
+    # a class holds out what its first bias stage uses; later stages take a prefix of it
+    assert holdout_sizes(ends, 2000, None, 0.1) == [20, 20, 10, 6, 5, 4, 3, 2, 2, 2]
+    assert validation_sizes([50, 60, 70], None, 20, 0.1) == [0, 2, 2]  # per-class memory: constant
+
+
+def test_no_validation_image_is_ever_trained_on_or_stored_as_an_exemplar(tmp_path, monkeypatch):
+    trained = {}
+    fit = Engine.fit
+
+    def recording_fit(self, ctx, method, indices, *args, **kwargs):
+        trained[ctx.state.index] = indices.clone()
+        return fit(self, ctx, method, indices, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "fit", recording_fit)
+    cfg = tiny_config(tmp_path, "method=bic", "scenario.increment=2", "scenario.states=4", "memory.total=200",
+                      "train.epochs=1", "state0_cache=null", "threads=1")
+    run = Run(cfg, tmp_path / "r", progress=False)
+    memory_after = {}
+    update = run._update_memory
+
+    def recording_update(ctx):
+        update(ctx)
+        memory_after[ctx.state.index] = run.memory.indices()
+
+    monkeypatch.setattr(run, "_update_memory", recording_update)
+    res = run.execute()
+    bic, pos = run.method, run.scenario.train_pos
+    assert sorted(trained) == [0, 1, 2, 3]
+    validation = torch.cat([bic.val[b] for b in (1, 2, 3)])
+    every_train = torch.cat(list(trained.values()))
+    assert not torch.isin(validation, every_train).any()  # never trained on, in any state
+    assert not torch.isin(validation, torch.cat(list(memory_after.values()))).any()  # never a training exemplar
+    assert [bic.val_per_class[b] for b in (1, 2, 3)] == [5, 3, 2]  # floor(0.1 * 200 / n_old)
+    for b in (2, 3):  # an old class keeps a prefix of the images it held out when it was new
+        for c in range(run.scenario.ends[b - 1]):
+            now, before = bic.val[b][pos[bic.val[b]] == c], bic.val[b - 1][pos[bic.val[b - 1]] == c]
+            assert torch.equal(now, before[: now.numel()])
+    for b in (1, 2, 3):
+        info = res["states"][b]["bic"]
+        old = trained[b][pos[trained[b]] < run.scenario.ends[b - 1]]
+        assert info["train_exemplars"] == old.numel()
+        assert info["memory_used"] == 200 and info["memory_used"] == info["train_exemplars"] + info["val_per_class"] * run.scenario.ends[b - 1]
+        record = json.loads((tmp_path / "r" / "bic" / f"state_{b:02d}.json").read_text())
+        assert sorted(sum(record["validation"].values(), [])) == sorted(bic.val[b].tolist())
+
+
+def test_bic_errors_name_the_class_and_the_fix(tmp_path):
+    # digits has about 144 training images per class: 2000 exemplars per class at a ratio of
+    # 0.5 would hold out 1000 of them
+    with pytest.raises(UserError, match="too few to hold out 1000"):
+        Run(tiny_config(tmp_path, "method=bic", "memory.total=null", "memory.per_class=2000", "bic.val_ratio=0.5", "threads=1"),
+            tmp_path / "few", progress=False).execute(until_state=0)
+    # 5 exemplars for 7 old classes: some old class has none, so no room for its validation images
+    with pytest.raises(UserError, match="has no exemplar in state 3"):
+        Run(tiny_config(tmp_path, "method=bic", "memory.total=5", "train.epochs=1", "threads=1"),
+            tmp_path / "none", progress=False).execute()
 
 
 def test_state_weight_decay_follows_the_original_schedule(tmp_path):

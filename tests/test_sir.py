@@ -28,9 +28,15 @@ def _scenario():
 
 
 # ----- 1. frequency compensation ----------------------------------------------------------------
-def test_frequency_offsets_are_tau_log_class_frequency():
-    off = frequency_offsets(torch.tensor([10, 90]), torch.tensor([1.0, 0.5]))
-    assert off.tolist() == pytest.approx([math.log(0.1), 0.5 * math.log(0.9)])
+def test_frequency_offsets_are_tau_log_count_over_the_largest_count():
+    off = frequency_offsets(torch.tensor([10, 90, 30]), torch.tensor([1.0, 0.5, 2.0]))
+    assert off.tolist() == pytest.approx([math.log(10 / 90), 0.0, 2.0 * math.log(30 / 90)])
+    # with one tau for every class it is the prior log(n_j / N) up to a constant: the same loss
+    counts = torch.tensor([20, 20, 500])
+    z, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    prior = torch.log(counts.double() / counts.sum()).float()
+    assert sir_loss(z, y, frequency_offsets(counts, torch.ones(3)), None).item() == pytest.approx(
+        F.cross_entropy(z + prior, y).item(), rel=1e-5)
     # a class without images keeps a finite offset (count clamped to 1)
     assert torch.isfinite(frequency_offsets(torch.tensor([0, 50]), torch.ones(2))).all()
 
@@ -67,6 +73,18 @@ def test_class_ages_and_attenuated_strengths():
     # attenuated: the oldest classes get the smallest compensation
     off = frequency_offsets(torch.tensor([10] * 7 + [100] * 3), compensation_strengths(1.0, ages, 0.5))
     assert off[0] > off[4] > off[7] - 10  # less negative = less boost for the older classes
+
+
+def test_attenuated_old_classes_stay_compensated_against_the_new_ones_on_a_long_protocol():
+    # 10 states of 10 classes: at the last state, 90 old classes with 20 exemplars each, aged 1..9
+    # (10 classes per age), and 10 new classes of 500 images; plus an extreme age of 10
+    ages = torch.cat([torch.arange(9, 0, -1).repeat_interleave(10), torch.tensor([10]), torch.zeros(10, dtype=torch.int64)])
+    counts = torch.cat([torch.full((91,), 20), torch.full((10,), 500)])
+    off = frequency_offsets(counts, compensation_strengths(1.0, ages, 0.9))
+    old, new = off[:91], off[91:]
+    assert (old < new.min()).all()  # every old class, the oldest included, keeps a negative margin
+    assert off[90] > off[0] > off[80]  # older = less compensation (age 10 > 9 > 1), never reversed
+    assert new.tolist() == pytest.approx([0.0] * 10)
 
 
 # ----- 2. inheritance transfer ------------------------------------------------------------------
@@ -149,7 +167,7 @@ def test_the_ablation_config_switches_each_component_on_and_off():
     from cilkit.config import load_config, validate
 
     bench = _ablation_module()
-    protocol, variants = bench.load_ablation(bench.DEFAULT_ABLATION)
+    protocol, variants, memories = bench.load_ablation(bench.DEFAULT_ABLATION)
     base = load_config(protocol).to_dict()
     configs = {name: validate(bench.variant_config(base, sw)) for name, sw in variants.items()}
     assert configs["finetune"].method == "finetune"
@@ -160,3 +178,8 @@ def test_the_ablation_config_switches_each_component_on_and_off():
         assert {s[i] for s in switches.values()} == {True, False}
     assert switches["all"] == (True, True, True) and switches["none"] == (False, False, False)
     assert all(c.train == configs["all"].train and c.memory == configs["all"].memory for c in configs.values())
+    # the memory sweep replaces the protocol's memory (SIR's protocol: memory per class)
+    assert memories == [200, 50, 20, 5]
+    swept = validate(bench.variant_config(base, variants["all"], memory=5, seed=7))
+    assert (swept.memory.per_class, swept.memory.total, swept.seed) == (5, None, 7)
+    assert swept.memory.selection == configs["all"].memory.selection

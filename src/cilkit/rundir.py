@@ -74,6 +74,10 @@ class RunLayout:
     def memory(self, b: int) -> Path:
         return self.root / "memory" / f"state_{b:02d}.json"
 
+    def bic(self, b: int) -> Path:
+        """BiC's validation images and hold-outs of state ``b``."""
+        return self.root / "bic" / f"state_{b:02d}.json"
+
     def active(self, b: int) -> Path:
         return self.root / "active" / f"state_{b:02d}.json"
 
@@ -149,7 +153,7 @@ LOCK_NAME = ".cilkit.lock"
 # What cilkit writes into a run directory (anything else is the user's: never overwritten).
 OWN_ENTRIES = frozenset({
     "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", ".cilkit.lock",
-    "scores", "stats", "memory", "active", "checkpoints", "report", "calibrated", "tb",
+    "scores", "stats", "memory", "active", "bic", "checkpoints", "report", "calibrated", "tb",
 })
 
 

@@ -10,10 +10,21 @@ callback, i.e. from the oracle, one annotation at a time. Each returns the candi
 picks, in pick order (``k`` of them, fewer only if the pool is smaller).
 
 Classical functions: :func:`random_pick`, :func:`entropy_pick`, :func:`margin_pick`,
-:func:`least_confidence_pick`, :func:`kcenter_pick` (k-center greedy core-set, Sener &
-Savarese, ICLR 2018). Balancing functions: :func:`poor_pick`, :func:`bcore_pick`.
-Helpers: :func:`acquisition_probabilities` (softmax, optionally with class prediction scaling)
-and :func:`minmax_normalise` (the feature space of k-center, poor and bcore).
+:func:`kcenter_pick` (k-center greedy core-set, Sener & Savarese, ICLR 2018), and
+:func:`least_confidence_pick`, which is cilkit's addition (the original code,
+``ail/codes/classical_AFs.py``, has random, k-centers, entropy and max-margin only).
+Balancing functions: :func:`poor_pick`, :func:`bcore_pick`. Helpers:
+:func:`acquisition_probabilities` (softmax, optionally with class prediction scaling, then
+renormalised or, as the original, not) and :func:`minmax_normalise` (the feature space of
+k-center, poor and bcore).
+
+``bcore`` as released cannot run: ``main.py`` builds the distance matrix only when
+``'kcenters'`` is one of the configured functions (``dist_matrix`` stays ``None`` for
+``balancing_AF = 'bcore'``, and ``bcore`` indexes it from its second pick), and it writes the
+annotated images' feature file (which ``bcore`` reads for the class means) only when the
+balancing function is ``poor``. cilkit implements the described intent (paper, Sec. 3.2):
+the minority/majority rule on class means of the annotated images, then the k-center greedy
+step on the pool features.
 
 Ties are broken by the lower candidate row (stable sorts, first arg-min / arg-max).
 """
@@ -33,16 +44,25 @@ Annotate = Callable[[int], int]  # candidate row -> class position revealed by t
 
 
 # ----- inputs --------------------------------------------------------------------------------
-def acquisition_probabilities(logits: torch.Tensor, counts: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+def acquisition_probabilities(
+    logits: torch.Tensor,
+    counts: torch.Tensor | Sequence[int] | None = None,
+    renormalise: bool = True,
+) -> torch.Tensor:
     """``softmax(z)``, or with ``counts`` the class prediction scaling of the paper,
-    ``p'_j = p_j * N / n_j`` where ``n_j > 0`` (:func:`cilkit.rectify.prediction_scaling`),
-    renormalised per row so that entropy, margin and least confidence see a distribution.
-    (The original code computes them on the scaled, unnormalised scores; renormalising leaves
-    the ranking of least confidence unchanged but can change those of entropy and margin.)"""
+    ``p'_j = p_j * N / n_j`` where ``n_j > 0`` (:func:`cilkit.rectify.prediction_scaling`).
+
+    ``renormalise`` (cilkit's default): the scaled scores are divided by their row sum, so that
+    entropy, margin and least confidence see a distribution. ``renormalise=False`` is the
+    original code's form (``main.py`` scales the softmax in ``th_calibration`` and pickles the
+    result, which ``entropy`` and ``max_margin`` read as is). The two rank candidates
+    differently for every function that compares rows: each row has its own normaliser, so
+    entropy, margin *and* least confidence (the top score) can all change their picks
+    (``tests/test_active.py`` shows one pool where each does)."""
     if counts is None:
         return torch.softmax(logits.double(), dim=1)
     scaled = prediction_scaling(logits.double(), counts).double()
-    return scaled / scaled.sum(dim=1, keepdim=True)
+    return scaled / scaled.sum(dim=1, keepdim=True) if renormalise else scaled
 
 
 def minmax_normalise(features: torch.Tensor) -> torch.Tensor:
@@ -65,7 +85,8 @@ def random_pick(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """(n,) Shannon entropy ``-sum_j p_j log p_j`` (natural log; 0 log 0 = 0)."""
+    """(n,) Shannon entropy ``-sum_j p_j log p_j`` (natural log; 0 log 0 = 0). On unnormalised
+    scaled scores it is the original's expression (which uses log base 2: the same ranking)."""
     p = probs.double()
     return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim=1)
 
@@ -91,7 +112,8 @@ def margin_pick(probs: torch.Tensor, k: int, order: Literal["standard", "origina
 
 
 def least_confidence_pick(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` candidates with the lowest top probability (highest ``1 - max_j p_j``) first."""
+    """The ``k`` candidates with the lowest top probability (highest ``1 - max_j p_j``) first.
+    cilkit's addition: the original code has no least-confidence function."""
     return _top(probs.double().max(dim=1).values, k, descending=False)
 
 
@@ -249,7 +271,9 @@ def bcore_pick(
 
     (all remaining candidates if there is no minority class or none satisfies the rule), and
     the k-center greedy step (:func:`kcenter_pick`) picks among them; the revealed label then
-    updates counts, means and the minority / majority split. ``stats`` is updated in place."""
+    updates counts, means and the minority / majority split. ``stats`` is updated in place.
+    The released code cannot run this function (module docstring); this is its described
+    intent."""
     f = features.double()
 
     def minority_side(remaining: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,18 @@ the exemplars + every image annotated so far in the state (cross-entropy, FT; no
   class j in the training set of the model, ``N`` their total; unchanged where ``n_j = 0``),
   in the probabilities the acquisition functions see and in the test scores (``predict``);
   never in training. Round 0 uses the counts the previous model was trained with.
+  ``renormalise`` (default true, cilkit's choice): entropy, margin and least confidence rank
+  the scaled scores renormalised per row; ``false`` ranks them unnormalised, as the original
+  code does (:func:`cilkit.active.acquisition.acquisition_probabilities`; the picks differ).
+* ``reinit_classifier`` (default true, the original's ``model.fc = nn.Linear(...)`` at every
+  incremental state): before a state's first cycle, the whole last layer (old and new rows) is
+  re-initialised; the backbone continues from the previous model, which also keeps its own
+  layer to select the first cycle. ``false``: the previous rows are kept and new ones appended
+  (fine-tuning's default).
+* Acquisition functions: least confidence is cilkit's addition (the original has random,
+  k-centers, entropy and max-margin). ``bcore`` as released cannot run (its distance matrix and
+  the annotated images' features are never built, see :mod:`cilkit.active.acquisition`);
+  cilkit implements its described intent.
 * The memory stores annotated images only (``memory_candidates``).
 
 Reading chosen where the sources leave a choice:
@@ -48,7 +60,7 @@ from cilkit.active.oracle import Oracle
 from cilkit.rectify import prediction_scaling
 from cilkit.classwise import class_counts
 from cilkit.methods import register
-from cilkit.methods.base import Context, Method, MethodConfig
+from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
 from cilkit.seeding import seeded_generator
 
 Classical = Literal["random", "entropy", "margin", "least_confidence", "kcenter"]
@@ -61,7 +73,12 @@ class ActiveConfig(MethodConfig):
     classical: Classical = "random"  # first cycle, previous model
     balancing: Literal["poor", "bcore", "none"] = "poor"  # later cycles, current model
     scaling: bool = True  # class prediction scaling at inference and in acquisition
+    # acquisition on scaled scores: renormalised per row (cilkit) or as they are (the original)
+    renormalise: bool = True
     margin_order: Literal["standard", "original"] = "standard"  # original: largest gaps first
+    # a new last layer (all rows re-initialised) at every incremental state, as the original
+    # (main.py: model.fc = nn.Linear(..., base + P * (b - 1)) before each state's training)
+    reinit_classifier: bool = True
 
 
 def annotation_budget(fraction: float, pool: int) -> int:
@@ -97,8 +114,10 @@ class ActiveIL(Method):
 
     # ----- the state ---------------------------------------------------------------------------
     def before_state(self, ctx: Context) -> None:
-        super().before_state(ctx)
+        super().before_state(ctx)  # the teacher (previous model, first-cycle selector) is copied first
         self.oracle, self.budgets, self.selections = None, [], []
+        if ctx.state.index > 0 and self.cfg.reinit_classifier:
+            reset_classifier(ctx.model, f"{self.name}.reinit_classifier")
         if ctx.state.index > 0:
             pool = ctx.state.train
             self.oracle = Oracle(pool, ctx.scenario.train_pos)
@@ -191,7 +210,8 @@ class ActiveIL(Method):
         is_cand = ~oracle.is_annotated(oracle.pool)
         if function == "kcenter":
             return af.kcenter_pick(features[is_cand], k, gen, features[self._pool_rows(oracle.pool, oracle.annotated)])
-        probs = af.acquisition_probabilities(logits[is_cand], self.train_counts if self.cfg.scaling else None)
+        probs = af.acquisition_probabilities(logits[is_cand], self.train_counts if self.cfg.scaling else None,
+                                             renormalise=self.cfg.renormalise)
         if function == "entropy":
             return af.entropy_pick(probs, k)
         if function == "margin":

@@ -39,7 +39,8 @@ from cilkit.config import RunConfig
 from cilkit.data.base import Dataset
 from cilkit.engine import Batch, Engine
 from cilkit.memory import Memory
-from cilkit.models import IncrementalNet, build_model
+from cilkit.errors import UserError
+from cilkit.models import IncrementalLinear, IncrementalNet, build_model
 from cilkit.rundir import RunLayout
 from cilkit.scenario import Scenario, State
 
@@ -152,6 +153,16 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def reset_classifier(model: IncrementalNet, key: str) -> None:
+    """Re-initialise every row of the linear head (old and new classes), as the originals of
+    IL2M and active IL do with a new last layer at every incremental state. ``key`` names the
+    config option for the error on a cosine head."""
+    head = model.head
+    if not isinstance(head, IncrementalLinear):
+        raise UserError(f"config key '{key}' needs the linear head")
+    head.reset_parameters()
 
 
 def freeze(model: IncrementalNet) -> IncrementalNet:

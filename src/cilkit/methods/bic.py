@@ -2,17 +2,29 @@
 
 Per state ``b >= 1`` (METHODS.md, BiC):
 
-* **Validation split** (Sec. 4.1, Fig. 2): the same number ``v`` of images of every seen class
-  is held out of stage 1. Old classes give ``v`` of their exemplars (so the split comes out of
-  the memory budget), new classes ``v`` of their new images. ``v = floor(val_ratio * m)``, where
-  ``m`` is the smallest memory share of an old class in this state (at least 1, at most ``m``).
-  This is the original code's rule (``imagenet_main.py``: 10% of the old classes' exemplars,
-  new classes matched to the same count; with 2000 exemplars and 10 classes per step it gives
-  its ``floor(20/t)`` per class); libraries (FACIL, PyCIL) call it ``val_ratio = 0.1`` of the
-  budget. Which images: a seeded random choice within each class (seed from the run seed and
-  the state). State 0 holds nothing out: it has no bias stage, and so its model is exactly the
-  fine-tuning state-0 model (shared through the state-0 cache). The original held its
-  validation images out of state 0 as well.
+* **Validation split** (Sec. 4.1, Fig. 2; Sec. 6.1 "the ratio of train/validation split on the
+  exemplars is 9:1"): in state ``b`` the same number ``v_b`` of images of every seen class form
+  the validation set of stage 2, and they are never trained on. ``v_b = floor(val_ratio * m_b)``
+  (at least 1, at most ``m_b``), ``m_b`` the smallest memory share of an old class in state
+  ``b``: the original code's rule (``imagenet_main.py``: 10% of the old classes' exemplars, new
+  classes matched to the same count). With 2000 exemplars and 10 classes per state it gives
+  20, 10, 6, 5, 4, 3, 2, 2, 2 per class in states 2..10 (the original's "Val Samples" row).
+  Where the images come from (the original code's, in which no validation image is ever
+  trained on): when a class is new, a seeded random *hold-out* of ``v`` of its images is taken
+  out of its training data, ``v`` = the largest size a bias stage will ask of it: ``v_1`` for
+  the classes of state 0, ``v_b`` for those of state ``b >= 1``. (The original,
+  ``utils_imagenet.prepare_validation``, holds ``v_1`` out of every class before state 0, so a
+  later class loses ``v_1 - v_b`` images it never uses; we hold out only what is used.) The hold-out is
+  never in ``train_set`` and never a memory candidate (``memory_candidates``), so herding or
+  random selection cannot store it as a training exemplar. From then on it is the class's
+  validation exemplars: state ``t`` uses its first ``v_t`` images (``v_t`` only shrinks). The
+  validation images count in the memory budget, as in the paper: an old class with a memory
+  share ``s`` trains on the first ``s - v_t`` of its exemplars (its herding priority prefix) and
+  keeps ``v_t`` validation images, ``s`` in all, so the memory never holds more than ``K``.
+  (``memory/state_XX.json`` lists each class's priority prefix of ``s`` images, whose last
+  ``v`` slots BiC gives to the validation images; ``bic/state_XX.json`` lists those.)
+  Consequence: BiC's state 0 trains without the hold-out, so its state-0 model is BiC's own,
+  not the fine-tuning one (the state-0 cache keys it by the hold-out size).
 * **Stage 1** (Sec. 4.1, Eq. 1-3): ``L = lambda * L_d + (1 - lambda) * L_c`` with
   ``lambda = n_old / n_seen``; ``L_c`` cross-entropy over all seen classes, ``L_d`` the
   cross-entropy between softmax(teacher old logits / T) and softmax(student old logits / T),
@@ -36,7 +48,8 @@ of ``S`` (its ImageNet code; it also exempts batch-norm parameters, which we do 
 One bias layer per state. The test scores of state ``b`` (``predict``, reported as ``bic``) apply
 only the layer of ``b`` to the classes new in ``b``; ``uncorrected`` holds the raw logits (the
 accuracy "before bias correction"). ``alpha`` and ``beta`` of each state go to results.json under
-``bic``.
+``bic``, with ``val_per_class``, ``val_images``, ``train_exemplars`` (old-class exemplars stage
+1 trains on) and ``memory_used`` (those + the old classes' validation images, at most ``K``).
 """
 
 from __future__ import annotations
@@ -48,7 +61,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from cilkit import io
 from cilkit.errors import UserError
+from cilkit.memory import class_quotas
 from cilkit.methods import register
 from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
 from cilkit.models.bias import BiasLayer, correct_logits
@@ -113,6 +128,30 @@ def _pick(indices: torch.Tensor, k: int, generator: torch.Generator) -> torch.Te
     return indices[torch.randperm(indices.numel(), generator=generator)[:k]]
 
 
+def validation_size(share: int, ratio: float) -> int:
+    """Validation images per class for an old-class memory share ``share``: ``floor(ratio *
+    share)``, at least 1 and at most ``share`` (0 when ``share`` is 0)."""
+    return min(share, max(1, math.floor(ratio * share)))
+
+
+def validation_sizes(ends: list[int], total: int | None, per_class: int | None, ratio: float) -> list[int]:
+    """``v_b`` of every state ``b`` (0 for state 0, which has no bias stage), from the memory
+    shares the budget gives the ``ends[b-1]`` old classes of state ``b``."""
+    sizes = [0]
+    for n_old in ends[:-1]:
+        shares = class_quotas(total, per_class, n_old)
+        sizes.append(validation_size(min(shares), ratio))
+    return sizes
+
+
+def holdout_sizes(ends: list[int], total: int | None, per_class: int | None, ratio: float) -> list[int]:
+    """Images held out of the training data of each class new in state ``s``: the largest
+    validation size the class will ever be asked for, ``v_1`` for state 0 (also in a run of one
+    state, so that it depends on the config alone) and ``v_s`` for ``s >= 1``."""
+    first = validation_size(min(class_quotas(total, per_class, ends[0])), ratio)
+    return [first] + validation_sizes(ends, total, per_class, ratio)[1:]
+
+
 @register("bic")
 class BiC(Method):
     description = ("BiC: distillation from the bias-corrected previous model + a bias layer (alpha, beta) "
@@ -128,14 +167,22 @@ class BiC(Method):
             raise UserError("method 'bic' needs an exemplar memory (set memory.total or memory.per_class): "
                             "its validation split comes out of the exemplars")
         self.bias: dict[int, tuple[float, float]] = {}  # state -> (alpha, beta), states >= 1
+        self.holdout: dict[int, torch.Tensor] = {}  # class position -> its held-out images
         self.val: dict[int, torch.Tensor] = {}  # state -> validation indices (old classes first)
         self.val_per_class: dict[int, int] = {}
+        self.train_exemplars = 0  # old-class exemplars stage 1 of the current state trains on
+
+    def _holdout_sizes(self, ends: list[int]) -> list[int]:
+        mem = self.run_config.memory
+        return holdout_sizes(ends, mem.total, mem.per_class, self.cfg.val_ratio)
 
     def state0_signature(self) -> dict[str, Any]:
         sig = super().state0_signature()
+        sc = self.run_config.scenario
         if self.cfg.state_weight_decay:  # state 0's weight decay depends on the number of states
-            sc = self.run_config.scenario
             sig["state_weight_decay"] = {"states": sc.states, "increment": sc.increment}
+        # state 0 trains without its classes' validation hold-out, of v_1 images each
+        sig["bic_holdout"] = self._holdout_sizes([sc.initial])[0]
         return sig
 
     def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
@@ -146,10 +193,35 @@ class BiC(Method):
                 g["weight_decay"] = wd
         return groups
 
-    # ----- validation split --------------------------------------------------------------------
+    # ----- validation hold-out -----------------------------------------------------------------
+    def new_class_holdout(self, ctx: Context) -> torch.Tensor:
+        """The held-out images of this state's new classes, drawn once (seeded random, from
+        the run seed and the state) when the classes are new."""
+        st = ctx.state
+        if any(c not in self.holdout for c in st.new):
+            h = self._holdout_sizes(ctx.scenario.ends)[st.index]
+            gen = seeded_generator(ctx.config.seed, "bic-holdout", st.index)
+            pos = ctx.scenario.train_pos[st.train]
+            for c in st.new:
+                images = st.train[pos == c]
+                if images.numel() <= h:
+                    raise UserError(f"method 'bic': class {ctx.scenario.order[c]} has {images.numel()} training "
+                                    f"images, too few to hold out {h} for validation (lower bic.val_ratio)")
+                self.holdout[c] = _pick(images, h, gen)
+        parts = [self.holdout[c] for c in st.new]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def _new_training_images(self, ctx: Context) -> torch.Tensor:
+        train = ctx.state.train
+        return train[~torch.isin(train, self.new_class_holdout(ctx))]
+
+    def memory_candidates(self, ctx: Context) -> torch.Tensor:
+        """The new classes' images minus their validation hold-out."""
+        return self._new_training_images(ctx)
+
     def validation_split(self, ctx: Context) -> torch.Tensor:
-        """The state's validation indices (computed once per state, then kept): ``v`` exemplars
-        of every old class and ``v`` new images of every new class (see the module docstring)."""
+        """The state's validation indices (computed once per state, then kept): the first
+        ``v`` held-out images of every old class, then of every new class."""
         b = ctx.state.index
         if b not in self.val:
             self.val[b], self.val_per_class[b] = self._draw_split(ctx)
@@ -157,29 +229,34 @@ class BiC(Method):
 
     def _draw_split(self, ctx: Context) -> tuple[torch.Tensor, int]:
         st = ctx.state
-        shares = [ctx.memory.of_class(c) for c in st.old]
-        m = min(s.numel() for s in shares)
-        if m == 0:
-            raise UserError(f"method 'bic': an old class has no exemplar in state {st.index + 1}; "
-                            "raise memory.total / memory.per_class")
-        v = min(m, max(1, math.floor(self.cfg.val_ratio * m)))
-        gen = seeded_generator(ctx.config.seed, "bic-validation", st.index)
-        parts = [_pick(s, v, gen) for s in shares]
-        new_pos = ctx.scenario.train_pos[st.train]
-        for c in st.new:
-            images = st.train[new_pos == c]
-            if images.numel() <= v:
-                raise UserError(f"method 'bic': class {ctx.scenario.order[c]} has {images.numel()} training "
-                                f"images, too few to hold out {v} for validation (lower bic.val_ratio)")
-            parts.append(_pick(images, v, gen))
-        return torch.cat(parts), v
+        shares = {c: ctx.memory.of_class(c).numel() for c in st.old}
+        empty = [c for c, n in shares.items() if n == 0]
+        if empty:
+            raise UserError(f"method 'bic': old class {ctx.scenario.order[empty[0]]} has no exemplar in state "
+                            f"{st.index + 1}, so no room for its validation images; raise memory.total / "
+                            "memory.per_class")
+        v = validation_size(min(shares.values()), self.cfg.val_ratio)
+        self.new_class_holdout(ctx)
+        return torch.cat([self.holdout[c][:v] for c in st.seen]), v
+
+    def old_exemplars(self, ctx: Context) -> torch.Tensor:
+        """The exemplars stage 1 trains on: of each old class's memory share ``s``, the first
+        ``s - v`` (the other ``v`` slots hold its validation images)."""
+        self.validation_split(ctx)
+        v = self.val_per_class[ctx.state.index]
+        parts = [ctx.memory.of_class(c) for c in ctx.state.old]
+        parts = [p[: max(0, p.numel() - v)] for p in parts]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def train_set(self, ctx: Context) -> torch.Tensor:
-        """Stage 1 trains on new data + exemplars minus the validation split."""
-        everything = super().train_set(ctx)
+        """Stage 1 trains on the new images minus their hold-out, plus the old classes'
+        exemplars minus the validation slots: never on a validation image."""
+        new = self._new_training_images(ctx)
         if ctx.state.index == 0:
-            return everything
-        return everything[~torch.isin(everything, self.validation_split(ctx))]
+            return new
+        old = self.old_exemplars(ctx)
+        self.train_exemplars = int(old.numel())  # for results.json (the memory changes before after_state)
+        return torch.cat([new, old])
 
     # ----- stage 1 -----------------------------------------------------------------------------
     def corrected(self, logits: torch.Tensor, state: int, scenario: Scenario) -> torch.Tensor:
@@ -214,6 +291,7 @@ class BiC(Method):
         b = ctx.state.index
         if b == 0:
             ctx.info["bic"] = {"alpha": 1.0, "beta": 0.0, "val_per_class": 0, "val_images": 0}
+            self._write_record(ctx)
             return
         val = self.validation_split(ctx)
         out = ctx.engine.infer(ctx.model, ctx.dataset.train, val, want_features=False)
@@ -228,14 +306,32 @@ class BiC(Method):
         )
         self.bias[b] = (float(layer.alpha.item()), float(layer.beta.item()))
         after = self.corrected(logits, b, ctx.scenario)
+        n_train = self.train_exemplars
         ctx.info["bic"] = {
             "alpha": self.bias[b][0],
             "beta": self.bias[b][1],
             "val_per_class": self.val_per_class[b],
             "val_images": int(val.numel()),
+            "train_exemplars": n_train,
+            "memory_used": n_train + self.val_per_class[b] * ctx.state.n_old,
             "val_top1_uncorrected": 100.0 * (logits.argmax(1) == labels).double().mean().item(),
             "val_top1_corrected": 100.0 * (after.argmax(1) == labels).double().mean().item(),
         }
+        self._write_record(ctx)
+
+    def _write_record(self, ctx: Context) -> None:
+        """``bic/state_XX.json``: the validation images of the state and every class's hold-out
+        (original class id -> training-set indices)."""
+        if ctx.layout is None:
+            return
+        b, order = ctx.state.index, ctx.scenario.order
+        val = self.val.get(b, torch.empty(0, dtype=torch.int64))
+        pos = ctx.scenario.train_pos[val]
+        io.write_json(ctx.layout.bic(b), {
+            "val_per_class": self.val_per_class.get(b, 0),
+            "validation": {str(order[c]): val[pos == c].tolist() for c in ctx.state.seen if b > 0},
+            "holdout": {str(order[c]): self.holdout[c].tolist() for c in ctx.state.seen if c in self.holdout},
+        })
 
     # ----- scores ------------------------------------------------------------------------------
     def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -249,11 +345,13 @@ class BiC(Method):
     def state_dict(self) -> dict[str, Any]:
         return {
             "bias": {b: [a, c] for b, (a, c) in self.bias.items()},
+            "holdout": {c: h.clone() for c, h in self.holdout.items()},
             "val": {b: v.clone() for b, v in self.val.items()},
             "val_per_class": dict(self.val_per_class),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bias = {int(b): (float(a), float(c)) for b, (a, c) in state["bias"].items()}
+        self.holdout = {int(c): h.clone() for c, h in state["holdout"].items()}
         self.val = {int(b): v.clone() for b, v in state["val"].items()}
         self.val_per_class = {int(b): int(v) for b, v in state["val_per_class"].items()}

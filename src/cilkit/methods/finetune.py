@@ -6,10 +6,8 @@ cross-entropy on the new data plus the exemplars, without distillation (METHODS.
 
 from __future__ import annotations
 
-from cilkit.errors import UserError
 from cilkit.methods import register
-from cilkit.models import IncrementalLinear
-from cilkit.methods.base import Context, Method, MethodConfig
+from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
 
 
 class FinetuneConfig(MethodConfig):
@@ -26,7 +24,4 @@ class Finetune(Method):
     def before_state(self, ctx: Context) -> None:
         super().before_state(ctx)
         if self.cfg.reinit_classifier and ctx.state.index > 0:
-            head = ctx.model.head
-            if not isinstance(head, IncrementalLinear):
-                raise UserError(f"config key '{self.name}.reinit_classifier' needs the linear head")
-            head.reset_parameters()
+            reset_classifier(ctx.model, f"{self.name}.reinit_classifier")

@@ -4,7 +4,8 @@ No code of SIR was published (its repository holds only a README) and we read on
 abstract. The abstract names three parts; each is implemented here as a separate, switchable
 component with its own hyperparameters, following the reading of METHODS.md (SIR). The defaults
 of the hyperparameters are ours, not the paper's (``docs/sir.md``). SIR is a loss-level plug-in
-(the paper adds it to PODNet and DER); here the host is fine-tuning with memory (cross-entropy
+(the paper builds it on PODNet and on DER, not on fine-tuning); here the host is fine-tuning
+with memory (cross-entropy
 on new data + exemplars, no distillation), and SIR acts in the states ``b >= 1``, where the new
 samples outnumber the old exemplars; state 0 trains with plain cross-entropy, so its model is
 the fine-tuning state-0 model. Scores at test time are the raw logits.
@@ -14,11 +15,14 @@ the fine-tuning state-0 model. Scores at test time are the raw logits.
    training set, inside the training loss only (Menon et al., "Long-tail learning via logit
    adjustment", ICLR 2021, Eq. 10)::
 
-       z'_j = z_j + tau_j * log(n_j / N)
+       z'_j = z_j + tau_j * log(n_j / n_max)
 
    ``n_j`` = training images of class j in this state (exemplars for an old class, new images
-   for a new one; clamped to >= 1), ``N = sum_j n_j``. A rare (old) class gets a more negative
-   offset, so the loss asks for a larger raw logit margin in its favour.
+   for a new one; clamped to >= 1), ``n_max = max_j n_j``. A rare (old) class gets a more
+   negative offset, so the loss asks for a larger raw logit margin in its favour. Menon et al.
+   write ``log(n_j / N)`` (the prior); softmax is shift-invariant, so with one ``tau`` for every
+   class the two are the same loss. They differ once ``tau_j`` varies by class (component 3):
+   the reference is the most frequent class, whose offset is 0 whatever its ``tau``.
 2. **Inheritance transfer** ("reduce the representation confusion by estimating the similarity
    of different classes in the old embedding space"): at the start of the state, with the
    previous model (the model before this state's training), each old class o gets a prototype
@@ -38,7 +42,14 @@ the fine-tuning state-0 model. Scores at test time are the raw logits.
    multiple step-wise increments"): the compensation strength of a class decays with its age,
    ``tau_j = tau * gamma ** age_j``, ``age_j = b - s_j`` = states since the class was learned
    (``s_j`` its state; new classes have age 0 and the full ``tau``). It acts on frequency
-   compensation only (and needs it on).
+   compensation only (and needs it on). Reading chosen: attenuation shrinks an old class's
+   compensation *relative to the most frequent class* (offset ``tau_j log(n_j / n_max)``, see
+   1), i.e. toward "no compensation", never past it. With the prior ``log(n_j / N)`` instead,
+   shrinking an old class's offset toward 0 moves it *above* the offsets of the new classes
+   (``log(n_new / N) < 0``) once ``gamma ** age`` is small: on a long protocol the oldest
+   classes would get a larger offset than the new ones, i.e. be pushed down rather than
+   compensated (e.g. 90 old classes of 20 exemplars and 10 new of 500 images: at age 10 and
+   ``gamma = 0.9``, old ``0.35 log(20/6800) = -2.03`` against new ``log(500/6800) = -2.61``).
 
 Each component: ``sir: {frequency_compensation: false}`` etc. With all three off SIR is
 fine-tuning with memory. ``benchmarks/bench_sir_ablation.py configs/ablations/sir-fashion-mnist.yaml``
@@ -98,10 +109,13 @@ def compensation_strengths(tau: float, ages: torch.Tensor, attenuation: float | 
 
 
 def frequency_offsets(counts: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
-    """(n_seen,) logit adjustment ``tau_j * log(n_j / N)`` (counts clamped to >= 1, so that a
-    class without training images keeps a finite offset)."""
+    """(n_seen,) logit adjustment ``tau_j * log(n_j / n_max)``, <= 0, 0 for the most frequent
+    class (counts clamped to >= 1, so that a class without training images keeps a finite
+    offset). With equal ``tau_j`` it is the loss of ``tau * log(n_j / N)`` (softmax is
+    shift-invariant); with attenuated ``tau_j`` a rarer class never gets a larger offset than a
+    more frequent class of the same or a larger ``tau`` (module docstring, 3)."""
     n = counts.double().clamp_min(1.0)
-    return (strengths.double() * torch.log(n / n.sum())).float()
+    return (strengths.double() * torch.log(n / n.max())).float()
 
 
 def transfer_distribution(new_protos: torch.Tensor, old_protos: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -256,11 +256,59 @@ def convnet(
     return ConvNet(in_channels, last_relu, image_size, width)
 
 
+class LeNet(nn.Module):
+    """LeNet-5-like net (LeCun et al., Proc. IEEE 1998, Fig. 2), with ReLU and max-pooling.
+
+    conv 6@5x5 (padding 2) - ReLU - max-pool 2 - conv 16@5x5 - ReLU - max-pool 2 - fc 120 - ReLU -
+    fc 84 - ReLU -> 84-d features (the classifier is the head). LeNet-5 read 28x28 digits centred
+    in a 32x32 field; the padding of 2 on the first conv does the same, so a 28x28 input gives the
+    original 16x5x5 map before the first fc layer.
+
+    Other sizes (documented adaptation): inputs smaller than 28 px are zero-padded (centred, in
+    the normalised space, i.e. with the mean pixel) to 28x28; larger inputs are reduced by an
+    adaptive average pooling of the last 16-channel map to 5x5, so the fc layers keep LeNet's
+    400 -> 120 -> 84 shape for any size. Any channel count works (the first conv takes
+    ``in_channels``). With ``last_relu=False`` the ReLU after fc 84 is dropped. Weights: conv as
+    the other backbones (Kaiming normal, fan_out), linear layers PyTorch's default.
+    """
+
+    min_size = 28
+
+    def __init__(self, in_channels: int = 1, last_relu: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.last_relu = last_relu
+        self.out_dim = 84
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h < self.min_size or w < self.min_size:
+            dh, dw = max(0, self.min_size - h), max(0, self.min_size - w)
+            x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        if x.shape[-2:] != (5, 5):
+            x = F.adaptive_avg_pool2d(x, 5)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        x = self.fc2(x)
+        return F.relu(x) if self.last_relu else x
+
+
+def lenet(in_channels: int = 1, last_relu: bool = True) -> LeNet:
+    """LeNet-5-like net for small images (see ``LeNet``)."""
+    return LeNet(in_channels, last_relu)
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,
     "resnet18": resnet18,
     "resnet18_cifar": resnet18_cifar,
     "convnet": convnet,
+    "lenet": lenet,
 }
 
 BACKBONE_DESCRIPTIONS: dict[str, str] = {
@@ -268,6 +316,7 @@ BACKBONE_DESCRIPTIONS: dict[str, str] = {
     "resnet18": "ImageNet ResNet-18 (7x7 stem + max-pool), 11.2M params, 512-d features",
     "resnet18_cifar": "ResNet-18 with a 3x3 stride-1 stem and no max-pool for 32x32 inputs, 512-d",
     "convnet": "small fast 4-conv net for 8x8/28x28 inputs, 2*width-d features (default 64)",
+    "lenet": "LeNet-5-like: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84 -> 84-d, 61k params",
 }
 
 
