@@ -40,3 +40,11 @@ def test_default_out_dir_never_overwrites_a_run(tmp_path, capsys):
 def test_resume_of_a_non_run_directory_is_a_user_error(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_info_of_a_method_prints_its_documentation_and_options(capsys):
+    assert main(["info", "icarl"]) == 0
+    out = capsys.readouterr().out
+    assert "Rebuffi" in out and "C ln 2" in out and "icarl.bce_reduction: 'sum'" in out
+    assert main(["info", "no-such-thing"]) == 2
+    assert "unknown name 'no-such-thing'" in capsys.readouterr().err

@@ -112,3 +112,16 @@ def test_several_methods_share_one_parent_directory(tmp_path, capsys):
     assert "| finetune |" in out and "| icarl |" in out
     for m in ("finetune", "icarl"):
         assert json.loads((tmp_path / "cmp" / m / "results.json").read_text())["method"] == m
+
+
+def test_a_state_that_learned_nothing_is_warned_about(tmp_path, capsys):
+    """lr 1e-9: the loss cannot move, so every state ends where it started."""
+    res = Run(tiny_config(tmp_path, "scenario.states=2", "train.lr=1e-9", "state0_cache=null"),
+              tmp_path / "r", progress=False).execute()
+    out = capsys.readouterr().out
+    assert out.count("may have learned nothing") == 2
+    s0 = res["states"][0]
+    assert s0["final_loss"] >= 0.9 * s0["first_loss"]
+    capsys.readouterr()
+    Run(tiny_config(tmp_path, "scenario.states=2", "state0_cache=null"), tmp_path / "ok", progress=False).execute()
+    assert "may have learned nothing" not in capsys.readouterr().out

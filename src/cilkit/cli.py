@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.name:
+        print(describe(args.name))
+        return 0
+
     def section(title: str, items: dict[str, str]) -> None:
         print(f"{title}:")
         for k in sorted(items):
@@ -80,7 +85,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         "herding": "iCaRL herding: greedy picks keeping the exemplar mean closest to the class mean",
         "random": "seeded random picks",
     })
+    print("cilkit info NAME: a method's documentation and options")
     return 0
+
+
+def describe(name: str) -> str:
+    """A method's module documentation (the paper, its equations, cilkit's readings and their
+    caveats) and its config options with defaults; a dataset's or backbone's one line."""
+    if name in METHODS:
+        cls = METHODS[name]
+        doc = inspect.getdoc(sys.modules[cls.__module__]) or cls.description
+        options = [f"  {name}.{k}: {v.default!r}" for k, v in cls.Config.model_fields.items()]
+        return "\n".join([doc, "", "options (--set KEY=VALUE):", *options] if options else [doc])
+    for table in (SOURCE_DESCRIPTIONS, BACKBONE_DESCRIPTIONS):
+        if name in table:
+            return f"{name}: {table[name]}"
+    known = sorted({*METHODS, *SOURCE_DESCRIPTIONS, *BACKBONE_DESCRIPTIONS})
+    raise UserError(f"cilkit info: unknown name '{name}' (known: {', '.join(known)})")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -115,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="where to write the report (default: the first DIR/report)")
     k.set_defaults(func=cmd_compare)
     i = sub.add_parser("info", help="list datasets, methods, backbones and selection strategies")
+    i.add_argument("name", nargs="?", help="a method, dataset or backbone to describe")
     i.set_defaults(func=cmd_info)
     return p
 

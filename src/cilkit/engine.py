@@ -101,6 +101,7 @@ class Engine:
         opt = make_optimizer(hooks.param_groups(ctx), self.cfg, lr)
         sched = make_scheduler(opt, schedule, epochs)
         losses: list[float] = []
+        first_loss: float | None = None
         start, seen = time.perf_counter(), 0
         bar = tqdm(range(epochs), desc=desc, leave=False, disable=self._bar_disabled())
         for _ in bar:
@@ -121,6 +122,8 @@ class Engine:
                     out = model(self._prepare(batch.x))
                 out = {k: v.float() for k, v in out.items()}
                 loss = hooks.loss(ctx, batch, out)
+                if first_loss is None:
+                    first_loss = float(loss.item())  # one sync per fit: the "learned nothing" check
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -135,7 +138,12 @@ class Engine:
             elif sched is not None:
                 sched.step()
         seconds = time.perf_counter() - start
-        return {"epoch_losses": losses, "train_seconds": seconds, "images_per_second": seen / seconds if seconds else None}
+        return {
+            "epoch_losses": losses,
+            "first_loss": first_loss,
+            "train_seconds": seconds,
+            "images_per_second": seen / seconds if seconds else None,
+        }
 
     def _bar_disabled(self) -> bool | None:
         return None if self.progress is None else not self.progress

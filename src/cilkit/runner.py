@@ -221,11 +221,17 @@ class Run:
         train = self.config.train
         b = ctx.state.index
         fit = self.engine.fit(ctx, self.method, indices, train.epochs_of(b), train.lr_of(b), train.schedule, desc=desc)
+        final = fit["epoch_losses"][-1] if fit["epoch_losses"] else None
+        if stalled(fit["first_loss"], final):
+            log(f"[{self.config.method}] warning: {desc} ended with loss {final:.3f}, about where it started "
+                f"({fit['first_loss']:.3f} on its first batch): the model may have learned nothing; try another "
+                "learning rate or seed (see cilkit info)")
         return {
             "train_images": int(indices.numel()),
             "train_seconds": fit["train_seconds"],
             "images_per_second": fit["images_per_second"],
-            "final_loss": fit["epoch_losses"][-1] if fit["epoch_losses"] else None,
+            "first_loss": fit["first_loss"],
+            "final_loss": final,
         }
 
     def _update_memory(self, ctx: Context) -> None:
@@ -373,6 +379,16 @@ class Run:
         }
         root = Path(os.path.expanduser(c.state0_cache))
         return state0cache.cache_file(root, self.dataset.name, key)
+
+
+STALL_RATIO = 0.9
+
+
+def stalled(first_loss: float | None, final_loss: float | None) -> bool:
+    """A fit that ended (last epoch's mean loss) within 10% of its first batch's loss: a model
+    that learned nothing (e.g. iCaRL's first state stuck at ln 2 per class under plain SGD)."""
+    return first_loss is not None and final_loss is not None and first_loss > 0 and \
+        final_loss >= STALL_RATIO * first_loss
 
 
 RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache"})

@@ -33,7 +33,7 @@ from cilkit.errors import UserError
 STATE0_HOOKS = ("build_model", "before_state", "rounds", "train_set", "param_groups", "loss")
 # ^ the Method hooks that run while state 0 trains (after it: memory, statistics, scores,
 #   which the cache does not skip)
-FIT_KEYS = ("train_seconds", "images_per_second", "final_loss")
+FIT_KEYS = ("train_seconds", "images_per_second", "first_loss", "final_loss")
 
 
 def code_digest(fn: Callable[..., Any]) -> str:

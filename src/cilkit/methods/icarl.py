@@ -26,7 +26,8 @@ plateau. Every one of those runs still reached 95.9-98.9% top-1 on the two class
 epochs; a run that ends its first state near the plateau value (the issue's 0.68 ~ ln 2,
 59.5% top-1) is an effective step too small for its loss scale (e.g. ``mean`` with a
 cross-entropy learning rate, or no momentum where the original has 0.9), not a defect of the
-formula. Pair the lr with the reduction.
+formula. Pair the lr with the reduction. A state whose last epoch ends within 10% of its first
+batch's loss is reported in the log as one that may have learned nothing (for every method).
 
 Classification is nearest-mean-of-exemplars (Alg. 1): class means of L2-normalised features of
 each class's exemplars (and of their horizontal flips when the dataset trains with flips, as
