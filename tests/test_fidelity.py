@@ -245,3 +245,24 @@ def test_the_papers_cifar100_configs_carry_their_settings():
         assert (sir.method, sir.scenario.initial, sir.scenario.increment, sir.memory.per_class) == ("sir", 50, increment, 20)
         lucir = load_config(configs / f"lucir-cifar100-b50-{steps}steps.yaml")
         assert sir.train == lucir.train and sir.model == lucir.model and sir.scenario == lucir.scenario
+
+
+def test_il2m_maps_each_old_class_to_its_state_of_birth_with_a_large_first_state():
+    """First state of 5 classes, then states of 2: classes 0-4 were born in state 0, 5-6 in
+    state 1, 7-8 in state 2; in state 3 (classes 9-10 new) each old class's score is scaled by
+    init/cur mean times conf[3] / conf[birth], checked by hand on one row."""
+    from cilkit.rectify import born_states, il2m_from_stats
+
+    ends = [5, 7, 9, 11]
+    assert born_states(9, ends) == [0, 0, 0, 0, 0, 1, 1, 2, 2]
+    conf = [8.0, 4.0, 2.0, 1.0]
+    stats = {
+        "state": 3, "n_old": 9, "state_ends": ends, "conf": conf,
+        "init_mean": {str(o): 2.0 for o in range(9)},
+        "cur_mean": {str(o): 1.0 for o in range(9)},
+    }
+    logits = torch.tensor([[1.0] * 9 + [5.0, 0.0], [9.0] + [0.0] * 10], dtype=torch.float64)
+    out = il2m_from_stats(logits, stats)
+    expected_row0 = [1.0 * 2.0 * conf[3] / conf[s] for s in [0, 0, 0, 0, 0, 1, 1, 2, 2]] + [5.0, 0.0]
+    assert torch.allclose(out[0], torch.tensor(expected_row0, dtype=torch.float64))
+    assert torch.equal(out[1], logits[1])  # top-1 is old: left as it is

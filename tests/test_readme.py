@@ -17,6 +17,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert test_command.startswith("pip install torch==2.13.0 && ")  # torch first: no CUDA wheels
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+    assert "python -m mypy && python -m pytest" in test_command  # the type check gates the suite
 
 
 def test_readme_main_job_installs_torch_first_and_runs_the_quickstart():
