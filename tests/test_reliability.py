@@ -302,3 +302,35 @@ def test_calibrate_with_a_foreign_statistics_file_is_one_line(finished, capsys):
     assert main(["calibrate", str(finished), "--with", "il2m"]) == 2
     line = one_error_line(capsys)
     assert "state_01.json" in line and "not a cilkit statistics file" in line
+
+
+class _SmoothingConfig(Finetune.Config):  # type: ignore[name-defined,misc]
+    smoothing: float = 0.0
+
+
+@register("finetune_smoothing_option_test")
+class _OptionFinetune(Finetune):
+    """A user's method whose loss reads its own option (and declares nothing)."""
+
+    description = "test only"
+    Config = _SmoothingConfig
+
+    def loss(self, ctx, batch, out):
+        return torch.nn.functional.cross_entropy(out["logits"], batch.y, label_smoothing=self.cfg.smoothing)
+
+
+def test_the_cache_key_holds_every_method_option_not_declared_free(tmp_path, capsys):
+    def cached(*overrides: str) -> bool:
+        res = Run(tiny_config(tmp_path, "scenario.states=1", *overrides), tmp_path / f"r{len(list(tmp_path.iterdir()))}",
+                  progress=False).execute()
+        return res["states"][0]["state0_cached"]
+
+    mine = "method=finetune_smoothing_option_test"
+    assert not cached(mine, "finetune_smoothing_option_test.smoothing=0.0")
+    assert cached(mine, "finetune_smoothing_option_test.smoothing=0.0")
+    assert not cached(mine, "finetune_smoothing_option_test.smoothing=0.4")  # same code, other option
+    # declared free (read from state 1 on only): shared
+    assert not cached("method=lucir", "lucir.lambda_base=5")
+    assert cached("method=lucir", "lucir.lambda_base=1", "lucir.margin=0.2")
+    assert not cached("method=finetune")
+    assert cached("method=il2m", "il2m.guard_nonpositive=true")  # IL2M trains as fine-tuning

@@ -65,3 +65,11 @@ def test_validation_holdout_is_balanced_and_disjoint():
 def test_impossible_protocols(cfg, message):
     with pytest.raises(UserError, match=message):
         make(cfg)
+
+
+def test_an_increment_that_leaves_classes_unlearned_is_refused_unless_states_is_set():
+    with pytest.raises(UserError, match=r"scenario.increment.*last 2 of the 10 classes.*unlearned; use an "
+                                        r"increment of 1, 2, 4, 8, or set scenario.states"):
+        make(ScenarioConfig(initial=2, increment=3))
+    sc, _, _ = make(ScenarioConfig(initial=2, increment=3, states=3))  # fewer states on purpose
+    assert sc.ends == [2, 5, 8]

@@ -117,6 +117,23 @@ class State:
         return self.new.stop
 
 
+def check_all_classes_learned(initial: int, increment: int, available: int, dataset_name: str) -> None:
+    """With ``states`` left to the default, every class of the order must be learned: an
+    increment that does not divide the remaining classes would silently leave the last ones out
+    (10 classes, initial 2, increment 3: states of 2, 5, 8 classes, classes 8 and 9 never seen)."""
+    if initial >= available:
+        return
+    left = (available - initial) % increment
+    if left == 0:
+        return
+    fits = [k for k in range(1, available - initial + 1) if (available - initial) % k == 0]
+    raise UserError(
+        f"config key 'scenario.increment': initial {initial} + states of {increment} classes leave the last "
+        f"{left} of the {available} classes of '{dataset_name}' unlearned; use an increment of "
+        f"{', '.join(map(str, fits))}, or set scenario.states to run fewer states on purpose"
+    )
+
+
 class Scenario:
     """States over a dataset's classes: ``initial`` classes first, then ``increment`` each."""
 
@@ -132,6 +149,8 @@ class Scenario:
         self.order = class_order(cfg.order, num_classes)
         available = len(self.order)
         max_states = 1 + max(0, (available - cfg.initial) // cfg.increment)
+        if cfg.states is None:
+            check_all_classes_learned(cfg.initial, cfg.increment, available, dataset_name)
         self.num_states = cfg.states if cfg.states is not None else max_states
         needed = cfg.initial + cfg.increment * (self.num_states - 1)
         if cfg.initial > available or needed > available:

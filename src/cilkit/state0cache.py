@@ -56,9 +56,14 @@ def _hash_code(h: Any, code: types.CodeType) -> None:
 
 
 def method_signature(method: Any) -> dict[str, Any]:
-    """The method's declared state-0 options and the code of its state-0 hooks."""
+    """Every option of the method but those it declares unread in state 0
+    (``state0_free_options``), what else it declares (:meth:`Method.state0_signature`), and the
+    code of its state-0 hooks. A new method is safe without declaring anything: at worst it
+    misses a cache entry it could have shared."""
+    free = set(getattr(method, "state0_free_options", ()))
     return {
-        "options": method.state0_signature(),
+        "options": {k: v for k, v in method.cfg.model_dump(mode="json").items() if k not in free},
+        "declared": method.state0_signature(),
         "hooks": {name: code_digest(getattr(method, name)) for name in STATE0_HOOKS},
     }
 

@@ -98,6 +98,9 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     needs_teacher: ClassVar[bool] = False  # keep a frozen copy of the previous model
     primary_scores: ClassVar[str] = "cnn"  # what `predict` reports (the top1 of results.json)
+    # options that state 0 never reads: left out of the state-0 cache key, so that runs which
+    # differ only in them share one state-0 model (see cilkit.state0cache)
+    state0_free_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RunConfig, options: MethodConfig | None = None) -> None:
         self.run_config = config
@@ -109,9 +112,10 @@ class Method:
         return build_model(m.backbone, in_channels=in_channels, image_size=image_size, width=m.width)
 
     def state0_signature(self) -> dict[str, Any]:
-        """What of this method shapes the state-0 model (part of the state-0 cache key).
-        State 0 trains with :meth:`loss` on the initial classes, with no teacher."""
-        return {"head": "linear", "last_relu": True, "loss": "ce"}
+        """What else shapes this method's state-0 model, beyond what the state-0 cache key
+        always holds (the method's options, the code of its state-0 hooks, the model's
+        architecture, the data and training settings): e.g. a run setting read in state 0."""
+        return {}
 
     # ----- hooks -------------------------------------------------------------------------------
     def before_state(self, ctx: Context) -> None:

@@ -160,6 +160,9 @@ class BiC(Method):
     cfg: BiCConfig
     needs_teacher = True
     primary_scores = "bic"
+    # distillation and the bias stage act from state 1 on (the hold-out, val_ratio, in state 0 too)
+    state0_free_options = ("temperature", "bias_epochs", "bias_lr", "bias_milestones", "bias_gamma",
+                           "bias_momentum", "beta_l2", "bias_batch_size")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

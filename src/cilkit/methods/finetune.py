@@ -6,6 +6,8 @@ cross-entropy on the new data plus the exemplars, without distillation (METHODS.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from cilkit.methods import register
 from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
 
@@ -20,6 +22,7 @@ class Finetune(Method):
     description = "fine-tuning with memory: cross-entropy on new data + exemplars, no distillation"
     Config = FinetuneConfig
     cfg: FinetuneConfig
+    state0_free_options: ClassVar[tuple[str, ...]] = ("reinit_classifier",)  # acts from state 1 on
 
     def before_state(self, ctx: Context) -> None:
         super().before_state(ctx)

@@ -77,9 +77,6 @@ class ICaRL(Method):
         super().__init__(*args, **kwargs)
         self.class_means = torch.empty(0)
 
-    def state0_signature(self) -> dict[str, Any]:
-        return {**super().state0_signature(), "loss": self.cfg.loss}
-
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = out["logits"]
         n_old = ctx.state.n_old

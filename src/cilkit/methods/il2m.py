@@ -43,6 +43,7 @@ class IL2M(Finetune):
     Config = IL2MConfig
     cfg: IL2MConfig
     primary_scores = "il2m"
+    state0_free_options = ("reinit_classifier", "guard_nonpositive")  # only from state 1 on
 
     def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The logits rectified with this state's class statistics (the same the run saves, so

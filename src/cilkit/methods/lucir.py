@@ -182,6 +182,9 @@ class LUCIR(Method):
     Config = LUCIRConfig
     cfg: LUCIRConfig
     needs_teacher = True
+    # state 0 is cross-entropy on the cosine head; these act from state 1 on (cbf: after training)
+    state0_free_options = ("lambda_base", "adaptive_lambda", "margin", "top_k", "mr_weight", "imprint",
+                           "cbf", "cbf_epochs", "cbf_lr", "cbf_milestones")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -199,9 +202,6 @@ class LUCIR(Method):
             m.backbone, in_channels=in_channels, image_size=image_size, width=m.width,
             last_relu=False, head="cosine",
         )  # fmt: skip
-
-    def state0_signature(self) -> dict[str, Any]:
-        return {"head": "cosine", "last_relu": False, "loss": "ce"}
 
     # ----- hooks -------------------------------------------------------------------------------
     def before_state(self, ctx: Context) -> None:
