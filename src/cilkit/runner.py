@@ -362,7 +362,7 @@ class Run:
             "order": self.scenario.order[: self.scenario.ends[0]],
             "val_per_class": c.scenario.val_per_class,
             **({"imbalance": self.scenario.imbalance} if c.scenario.imbalance.profile != "none" else {}),
-            "model": state0cache.model_signature(self.model),
+            "model": {"config": c.model.model_dump(mode="json"), **state0cache.model_signature(self.model)},
             "method": state0cache.method_signature(self.method),
             "train": {
                 "epochs": c.train.epochs_of(0),
