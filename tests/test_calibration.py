@@ -169,3 +169,20 @@ def test_calibrate_errors_exit_2_naming_the_fault(pair, tmp_path, capsys):
     (src / "scores" / "state_02.npz").write_bytes(b"not a zip")
     assert main(["calibrate", str(src), "--with", "none"]) == 2
     assert "scores/state_02.npz' cannot be read" in capsys.readouterr().err
+
+
+def test_calibrate_prints_before_and_after_and_never_rectifies_its_own_output(pair, tmp_path, capsys):
+    src = tmp_path / "cmp"
+    shutil.copytree(pair, src, ignore=shutil.ignore_patterns("checkpoints", "calibrated"))
+    assert main(["calibrate", str(src / "finetune"), "--with", "il2m"]) == 0
+    before = load(src / "finetune" / "results.json")["mean_incremental_top1_excl_first"]
+    after = load(src / "finetune" / "calibrated" / "il2m" / "results.json")["mean_incremental_top1_excl_first"]
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"finetune -> finetune+il2m: mean incremental top-1 (excl. state 1) {before:.2f} -> "
+                           f"{after:.2f}")
+    # the parent again: finetune and il2m are rectified, the earlier output is not (no il2m+il2m)
+    assert main(["calibrate", str(src), "--with", "il2m"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune+il2m+il2m" not in out and out.count(" -> ") == 4  # two lines, two arrows each
+    assert main(["calibrate", str(src / "finetune" / "calibrated" / "il2m"), "--with", "il2m"]) == 2
+    assert "holds no uncalibrated run" in capsys.readouterr().err

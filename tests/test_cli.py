@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from cilkit.cli import main
 
 
@@ -45,6 +47,37 @@ def test_resume_of_a_non_run_directory_is_a_user_error(tmp_path, capsys):
 def test_info_of_a_method_prints_its_documentation_and_options(capsys):
     assert main(["info", "icarl"]) == 0
     out = capsys.readouterr().out
-    assert "Rebuffi" in out and "C ln 2" in out and "icarl.bce_reduction: 'sum'" in out
+    assert "Rebuffi" in out and "C ln 2" in out
+    assert "icarl.bce_reduction (Literal['sum', 'mean'], default 'sum'):" in out
+    assert "icarl.temperature (float, default 2.0):\n      ce_kd only" in out
     assert main(["info", "no-such-thing"]) == 2
     assert "unknown name 'no-such-thing'" in capsys.readouterr().err
+
+
+def test_every_method_option_has_a_type_a_default_and_a_description(capsys):
+    from cilkit.registry import METHODS
+
+    for name, cls in METHODS.items():
+        assert main(["info", name]) == 0
+        out = capsys.readouterr().out
+        for key in cls.Config.model_fields:
+            head = next(line for line in out.splitlines() if line.startswith(f"  {name}.{key} ("))
+            assert "default" in head and head.endswith(":"), f"{name}.{key} has no description"
+
+
+def test_info_lists_rectifiers_and_version_prints(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "rectifiers (cilkit calibrate --with):" in out and "scaling" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("cilkit 0.")
+
+
+def test_the_first_line_of_a_run_states_its_setup(tmp_path, capsys):
+    args = ["run", "--set", "method=finetune", "--set", "scenario.states=2", "--set", "train.epochs=1",
+            "--set", "model.width=8", "--set", "threads=1", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ("[finetune] digits: 10 classes, images 1x8x8; 2 states of 2 + 1 x 2 classes; memory 200 "
+                     "exemplars (herding); device cpu, threads 1, fp32; seed 0")

@@ -102,6 +102,7 @@ def test_confusion_matrix_is_the_last_state_argmax_against_labels(runs):
         assert (m.sum(axis=1) == np.bincount(z["labels"], minlength=10)).all()
         assert 100 * np.trace(m) / m.sum() == pytest.approx(r["states"][-1]["top1"])
         assert data[label]["classes"] == r["class_order"]
+        assert data[label]["names"] == r["class_names"] and len(r["class_names"]) == 10  # digits: "0".."9"
         assert data[label]["state_ends"] == [4, 7, 10]
     # the reference share of new-class test images is read from the stored labels
     labels = np.load(dirs["icarl"] / "scores" / "state_01.npz")["labels"]
@@ -246,3 +247,37 @@ def test_every_plot_and_the_table_are_displayed_by_the_browser(runs, tmp_path):
     assert len(decoded) == len(PLOTS) + 1 and all(d == "true" for d in decoded), decoded
     rows = int(re.search(r'data-table-rows="(\d+)"', dom).group(1))
     assert rows >= 1 + 3  # header + finetune, icarl, icarl [cnn], active ...
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_legends_never_cover_the_curves_even_with_eleven_runs():
+    from cilkit.plots import plot_curves, plot_new_share, plot_old_new
+
+    classes = [2, 4, 6, 8, 10]
+    curves = {f"method-{k}-with-a-long-name": {"classes": classes, "top1": [90.0 - k] * 5, "base": f"method-{k}-with-a-long-name"}
+              for k in range(11)}
+    shares = {k: {"classes": classes, "share": [50.0] * 5} for k in curves}
+    old_new = {"finetune": {"classes": classes, "old": [None, 0.0, 0.0, 0.0, 0.0], "new": [90.0, 99.0, 98.0, 97.0, 99.0]}}
+    for fig in (plot_curves(curves), plot_new_share(shares), plot_old_new(old_new)):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legends = [a.get_legend() for a in fig.axes if a.get_legend()] + list(fig.legends)
+        assert legends
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 + 1 and box.y1 <= fig.bbox.y1 + 1  # inside the image
+            for ax in fig.axes:
+                if ax.get_visible():
+                    assert not _overlaps(box, ax.get_window_extent(renderer)), "a legend covers a plot"
+
+
+def test_confusion_matrices_are_labelled_with_class_names():
+    from cilkit.plots import plot_confusion
+
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress"]
+    fig = plot_confusion({"finetune": {"matrix": np.eye(4).tolist(), "classes": [0, 1, 2, 3], "names": names,
+                                       "state_ends": [2, 4]}})
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == names

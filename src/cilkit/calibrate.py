@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cilkit import io
+from cilkit.errors import UserError
 from cilkit.metrics import fmt, run_summary, score_metrics, state_accuracies
 from cilkit.rectify import check_rectifier, rectify
 from cilkit.report import find_runs
@@ -61,18 +62,27 @@ def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: 
     check_rectifier(rectifier)
     run_dir = Path(run_dir)
     single = RunLayout(run_dir).results.is_file()
+    runs = [r for r in find_runs([run_dir]) if "calibration" not in r.results]  # never re-rectify an output
+    if not runs:
+        raise UserError(f"calibrate: '{run_dir}' holds no uncalibrated run (its results come from cilkit calibrate)")
     done = []
-    for run in find_runs([run_dir]):
+    for run in runs:
         results, arrays = calibrated_results(run.path, run.results, rectifier)
         base = Path(out) if out is not None else RunLayout(run.path).calibrated(rectifier)
         dest = base / run.path.name if (not single and out is not None) else base
-        done.append(("" if single else run.label, dest, results, arrays))
-    for _, dest, results, arrays in done:
+        done.append(("" if single else run.label, dest, run.results, results, arrays))
+    for _, dest, source, results, arrays in done:
         layout = RunLayout(dest)
         for b, arr in arrays.items():
             io.write_npz(layout.scores(b), **arr)
         io.write_json(layout.results, results)
         if echo:
-            print(f"{results['method']}: mean incremental top-1 (excl. state 1) "
-                  f"{fmt(results.get('mean_incremental_top1_excl_first'))} -> {dest}")
-    return {label: results for label, _, results, _ in done}
+            print(before_after_line(source, results, dest))
+    return {label: results for label, _, _, results, _ in done}
+
+
+def before_after_line(source: dict[str, Any], results: dict[str, Any], dest: Path) -> str:
+    """``finetune -> finetune+il2m: mean incremental top-1 (excl. state 1) 29.46 -> 28.90 (DEST)``"""
+    key = "mean_incremental_top1_excl_first"
+    return (f"{source.get('method', '?')} -> {results['method']}: mean incremental top-1 (excl. state 1) "
+            f"{fmt(source.get(key))} -> {fmt(results.get(key))}  (written to {dest})")

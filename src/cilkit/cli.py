@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
 from cilkit.calibrate import calibrate_run
 from cilkit.config import RunConfig, load_config, read_yaml, validate
 from cilkit.errors import UserError
-from cilkit.models import BACKBONE_DESCRIPTIONS
-from cilkit.registry import METHODS, SOURCE_DESCRIPTIONS
+from cilkit.describe import describe, overview, version_line
 from cilkit.report import compare_runs
 from cilkit.rundir import RunLayout, fresh_directory
 from cilkit.runner import check_protocol, log, repeat_dirs, run_methods, with_resolved_threads
@@ -68,40 +66,8 @@ def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if args.name:
-        print(describe(args.name))
-        return 0
-
-    def section(title: str, items: dict[str, str]) -> None:
-        print(f"{title}:")
-        for k in sorted(items):
-            print(f"  {k:<16} {items[k]}")
-        print()
-
-    section("datasets", SOURCE_DESCRIPTIONS)
-    section("methods", {k: m.description for k, m in METHODS.items()})
-    section("backbones", BACKBONE_DESCRIPTIONS)
-    section("selection strategies", {
-        "herding": "iCaRL herding: greedy picks keeping the exemplar mean closest to the class mean",
-        "random": "seeded random picks",
-    })
-    print("cilkit info NAME: a method's documentation and options")
+    print(describe(args.name) if args.name else overview())
     return 0
-
-
-def describe(name: str) -> str:
-    """A method's module documentation (the paper, its equations, cilkit's readings and their
-    caveats) and its config options with defaults; a dataset's or backbone's one line."""
-    if name in METHODS:
-        cls = METHODS[name]
-        doc = inspect.getdoc(sys.modules[cls.__module__]) or cls.description
-        options = [f"  {name}.{k}: {v.default!r}" for k, v in cls.Config.model_fields.items()]
-        return "\n".join([doc, "", "options (--set KEY=VALUE):", *options] if options else [doc])
-    for table in (SOURCE_DESCRIPTIONS, BACKBONE_DESCRIPTIONS):
-        if name in table:
-            return f"{name}: {table[name]}"
-    known = sorted({*METHODS, *SOURCE_DESCRIPTIONS, *BACKBONE_DESCRIPTIONS})
-    raise UserError(f"cilkit info: unknown name '{name}' (known: {', '.join(known)})")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -117,6 +83,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cilkit", description="Class-incremental learning under imbalance.")
+    p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a protocol (default: the embedded digits quickstart)")
     r.add_argument("config", nargs="?", help="YAML config (default: the embedded quickstart)")

@@ -95,12 +95,18 @@ def confusion_data(run_dirs: Mapping[str, Path], results: Results) -> dict[str, 
         scores, labels = read_scores(RunLayout(run_dirs[label]).scores(last["state"]), "scores", "labels")
         pred = scores.argmax(axis=1) if scores.size else np.zeros(0, dtype=np.int64)
         counts = np.bincount(labels.astype(np.int64) * n + pred, minlength=n * n).reshape(n, n)
+        names = r.get("class_names") or [str(c) for c in r["class_order"]]  # runs before names were kept
         data[label] = {
             "matrix": counts.tolist(),
             "classes": list(r["class_order"][:n]),
+            "names": [_short(str(x)) for x in names[:n]],
             "state_ends": [e for e in r["state_ends"] if e <= n],
         }
     return data
+
+
+def _short(name: str, width: int = 14) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def _annotation_row(value: Any) -> dict[str, float]:
@@ -170,12 +176,20 @@ def _label_state_plot(ax: Any, data: Mapping[str, Mapping[str, Any]], ylabel: st
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, ymax)
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    outside_legend(ax)
+
+
+def outside_legend(ax: Any) -> None:
+    """The legend to the right of the axes, in columns of at most 16 entries: however many
+    runs are compared, it never covers a curve."""
+    n = len(ax.get_legend_handles_labels()[1])
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              ncols=max(1, math.ceil(n / 16)))
 
 
 def plot_curves(data: Mapping[str, Mapping[str, Any]]) -> Figure:
     """Top-1 vs classes seen (``curve_data``); extra score sets dashed in their method's colour."""
-    fig = _figure(6.4, 4.2)
+    fig = _figure(8.4, 4.2)
     ax = fig.add_subplot()
     colours = _colours([label for label, d in data.items() if d["base"] == label])
     for label, d in data.items():
@@ -197,9 +211,10 @@ def plot_old_new(data: Mapping[str, Mapping[str, Any]]) -> Figure:
         ax.plot(d["classes"], _nan(d["new"]), color=colours[label], marker="s", markersize=4, linestyle="--",
                 alpha=0.7, label="new classes")
         _state_axis(ax, d["classes"])
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-2, 102)  # a curve at 0% or 100% stays visible above/below the axis line
         ax.set_title(label)
-        ax.legend(fontsize="x-small")
+    if data:  # one legend for all panels, above them: never over a curve at 0% or 100%
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize="small")
     for ax in axes[: len(data): cols]:
         ax.set_ylabel("top-1 (%)")
     for ax in axes[len(data):]:
@@ -223,8 +238,9 @@ def plot_confusion(data: Mapping[str, Mapping[str, Any]]) -> Figure:
             ax.axvline(end - 0.5, color="white", linewidth=0.8)
         n = len(d["classes"])
         ticks = range(n) if n <= 20 else [e - 1 for e in d["state_ends"]]
-        ax.set_xticks(list(ticks), [str(d["classes"][t]) for t in ticks], fontsize="x-small")
-        ax.set_yticks(list(ticks), [str(d["classes"][t]) for t in ticks], fontsize="x-small")
+        names = d.get("names") or [str(c) for c in d["classes"]]
+        ax.set_xticks(list(ticks), [names[t] for t in ticks], fontsize="x-small", rotation=90)
+        ax.set_yticks(list(ticks), [names[t] for t in ticks], fontsize="x-small")
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title(label)
@@ -238,7 +254,7 @@ def plot_confusion(data: Mapping[str, Mapping[str, Any]]) -> Figure:
 def plot_new_share(data: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any] | None = None) -> Figure:
     """Share of test predictions in the newest classes per state (``new_share_data``); the
     dotted ``reference`` is the share of test images that truly belong to them."""
-    fig = _figure(6.4, 4.2)
+    fig = _figure(8.4, 4.2)
     ax = fig.add_subplot()
     colours = _colours(list(data))
     for label, d in data.items():

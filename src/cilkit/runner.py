@@ -114,6 +114,7 @@ class Run:
             "dataset": self.dataset.name,
             "num_states": self.scenario.num_states,
             "class_order": self.scenario.order[: self.scenario.ends[-1]],
+            "class_names": [self.dataset.class_names[c] for c in self.scenario.order[: self.scenario.ends[-1]]],
             "state_ends": self.scenario.ends,
             "imbalance": self.scenario.imbalance,  # profile and kept images per class position
             "primary_scores": self.method.primary_scores,
@@ -132,10 +133,25 @@ class Run:
     def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
         """Run (or continue) the states; ``until_state`` stops after that state (for tests)."""
         start = self._restore() if resume else self._start_fresh()
+        log(f"[{self.config.method}] {self.setup_line()}")
         last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
         for b in range(start, last + 1):
             self._run_state(b)
         return self.results
+
+    def setup_line(self) -> str:
+        """What shapes the run and its speed, in one line (the first the run prints)."""
+        c, sc = self.config, self.scenario
+        sizes = [sc.ends[0]] + [e - s for s, e in zip(sc.ends, sc.ends[1:])]
+        steps = f"{sizes[0]}" + (f" + {len(sizes) - 1} x {sizes[1]}" if len(set(sizes[1:])) == 1 and len(sizes) > 1
+                                  else "".join(f" + {n}" for n in sizes[1:]))
+        m = c.memory
+        memory = (f"{m.total} exemplars" if m.total else f"{m.per_class} per class" if m.per_class else "none")
+        precision = "bf16 autocast" if c.amp else "fp32"
+        return (f"{self.dataset.name}: {self.dataset.num_classes} classes, images {self.channels}x{self.size}x"
+                f"{self.size}; {sc.num_states} states of {steps} classes; memory {memory}"
+                f"{f' ({m.selection})' if m.enabled else ''}; device {self.device}, threads {torch.get_num_threads()}, "
+                f"{precision}{', channels-last' if c.channels_last else ''}; seed {c.seed}")
 
     def _start_fresh(self) -> int:
         io.make_dir(self.layout.root)

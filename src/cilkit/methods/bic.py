@@ -79,11 +79,11 @@ class BiCConfig(MethodConfig):
     # Stage 2, the original code (imagenet_main.py / resnet.py): 200 epochs, lr 0.1 decayed x0.1
     # at 60/120/160/180, momentum 0.9, L2 of 0.1 on beta (its "gamma").
     bias_epochs: int = Field(200, ge=1)
-    bias_lr: float = Field(0.1, gt=0)
-    bias_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160, 180])
-    bias_gamma: float = Field(0.1, gt=0)
-    bias_momentum: float = Field(0.9, ge=0)
-    beta_l2: float = Field(0.1, ge=0)
+    bias_lr: float = Field(0.1, gt=0)  # stage 2 (bias layer) learning rate
+    bias_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160, 180])  # stage 2 epochs where the lr is multiplied by bias_gamma
+    bias_gamma: float = Field(0.1, gt=0)  # stage 2 lr decay factor
+    bias_momentum: float = Field(0.9, ge=0)  # stage 2 SGD momentum
+    beta_l2: float = Field(0.1, ge=0)  # stage 2: L2 penalty on beta (the original's gamma)
     bias_batch_size: int | None = Field(None, ge=1)  # default: train.batch_size (the original's)
     # The original's weight decay of state b: train.weight_decay * states / (b + 1)
     # (imagenet_model_fn: 1e-4 * nb_groups / (itera + 1)); off = train.weight_decay throughout.

@@ -48,7 +48,7 @@ from cilkit.methods.nme import class_means, nme_scores
 
 
 class ICaRLConfig(MethodConfig):
-    loss: Literal["bce", "ce_kd"] = "bce"
+    loss: Literal["bce", "ce_kd"] = "bce"  # bce: the paper's sigmoid BCE with distillation targets; ce_kd: cross-entropy + KD
     # bce only: "sum" over the seen classes, mean over the batch (the paper's Alg. 3 sum, per
     # image); "mean": the original code's mean over the batch and the run's classes (see above)
     bce_reduction: Literal["sum", "mean"] = "sum"

@@ -64,15 +64,15 @@ class LUCIRConfig(MethodConfig):
     adaptive_lambda: bool = True
     # Sec. 3.4 / 4.1: margin m = 0.5, K = 2 hardest new classes; weight 1 (original lw_mr).
     margin: float = Field(0.5, ge=0)
-    top_k: int = Field(2, ge=1)
-    mr_weight: float = Field(1.0, ge=0)
+    top_k: int = Field(2, ge=1)  # K: hardest new classes per old-class anchor in the margin ranking loss
+    mr_weight: float = Field(1.0, ge=0)  # weight of the margin ranking loss
     # Imprint the new classes' weights before training a state (original --imprint_weights).
     imprint: bool = True
     # Class-balanced finetuning (Sec. 4.1, ImageNet): 20 epochs, lr 0.01, x0.1 at epoch 10.
     cbf: bool = False
-    cbf_epochs: int = Field(20, ge=0)
-    cbf_lr: float = Field(0.01, gt=0)
-    cbf_milestones: list[int] = Field(default_factory=lambda: [10])
+    cbf_epochs: int = Field(20, ge=0)  # class-balanced finetuning epochs
+    cbf_lr: float = Field(0.01, gt=0)  # class-balanced finetuning learning rate
+    cbf_milestones: list[int] = Field(default_factory=lambda: [10])  # epochs where the finetuning lr is divided by 10
 
 
 # ----- the formulas ---------------------------------------------------------------------------

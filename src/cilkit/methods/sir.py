@@ -73,15 +73,15 @@ from cilkit.scenario import Scenario
 class SIRConfig(MethodConfig):
     # 1. frequency compensation; tau = 1 is the Bayes-consistent logit adjustment (Menon et al.)
     frequency_compensation: bool = True
-    tau: float = Field(1.0, ge=0)
+    tau: float = Field(1.0, ge=0)  # tau: strength of the compensation, offset tau * log(n_j / n_max)
     # 2. inheritance transfer: weight w of the old-class similarity in a new sample's target,
     #    temperature T of the softmax over cosine similarities (our defaults)
     inheritance_transfer: bool = True
-    transfer_weight: float = Field(0.1, ge=0, le=1)
-    transfer_temperature: float = Field(0.1, gt=0)
+    transfer_weight: float = Field(0.1, ge=0, le=1)  # w: share of a new sample's target given to similar old classes
+    transfer_temperature: float = Field(0.1, gt=0)  # T: temperature of the softmax over cosine similarities
     # 3. chronological attenuation: tau_j = tau * gamma ** age_j (our default gamma)
     chronological_attenuation: bool = True
-    attenuation: float = Field(0.9, gt=0, le=1)
+    attenuation: float = Field(0.9, gt=0, le=1)  # gamma: tau_j = tau * gamma ** age_j
 
     @model_validator(mode="after")
     def _attenuation_needs_compensation(self) -> "SIRConfig":
