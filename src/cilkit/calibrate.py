@@ -45,7 +45,8 @@ def calibrated_results(
         metrics = score_metrics(scores, labels, n_old, ends[: b + 1])
         out["accuracy_matrix"].append(metrics.pop("accuracy_per_state"))
         variants = {} if rectifier == "none" else {"cnn": state_accuracies(logits, labels, n_old)}
-        out["states"].append({**entry, **metrics, "variants": variants})
+        kept = {k: v for k, v in entry.items() if not k.startswith("val_")}  # validation scores are not stored
+        out["states"].append({**kept, **metrics, "variants": variants})
         arrays[b] = {"logits": logits_np, "labels": labels_np, "scores": scores.numpy()}
     out.update(run_summary(out["states"], out["accuracy_matrix"]))
     out["complete"] = bool(source.get("complete"))

@@ -8,11 +8,18 @@ from pathlib import Path
 
 from cilkit.calibrate import calibrate_run
 from cilkit.config import RunConfig, load_config, read_yaml, validate
-from cilkit.errors import UserError
 from cilkit.describe import describe, overview, version_line
+from cilkit.errors import UserError
 from cilkit.report import compare_runs
 from cilkit.rundir import RunLayout, fresh_directory
-from cilkit.runner import check_protocol, log, repeat_dirs, run_methods, with_resolved_threads
+from cilkit.runner import (
+    check_protocol,
+    log,
+    repeat_dirs,
+    run_methods,
+    with_resolved_threads,
+)
+from cilkit.tune import ranking_table, tune
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -70,6 +77,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else fresh_directory(Path("runs") / f"tune-{Path(args.config).stem}")
+    record = tune(args.config, args.grid or [], list(args.set or []), out)
+    print()
+    print(ranking_table(record["ranking"]))
+    print(f"\nchosen on validation ({record['metric']}): {record['set_line']}")
+    print(f"ranking: {out / 'ranking.md'} and ranking.json")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
 
     calibrate_run(Path(args.run_dir), args.rectifier, Path(args.out) if args.out else None)
@@ -93,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
     r.set_defaults(func=cmd_run)
+    t = sub.add_parser("tune", help="rank a grid of settings by validation accuracy (never the test set)")
+    t.add_argument("config", help="YAML config (one method, scenario.val_per_class >= 1)")
+    t.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="values to try (repeatable: all combinations)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every point")
+    t.add_argument("--out", help="where the runs and the ranking go (default: runs/tune-<config>)")
+    t.set_defaults(func=cmd_tune)
     c = sub.add_parser("calibrate", help="rectify the stored scores of a finished run, without a model")
     c.add_argument("run_dir", help="a run directory (or a parent of several)")
     c.add_argument("--with", dest="rectifier", required=True, help="il2m | scaling | none")

@@ -133,4 +133,9 @@ def run_summary(states: Sequence[dict], matrix: Sequence[Sequence[float | None]]
             known = [v for v in kept if v is not None]
             out[f"mean_incremental_{key}{suffix}"] = mean_incremental(known) if len(known) == len(kept) else None
     out["average_forgetting"] = average_forgetting(matrix)
+    if states and all("val_top1" in s for s in states):  # runs with a validation hold-out
+        val: list[float | None] = [s["val_top1"] for s in states]
+        for suffix, kept in (("", val), ("_excl_first", val[1:])):
+            known = [v for v in kept if v is not None]
+            out[f"mean_incremental_val_top1{suffix}"] = mean_incremental(known) if len(known) == len(kept) else None
     return out

@@ -271,10 +271,19 @@ class Run:
         entry: dict[str, Any] = {"state": st.index, "classes_seen": st.n_seen, "new_classes": list(st.new)}
         entry.update(score_metrics(scores, labels, st.n_old, self.scenario.ends[: st.index + 1]))
         entry["variants"] = {k: state_accuracies(v, labels, st.n_old) for k, v in extras.items()}
+        if self.config.scenario.val_per_class > 0:
+            entry.update(self._validate(ctx))
         arrays = {"logits": out["logits"].numpy(), "labels": labels.numpy(), "scores": scores.numpy()}
         arrays.update({f"scores_{k}": v.numpy() for k, v in extras.items()})
         io.write_npz(self.layout.scores(st.index), **arrays)
         return entry
+
+    def _validate(self, ctx: Context) -> dict[str, float | None]:
+        """Top-1 with the method's own scores on the held-out validation images of every seen
+        class (``scenario.val_per_class``): what ``cilkit tune`` ranks by, never the test set."""
+        out = self.engine.infer(self.model, self.dataset.train, self.scenario.val_indices(ctx.state.n_seen))
+        acc = state_accuracies(self.method.predict(ctx, out), ctx.targets(out["labels"]), ctx.state.n_old)
+        return {"val_top1": acc["top1"], "val_balanced_top1": acc["balanced_top1"]}
 
     def _statistics(self, ctx: Context) -> Stats:
         """The state's class statistics (:mod:`cilkit.statistics`) from what it trained on,
@@ -492,7 +501,8 @@ def repeat_dirs(config: RunConfig, out_dir: str | os.PathLike) -> list[Path]:
 
 
 SUMMARY_KEYS = ("mean_incremental_top1", "mean_incremental_top1_excl_first",
-                "mean_incremental_balanced_top1", "mean_incremental_balanced_top1_excl_first")
+                "mean_incremental_balanced_top1", "mean_incremental_balanced_top1_excl_first",
+                "mean_incremental_val_top1", "mean_incremental_val_top1_excl_first")
 
 
 def _mean_std(values: list[float | None]) -> dict[str, Any]:
@@ -524,7 +534,7 @@ def repeat_runs(
             r = Run(RunConfig.model_validate(data), d, progress, dataset).execute(resume=resume and d.exists())
             results[f"{name}/run_{k}"] = r
             runs.append(r)
-        summary["methods"][name] = {key: _mean_std([r[key] for r in runs]) for key in SUMMARY_KEYS}
+        summary["methods"][name] = {key: _mean_std([r.get(key) for r in runs]) for key in SUMMARY_KEYS}
         m = summary["methods"][name]["mean_incremental_top1_excl_first"]
         if m["mean"] is not None:
             log(f"[{name}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} +- {m['std']:.2f}")

@@ -220,6 +220,11 @@ class Scenario:
             test=((self.test_pos >= 0) & (self.test_pos < new.stop)).nonzero().flatten(),
         )
 
+    def val_indices(self, n_seen: int) -> torch.Tensor:
+        """The held-out validation images (``val_per_class``) of the first ``n_seen`` class
+        positions: never trained on, never in the memory."""
+        return (self.val_mask & (self.train_pos >= 0) & (self.train_pos < n_seen)).nonzero().flatten()
+
     def train_indices_of(self, classes: range) -> torch.Tensor:
         """All non-held-out training indices of the given class positions (joint training)."""
         mask = (self.train_pos >= classes.start) & (self.train_pos < classes.stop) & ~self.val_mask
