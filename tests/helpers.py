@@ -6,7 +6,7 @@ from typing import Any
 
 from cilkit.config import RunConfig, apply_overrides, validate
 
-TIMING_KEYS = {"time_s", "train_seconds", "images_per_second", "wall_time_s", "state0_cached"}
+TIMING_KEYS = {"time_s", "train_seconds", "images_per_second", "wall_time_s", "state0_cached", "provenance"}
 
 
 def tiny_config(tmp_path, *overrides: str, **extra: Any) -> RunConfig:

@@ -58,6 +58,8 @@ def test_every_method_option_has_a_type_a_default_and_a_description(capsys):
     from cilkit.registry import METHODS
 
     for name, cls in METHODS.items():
+        if not cls.__module__.startswith("cilkit."):
+            continue  # methods registered by other tests
         assert main(["info", name]) == 0
         out = capsys.readouterr().out
         for key in cls.Config.model_fields:

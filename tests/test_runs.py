@@ -125,3 +125,20 @@ def test_a_state_that_learned_nothing_is_warned_about(tmp_path, capsys):
     capsys.readouterr()
     Run(tiny_config(tmp_path, "scenario.states=2", "state0_cache=null"), tmp_path / "ok", progress=False).execute()
     assert "may have learned nothing" not in capsys.readouterr().out
+
+
+def test_results_say_where_and_how_they_were_made(tmp_path):
+    import torch
+
+    import cilkit
+
+    cfg = tiny_config(tmp_path, "scenario.states=2", "threads=1")
+    Run(cfg, tmp_path / "r", progress=False).execute(until_state=0)
+    res = Run(cfg, tmp_path / "r", progress=False).execute(resume=True)
+    p = res["provenance"]
+    assert p["cilkit"] == cilkit.__version__ and p["torch"] == torch.__version__
+    assert p["threads"] == 1 and p["device"] == "cpu" and p["device_name"]
+    assert p["precision"] == "fp32" and p["memory_format"] == "contiguous"
+    assert p["started"] <= p["finished"] and p["command"]
+    assert len(p["resumed"]) == 1 and p["resumed"][0]["at"] >= p["started"]
+    assert p["git_commit"] is None or len(p["git_commit"].removesuffix("+dirty")) == 40

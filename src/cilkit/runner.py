@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit import io, state0cache
+from cilkit import io, provenance, state0cache
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
@@ -122,12 +122,19 @@ class Run:
             "accuracy_matrix": [],
             "complete": False,
             "wall_time_s": 0.0,
+            "provenance": provenance.started(self._environment()),
         }
+
+    def _environment(self) -> dict[str, Any]:
+        c = self.config
+        return provenance.environment(self.device, torch.get_num_threads(), c.amp, c.channels_last)
 
     def _summarise(self) -> None:
         r = self.results
         r.update(run_summary(r["states"], r["accuracy_matrix"]))
         r["complete"] = len(r["states"]) == self.scenario.num_states
+        if "provenance" in r:
+            r["provenance"]["finished"] = provenance.now()
 
     # ----- the loop --------------------------------------------------------------------------
     def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
@@ -356,6 +363,8 @@ class Run:
         self.method.load_state_dict(ckpt["method"])
         self.memory.load_state_dict(ckpt["memory"])
         self.results = results
+        if "provenance" in results:
+            results["provenance"] = provenance.resumed(results["provenance"], self._environment())
         b = int(ckpt["state"])
         self.statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt
                            else read_stats(self.layout.stats(b), b))  # checkpoints of cilkit <= 0.1.0

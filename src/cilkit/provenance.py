@@ -1,0 +1,89 @@
+"""Where a run's numbers come from: code, libraries, machine, settings that move the last
+digits, the command and the times (``provenance`` in results.json).
+
+Figures move between machines and thread counts (benchmarks/RESULTS.md shows one example), so
+a results file says which it was made on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cilkit
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout cilkit runs from (``+dirty`` with local changes); None when
+    it is not installed from a git checkout."""
+    root = Path(cilkit.__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, threads: int, amp: bool, channels_last: bool) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config."""
+    return {
+        "cilkit": cilkit.__version__,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": threads,
+        "precision": "bf16 autocast" if amp else "fp32",
+        "memory_format": "channels_last" if channels_last else "contiguous",
+    }
+
+
+def command_line() -> str:
+    return shlex.join(["cilkit" if Path(sys.argv[0]).name in ("cilkit", "__main__.py") else sys.argv[0],
+                       *sys.argv[1:]])
+
+
+def started(env: dict[str, Any]) -> dict[str, Any]:
+    """The provenance record of a fresh run."""
+    return {**env, "command": command_line(), "started": now(), "finished": None, "resumed": []}
+
+
+def resumed(record: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """The record of a resumed run: each resume adds its time, command and whatever of the
+    environment differs from the start (another machine or library gives other last digits)."""
+    changed = {k: v for k, v in env.items() if record.get(k) != v}
+    return {**record, "resumed": [*record.get("resumed", []), {"at": now(), "command": command_line(), **changed}]}
