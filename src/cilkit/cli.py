@@ -14,7 +14,8 @@ from cilkit.models import BACKBONE_DESCRIPTIONS
 from cilkit.registry import METHODS, SOURCE_DESCRIPTIONS
 from cilkit.report import compare_runs
 from cilkit.rundir import RunLayout, fresh_directory
-from cilkit.runner import check_protocol, log, repeat_dirs, run_methods, with_resolved_threads
+from cilkit.runlog import log
+from cilkit.runner import check_protocol, repeat_dirs, run_methods, with_resolved_threads
 
 
 def cmd_run(args: argparse.Namespace) -> int:
