@@ -254,6 +254,9 @@ def test_active_run_trains_only_on_annotated_images_and_resumes(tmp_path, monkey
     run = Run(cfg, tmp_path / "full", progress=False)
     full = run.execute()
     assert [(b, r) for b, r, _ in seen] == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]
+    lines = [json.loads(t) for t in (tmp_path / "full" / "history.jsonl").read_text().splitlines()]
+    assert [(x["state"], x["round"], x["epoch"]) for x in lines if x["kind"] == "epoch"] == [
+        (1, 1, 1), (2, 1, 1), (2, 2, 1), (3, 1, 1), (3, 2, 1)]  # history: 1-based, a line per round's epoch
     assert full["imbalance"]["profile"] == "longtail" and len(set(full["imbalance"]["train_per_class"])) > 1
     for b in (1, 2):
         s = full["states"][b]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
+from cilkit import state0cache
 from cilkit.config import load_config
 from cilkit.errors import UserError
 from cilkit.io import load_torch
@@ -159,10 +160,11 @@ def test_lucir_backbone_has_no_last_relu_and_its_own_state0_cache(lucir_run):
     _, run, _, _ = lucir_run
     out = run.engine.infer(run.model, run.dataset.test, run.scenario.state(0).test)
     assert (out["features"] < 0).any()  # with the last ReLU all features would be >= 0
+    # the cosine head is in the state-0 cache key (the model's modules): no entry shared with finetune
+    assert any(m.endswith("SplitCosineLinear") for m in state0cache.model_signature(run.model)["modules"])
     tmp = lucir_run[0]
-    finetune = Run(tiny_config(tmp, "method=finetune"), tmp / "ft-key", progress=False)
-    assert run._state0_cache_path() != finetune._state0_cache_path()  # the cosine model is keyed apart
-    assert any("Cosine" in m for m in state0cache.model_signature(run.model)["modules"])
+    finetune = Run(tiny_config(tmp, "method=finetune"), tmp / "ft", progress=False)  # built, not run
+    assert run._state0_cache_path() != finetune._state0_cache_path()
 
 
 def test_imprinting_sets_new_rows_from_the_previous_model(lucir_run):

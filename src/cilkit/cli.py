@@ -12,13 +12,8 @@ from cilkit.describe import describe, overview, version_line
 from cilkit.errors import UserError
 from cilkit.report import compare_runs
 from cilkit.rundir import RunLayout, fresh_directory
-from cilkit.runner import (
-    check_protocol,
-    log,
-    repeat_dirs,
-    run_methods,
-    with_resolved_threads,
-)
+from cilkit.runlog import log
+from cilkit.runner import check_protocol, repeat_dirs, run_methods, with_resolved_threads
 from cilkit.tune import ranking_table, tune
 
 

@@ -167,6 +167,12 @@ class TrainConfig(Strict):
         return self.lr_first if state == 0 and self.lr_first is not None else self.lr
 
 
+class LogConfig(Strict):
+    """What a run records besides results.json (run.log and history.jsonl are always written)."""
+
+    tensorboard: bool = False  # event files under <run>/tb/ (needs the tensorboard package)
+
+
 class RunConfig(BaseModel):
     """A whole run. Extra top-level keys must be method names holding that method's options."""
 
@@ -181,6 +187,7 @@ class RunConfig(BaseModel):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = Field(None, ge=1)  # CPU threads (default: the cores free to us)
     amp: bool = False  # bf16 autocast (CUDA, or CPU when asked)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,6 +27,21 @@ class Batch:
     x: torch.Tensor  # normalised images on the device
     y: torch.Tensor  # class positions (0..n_seen-1) on the device
     idx: torch.Tensor  # indices into the training set
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of a fit, as the run's history records it."""
+
+    stage: str  # "train", or a method's own stage (e.g. "balanced finetuning")
+    epoch: int  # 1-based, within the fit
+    loss: float  # mean training loss over the epoch's images
+    lr: float  # of the first parameter group, before the scheduler stepped
+    images_per_second: float | None
+    seconds: float
+
+
+EpochCallback = Callable[["Context", EpochRecord], None]
 
 
 class TrainingHooks(Protocol):
@@ -65,6 +81,7 @@ class Engine:
         amp: bool = False,
         channels_last: bool = False,
         progress: bool | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> None:
         self.dataset = dataset
         self.cfg = train_cfg
@@ -73,6 +90,7 @@ class Engine:
         self.amp = amp
         self.channels_last = channels_last
         self.progress = progress  # None: tqdm shows bars only on a terminal
+        self.on_epoch = on_epoch  # told of every finished epoch (the run's history)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -91,21 +109,25 @@ class Engine:
         lr: float,
         schedule: ScheduleConfig,
         desc: str = "train",
+        stage: str = "train",
     ) -> dict[str, Any]:
         """Train ``ctx.model`` on ``indices`` of the training set with ``hooks.loss``: a fresh
         SGD over ``hooks.param_groups`` at ``lr`` for ``epochs`` epochs, under ``schedule``
-        (the run's momentum, weight decay and batch size)."""
+        (the run's momentum, weight decay and batch size). ``desc`` labels the progress bar;
+        ``stage`` names the fit in the history: every epoch's :class:`EpochRecord` goes to
+        ``on_epoch`` and is returned under ``"epochs"``."""
         model = ctx.model
         if self.channels_last:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         opt = make_optimizer(hooks.param_groups(ctx), self.cfg, lr)
         sched = make_scheduler(opt, schedule, epochs)
-        losses: list[float] = []
+        records: list[EpochRecord] = []
         first_loss: float | None = None
         start, seen = time.perf_counter(), 0
         bar = tqdm(range(epochs), desc=desc, leave=False, disable=self._bar_disabled())
-        for _ in bar:
+        for e in bar:
             model.train()
+            epoch_start, lr_now = time.perf_counter(), float(opt.param_groups[0]["lr"])
             total, count = torch.zeros((), device=self.device), 0
             for x, labels, idx in self.dataset.train.batches(
                 indices,
@@ -129,9 +151,11 @@ class Engine:
                 opt.step()
                 total += loss.detach() * x.shape[0]
                 count += x.shape[0]
-            epoch_loss = (total / max(count, 1)).item()
-            losses.append(epoch_loss)
+            epoch_loss = (total / max(count, 1)).item()  # the epoch's one sync
             seen += count
+            records.append(_epoch_record(stage, e + 1, epoch_loss, lr_now, count, time.perf_counter() - epoch_start))
+            if self.on_epoch is not None:
+                self.on_epoch(ctx, records[-1])
             bar.set_postfix(loss=f"{epoch_loss:.3f}")
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 sched.step(epoch_loss)
@@ -139,7 +163,8 @@ class Engine:
                 sched.step()
         seconds = time.perf_counter() - start
         return {
-            "epoch_losses": losses,
+            "epochs": records,
+            "epoch_losses": [r.loss for r in records],
             "first_loss": first_loss,
             "train_seconds": seconds,
             "images_per_second": seen / seconds if seconds else None,
@@ -180,6 +205,11 @@ class Engine:
     def train_features(self, model: torch.nn.Module, indices: torch.Tensor, hflip: bool = False) -> torch.Tensor:
         """Features of training images (eval transform: no augmentation)."""
         return self.infer(model, self.dataset.train, indices, hflip=hflip)["features"]
+
+
+def _epoch_record(stage: str, epoch: int, loss: float, lr: float, images: int, seconds: float) -> EpochRecord:
+    return EpochRecord(stage=stage, epoch=epoch, loss=loss, lr=lr,
+                       images_per_second=images / seconds if seconds > 0 else None, seconds=seconds)
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:

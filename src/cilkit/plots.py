@@ -151,6 +151,14 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def rgb_array(fig: Figure) -> np.ndarray:
+    """The figure drawn on its Agg canvas, as an (H, W, 3) uint8 array (for TensorBoard)."""
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def _nan(values: list[float | None]) -> list[float]:
     return [math.nan if v is None else v for v in values]
 
@@ -292,6 +300,27 @@ def plot_annotations(data: Mapping[str, Mapping[str, Any]]) -> Figure:
         ax.set_title(f"{label}: annotations per class")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="x-small", ncols=min(len(d["states"]), 5))
+    return fig
+
+
+def plot_accuracy_matrix(matrix: list[list[float | None]]) -> Figure:
+    """One run's accuracy matrix so far: row i = after state i, column j = top-1 (%) on state
+    j's classes (results.json ``accuracy_matrix``), each cell labelled."""
+    n = len(matrix)
+    m = np.full((n, n), math.nan)
+    for i, row in enumerate(matrix):
+        m[i, : len(row)] = _nan(row)
+    fig = _figure(1.2 + 0.55 * n, 0.9 + 0.5 * n)
+    ax = fig.add_subplot()
+    ax.imshow(m, cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+    for (i, j), v in np.ndenumerate(m):
+        if not math.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize="x-small", color="white" if v < 60 else "black")
+    ticks = list(range(n))
+    ax.set_xticks(ticks, [str(t + 1) for t in ticks], fontsize="x-small")
+    ax.set_yticks(ticks, [str(t + 1) for t in ticks], fontsize="x-small")
+    ax.set_xlabel("classes of state")
+    ax.set_ylabel("after state")
     return fig
 
 

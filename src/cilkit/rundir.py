@@ -3,7 +3,7 @@
 Every path of a run directory is built here; the runner, the statistics step, the offline
 calibration, the report and the methods ask a :class:`RunLayout` instead of joining strings::
 
-    config.yaml  results.json  summary.json
+    config.yaml  results.json  summary.json  run.log  history.jsonl  tb/
     scores/state_XX.npz   stats/state_XX.json   memory/state_XX.json   active/state_XX.json
     checkpoints/state_XX.pt   report/   calibrated/<rectifier>/
 
@@ -52,6 +52,21 @@ class RunLayout:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def run_log(self) -> Path:
+        """Every line the run printed (:mod:`cilkit.runlog`)."""
+        return self.root / "run.log"
+
+    @property
+    def history(self) -> Path:
+        """Per-epoch and per-state training record (:mod:`cilkit.history`)."""
+        return self.root / "history.jsonl"
+
+    @property
+    def tb(self) -> Path:
+        """TensorBoard event files (``log.tensorboard``, :mod:`cilkit.tensorboard_log`)."""
+        return self.root / "tb"
 
     @property
     def report(self) -> Path:

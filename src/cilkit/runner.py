@@ -1,4 +1,6 @@
-"""One class-incremental run, state after state, with checkpoints, resume and a state-0 cache.
+"""One class-incremental run, state after state, with checkpoints, resume and a state-0 cache,
+recording what it prints (run.log), its epochs and states (history.jsonl) and, when asked,
+TensorBoard events.
 
 Randomness: every state draws from its own generators, seeded from ``(run seed, state)``, and
 the global torch RNG is re-seeded the same way at the start of each state. A resumed run
@@ -7,33 +9,33 @@ therefore replays exactly the random numbers an uninterrupted run would have dra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cilkit import io, provenance, state0cache
+from cilkit import history, io, provenance, runlog, state0cache, tensorboard_log
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
-from cilkit.engine import Engine
+from cilkit.engine import Engine, EpochRecord
 from cilkit.errors import UserError
 from cilkit.memory import Memory
 from cilkit.methods import METHODS
 from cilkit.methods.base import Context, Method, TrainingRecord
 from cilkit.metrics import run_summary, score_metrics, state_accuracies
 from cilkit.rundir import RESULTS_VERSION, DirectoryLock, RunLayout, check_target, clear_run, read_stats
+from cilkit.runlog import log
 from cilkit.scenario import Scenario
 from cilkit.seeding import derive_seed, seeded_generator
 from cilkit.statistics import Stats, state_statistics
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
+from cilkit.tensorboard_log import TensorBoardLog
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,8 +80,12 @@ class Run:
     ) -> None:
         if not isinstance(config.method, str):
             raise ValueError("Run takes one method; use run_methods for a comparison")
+        if config.log.tensorboard:
+            tensorboard_log.require()  # before any data is read or anything trains
         self.config = config
         self.layout = RunLayout(run_dir)
+        self.history = history.History(self.layout.history)
+        self.tensorboard: TensorBoardLog | None = None  # open while the states run
         self.progress = progress
         torch.set_num_threads(config.threads or free_cores())
         self.device = resolve_device(config.device)
@@ -96,7 +102,8 @@ class Run:
         self.dataset.train.to(self.device)
         self.dataset.test.to(self.device)
         self.engine = Engine(
-            self.dataset, config.train, self.device, self.mean, self.std, config.amp, config.channels_last, progress
+            self.dataset, config.train, self.device, self.mean, self.std, config.amp, config.channels_last, progress,
+            on_epoch=self._record_epoch,
         )
         self.method: Method = METHODS[config.method](config)
         torch.manual_seed(derive_seed(config.seed, "model"))
@@ -138,13 +145,48 @@ class Run:
 
     # ----- the loop --------------------------------------------------------------------------
     def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
-        """Run (or continue) the states; ``until_state`` stops after that state (for tests)."""
-        start = self._restore() if resume else self._start_fresh()
-        log(f"[{self.config.method}] {self.setup_line()}")
-        last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
-        for b in range(start, last + 1):
-            self._run_state(b)
+        """Run (or continue) the states; ``until_state`` stops after that state (for tests).
+        Every :func:`~cilkit.runlog.log` line is copied to ``run.log`` meanwhile."""
+        io.make_dir(self.layout.root)
+        with runlog.tee(self.layout.run_log):
+            start = self._restore() if resume else self._start_fresh()
+            log(f"[{self.config.method}] {self.setup_line()}")
+            kept = self.history.keep_states(start - 1)  # drop what an interrupted attempt wrote after
+            last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
+            with self._tensorboard(kept):
+                for b in range(start, last + 1):
+                    self._run_state(b)
         return self.results
+
+    @contextlib.contextmanager
+    def _tensorboard(self, kept: list[dict[str, Any]]) -> Iterator[None]:
+        """With ``log.tensorboard``: fresh event files holding the ``kept`` history (a
+        resume's finished states), open while the states run."""
+        if not self.config.log.tensorboard:
+            yield
+            return
+        self.tensorboard = TensorBoardLog(self.layout.tb, fresh=True)
+        try:
+            self.tensorboard.replay(kept, self.results["accuracy_matrix"])
+            yield
+        finally:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def _record_epoch(self, ctx: Context, record: EpochRecord) -> None:
+        """An epoch of any fit of the run (the engine's callback): a history line."""
+        line = history.epoch_line(ctx.state.index, ctx.round, record)
+        self.history.append(line)
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(line)
+
+    def _record_state(self, b: int, entry: dict[str, Any]) -> None:
+        """A finished state: a history line, written before its checkpoint (a resume after
+        the previous state drops it again)."""
+        line = history.state_line(b, entry)
+        self.history.append(line)
+        if self.tensorboard is not None:
+            self.tensorboard.state(line, self.results["accuracy_matrix"])
 
     def setup_line(self) -> str:
         """What shapes the run and its speed, in one line (the first the run prints)."""
@@ -161,7 +203,6 @@ class Run:
                 f"{precision}{', channels-last' if c.channels_last else ''}; seed {c.seed}")
 
     def _start_fresh(self) -> int:
-        io.make_dir(self.layout.root)
         io.write_yaml(self.layout.config, self.config.to_dict())
         return 0
 
@@ -206,6 +247,7 @@ class Run:
         self.results["accuracy_matrix"].append(entry.pop("accuracy_per_state"))
         self.results["wall_time_s"] += entry["time_s"]
         self._summarise()
+        self._record_state(b, entry)
         self._save_state(ctx)
         old = f", old {entry['top1_old']:.1f}" if entry["top1_old"] is not None else ""
         log(f"[{name}] state {b + 1}: top-1 {entry['top1']:.2f}{old}, new {entry['top1_new']:.1f} ({entry['time_s']:.1f} s)")
@@ -425,8 +467,9 @@ def stalled(first_loss: float | None, final_loss: float | None) -> bool:
         final_loss >= STALL_RATIO * first_loss
 
 
-RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache"})
-# ^ keys a resumed run may change: they shape no result (threads: set explicitly, see cmd_run)
+RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache", "log"})
+# ^ keys a resumed run may change: they shape no result (threads: set explicitly, see cmd_run;
+# log: a resume rebuilds the TensorBoard events of the finished states from history.jsonl)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -481,7 +524,8 @@ def run_methods(
             check_target(out, overwrite)  # again, now that no other run can write here
             if overwrite:
                 clear_run(out)
-        return _run_claimed(config, out, resume, progress, dataset)
+        with runlog.tee(RunLayout(out).run_log):  # a comparison's parent logs every method's lines
+            return _run_claimed(config, out, resume, progress, dataset)
 
 
 def _run_claimed(

@@ -277,7 +277,7 @@ class LUCIR(Method):
         with frozen, rows:
             fit = ctx.engine.fit(
                 ctx, BalancedFinetune(self), indices, self.cfg.cbf_epochs, self.cfg.cbf_lr, schedule,
-                desc=f"state {ctx.state.index + 1} balanced finetuning",
+                desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning",
             )  # fmt: skip
         losses = fit["epoch_losses"]
         ctx.info["cbf"] = {

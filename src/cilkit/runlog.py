@@ -1,0 +1,46 @@
+"""The lines a run prints, and their copy in the run directory's ``run.log``.
+
+:func:`log` prints a line; inside :func:`tee` it is also appended to the open log files
+(append-only, flushed per line, so a killed run keeps every line it printed). Tees nest: the
+parent directory of a comparison logs every line of its methods' runs, each of which logs its
+own; a file already open is not opened twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from cilkit.errors import UserError
+
+_files: dict[Path, TextIO] = {}  # the log files lines are copied to, by resolved path
+
+
+def log(msg: str) -> None:
+    """Print ``msg`` and append it to every log file open under :func:`tee`."""
+    print(msg, flush=True)
+    for f in _files.values():
+        f.write(msg + "\n")
+        f.flush()
+
+
+@contextlib.contextmanager
+def tee(path: str | os.PathLike) -> Iterator[None]:
+    """Append every :func:`log` line to ``path`` inside the block (its folder must exist)."""
+    key = Path(path).resolve()
+    if key in _files:  # already copied to (a run inside a run_methods of the same directory)
+        yield
+        return
+    try:
+        f = open(key, "a", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
+    _files[key] = f
+    try:
+        yield
+    finally:
+        del _files[key]
+        f.close()

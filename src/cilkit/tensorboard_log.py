@@ -1,0 +1,79 @@
+"""TensorBoard event files of a run (``log.tensorboard: true``), under ``<run>/tb/``.
+
+Written from the lines of the run's history (:mod:`cilkit.history`), so that a resumed run
+rebuilds exactly the events of an uninterrupted one (:meth:`TensorBoardLog.replay`):
+
+- per epoch, against a global epoch counter (1, 2, ... over every fit of the run):
+  ``train/loss``, ``train/lr``;
+- per state, against the number of classes seen: ``state/top1``, ``state/top1_old`` (from
+  state 2 on), ``state/top1_new``, ``state/balanced_top1``, and the accuracy matrix so far
+  as the image ``state/accuracy_matrix``.
+
+Only the process that writes the run directory writes events (cilkit runs one). The
+``tensorboard`` package is optional (``pip install "cilkit[tensorboard]"``) and imported only
+when asked for; :func:`require` turns its absence into one line naming the config key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cilkit import plots
+from cilkit.errors import UserError
+
+STATE_SCALARS = ("top1", "top1_old", "top1_new", "balanced_top1")
+
+
+def require() -> None:
+    """Fail with one line when ``log.tensorboard`` is set and the package is missing."""
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise UserError('config key \'log.tensorboard\': needs the tensorboard package: '
+                        'pip install "cilkit[tensorboard]"') from None
+
+
+class TensorBoardLog:
+    """A ``SummaryWriter`` on ``log_dir``, fed with history lines."""
+
+    def __init__(self, log_dir: str | os.PathLike, fresh: bool = False) -> None:
+        """``fresh``: remove earlier event files first (before a :meth:`replay`)."""
+        require()
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = Path(log_dir)
+        if fresh and log_dir.is_dir():
+            shutil.rmtree(log_dir)
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.epochs = 0  # the global epoch counter
+
+    def epoch(self, line: dict[str, Any]) -> None:
+        """One epoch line of the history."""
+        self.epochs += 1
+        self.writer.add_scalar("train/loss", line["loss"], self.epochs)
+        self.writer.add_scalar("train/lr", line["lr"], self.epochs)
+
+    def state(self, line: dict[str, Any], matrix: list[list[float | None]]) -> None:
+        """One state line of the history and the accuracy matrix up to that state; flushed."""
+        step = line["classes_seen"]
+        for key in STATE_SCALARS:
+            if line[key] is not None:
+                self.writer.add_scalar(f"state/{key}", line[key], step)
+        image = plots.rgb_array(plots.plot_accuracy_matrix(matrix))
+        self.writer.add_image("state/accuracy_matrix", image, step, dataformats="HWC")
+        self.writer.flush()
+
+    def replay(self, lines: list[dict[str, Any]], matrix: list[list[float | None]]) -> None:
+        """The events of history ``lines`` (a resumed run's finished states)."""
+        for line in lines:
+            if line["kind"] == "epoch":
+                self.epoch(line)
+            elif line["kind"] == "state":
+                self.state(line, matrix[: line["state"]])
+
+    def close(self) -> None:
+        self.writer.close()
