@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
+from cilkit import state0cache
 from cilkit.config import load_config
 from cilkit.errors import UserError
 from cilkit.io import load_torch
@@ -17,6 +18,7 @@ from cilkit.methods.lucir import (
     less_forget_weight,
     margin_ranking_loss,
 )
+from cilkit.methods.base import Method
 from cilkit.methods.nme import nme_scores
 from cilkit.models import SplitCosineLinear
 from cilkit.runner import Run
@@ -158,8 +160,11 @@ def test_lucir_backbone_has_no_last_relu_and_its_own_state0_cache(lucir_run):
     _, run, _, _ = lucir_run
     out = run.engine.infer(run.model, run.dataset.test, run.scenario.state(0).test)
     assert (out["features"] < 0).any()  # with the last ReLU all features would be >= 0
-    assert run.method.state0_signature()["head"] == "cosine"
-    assert not run.method.state0_signature()["last_relu"]
+    # its own model (cosine head, no last ReLU) is in the state-0 cache key: the architecture and
+    # the code of its build_model, not the base Method's
+    assert isinstance(run.model.head, SplitCosineLinear)
+    hooks = state0cache.method_signature(run.method)["hooks"]
+    assert hooks["build_model"] != state0cache.code_digest(Method.build_model)
 
 
 def test_imprinting_sets_new_rows_from_the_previous_model(lucir_run):
