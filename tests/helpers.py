@@ -10,7 +10,14 @@ TIMING_KEYS = {"time_s", "train_seconds", "images_per_second", "wall_time_s", "s
 
 
 def tiny_config(tmp_path, *overrides: str, **extra: Any) -> RunConfig:
-    data = {
+    data = tiny_dict(tmp_path)
+    data.update(extra)
+    return validate(apply_overrides(data, list(overrides)))
+
+
+def tiny_dict(tmp_path) -> dict[str, Any]:
+    """The settings of :func:`tiny_config` as a plain dict (for a YAML file given to the CLI)."""
+    return {
         "name": "tiny",
         "seed": 3,
         "method": "finetune",
@@ -22,8 +29,6 @@ def tiny_config(tmp_path, *overrides: str, **extra: Any) -> RunConfig:
         "state0_cache": str(tmp_path / "cache"),
         "threads": 2,
     }
-    data.update(extra)
-    return validate(apply_overrides(data, list(overrides)))
 
 
 def strip_timings(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from cilkit.calibrate import calibrate_run
 from cilkit.config import RunConfig, load_config, read_yaml, validate
 from cilkit.describe import describe, overview, version_line
 from cilkit.errors import UserError
+from cilkit.plugins import import_plugins, plugin_list
 from cilkit.report import compare_runs
 from cilkit.rundir import RunLayout, fresh_directory
 from cilkit.runlog import log
@@ -25,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir, config = _resumed_config(Path(args.resume), args, overrides)
         dataset = None
     else:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, args.plugin)
         dataset = check_protocol(with_resolved_threads(config))  # before any directory is made
         name = config.name or (Path(args.config).stem if args.config else "quickstart")
         run_dir = Path(args.out) if args.out else fresh_directory(Path("runs") / name)
@@ -49,6 +50,8 @@ def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str
         raise UserError("--resume takes the run directory alone (its config.yaml is used)")
     if args.overwrite:
         raise UserError("--resume continues a run; --overwrite replaces one: choose one")
+    if args.plugin:
+        raise UserError("--resume imports the plugins recorded in the run's config.yaml; --plugin is not taken")
     cfg_file = RunLayout(run_dir).config
     if not cfg_file.is_file():
         raise UserError(f"--resume: '{cfg_file}' not found (not a cilkit run directory)")
@@ -68,6 +71,7 @@ def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import_plugins(plugin_list(args.plugin, Path.cwd(), key="--plugin"))
     print(describe(args.name) if args.name else overview())
     return 0
 
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
+    r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
+                   help="import a .py file or module of your own methods, backbones or datasets first (repeatable)")
     r.set_defaults(func=cmd_run)
     t = sub.add_parser("tune", help="rank a grid of settings by validation accuracy (never the test set)")
     t.add_argument("config", help="YAML config (one method, scenario.val_per_class >= 1)")
@@ -122,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_compare)
     i = sub.add_parser("info", help="list datasets, methods, backbones and selection strategies")
     i.add_argument("name", nargs="?", help="a method, dataset or backbone to describe")
+    i.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
+                   help="import a .py file or module of your own first, to list its entries (repeatable)")
     i.set_defaults(func=cmd_info)
     return p
 

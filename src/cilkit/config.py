@@ -2,7 +2,10 @@
 
 Every key of a run lives here, with its default. A method's own hyperparameters live in the
 method's ``Config`` (a pydantic model declared in its file) and are given in the YAML under a
-top-level key named after the method (e.g. ``icarl: {temperature: 2}``).
+top-level key named after the method (e.g. ``icarl: {temperature: 2}``); a data reader's own
+keys live in the model its ``register_source`` declared and are given under ``data.options``.
+Plugins (``plugins:``, ``cilkit run --plugin``) are imported by :func:`validate`, before the
+names of methods, backbones and datasets are checked against the registries.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import copy
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -19,12 +22,16 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from cilkit.errors import UserError
-from cilkit.registry import METHODS, SOURCES
+from cilkit.plugins import import_plugins, plugin_list
+from cilkit.registry import BACKBONES, METHODS, SOURCE_OPTIONS, SOURCES
+
+OptionsModel = TypeVar("OptionsModel", bound=BaseModel)
 
 
 class Strict(BaseModel):
@@ -67,6 +74,9 @@ class DataConfig(Strict):
     std: list[float] | None = None
     crop_pad: int | None = Field(None, ge=0)  # override the dataset's default augmentation
     flip: bool | None = None
+    # the reader's own keys, validated by the options model its register_source declared
+    # (stored with their defaults filled in); see source_options
+    options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("name")
     @classmethod
@@ -74,6 +84,26 @@ class DataConfig(Strict):
         if v not in SOURCES:
             raise ValueError(f"unknown dataset '{v}' (known: {', '.join(sorted(SOURCES))})")
         return v
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _source_options(cls, v: Any, info: ValidationInfo) -> Any:
+        name = info.data.get("name")
+        if name is None:  # an unknown dataset, reported on its own
+            return v
+        model = SOURCE_OPTIONS.get(name)
+        if model is None:
+            if v:
+                raise ValueError(f"config key 'data.options': dataset '{name}' takes no options")
+            return {}
+        try:
+            return model.model_validate(v if v is not None else {}).model_dump(mode="json")
+        except ValidationError as e:
+            raise ValueError(_first_error(e, prefix="data.options")) from None
+
+    def source_options(self, model: type[OptionsModel]) -> OptionsModel:
+        """``data.options`` as the reader's options model (validated with the config)."""
+        return model.model_validate(self.options)
 
 
 class ImbalanceConfig(Strict):
@@ -138,8 +168,24 @@ class MemoryConfig(Strict):
 
 
 class ModelConfig(Strict):
-    backbone: str = "convnet"  # resnet32 | resnet18 | resnet18_cifar | convnet
-    width: int = Field(32, ge=4)  # convnet channels
+    backbone: str = "convnet"  # resnet32 | resnet18 | resnet18_cifar | convnet | lenet | a plugin's
+    width: int = Field(32, ge=4)  # convnet channels (and any backbone factory taking width)
+    # a state dict loaded into the backbone (not the head) after the model is built; a relative
+    # path is taken from the working directory and recorded absolute
+    weights: str | None = None
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            known = ", ".join(sorted(BACKBONES))
+            raise ValueError(f"config key 'model.backbone': unknown backbone '{v}' (known: {known})")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights(cls, v: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(v)) if v else None
 
 
 class ScheduleConfig(Strict):
@@ -179,6 +225,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str | None = None
+    # methods, backbones and readers of the user's own: .py files (absolute once validated by
+    # load_config) or module names, imported before validation (cilkit.plugins)
+    plugins: list[str] = Field(default_factory=list)
     seed: int = 0
     runs: int = Field(1, ge=1)  # > 1: seeds seed, seed+1, ... into run_<k>/ and a summary.json
     method: str | list[str] = "finetune"
@@ -252,7 +301,7 @@ def _first_error(e: ValidationError, prefix: str = "") -> str:
         return f"unknown key '{key}'"
     if err["type"] == "missing":
         return f"missing key '{key}'"
-    if not key or msg.startswith(("unknown key", "config key")):
+    if not key or msg.startswith(("unknown key", "missing key", "config key")):
         return msg
     got = err.get("input")
     suffix = "" if got is None or isinstance(got, (dict, list)) else f" (got {got!r})"
@@ -315,14 +364,36 @@ def quickstart_dict() -> dict[str, Any]:
 
 
 def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Import the config's plugins (relative files from the working directory; load_config
+    resolves a file's own against its folder first), then validate it; the first error is one
+    line naming the key."""
+    if data.get("plugins") is not None:
+        try:
+            plugins = plugin_list(data["plugins"], Path.cwd())
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        import_plugins(plugins)
+        data = {**data, "plugins": plugins}
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise UserError(f"{source}: {_first_error(e)}") from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML file (or the embedded quickstart when ``path`` is None), apply ``--set``."""
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, plugins: list[str] | None = None
+) -> RunConfig:
+    """Read a YAML file (or the embedded quickstart when ``path`` is None), apply ``--set``,
+    add the ``--plugin`` values (relative to the working directory) to the file's ``plugins``
+    (relative to its folder), import them all and validate."""
     data = quickstart_dict() if path is None else read_yaml(path)
     data = apply_overrides(data, overrides or [])
-    return validate(data, source=str(path) if path else "quickstart config")
+    source = str(path) if path else "quickstart config"
+    base = Path(path).resolve().parent if path else Path.cwd()
+    try:
+        listed = plugin_list(data.get("plugins"), base) + plugin_list(plugins, Path.cwd(), key="--plugin")
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    if listed:
+        data["plugins"] = list(dict.fromkeys(listed))  # each once, in order
+    return validate(data, source=source)

@@ -14,9 +14,8 @@ import textwrap
 from pydantic import BaseModel
 
 from cilkit.errors import UserError
-from cilkit.models import BACKBONE_DESCRIPTIONS
 from cilkit.rectify import RECTIFIERS
-from cilkit.registry import METHODS, SOURCE_DESCRIPTIONS
+from cilkit.registry import BACKBONE_DESCRIPTIONS, METHODS, SOURCE_DESCRIPTIONS, SOURCE_OPTIONS
 
 SELECTION_DESCRIPTIONS = {
     "herding": "iCaRL herding: greedy picks keeping the exemplar mean closest to the class mean",
@@ -56,6 +55,9 @@ def describe(name: str) -> str:
         options = option_lines(name, cls.Config)
         return "\n".join([doc, "", f"options (--set {name}.KEY=VALUE, or under '{name}:' in a config):", *options]
                          if options else [doc, "", "options: none"])
+    if name in SOURCE_OPTIONS:
+        return "\n".join([f"{name}: {SOURCE_DESCRIPTIONS[name]}", "", "options (--set data.options.KEY=VALUE):",
+                          *option_lines("data.options", SOURCE_OPTIONS[name])])
     for table in (SOURCE_DESCRIPTIONS, BACKBONE_DESCRIPTIONS, SELECTION_DESCRIPTIONS, RECTIFIER_DESCRIPTIONS):
         if name in table:
             return f"{name}: {table[name]}"
@@ -70,8 +72,8 @@ def option_lines(prefix: str, config: type[BaseModel]) -> list[str]:
     for key, field in config.model_fields.items():
         kind, comment = found.get(key, ("", ""))
         text = field.description or comment
-        default = field.get_default(call_default_factory=True)
-        head = f"  {prefix}.{key} ({kind or 'value'}, default {default!r})"
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        head = f"  {prefix}.{key} ({kind or 'value'}, {default})"
         lines.append(head + (":" if text else ""))
         lines += [f"      {line}" for line in textwrap.wrap(text, 88)]
     return lines

@@ -1,32 +1,43 @@
-"""The registries of the names a config may use: methods and data sources.
+"""The registries of the names a config may use: methods, backbones and data sources.
 
-Plain dicts, filled by the ``@register`` decorators of :mod:`cilkit.methods` and
-:func:`register_source`; this module imports nothing of cilkit, so that :mod:`cilkit.config` can
+Plain dicts, filled by the ``register_*`` decorators below: by the built-in methods
+(``@register`` in :mod:`cilkit.methods`), backbones (:mod:`cilkit.models.backbones`) and
+readers (:mod:`cilkit.data`), and by a user's plugins (``cilkit run --plugin FILE``, see
+:mod:`cilkit.plugins`). This module imports nothing of cilkit, so that :mod:`cilkit.config` can
 check names against them without importing the methods or readers (which import the config).
-``import cilkit`` imports every built-in method and reader (see ``cilkit/__init__.py``).
+``import cilkit`` imports every built-in method, backbone and reader (see ``cilkit/__init__.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from cilkit.methods.base import Method
 
 METHODS: dict[str, type["Method"]] = {}
 SOURCES: dict[str, Callable[[Any], Any]] = {}  # data.name -> reader(DataConfig) -> Dataset
 SOURCE_DESCRIPTIONS: dict[str, str] = {}
+SOURCE_OPTIONS: dict[str, type["BaseModel"]] = {}  # data.name -> the model of its data.options
+BACKBONES: dict[str, Callable[..., Any]] = {}  # model.backbone -> factory(in_channels=, last_relu=, ...)
+BACKBONE_DESCRIPTIONS: dict[str, str] = {}
 
 R = Callable[[Any], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+BACKBONE_ARGS = ("in_channels", "last_relu")  # every backbone factory takes these
+BACKBONE_OPTIONAL_ARGS = ("image_size", "width")  # passed when the factory names them
 
 
 def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
     """Decorator: register a :class:`~cilkit.methods.base.Method` subclass under ``name``."""
 
     def wrap(cls: type["Method"]) -> type["Method"]:
-        if name in METHODS:
-            raise ValueError(f"method '{name}' registered twice")
+        _check_free(name, METHODS, "method")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -34,15 +45,44 @@ def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
     return wrap
 
 
-def register_source(name: str, description: str) -> Callable[[R], R]:
-    """Decorator: register a data reader under ``name`` (with a one-line description for
-    ``cilkit info``)."""
+def register_source(name: str, description: str, options: type["BaseModel"] | None = None) -> Callable[[R], R]:
+    """Decorator: register a data reader ``reader(cfg: DataConfig) -> Dataset`` under ``name``
+    (with a one-line description for ``cilkit info``). ``options``: a pydantic model of the
+    reader's own keys, given under ``data.options`` and validated with the config; the reader
+    reads them with ``cfg.source_options(options)``."""
 
     def wrap(reader: R) -> R:
-        if name in SOURCES:
-            raise ValueError(f"data source '{name}' is registered twice")
+        _check_free(name, SOURCES, "data source")
         SOURCES[name] = reader
         SOURCE_DESCRIPTIONS[name] = description
+        if options is not None:
+            SOURCE_OPTIONS[name] = options
         return reader
 
     return wrap
+
+
+def register_backbone(name: str, description: str) -> Callable[[F], F]:
+    """Decorator: register a backbone factory under ``name`` (with a one-line description for
+    ``cilkit info``). The factory is called with the keywords ``in_channels`` and ``last_relu``,
+    plus ``image_size`` (the side of the images the model sees) and ``width`` (``model.width``)
+    when its signature names them, and returns an ``nn.Module`` mapping ``(N, C, H, W)`` images
+    to ``(N, out_dim)`` features, with an int attribute ``out_dim``."""
+
+    def wrap(factory: F) -> F:
+        _check_free(name, BACKBONES, "backbone")
+        params = inspect.signature(factory).parameters
+        missing = [a for a in BACKBONE_ARGS if a not in params]
+        if missing:
+            raise TypeError(f"backbone '{name}': the factory must take {' and '.join(BACKBONE_ARGS)} "
+                            f"(missing {', '.join(missing)})")
+        BACKBONES[name] = factory
+        BACKBONE_DESCRIPTIONS[name] = description
+        return factory
+
+    return wrap
+
+
+def _check_free(name: str, table: dict[str, Any], kind: str) -> None:
+    if name in table:
+        raise ValueError(f"{kind} '{name}' is registered twice")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit import history, io, provenance, runlog, state0cache, tensorboard_log
+from cilkit import history, io, plugins, provenance, runlog, state0cache, tensorboard_log
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
@@ -29,6 +29,7 @@ from cilkit.errors import UserError
 from cilkit.memory import Memory
 from cilkit.methods import METHODS
 from cilkit.methods.base import Context, Method, TrainingRecord
+from cilkit.models import load_backbone_weights
 from cilkit.metrics import run_summary, score_metrics, state_accuracies
 from cilkit.rundir import RESULTS_VERSION, DirectoryLock, RunLayout, check_target, clear_run, read_stats
 from cilkit.runlog import log
@@ -108,7 +109,10 @@ class Run:
         self.method: Method = METHODS[config.method](config)
         torch.manual_seed(derive_seed(config.seed, "model"))
         self.channels, self.size = image_geometry(self.dataset)
-        self.model = self.method.build_model(self.channels, self.size).to(self.device)
+        self.model = self.method.build_model(self.channels, self.size)
+        if config.model.weights is not None:  # a pretrained start (the head stays as built)
+            load_backbone_weights(self.model.backbone, config.model.weights)
+        self.model = self.model.to(self.device)
         self.memory = Memory(config.memory)
         self.statistics: Stats | None = None  # the last finished state's class statistics
         self.results = self._empty_results()
@@ -438,7 +442,9 @@ class Run:
             "order": self.scenario.order[: self.scenario.ends[0]],
             "val_per_class": c.scenario.val_per_class,
             **({"imbalance": self.scenario.imbalance} if c.scenario.imbalance.profile != "none" else {}),
-            "model": {"config": c.model.model_dump(mode="json"), **state0cache.model_signature(self.model)},
+            "model": {"config": c.model.model_dump(mode="json"), **state0cache.model_signature(self.model),
+                      **({"weights_file": state0cache.file_stamp(c.model.weights)} if c.model.weights else {})},
+            **({"plugins": plugins.source_digest(c.plugins)} if c.plugins else {}),
             "method": state0cache.method_signature(self.method),
             "train": {
                 "epochs": c.train.epochs_of(0),
@@ -467,9 +473,10 @@ def stalled(first_loss: float | None, final_loss: float | None) -> bool:
         final_loss >= STALL_RATIO * first_loss
 
 
-RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache", "log"})
+RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache", "log", "plugins"})
 # ^ keys a resumed run may change: they shape no result (threads: set explicitly, see cmd_run;
-# log: a resume rebuilds the TensorBoard events of the finished states from history.jsonl)
+#   log: a resume rebuilds the TensorBoard events of the finished states from history.jsonl;
+#   plugins: where the plugin files are, which a moved file makes the user edit)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

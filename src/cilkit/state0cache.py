@@ -8,8 +8,9 @@ key holds: the data's *content* (a digest of the state's images and labels, not 
 path to them), the class order and hold-outs, the model's architecture (parameter names and
 shapes, module classes), the *code* of every method hook that runs in state 0 (so a subclass
 with another loss never gets the parent's model), the method's declared options
-(:meth:`Method.state0_signature`), the training settings, seed, precision, device and the
-cilkit/torch versions. A cache hit and a cold run then give the same numbers (the run's
+(:meth:`Method.state0_signature`), the pretrained backbone weights file if any (its path, size
+and modification time), the source of the run's plugins, the training settings, seed,
+precision, device and the cilkit/torch versions. A cache hit and a cold run then give the same numbers (the run's
 later random draws have their own generators: see :mod:`cilkit.seeding`).
 
 An unreadable entry (truncated, garbage, foreign) is a miss with one warning naming the file;
@@ -74,6 +75,12 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
         "tensors": [[k, list(v.shape)] for k, v in model.state_dict().items()],
         "modules": sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}),
     }
+
+
+def file_stamp(path: str) -> list[Any]:
+    """A file's path, size and modification time (ns): a rewritten file changes the key."""
+    st = Path(path).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def cache_file(root: Path, dataset_name: str, key: dict[str, Any]) -> Path:

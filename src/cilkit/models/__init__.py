@@ -1,10 +1,17 @@
-"""Backbones, growable heads and the model builder."""
+"""Backbones, growable heads, the model builder and the loader of pretrained backbone weights."""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
-from cilkit.models.backbones import BACKBONE_DESCRIPTIONS, BACKBONES, build_backbone
+import torch
+from torch import nn
+
+from cilkit import io
+from cilkit.errors import UserError
+from cilkit.models.backbones import build_backbone
+from cilkit.registry import BACKBONE_DESCRIPTIONS, BACKBONES
 from cilkit.models.bias import BiasLayer
 from cilkit.models.heads import IncrementalLinear, IncrementalNet, SplitCosineLinear
 
@@ -17,6 +24,7 @@ __all__ = [
     "SplitCosineLinear",
     "build_backbone",
     "build_model",
+    "load_backbone_weights",
 ]
 
 
@@ -38,3 +46,36 @@ def build_model(
         backbone, in_channels=in_channels, image_size=image_size, width=width, last_relu=last_relu
     )
     return IncrementalNet(net, heads[head](int(getattr(net, "out_dim"))))
+
+
+def load_backbone_weights(backbone: nn.Module, path: str, key: str = "model.weights") -> None:
+    """Load the state dict saved in ``path`` (``torch.save(backbone.state_dict(), path)``, read
+    with ``weights_only=True``) into ``backbone``. A missing or unreadable file, or a state dict
+    that does not fit (a key missing or extra, a shape that differs), is one ``UserError`` line
+    naming ``key``, the file and the first mismatching key."""
+    where = f"config key '{key}': '{path}'"
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: file not found")
+    try:
+        state = io.load_torch(path)
+    except Exception as e:  # truncated, garbage, or a pickle that needs code to load
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UserError(f"{where} cannot be read as a state dict ({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{where} does not hold a state dict (a dict of tensors), found {type(state).__name__}")
+    mismatch = _first_mismatch(backbone.state_dict(), state)
+    if mismatch is not None:
+        raise UserError(f"{where} does not fit backbone {type(backbone).__name__}: {mismatch}")
+    backbone.load_state_dict(state)
+
+
+def _first_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """The first key (in the backbone's order, then the file's) missing, extra or of another
+    shape, with both shapes; None when ``given`` fits."""
+    for k, v in expected.items():
+        if k not in given:
+            return f"key '{k}' {list(v.shape)} is missing from the file"
+        if given[k].shape != v.shape:
+            return f"key '{k}' has shape {list(given[k].shape)} in the file but {list(v.shape)} in the backbone"
+    extra = [k for k in given if k not in expected]
+    return f"the file has key '{extra[0]}' {list(given[extra[0]].shape)}, which the backbone lacks" if extra else None

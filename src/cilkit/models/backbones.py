@@ -1,10 +1,11 @@
 """Feature extractors (backbones) for class-incremental learning.
 
 Every backbone is an ``nn.Module`` whose ``forward(x)`` returns pooled features of shape
-``(N, out_dim)`` and which exposes the int attribute ``out_dim``. Every constructor takes
-``in_channels`` and ``last_relu``: LUCIR (Hou et al., CVPR 2019, section 3.2) removes the
-ReLU after the last residual block so that the cosine classifier sees features that can be
-negative. With ``last_relu=False`` the last block returns ``bn(conv(...)) + shortcut``
+``(N, out_dim)`` and which exposes the int attribute ``out_dim``. Every factory is registered
+with ``@register_backbone`` (:mod:`cilkit.registry`, where a plugin registers its own) and
+takes ``in_channels`` and ``last_relu`` (and ``image_size`` / ``width`` when it uses them).
+LUCIR (Hou et al., CVPR 2019, section 3.2) removes the ReLU after the last residual block so
+that the cosine classifier sees features that can be negative. With ``last_relu=False`` the last block returns ``bn(conv(...)) + shortcut``
 without the final ReLU (for the convnet, the last activation before pooling is dropped).
 
 Weights are initialised with Kaiming normal (fan_out, relu) for convolutions and
@@ -14,13 +15,15 @@ randomness comes from the global torch RNG at construction, so callers seed it.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+import inspect
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cilkit.errors import UserError
+from cilkit.registry import BACKBONE_DESCRIPTIONS, BACKBONES, register_backbone
 
 ShortcutKind = Literal["conv", "pad"]
 
@@ -154,6 +157,7 @@ def _resnet_stages(
     return stages
 
 
+@register_backbone("resnet32", "CIFAR ResNet-32 (He et al. 2016, sec. 4.2), 0.47M params, 64-d features")
 def resnet32(
     in_channels: int = 3,
     last_relu: bool = True,
@@ -176,6 +180,7 @@ def resnet32(
     return ResNet(stem, stages, out_dim=64)
 
 
+@register_backbone("resnet18", "ImageNet ResNet-18 (7x7 stem + max-pool), 11.2M params, 512-d features")
 def resnet18(in_channels: int = 3, last_relu: bool = True) -> ResNet:
     """ImageNet ResNet-18 (He et al., CVPR 2016, Table 1) without the fc layer -> 512-d.
 
@@ -192,6 +197,7 @@ def resnet18(in_channels: int = 3, last_relu: bool = True) -> ResNet:
     return ResNet(stem, stages, out_dim=512)
 
 
+@register_backbone("resnet18_cifar", "ResNet-18 with a 3x3 stride-1 stem and no max-pool for 32x32 inputs, 512-d")
 def resnet18_cifar(in_channels: int = 3, last_relu: bool = True) -> ResNet:
     """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool, otherwise as ``resnet18``.
 
@@ -246,6 +252,7 @@ class ConvNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
 
 
+@register_backbone("convnet", "small fast 4-conv net for 8x8/28x28 inputs, 2*width-d features (default 64)")
 def convnet(
     in_channels: int = 1,
     last_relu: bool = True,
@@ -298,26 +305,10 @@ class LeNet(nn.Module):
         return F.relu(x) if self.last_relu else x
 
 
+@register_backbone("lenet", "LeNet-5-like: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84 -> 84-d, 61k params")
 def lenet(in_channels: int = 1, last_relu: bool = True) -> LeNet:
     """LeNet-5-like net for small images (see ``LeNet``)."""
     return LeNet(in_channels, last_relu)
-
-
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "resnet32": resnet32,
-    "resnet18": resnet18,
-    "resnet18_cifar": resnet18_cifar,
-    "convnet": convnet,
-    "lenet": lenet,
-}
-
-BACKBONE_DESCRIPTIONS: dict[str, str] = {
-    "resnet32": "CIFAR ResNet-32 (He et al. 2016, sec. 4.2), 0.47M params, 64-d features",
-    "resnet18": "ImageNet ResNet-18 (7x7 stem + max-pool), 11.2M params, 512-d features",
-    "resnet18_cifar": "ResNet-18 with a 3x3 stride-1 stem and no max-pool for 32x32 inputs, 512-d",
-    "convnet": "small fast 4-conv net for 8x8/28x28 inputs, 2*width-d features (default 64)",
-    "lenet": "LeNet-5-like: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84 -> 84-d, 61k params",
-}
 
 
 def build_backbone(
@@ -328,13 +319,17 @@ def build_backbone(
     width: int = 32,
     last_relu: bool = True,
 ) -> nn.Module:
-    """Build the backbone registered under ``name``; ``width`` only applies to ``convnet``.
-
-    Raises ``UserError`` for an unknown name.
-    """
+    """Build the backbone registered under ``name`` (:func:`cilkit.registry.register_backbone`):
+    its factory gets ``in_channels`` and ``last_relu``, and ``image_size`` and ``width`` when
+    it names them. Raises ``UserError`` for an unknown name or a module without ``out_dim``."""
     if name not in BACKBONES:
         known = ", ".join(sorted(BACKBONES))
         raise UserError(f"config key 'model.backbone': unknown backbone '{name}' (known: {known})")
-    if name == "convnet":
-        return convnet(in_channels, last_relu, image_size=image_size, width=width)
-    return BACKBONES[name](in_channels=in_channels, last_relu=last_relu)
+    factory = BACKBONES[name]
+    params = inspect.signature(factory).parameters
+    optional = {"image_size": image_size, "width": width}
+    net = factory(in_channels=in_channels, last_relu=last_relu, **{k: v for k, v in optional.items() if k in params})
+    if not isinstance(net, nn.Module) or not isinstance(getattr(net, "out_dim", None), int):
+        raise UserError(f"config key 'model.backbone': backbone '{name}' did not return an nn.Module "
+                        "with an int attribute out_dim")
+    return net
