@@ -229,7 +229,7 @@ def test_runs_repeat_with_successive_seeds_and_summarise(tmp_path):
     m = summary["methods"]["finetune"]["mean_incremental_top1_excl_first"]
     values = [r["states"][1]["top1"] for r in seeds]
     assert m["values"] == values and m["mean"] == pytest.approx(np.mean(values))
-    assert m["std"] == pytest.approx(np.std(values))
+    assert m["std"] == pytest.approx(np.std(values)) and m["sample_std"] == pytest.approx(np.std(values, ddof=1))
     b = summary["methods"]["finetune"]["mean_incremental_balanced_top1"]
     assert b["mean"] == pytest.approx(np.mean([np.mean([s["balanced_top1"] for s in r["states"]]) for r in seeds]))
 

@@ -66,7 +66,7 @@ def test_plugin_method_runs_is_recorded_listed_and_reimported_on_resume(tmp_path
     assert main(["info", "--plugin", plugin]) == 0
     assert "smooth_finetune" in capsys.readouterr().out
     assert main(["info", "smooth_finetune", "--plugin", plugin]) == 0
-    assert "label smoothing" in (out := capsys.readouterr().out) and "smooth_finetune.smoothing: 0.1" in out
+    assert "label smoothing" in (out := capsys.readouterr().out) and "smooth_finetune.smoothing (float, default 0.1):" in out
 
     # a new process knows nothing of the plugin: --resume imports it from config.yaml
     del registry.METHODS["smooth_finetune"], sys.modules[module_name(plugin)]

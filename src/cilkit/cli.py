@@ -30,6 +30,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset = check_protocol(with_resolved_threads(config))  # before any directory is made
         name = config.name or (Path(args.config).stem if args.config else "quickstart")
         run_dir = Path(args.out) if args.out else fresh_directory(Path("runs") / name)
+    if args.baseline is not None and args.baseline not in config.methods:
+        raise UserError(f"--baseline '{args.baseline}' is not among the run's methods ({', '.join(config.methods)})")
     try:
         run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset)
     except KeyboardInterrupt:
@@ -38,7 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     print()
     # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
-    compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report)
+    compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report,
+                 baseline=args.baseline)
     print(f"\nrun directory: {run_dir}")
     return 0
 
@@ -93,7 +96,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
+    compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None, baseline=args.baseline)
     return 0
 
 
@@ -107,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", help="comma-separated methods to compare on the same protocol")
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
+    r.add_argument("--baseline", metavar="METHOD", help="also compare every other method with this one, "
+                   "paired by seed (with runs: R > 1)")
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
     r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
                    help="import a .py file or module of your own methods, backbones or datasets first (repeatable)")
@@ -125,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("compare", help="tables, plots and report.html over run directories")
     k.add_argument("dirs", nargs="+", help="run directories (or parents of several)")
     k.add_argument("--out", help="where to write the report (default: the first DIR/report)")
+    k.add_argument("--baseline", metavar="METHOD", help="paired difference of every other method from this "
+                   "one over their shared seeds, with a 95%% confidence interval (paired.csv)")
     k.set_defaults(func=cmd_compare)
     i = sub.add_parser("info", help="list datasets, methods, backbones and selection strategies")
     i.add_argument("name", nargs="?", help="a method, dataset or backbone to describe")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io as _bytes_io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from cilkit.metrics import Results, variant_names
 from cilkit.rundir import RunLayout, read_scores
+from cilkit.stats_tests import mean_std
 
 DPI = 100
 PALETTE = [
@@ -32,19 +33,29 @@ PALETTE = [
 
 
 # ----- data ------------------------------------------------------------------------------------
-def curve_data(results: Results) -> dict[str, dict[str, Any]]:
+def _curve(classes: list[int], series: list[list[float | None]], base: str) -> dict[str, Any]:
+    """One line of :func:`curve_data`: a run's top-1 per state, or for several runs their mean,
+    with ``std`` (sample std, ddof=1) and ``runs``; a state some run lacks is None."""
+    if len(series) == 1:
+        return {"classes": classes, "top1": series[0], "base": base}
+    stats = [mean_std(list(v)) if all(x is not None for x in v) else (None, None) for v in zip(*series)]
+    return {"classes": classes, "top1": [m for m, _ in stats], "std": [s for _, s in stats], "runs": len(series),
+            "base": base}
+
+
+def curve_data(results: Results, repeats: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """Top-1 after each state against the number of classes seen: one line per method, plus a
-    dashed line per extra score set (``"icarl [cnn]"``) whose ``base`` is the method's label."""
+    dashed line per extra score set (``"icarl [cnn]"``) whose ``base`` is the method's label.
+    A label of ``repeats`` (its runs, one per seed) gets the mean over them and their std."""
     data: dict[str, dict[str, Any]] = {}
     for label, r in results.items():
+        runs = list((repeats or {}).get(label, [r]))
         classes = [s["classes_seen"] for s in r["states"]]
-        data[label] = {"classes": classes, "top1": [s["top1"] for s in r["states"]], "base": label}
+        data[label] = _curve(classes, [[s["top1"] for s in x["states"]] for x in runs], label)
         for v in variant_names(r):
-            data[f"{label} [{v}]"] = {
-                "classes": classes,
-                "top1": [s.get("variants", {}).get(v, {}).get("top1") for s in r["states"]],
-                "base": label,
-            }
+            data[f"{label} [{v}]"] = _curve(
+                classes, [[s.get("variants", {}).get(v, {}).get("top1") for s in x["states"]] for x in runs], label)
     return data
 
 
@@ -196,14 +207,21 @@ def outside_legend(ax: Any) -> None:
 
 
 def plot_curves(data: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """Top-1 vs classes seen (``curve_data``); extra score sets dashed in their method's colour."""
+    """Top-1 vs classes seen (``curve_data``); extra score sets dashed in their method's colour;
+    a line over several runs is their mean, in a shaded band of ± one std."""
     fig = _figure(8.4, 4.2)
     ax = fig.add_subplot()
     colours = _colours([label for label, d in data.items() if d["base"] == label])
     for label, d in data.items():
         primary = d["base"] == label
-        ax.plot(d["classes"], _nan(d["top1"]), color=colours.get(d["base"], "black"), marker="o" if primary else None,
-                linestyle="-" if primary else "--", linewidth=2 if primary else 1.2, markersize=4, label=label)
+        colour = colours.get(d["base"], "black")
+        if "std" in d:
+            mean, std = np.array(_nan(d["top1"])), np.array(_nan(d["std"]))
+            ax.fill_between(d["classes"], mean - std, mean + std, color=colour, alpha=0.2 if primary else 0.08,
+                            linewidth=0)
+        shown = f"{label} (mean ± std, {d['runs']} runs)" if "std" in d else label
+        ax.plot(d["classes"], _nan(d["top1"]), color=colour, marker="o" if primary else None,
+                linestyle="-" if primary else "--", linewidth=2 if primary else 1.2, markersize=4, label=shown)
     _label_state_plot(ax, data, "top-1 accuracy (%)", 100, "Top-1 on all classes seen")
     return fig
 
@@ -329,28 +347,38 @@ def _nan_rows(rows: list[list[float | None]]) -> list[list[float]]:
 
 
 # ----- all figures of a comparison ----------------------------------------------------------
-def figures(run_dirs: Mapping[str, Path], results: Results) -> list[tuple[str, str, bytes]]:
+def figures(run_dirs: Mapping[str, Path], results: Results,
+            repeats: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[tuple[str, str, bytes]]:
     """``(file name, caption, PNG)`` for every figure of a comparison; the annotation figure
-    only when some run is an active-learning run."""
+    only when some run is an active-learning run. A label of ``repeats`` (several runs, one per
+    seed; ``results`` and ``run_dirs`` give the first) is drawn as their mean ± std in the top-1
+    curve and by its first run, so labelled, in the other figures."""
+    repeats = repeats or {}
+    band = " Shaded: ± one sample std over the seeds of repeated runs." if repeats else ""
+    firsts = " Repeated runs are shown by their first run." if repeats else ""
+    shown = {k: f"{k} (1st of {len(repeats[k])} runs)" if k in repeats else k for k in results}
+    single = {shown[k]: r for k, r in results.items()}
+    dirs = {shown[k]: run_dirs[k] for k in results}
     out = [
         ("top1_curve.png", "Top-1 accuracy on all classes seen so far, after each state "
-         "(dashed: other score sets of the same run, e.g. iCaRL's CNN beside NME).",
-         png_bytes(plot_curves(curve_data(results)))),
-        ("old_new.png", "Top-1 on the old and on the new classes after each state.",
-         png_bytes(plot_old_new(old_new_data(results)))),
+         f"(dashed: other score sets of the same run, e.g. iCaRL's CNN beside NME).{band}",
+         png_bytes(plot_curves(curve_data(results, repeats)))),
+        ("old_new.png", f"Top-1 on the old and on the new classes after each state.{firsts}",
+         png_bytes(plot_old_new(old_new_data(single)))),
         ("confusion_last_state.png", "Confusion matrix after the last state (rows: true class in the "
-         "run's class order; % of that class's test images); lines separate the states.",
-         png_bytes(plot_confusion(confusion_data(run_dirs, results)))),
+         f"run's class order; % of that class's test images); lines separate the states.{firsts}",
+         png_bytes(plot_confusion(confusion_data(dirs, single)))),
     ]
-    first = next(iter(results))
-    first_r = results[first]
+    first = next(iter(single))
+    first_r = single[first]
     reference = {"classes": [s["classes_seen"] for s in first_r["states"]],
-                 "share": true_new_share(run_dirs[first], first_r)}
+                 "share": true_new_share(dirs[first], first_r)}
     out.append(("new_class_share.png", "Share of test predictions that fall into the classes new in "
-                "each state (the bias towards new classes); dotted: the true share of their test images.",
-                png_bytes(plot_new_share(new_share_data(results), reference))))
-    active = annotation_data(results)
+                f"each state (the bias towards new classes); dotted: the true share of the new classes' test "
+                f"images (in the first run's test set).{firsts}",
+                png_bytes(plot_new_share(new_share_data(single), reference))))
+    active = annotation_data(single)
     if active:
-        out.append(("annotations_per_class.png", "Active learning: images annotated per class in each state.",
+        out.append(("annotations_per_class.png", f"Active learning: images annotated per class in each state.{firsts}",
                     png_bytes(plot_annotations(active))))
     return out

@@ -1,12 +1,16 @@
-"""Comparison of runs: one table (Markdown, CSV, HTML), the figures of ``cilkit.plots``, and a
+"""Comparison of runs: tables (Markdown, CSV, HTML), the figures of ``cilkit.plots``, and a
 self-contained ``report.html``.
 
-The table has one row per method: top-1 after each state, mean incremental top-1 with and
-without state 0 (LUCIR includes it; IL2M and active IL exclude it), top-1 on the old and on the
-new classes after the last state, average forgetting (Chaudhry et al., 2018), wall time. Extra
-score sets of a run (iCaRL's ``cnn`` beside its NME, ...) get their own row, ``icarl [cnn]``;
-forgetting and time are not defined for them. Its columns are defined once
-(:func:`table_columns`, :func:`table_rows`) and written three ways.
+The runs are grouped by protocol and, within one, by method (:mod:`cilkit.runsets`); each
+protocol gets its own table and its own description. A table has one row per group: top-1 after
+each state, mean incremental top-1 with and without state 0 (LUCIR includes it; IL2M and active
+IL exclude it), top-1 on the old and on the new classes after the last state, average forgetting
+(Chaudhry et al., 2018), wall time. A group of several seeds shows every figure as mean ± sample
+std over them, with the number of runs and the seeds. Extra score sets of a run (iCaRL's ``cnn``
+beside its NME, ...) get their own row, ``icarl [cnn]``; forgetting and time are not defined for
+them. The columns are defined once (:func:`table_columns`, :func:`build_table`) and written three
+ways. With a baseline method, a second table gives each other method's paired difference from it
+over the seeds both ran (:func:`paired_rows`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cilkit import io
 from cilkit.errors import UserError
 from cilkit.metrics import Results, fmt, mean_incremental, variant_names
 from cilkit.plots import figures as make_figures
-from cilkit.rundir import RunLayout, read_results
-
+from cilkit.runsets import FoundRun as FoundRun  # noqa: F401  (cilkit.report.FoundRun, as before)
+from cilkit.runsets import Protocol, RunGroup, find_runs, group_runs
+from cilkit.stats_tests import LEVEL, PairedInterval, mean_std, paired_interval
 
 
 # ----- the table -------------------------------------------------------------------------------
@@ -37,6 +40,28 @@ class Column:
     title: str  # Markdown / HTML heading
     key: str  # CSV heading
     digits: int  # decimals shown in Markdown / HTML (the CSV keeps full precision)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A figure of a group of runs: the mean and the sample std (ddof=1) over its seeds."""
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Table:
+    """One protocol's table: its columns and one row per group and score set (a label, then
+    ``None``, a float, or a :class:`Spread` for a group of several runs)."""
+
+    columns: list[Column]
+    rows: list[list[Any]]
+    repeated: bool  # some group has several runs: the table has runs and seeds columns
+
+
+STD_NOTE = ("Rows over several runs: mean ± std over their seeds (std: the sample standard deviation, "
+            "ddof=1); runs: their number, seeds: theirs.")
 
 
 def _state_count(results: Results) -> int:
@@ -51,12 +76,12 @@ def _state_titles(results: Results, n: int) -> list[str]:
     return [f"state {b + 1}" for b in range(n)]
 
 
-def table_columns(results: Results) -> list[Column]:
-    """The table's columns: method, top-1 after each state, then the summaries."""
-    n = _state_count(results)
+def table_columns(state_titles: Sequence[str], repeated: bool = False) -> list[Column]:
+    """The table's columns: method, (runs and seeds,) top-1 after each state, the summaries."""
     return [
         Column("method", "method", 0),
-        *[Column(t, f"top1_state{b + 1}", 1) for b, t in enumerate(_state_titles(results, n))],
+        *([Column("runs", "runs", 0), Column("seeds", "seeds", 0)] if repeated else []),
+        *[Column(t, f"top1_state{b + 1}", 1) for b, t in enumerate(state_titles)],
         Column("mean inc.", "mean_incremental_top1", 2),
         Column("mean inc. (excl. 1st)", "mean_incremental_top1_excl_first", 2),
         Column("last old", "last_top1_old", 1),
@@ -83,51 +108,74 @@ def _variant_row(label: str, variant: str, r: Mapping[str, Any], n: int) -> list
     ]
 
 
-def table_rows(results: Results) -> list[list[Any]]:
-    """The table's values (label, then floats or None), one row per method and score set."""
-    n = _state_count(results)
+def run_rows(label: str, r: Mapping[str, Any], n: int) -> list[list[Any]]:
+    """One run's rows (label, then floats or None): its primary scores, then each score set."""
+    last = r["states"][-1] if r["states"] else {}
+    row = [label, *_padded([s["top1"] for s in r["states"]], n),
+           r.get("mean_incremental_top1"), r.get("mean_incremental_top1_excl_first"),
+           last.get("top1_old"), last.get("top1_new"), r.get("average_forgetting"), r.get("wall_time_s")]
+    return [row] + ([_variant_row(label, v, r, n) for v in variant_names(r)] if r["states"] else [])
+
+
+def _aggregate(values: Sequence[float | None]) -> Spread | None:
+    """Mean ± sample std of a figure over a group's runs; None unless every run has it."""
+    known = [v for v in values if v is not None]
+    if len(known) < len(values) or len(known) < 2:
+        return None
+    mean, std = mean_std(known)
+    assert std is not None
+    return Spread(mean, std)
+
+
+def group_rows(group: RunGroup, n: int) -> list[list[Any]]:
+    """A group's rows: its run's own (one run), or each cell as a :class:`Spread` over its runs."""
+    if not group.repeated:
+        return run_rows(group.label, group.runs[0].results, n)
+    per_run = [{row[0]: row[1:] for row in run_rows(group.label, r.results, n)} for r in group.runs]
     rows = []
-    for label, r in results.items():
-        last = r["states"][-1] if r["states"] else {}
-        rows.append([
-            label, *_padded([s["top1"] for s in r["states"]], n),
-            r.get("mean_incremental_top1"), r.get("mean_incremental_top1_excl_first"),
-            last.get("top1_old"), last.get("top1_new"),
-            r.get("average_forgetting"), r.get("wall_time_s"),
-        ])
-        rows += [_variant_row(label, v, r, n) for v in variant_names(r)] if r["states"] else []
+    for label, first in per_run[0].items():
+        cells = [pr.get(label) for pr in per_run]
+        if any(c is None for c in cells):  # a score set some run lacks
+            rows.append([label] + [None] * len(first))
+            continue
+        rows.append([label, *[_aggregate(list(col)) for col in zip(*[c for c in cells if c is not None])]])
     return rows
 
 
-def _formatted(results: Results) -> tuple[list[Column], list[list[str]]]:
-    cols = table_columns(results)
-    return cols, [[fmt(v, c.digits) for v, c in zip(row, cols)] for row in table_rows(results)]
+def _seeds_text(seeds: Sequence[int | None]) -> str:
+    return ", ".join("?" if s is None else str(s) for s in seeds)
 
 
-def state_table(results: Results) -> str:
-    """A Markdown table: one row per method (and extra score set), top-1 after each state, then
-    the summaries."""
-    if not results:
-        return ""
-    cols, rows = _formatted(results)
-    lines = ["| " + " | ".join(c.title for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+def build_table(groups: Sequence[RunGroup]) -> Table:
+    """The table of one protocol's groups."""
+    results = {g.label: g.runs[0].results for g in groups}
+    n = _state_count(results)
+    repeated = any(g.repeated for g in groups)
+    rows = []
+    for g in groups:
+        for row in group_rows(g, n):
+            rows.append([row[0], len(g.runs), _seeds_text(g.seeds), *row[1:]] if repeated else row)
+    return Table(table_columns(_state_titles(results, n), repeated), rows, repeated)
 
 
-def table_csv(results: Results) -> str:
-    """The same table as CSV, full precision, empty cells for undefined values."""
-    buf = _text_io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(c.key for c in table_columns(results))
-    w.writerows([("" if v is None else v) for v in row] for row in table_rows(results))
-    return buf.getvalue()
+def _cell(value: Any, digits: int) -> str:
+    if isinstance(value, Spread):
+        return f"{value.mean:.{digits}f} ± {value.std:.{digits}f}"
+    return str(value) if isinstance(value, int) and digits == 0 else fmt(value, digits)
 
 
-def table_html(results: Results) -> str:
-    """The same table as an HTML ``<table>`` (numbers right-aligned)."""
-    cols, rows = _formatted(results)
-    head = "".join(f"<th>{html.escape(c.title)}</th>" for c in cols)
+def _formatted(table: Table) -> list[list[str]]:
+    return [[_cell(v, c.digits) for v, c in zip(row, table.columns)] for row in table.rows]
+
+
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An HTML ``<table>``: the first column text, the others right-aligned numbers."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
         "<tr>" + "".join(f"<td{'' if i == 0 else ' class=num'}>{html.escape(v)}</td>" for i, v in enumerate(row))
         + "</tr>\n"
@@ -136,57 +184,179 @@ def table_html(results: Results) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
 
-# ----- finding the runs ------------------------------------------------------------------------
+def state_table(table: Table) -> str:
+    """A Markdown table: one row per group (and extra score set), top-1 after each state, then
+    the summaries."""
+    return _markdown([c.title for c in table.columns], _formatted(table)) if table.rows else ""
+
+
+def table_html(table: Table) -> str:
+    """The same table as an HTML ``<table>`` (numbers right-aligned)."""
+    return _html_table([c.title for c in table.columns], _formatted(table))
+
+
+def table_csv(tables: Sequence[Table]) -> str:
+    """Every protocol's table as one CSV, full precision, empty cells for undefined values. With
+    several protocols a first column ``protocol`` numbers them; with repeated runs each figure
+    ``key`` (the mean) has a ``key_std`` column (sample std) beside it, plus ``runs``, ``seeds``."""
+    repeated = any(t.repeated for t in tables)
+    n = max((sum(c.key.startswith("top1_state") for c in t.columns) for t in tables), default=0)
+    columns = table_columns([""] * n, repeated)
+    keys = ["protocol"] if len(tables) > 1 else []
+    for c in columns:
+        keys += [c.key, f"{c.key}_std"] if repeated and c.digits > 0 else [c.key]
+    buf = _text_io.StringIO()
+    w = csv.DictWriter(buf, keys, restval="", lineterminator="\n")
+    w.writeheader()
+    for number, t in enumerate(tables, 1):
+        for row in t.rows:
+            out: dict[str, Any] = {"protocol": number} if len(tables) > 1 else {}
+            for c, v in zip(t.columns, row):
+                if isinstance(v, Spread):
+                    out[c.key], out[f"{c.key}_std"] = v.mean, v.std
+                elif v is not None:
+                    out[c.key] = v
+            w.writerow(out)
+    return buf.getvalue()
+
+
+# ----- paired comparison with a baseline -------------------------------------------------------
+PAIRED_KEY = "mean_incremental_top1_excl_first"
+
+
 @dataclass(frozen=True)
-class FoundRun:
-    """A run found by :func:`find_runs`: its label in tables, directory and results."""
+class PairedRow:
+    """A group's paired difference from the baseline of its protocol over their shared seeds."""
 
+    protocol: int
     label: str
-    path: Path
-    results: dict[str, Any]
+    baseline: str
+    seeds: tuple[int, ...]
+    interval: PairedInterval
 
 
-def _listed_methods(parent: Path) -> list[str]:
-    """The methods a comparison's config.yaml lists (``method: [a, b]``), in its order."""
-    try:
-        method = (yaml.safe_load(RunLayout(parent).config.read_text()) or {}).get("method")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
-    return [str(m) for m in method] if isinstance(method, list) else []
+def _by_seed(group: RunGroup) -> dict[int, float]:
+    """The group's :data:`PAIRED_KEY` per known seed."""
+    return {s: v for r, s in zip(group.runs, group.seeds) if s is not None and (v := r.results.get(PAIRED_KEY)) is not None}
 
 
-def _method_dirs(parent: Path) -> list[Path]:
-    """The run directories under a comparison's parent: its config's methods first (each must
-    have results.json), then any other sub-directory holding one, by name."""
-    listed = [parent / m for m in _listed_methods(parent)]
-    for d in listed:
-        if not RunLayout(d).results.is_file():
-            raise UserError(f"'{RunLayout(d).results}' not found (method '{d.name}' of "
-                            f"'{RunLayout(parent).config}' has no finished state)")
-    others = sorted(d for d in parent.iterdir() if d.is_dir() and d not in listed and RunLayout(d).results.is_file())
-    return listed + others
+def paired_rows(protocols: Sequence[Protocol], baseline: str) -> list[PairedRow]:
+    """For each protocol holding a group of method ``baseline``: every other group's paired
+    difference (method - baseline) of :data:`PAIRED_KEY` over the seeds both ran, with its
+    :data:`~cilkit.stats_tests.LEVEL` interval (paired t)."""
+    methods = sorted({g.method for p in protocols for g in p.groups})
+    if baseline not in methods:
+        raise UserError(f"--baseline '{baseline}': no compared run is of that method (methods: {', '.join(methods)})")
+    rows = []
+    for p in protocols:
+        bases = [g for g in p.groups if g.method == baseline]
+        if len(bases) > 1:
+            raise UserError(f"--baseline '{baseline}': protocol {p.number} holds several groups of it "
+                            f"({'; '.join(g.label for g in bases)}): compare them separately")
+        if not bases:
+            continue
+        base = _by_seed(bases[0])
+        for g in p.groups:
+            if g is bases[0]:
+                continue
+            mine = _by_seed(g)
+            shared = tuple(sorted(set(mine) & set(base)))
+            rows.append(PairedRow(p.number, g.label, bases[0].label, shared,
+                                  paired_interval([mine[s] for s in shared], [base[s] for s in shared])))
+    return rows
 
 
-def find_runs(dirs: Sequence[str | os.PathLike]) -> list[FoundRun]:
-    """Each DIR is a run (it holds results.json) or a parent of one run directory per method.
-    A run named twice is taken once. Labels are the method names, made unique with the
-    directory when two runs share one."""
-    paths: list[Path] = []
-    for d in map(Path, dirs):
-        if RunLayout(d).results.is_file():
-            paths.append(d)
-        elif d.is_dir() and (subs := _method_dirs(d)):
-            paths += subs
+_PAIRED_HEADERS = ["method", "pairs", "seeds", "mean diff.", f"{LEVEL:.0%} CI", "verdict"]
+
+
+def _paired_cells(row: PairedRow, baseline: str) -> list[str]:
+    i = row.interval
+    ci = "-" if i.low is None or i.high is None else f"[{i.low:.2f}, {i.high:.2f}]"
+    mean = "-" if i.mean is None else f"{i.mean:+.2f}"
+    return [row.label, str(i.pairs), _seeds_text(row.seeds) or "-", mean, ci, i.verdict(baseline)]
+
+
+def paired_note(baseline: str) -> str:
+    return (f"Paired difference from {baseline} (method − {baseline}) of the mean incremental top-1 "
+            f"excluding state 1, over the seeds both ran; {LEVEL:.0%} confidence interval of the mean "
+            "difference from Student's t with pairs − 1 degrees of freedom. Verdict: better / worse when "
+            "the interval excludes 0.")
+
+
+def paired_markdown(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str) -> str:
+    """The paired comparison in Markdown: a note, then a table per protocol."""
+    parts = [paired_note(baseline)]
+    for p in protocols:
+        mine = [_paired_cells(r, baseline) for r in rows if r.protocol == p.number]
+        head = f"Protocol {p.number}:" if len(protocols) > 1 else ""
+        if not mine:
+            parts.append(f"{head or 'No paired comparison:'} no other method beside a run of {baseline}."
+                         if any(g.method == baseline for g in p.groups) else f"{head} no run of {baseline}.")
         else:
-            raise UserError(f"'{RunLayout(d).results}' not found (not a cilkit run directory, "
-                            "nor a parent of run directories)")
-    first: dict[Path, Path] = {}
-    for p in paths:
-        first.setdefault(p.resolve(), p)  # each run once, where it is first named
-    paths = list(first.values())
-    loaded = [(p, read_results(RunLayout(p).results)) for p in paths]
-    names = [str(r.get("method", p.name)) for p, r in loaded]
-    return [FoundRun(n if names.count(n) == 1 else f"{n} ({p})", p, r) for n, (p, r) in zip(names, loaded)]
+            parts.append("\n\n".join(filter(None, [head, _markdown(_PAIRED_HEADERS, mine)])))
+    return "\n\n".join(parts)
+
+
+def paired_html(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str) -> str:
+    """The paired comparison in HTML: a table per protocol, then the note."""
+    parts = []
+    for p in protocols:
+        mine = [_paired_cells(r, baseline) for r in rows if r.protocol == p.number]
+        if len(protocols) > 1:
+            parts.append(f"<h3>Protocol {p.number}</h3>")
+        parts.append(_html_table(_PAIRED_HEADERS, mine) if mine else
+                     f"<p>No paired comparison (no run of {html.escape(baseline)} or no other method).</p>")
+    return "\n".join(parts) + f'\n<p class="note">{html.escape(paired_note(baseline))}</p>'
+
+
+def paired_csv(rows: Sequence[PairedRow]) -> str:
+    """The paired comparison as CSV (full precision)."""
+    buf = _text_io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["protocol", "method", "baseline", "metric", "pairs", "seeds", "mean_difference",
+                f"ci{LEVEL * 100:.0f}_low", f"ci{LEVEL * 100:.0f}_high", "verdict"])
+    for r in rows:
+        i = r.interval
+        w.writerow([r.protocol, r.label, r.baseline, PAIRED_KEY, i.pairs, " ".join(map(str, r.seeds)),
+                    *("" if v is None else v for v in (i.mean, i.low, i.high)), i.verdict(r.baseline)])
+    return buf.getvalue()
+
+
+# ----- protocols described ---------------------------------------------------------------------
+def _settings(config: Mapping[str, Any] | None) -> str:
+    """The main settings from a run's config.yaml (empty when it cannot be read)."""
+    try:
+        assert config is not None
+        mem = config["memory"]
+        budget = f"{mem['total']} in total" if mem.get("total") is not None else f"{mem.get('per_class')} per class"
+        return (f" Backbone {config['model']['backbone']}; memory {budget} ({mem['selection']}); "
+                f"epochs per state: {config['train']['epochs']}")
+    except (AssertionError, KeyError, TypeError, AttributeError):
+        return ""
+
+
+def describe_protocol(p: Protocol) -> str:
+    """What every run of the protocol shares (dataset, states, settings), and its seeds."""
+    r = p.results
+    seeds = sorted({s for g in p.groups for s in g.seeds if s is not None})
+    settings = _settings(p.config)
+    seed_text = "" if not seeds else f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    tail = (f"{settings}; {seed_text}." if settings and seed_text else f"{settings}." if settings
+            else f" {seed_text[0].upper()}{seed_text[1:]}." if seed_text else "")
+    return (f"Dataset: {r.get('dataset', '?')}. {r.get('num_states', len(r['state_ends']))} states; "
+            f"classes seen after each state: {', '.join(map(str, r['state_ends']))}." + tail)
+
+
+def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table]) -> str:
+    """The table of each protocol (headed by its description when there are several), and the
+    note on std when some row is over several runs."""
+    if len(protocols) == 1:
+        parts = [state_table(tables[0])]
+    else:
+        parts = [f"Protocol {p.number}: {describe_protocol(p)}\n\n{state_table(t)}" for p, t in zip(protocols, tables)]
+    if any(t.repeated for t in tables):
+        parts.append(STD_NOTE)
+    return "\n\n".join(parts)
 
 
 # ----- report.html -----------------------------------------------------------------------------
@@ -211,28 +381,33 @@ _TABLE_NOTE = (
 )
 
 
-def _settings(run_dir: Path) -> str:
-    """The main settings from a run's config.yaml (empty when it cannot be read)."""
-    try:
-        c = yaml.safe_load(RunLayout(run_dir).config.read_text())
-        mem = c["memory"]
-        budget = f"{mem['total']} in total" if mem.get("total") is not None else f"{mem.get('per_class')} per class"
-        return (f" Backbone {c['model']['backbone']}; memory {budget} ({mem['selection']}); "
-                f"epochs per state: {c['train']['epochs']}; seed {c['seed']}.")
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return ""
+def _header_html(protocols: Sequence[Protocol]) -> str:
+    e = html.escape
+    if len(protocols) == 1:
+        return f"<p>{e(describe_protocol(protocols[0]))}</p>"
+    items = "".join(f"<li><b>Protocol {p.number}</b>: {e(describe_protocol(p))}</li>" for p in protocols)
+    return f"<p>{len(protocols)} protocols, each with its own table:</p>\n<ul>{items}</ul>"
 
 
-def _describe(runs: Sequence[FoundRun]) -> str:
-    datasets = sorted({str(r.results.get("dataset", "?")) for r in runs})
-    first = runs[0].results
-    return (f"Dataset: {', '.join(datasets)}. {first.get('num_states', len(first['state_ends']))} states; "
-            f"classes seen after each state: {', '.join(map(str, first['state_ends']))}."
-            + _settings(runs[0].path))
+def _results_html(protocols: Sequence[Protocol], tables: Sequence[Table]) -> str:
+    if len(protocols) == 1:
+        body = table_html(tables[0])
+    else:
+        body = "\n".join(f"<h3>Protocol {p.number}</h3>\n<p>{html.escape(describe_protocol(p))}</p>\n{table_html(t)}"
+                         for p, t in zip(protocols, tables))
+    std = f" {html.escape(STD_NOTE)}" if any(t.repeated for t in tables) else ""
+    return f'{body}\n<p class="note">{_TABLE_NOTE}{std}</p>'
 
 
-def report_html(runs: Sequence[FoundRun], table: str, figures: Sequence[tuple[str, str, bytes]]) -> str:
-    """One HTML file with the table and every figure inlined as a base64 ``data:`` URI: no
+def _sources_html(protocols: Sequence[Protocol]) -> str:
+    e = html.escape
+    return "".join(f"<li><b>{e(g.label)}</b>{'' if s is None else f' (seed {s})'}: {e(str(r.path))}</li>"
+                   for p in protocols for g in p.groups for r, s in zip(g.runs, g.seeds))
+
+
+def report_html(protocols: Sequence[Protocol], tables: Sequence[Table], figures: Sequence[tuple[str, str, bytes]],
+                paired: str = "") -> str:
+    """One HTML file with the tables and every figure inlined as a base64 ``data:`` URI: no
     external resource, so it opens offline (a Content-Security-Policy forbids any fetch)."""
     e = html.escape
     figs = "\n".join(
@@ -240,7 +415,7 @@ def report_html(runs: Sequence[FoundRun], table: str, figures: Sequence[tuple[st
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{e(caption)}</figcaption></figure>'
         for name, caption, png in figures
     )
-    sources = "".join(f"<li><b>{e(r.label)}</b>: {e(str(r.path))}</li>" for r in runs)
+    paired_section = f"<h2>Paired comparison</h2>\n{paired}\n" if paired else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -251,36 +426,46 @@ def report_html(runs: Sequence[FoundRun], table: str, figures: Sequence[tuple[st
 </head>
 <body>
 <h1>Class-incremental comparison</h1>
-<p>{e(_describe(runs))}</p>
+{_header_html(protocols)}
 <h2>Results</h2>
-{table}
-<p class="note">{_TABLE_NOTE}</p>
-<h2>Figures</h2>
+{_results_html(protocols, tables)}
+{paired_section}<h2>Figures</h2>
 {figs}
 <h2>Runs</h2>
-<ul>{sources}</ul>
+<ul>{_sources_html(protocols)}</ul>
 <p class="note">Written by cilkit compare.</p>
 </body>
 </html>
 """
 
 
-def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True) -> Path:
+def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
+                 baseline: str | None = None) -> Path:
     """Write table.md, table.csv, the figures (PNG) and report.html for the runs in ``dirs``
-    into ``out`` (default: the first DIR/report); print the table when ``echo``. Returns ``out``."""
+    into ``out`` (default: the first DIR/report), and with a ``baseline`` method paired.csv;
+    print the tables when ``echo``. Returns ``out``."""
     if not dirs:
         raise UserError("compare: name at least one run directory")
-    runs = find_runs(dirs)
+    protocols = group_runs(find_runs(dirs))
+    paired = paired_rows(protocols, baseline) if baseline is not None else None
     out_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
-    results = {r.label: r.results for r in runs}
-    figs = make_figures({r.label: r.path for r in runs}, results)  # every input is read before writing
-    table = state_table(results)
-    io.write_text(out_dir / "table.md", table + "\n")
-    io.write_text(out_dir / "table.csv", table_csv(results))
+    groups = [g for p in protocols for g in p.groups]
+    results = {g.label: g.runs[0].results for g in groups}
+    repeats = {g.label: [r.results for r in g.runs] for g in groups if g.repeated}
+    figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats)  # every input is read before writing
+    tables = [build_table(p.groups) for p in protocols]
+    text = comparison_markdown(protocols, tables)
+    if paired is not None and baseline is not None:
+        text += "\n\n" + paired_markdown(protocols, paired, baseline)
+        io.write_text(out_dir / "paired.csv", paired_csv(paired))
+    io.write_text(out_dir / "table.md", text + "\n")
+    io.write_text(out_dir / "table.csv", table_csv(tables))
     for name, _, png in figs:
         io.write_bytes(out_dir / name, png)
-    io.write_text(out_dir / "report.html", report_html(runs, table_html(results), figs))
+    html_paired = paired_html(protocols, paired, baseline) if paired is not None and baseline is not None else ""
+    io.write_text(out_dir / "report.html", report_html(protocols, tables, figs, html_paired))
     if echo:
-        print(table)
-        print(f"\nreport: {out_dir / 'report.html'} (table.md, table.csv, {len(figs)} figures)")
+        print(text)
+        extra = ", paired.csv" if paired is not None else ""
+        print(f"\nreport: {out_dir / 'report.html'} (table.md, table.csv{extra}, {len(figs)} figures)")
     return out_dir

@@ -37,6 +37,7 @@ from cilkit.scenario import Scenario
 from cilkit.seeding import derive_seed, seeded_generator
 from cilkit.statistics import Stats, state_statistics
 from cilkit.tensorboard_log import TensorBoardLog
+from cilkit.stats_tests import mean_std
 
 
 def resolve_device(name: str) -> torch.device:
@@ -566,10 +567,12 @@ SUMMARY_KEYS = ("mean_incremental_top1", "mean_incremental_top1_excl_first",
 
 
 def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    """Mean, population std (``std``) and sample std (``sample_std``, ddof=1, as the report's
+    tables give it; None for one run) of the known values."""
     known = [v for v in values if v is not None]
     arr = np.array(known, dtype=np.float64)
     return {"mean": float(arr.mean()) if known else None, "std": float(arr.std()) if known else None,
-            "values": values}
+            "sample_std": mean_std(known)[1] if known else None, "values": values}
 
 
 def repeat_runs(
@@ -577,8 +580,8 @@ def repeat_runs(
 ) -> dict[str, dict[str, Any]]:
     """Each method ``runs`` times with seeds ``seed, seed+1, ...`` (into :func:`repeat_dirs`),
     then ``<out>/summary.json``: per method, mean and std (population std, numpy's default, as
-    the active-IL code reports it) over the runs of the mean incremental top-1 and balanced
-    top-1, with and without state 0. Returns ``{"<method>/run_<k>": results}``."""
+    the active-IL code reports it; ``sample_std``: ddof=1, as the report's tables) over the runs
+    of the mean incremental top-1 and balanced top-1, with and without state 0. Returns ``{"<method>/run_<k>": results}``."""
     io.make_dir(out)
     if not resume:
         io.write_yaml(RunLayout(out).config, config.to_dict())
@@ -596,7 +599,8 @@ def repeat_runs(
             runs.append(r)
         summary["methods"][name] = {key: _mean_std([r.get(key) for r in runs]) for key in SUMMARY_KEYS}
         m = summary["methods"][name]["mean_incremental_top1_excl_first"]
-        if m["mean"] is not None:
-            log(f"[{name}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} +- {m['std']:.2f}")
+        if m["sample_std"] is not None:
+            log(f"[{name}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} ± "
+                f"{m['sample_std']:.2f} (sample std)")
     io.write_json(RunLayout(out).summary, summary)
     return results

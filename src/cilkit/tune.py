@@ -23,7 +23,8 @@ from cilkit import io
 from cilkit.config import RunConfig, load_config
 from cilkit.errors import UserError
 from cilkit.rundir import RunLayout, read_results
-from cilkit.runner import log, repeat_dirs, run_methods
+from cilkit.runlog import log
+from cilkit.runner import repeat_dirs, run_methods
 
 Point = list[tuple[str, str]]
 

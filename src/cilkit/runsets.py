@@ -1,0 +1,204 @@
+"""The runs a comparison reads, and how they group.
+
+:func:`find_runs` turns the directories named on the command line into runs. :func:`group_runs`
+sorts them by *protocol* (:func:`protocol_key`: everything in results.json and config.yaml that
+shapes the numbers, but the seed and the method) and, within a protocol, puts the runs of one
+method with one set of options and different seeds into one :class:`RunGroup`, which the report
+shows as mean ± std over its seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cilkit.config import RunConfig
+from cilkit.errors import UserError
+from cilkit.rundir import RunLayout, read_results
+
+
+# ----- finding the runs ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FoundRun:
+    """A run found by :func:`find_runs`: its label in tables, directory and results."""
+
+    label: str
+    path: Path
+    results: dict[str, Any]
+
+
+def _listed_methods(parent: Path) -> list[str]:
+    """The methods a comparison's config.yaml lists (``method: [a, b]``), in its order."""
+    try:
+        method = (yaml.safe_load(RunLayout(parent).config.read_text()) or {}).get("method")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    return [str(m) for m in method] if isinstance(method, list) else []
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key putting ``run_2`` before ``run_10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def _runs_in(parent: Path) -> list[Path]:
+    """The sub-directories of ``parent`` that hold a results.json (``run_0``, ``run_1``, ...)."""
+    return sorted((d for d in parent.iterdir() if d.is_dir() and RunLayout(d).results.is_file()), key=_natural)
+
+
+def _method_dirs(parent: Path) -> list[Path]:
+    """The run directories under a comparison's parent: its config's methods first (each holds
+    results.json, or one run per seed when the config set ``runs: R``), then any other
+    sub-directory holding one, by name."""
+    listed = [parent / m for m in _listed_methods(parent)]
+    found: list[Path] = []
+    for d in listed:
+        if RunLayout(d).results.is_file():
+            found.append(d)
+        elif d.is_dir() and (repeats := _runs_in(d)):
+            found += repeats
+        else:
+            raise UserError(f"'{RunLayout(d).results}' not found (method '{d.name}' of "
+                            f"'{RunLayout(parent).config}' has no finished state)")
+    return found + [d for d in _runs_in(parent) if d not in listed]
+
+
+def find_runs(dirs: Sequence[str | os.PathLike]) -> list[FoundRun]:
+    """Each DIR is a run (it holds results.json) or a parent of one run directory per method
+    (or per method and seed). A run named twice is taken once. Labels are the method names,
+    made unique with the directory when two runs share one."""
+    paths: list[Path] = []
+    for d in map(Path, dirs):
+        if RunLayout(d).results.is_file():
+            paths.append(d)
+        elif d.is_dir() and (subs := _method_dirs(d)):
+            paths += subs
+        else:
+            raise UserError(f"'{RunLayout(d).results}' not found (not a cilkit run directory, "
+                            "nor a parent of run directories)")
+    first: dict[Path, Path] = {}
+    for p in paths:
+        first.setdefault(p.resolve(), p)  # each run once, where it is first named
+    paths = list(first.values())
+    loaded = [(p, read_results(RunLayout(p).results)) for p in paths]
+    names = [str(r.get("method", p.name)) for p, r in loaded]
+    return [FoundRun(n if names.count(n) == 1 else f"{n} ({p})", p, r) for n, (p, r) in zip(names, loaded)]
+
+
+# ----- protocols and groups --------------------------------------------------------------------
+NOT_PROTOCOL = frozenset({"name", "seed", "runs", "method", "device", "threads", "channels_last",
+                          "state0_cache", "keep_checkpoints"})
+# ^ config keys that are no part of a protocol: the seed and method, and keys that change no number
+
+
+def run_config(run: FoundRun) -> dict[str, Any] | None:
+    """The run's config.yaml (for a ``cilkit calibrate`` output: its source run's); None when
+    there is none or it cannot be read."""
+    source = run.results.get("calibration", {}).get("source")
+    for d in [run.path] + ([Path(source)] if source else []):
+        try:
+            data = yaml.safe_load(RunLayout(d).config.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def protocol_key(results: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
+    """What makes two runs comparable: dataset, class order and states (results.json), and every
+    config setting (data, scenario, memory, model, training, precision) except the seed, the
+    method and its options, and keys that change no number (:data:`NOT_PROTOCOL`)."""
+    settings = None if config is None else {
+        k: v for k, v in config.items() if k in RunConfig.model_fields and k not in NOT_PROTOCOL}
+    return json.dumps({"dataset": results.get("dataset"), "class_order": results.get("class_order"),
+                       "state_ends": results.get("state_ends"), "config": settings}, sort_keys=True)
+
+
+def _method_options(results: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
+    """The options of the run's method (of its source method for a calibrated run)."""
+    source = results.get("calibration", {}).get("source_method") or results.get("method")
+    return json.dumps((config or {}).get(str(source)), sort_keys=True)
+
+
+def _seed(config: Mapping[str, Any] | None) -> int | None:
+    seed = (config or {}).get("seed")
+    return seed if isinstance(seed, int) else None
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """The runs of one method, with the same options, on one protocol, one per seed. A group
+    of several runs is shown as mean ± sample std over them."""
+
+    label: str
+    method: str
+    protocol: int  # 1-based, in the order protocols are first met
+    runs: tuple[FoundRun, ...]
+    seeds: tuple[int | None, ...]
+
+    @property
+    def repeated(self) -> bool:
+        return len(self.runs) > 1
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Runs that share a protocol: its number, one run's results and config to describe it
+    (every run of it shares what is described), and its groups in order."""
+
+    number: int
+    results: dict[str, Any]
+    config: dict[str, Any] | None
+    groups: tuple[RunGroup, ...]
+
+
+def _split(runs: list[tuple[FoundRun, int | None]]) -> list[list[tuple[FoundRun, int | None]]]:
+    """One group for runs of distinct known seeds; otherwise (a seed unknown or repeated: the
+    same run copied, say) each run stands alone rather than being averaged with itself."""
+    seeds = [s for _, s in runs]
+    if None in seeds or len(set(seeds)) < len(seeds):
+        return [[r] for r in runs]
+    return [runs]
+
+
+def _labels(groups: list[tuple[str, int, list[tuple[FoundRun, int | None]]]], several: bool) -> list[str]:
+    """The method name; with another group of that method, its protocol number when that tells
+    them apart, else its (first) directory."""
+    labels = []
+    for method, number, members in groups:
+        twins = [n for m, n, _ in groups if m == method]
+        if len(twins) == 1:
+            labels.append(method)
+        elif several and twins.count(number) == 1:
+            labels.append(f"{method} (protocol {number})")
+        else:
+            labels.append(f"{method} ({members[0][0].path})")
+    return labels
+
+
+def group_runs(runs: Sequence[FoundRun]) -> list[Protocol]:
+    """The runs by protocol (in the order first met), each as groups of seeds of one method."""
+    protocols: dict[str, tuple[FoundRun, dict[str, Any] | None]] = {}
+    buckets: dict[tuple[str, str, str, int], list[tuple[FoundRun, int | None]]] = {}
+    for run in runs:
+        config = run_config(run)
+        key = protocol_key(run.results, config)
+        protocols.setdefault(key, (run, config))
+        method = str(run.results.get("method", run.path.name))
+        bucket = (key, method, _method_options(run.results, config), len(run.results["states"]))
+        buckets.setdefault(bucket, []).append((run, _seed(config)))
+    number = {key: i + 1 for i, key in enumerate(protocols)}
+    raw = [(b[1], number[b[0]], members) for b, runs_ in buckets.items() for members in _split(runs_)]
+    labels = _labels(raw, len(protocols) > 1)
+    groups = [RunGroup(label, method, n, tuple(r for r, _ in members), tuple(s for _, s in members))
+              for label, (method, n, members) in zip(labels, raw)]
+    return [Protocol(number[key], first.results, config, tuple(g for g in groups if g.protocol == number[key]))
+            for key, (first, config) in protocols.items()]
