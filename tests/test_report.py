@@ -281,3 +281,47 @@ def test_confusion_matrices_are_labelled_with_class_names():
     fig = plot_confusion({"finetune": {"matrix": np.eye(4).tolist(), "classes": [0, 1, 2, 3], "names": names,
                                        "state_ends": [2, 4]}})
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == names
+
+
+def _eleven_runs(runs, tmp_path):
+    """11 runs: copies of the fine-tuning run, each named as another method."""
+    dirs = []
+    for k in range(11):
+        d = tmp_path / f"m{k}"
+        shutil.copytree(runs / "cmp" / "finetune", d, ignore=shutil.ignore_patterns("checkpoints", "report"))
+        res = json.loads((d / "results.json").read_text())
+        res["method"] = f"method-{k}"
+        res["states"] = [{**s, "top1": s["top1"] - 2 * k} for s in res["states"]]
+        (d / "results.json").write_text(json.dumps(res))
+        dirs.append(d)
+    return dirs
+
+
+def test_eleven_runs_get_eleven_distinct_curve_styles(runs, tmp_path):
+    from cilkit.plots import curve_data, plot_curves
+
+    dirs = _eleven_runs(runs, tmp_path)
+    results = {r.label: r.results for r in find_runs(dirs)}
+    fig = plot_curves(curve_data(results))
+    styles = {(line.get_color(), line.get_marker()) for line in fig.axes[0].get_lines()}
+    assert len(styles) == 11
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_a_report_of_eleven_runs_renders_every_figure_in_the_browser(runs, tmp_path):
+    dirs = _eleven_runs(runs, tmp_path)
+    compare_runs(dirs, tmp_path / "report", echo=False)
+    page = (tmp_path / "report" / "report.html").read_text()
+    page = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", _PROBE + "</body>"))
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         f"--user-data-dir={tmp_path / 'p'}", "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout
+    decoded = re.search(r'data-decoded="([^"]*)"', dom).group(1).split(",")
+    assert decoded and all(d == "true" for d in decoded), decoded
+    assert int(re.search(r'data-table-rows="(\d+)"', dom).group(1)) >= 1 + 11
+    curve = Image.open(tmp_path / "report" / "top1_curve.png").convert("RGB")
+    assert curve.width > curve.height * 1.5  # room for the legend beside the axes

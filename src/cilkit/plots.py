@@ -174,8 +174,17 @@ def _nan(values: list[float | None]) -> list[float]:
     return [math.nan if v is None else v for v in values]
 
 
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # one per round of the palette
+
+
 def _colours(labels: list[str]) -> dict[str, str]:
     return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+
+
+def _markers(labels: list[str]) -> dict[str, str]:
+    """A marker per label that changes with each round of :data:`PALETTE`, so that the 11th
+    run (colour of the 1st) still has a style of its own."""
+    return {label: MARKERS[(i // len(PALETTE)) % len(MARKERS)] for i, label in enumerate(labels)}
 
 
 def _grid(n: int, per_row: int = 3) -> tuple[int, int]:
@@ -211,7 +220,8 @@ def plot_curves(data: Mapping[str, Mapping[str, Any]]) -> Figure:
     a line over several runs is their mean, in a shaded band of ± one std."""
     fig = _figure(8.4, 4.2)
     ax = fig.add_subplot()
-    colours = _colours([label for label, d in data.items() if d["base"] == label])
+    bases = [label for label, d in data.items() if d["base"] == label]
+    colours, markers = _colours(bases), _markers(bases)
     for label, d in data.items():
         primary = d["base"] == label
         colour = colours.get(d["base"], "black")
@@ -220,7 +230,7 @@ def plot_curves(data: Mapping[str, Mapping[str, Any]]) -> Figure:
             ax.fill_between(d["classes"], mean - std, mean + std, color=colour, alpha=0.2 if primary else 0.08,
                             linewidth=0)
         shown = f"{label} (mean ± std, {d['runs']} runs)" if "std" in d else label
-        ax.plot(d["classes"], _nan(d["top1"]), color=colour, marker="o" if primary else None,
+        ax.plot(d["classes"], _nan(d["top1"]), color=colour, marker=markers.get(d["base"], "o") if primary else None,
                 linestyle="-" if primary else "--", linewidth=2 if primary else 1.2, markersize=4, label=shown)
     _label_state_plot(ax, data, "top-1 accuracy (%)", 100, "Top-1 on all classes seen")
     return fig
@@ -282,9 +292,9 @@ def plot_new_share(data: Mapping[str, Mapping[str, Any]], reference: Mapping[str
     dotted ``reference`` is the share of test images that truly belong to them."""
     fig = _figure(8.4, 4.2)
     ax = fig.add_subplot()
-    colours = _colours(list(data))
+    colours, markers = _colours(list(data)), _markers(list(data))
     for label, d in data.items():
-        ax.plot(d["classes"], _nan(d["share"]), color=colours[label], marker="o", markersize=4, label=label)
+        ax.plot(d["classes"], _nan(d["share"]), color=colours[label], marker=markers[label], markersize=4, label=label)
     if reference is not None:
         ax.plot(reference["classes"], reference["share"], color="black", linestyle=":", linewidth=1.5,
                 label="true share of new-class images")
