@@ -164,3 +164,16 @@ def test_tensorboard_switched_on_at_resume_holds_the_earlier_states(tmp_path):
     acc = _events(tmp_path / "r" / "tb")
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("state/top1")] == [4, 7]
+
+
+def test_cilkit_run_puts_the_report_figures_into_tensorboard(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from cilkit.cli import main
+
+    args = ["run", "--set", "method=finetune", "--set", "scenario.states=2", "--set", "train.epochs=1",
+            "--set", "model.width=8", "--set", "threads=1", "--set", "log.tensorboard=true", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    acc = _events(tmp_path / "r" / "tb" / "report")
+    figures = sorted(p.stem for p in (tmp_path / "r" / "report").glob("*.png"))
+    assert sorted(acc.Tags()["images"]) == [f"report/{name}" for name in figures] and len(figures) >= 4
+    assert _events(tmp_path / "r" / "tb").Tags()["scalars"]  # the run's own events are still there

@@ -15,6 +15,7 @@ from cilkit.report import compare_runs
 from cilkit.rundir import RunLayout, fresh_directory
 from cilkit.runlog import log
 from cilkit.runner import check_protocol, repeat_dirs, run_methods, with_resolved_threads
+from cilkit.tensorboard_log import add_report_figures
 from cilkit.tune import ranking_table, tune
 
 
@@ -40,8 +41,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     print()
     # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
-    compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report,
-                 baseline=args.baseline)
+    report = compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report,
+                          baseline=args.baseline)
+    if config.log.tensorboard:  # the report's figures beside the runs' events
+        add_report_figures(RunLayout(run_dir).tb / "report", report)
     print(f"\nrun directory: {run_dir}")
     return 0
 

@@ -77,3 +77,23 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def add_report_figures(log_dir: str | os.PathLike, report_dir: str | os.PathLike) -> list[str]:
+    """Every PNG figure of a written report as a TensorBoard image (tag ``report/<name>``) in
+    ``log_dir``, replacing earlier report events there. Returns the tags."""
+    import numpy as np
+    from PIL import Image
+
+    tags = []
+    log = TensorBoardLog(log_dir, fresh=True)
+    try:
+        for png in sorted(Path(report_dir).glob("*.png")):
+            with Image.open(png) as im:
+                image = np.asarray(im.convert("RGB"))
+            tag = f"report/{png.stem}"
+            log.writer.add_image(tag, image, 0, dataformats="HWC")
+            tags.append(tag)
+    finally:
+        log.close()
+    return tags
