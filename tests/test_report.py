@@ -325,3 +325,17 @@ def test_a_report_of_eleven_runs_renders_every_figure_in_the_browser(runs, tmp_p
     assert int(re.search(r'data-table-rows="(\d+)"', dom).group(1)) >= 1 + 11
     curve = Image.open(tmp_path / "report" / "top1_curve.png").convert("RGB")
     assert curve.width > curve.height * 1.5  # room for the legend beside the axes
+
+
+def test_the_report_says_where_each_run_was_made(runs):
+    import html as _html
+
+    from cilkit.report import provenance_line
+
+    page = _html.unescape((runs / "cmp" / "report" / "report.html").read_text())
+    for label in ("finetune", "icarl"):
+        prov = json.loads((runs / "cmp" / label / "results.json").read_text())["provenance"]
+        line = provenance_line(prov)
+        assert line in page
+        assert prov["torch"] in line and prov["device_name"] in line and f"{prov['threads']} threads" in line
+    assert provenance_line(None) == ""  # a run from before the record: no line

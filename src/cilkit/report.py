@@ -401,8 +401,26 @@ def _results_html(protocols: Sequence[Protocol], tables: Sequence[Table]) -> str
 
 def _sources_html(protocols: Sequence[Protocol]) -> str:
     e = html.escape
-    return "".join(f"<li><b>{e(g.label)}</b>{'' if s is None else f' (seed {s})'}: {e(str(r.path))}</li>"
+    return "".join(f"<li><b>{e(g.label)}</b>{'' if s is None else f' (seed {s})'}: {e(str(r.path))}"
+                   f"{_provenance_html(r.results.get('provenance'))}</li>"
                    for p in protocols for g in p.groups for r, s in zip(g.runs, g.seeds))
+
+
+def provenance_line(prov: dict[str, Any] | None) -> str:
+    """Where a run was made, in one line (empty for runs older than the ``provenance`` record)."""
+    if not prov:
+        return ""
+    commit = f" ({str(prov['git_commit'])[:12]})" if prov.get("git_commit") else ""
+    resumed = f", resumed {len(prov['resumed'])}x" if prov.get("resumed") else ""
+    return (f"cilkit {prov.get('cilkit')}{commit}, torch {prov.get('torch')}, {prov.get('device_name')} "
+            f"({prov.get('device')}, {prov.get('threads')} threads, {prov.get('precision')}, "
+            f"{prov.get('memory_format')}); {prov.get('started')} to {prov.get('finished')}{resumed}; "
+            f"command: {prov.get('command')}")
+
+
+def _provenance_html(prov: dict[str, Any] | None) -> str:
+    line = provenance_line(prov)
+    return f'<br><span class="note">{html.escape(line)}</span>' if line else ""
 
 
 def report_html(protocols: Sequence[Protocol], tables: Sequence[Table], figures: Sequence[tuple[str, str, bytes]],
