@@ -233,10 +233,17 @@ window.addEventListener("load", () => {
 def test_every_plot_and_the_table_are_displayed_by_the_browser(runs, tmp_path):
     """Chromium decodes and lays out every embedded plot (no network: the page is offline) and
     renders the table with a row per method and score set."""
-    page = (runs / "with_active" / "report.html").read_text()
-    probed = tmp_path / "probed.html"
+    decoded, rows = _browser_probe(runs / "with_active" / "report.html", tmp_path)
+    assert len(decoded) == len(PLOTS) + 1 and all(d == "true" for d in decoded), decoded
+    assert rows >= 1 + 3  # header + finetune, icarl, icarl [cnn], active ...
+
+
+def _browser_probe(report, tmp_path) -> tuple[list[str], int]:
+    """Open ``report`` in headless Chromium with the probe script: whether each image decoded,
+    and the number of table rows laid out."""
     # the probe is the page's only script: let the page's CSP (no fetch, data: images) run it
-    page = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    page = report.read_text().replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+    probed = tmp_path / "probed.html"
     probed.write_text(page.replace("</body>", _PROBE + "</body>"))
     dom = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -244,9 +251,7 @@ def test_every_plot_and_the_table_are_displayed_by_the_browser(runs, tmp_path):
         check=True, capture_output=True, text=True, timeout=120,
     ).stdout
     decoded = re.search(r'data-decoded="([^"]*)"', dom).group(1).split(",")
-    assert len(decoded) == len(PLOTS) + 1 and all(d == "true" for d in decoded), decoded
-    rows = int(re.search(r'data-table-rows="(\d+)"', dom).group(1))
-    assert rows >= 1 + 3  # header + finetune, icarl, icarl [cnn], active ...
+    return decoded, int(re.search(r'data-table-rows="(\d+)"', dom).group(1))
 
 
 def _overlaps(a, b) -> bool:
@@ -311,18 +316,9 @@ def test_eleven_runs_get_eleven_distinct_curve_styles(runs, tmp_path):
 def test_a_report_of_eleven_runs_renders_every_figure_in_the_browser(runs, tmp_path):
     dirs = _eleven_runs(runs, tmp_path)
     compare_runs(dirs, tmp_path / "report", echo=False)
-    page = (tmp_path / "report" / "report.html").read_text()
-    page = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", _PROBE + "</body>"))
-    dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         f"--user-data-dir={tmp_path / 'p'}", "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
-        check=True, capture_output=True, text=True, timeout=120,
-    ).stdout
-    decoded = re.search(r'data-decoded="([^"]*)"', dom).group(1).split(",")
+    decoded, rows = _browser_probe(tmp_path / "report" / "report.html", tmp_path)
     assert decoded and all(d == "true" for d in decoded), decoded
-    assert int(re.search(r'data-table-rows="(\d+)"', dom).group(1)) >= 1 + 11
+    assert rows >= 1 + 11
     curve = Image.open(tmp_path / "report" / "top1_curve.png").convert("RGB")
     assert curve.width > curve.height * 1.5  # room for the legend beside the axes
 
