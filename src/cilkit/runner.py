@@ -70,6 +70,26 @@ def image_geometry(dataset: Dataset) -> tuple[int, int]:
     return int(x.shape[1]), int(x.shape[-1])
 
 
+def build_method_and_model(config: RunConfig, dataset: Dataset) -> tuple[Method, Any, int, int]:
+    """The run's method, its model (seeded from the run seed, pretrained backbone weights
+    loaded if asked) and the images' (channels, size): where a bad method option, backbone or
+    weights file fails. Shared by :class:`Run` and :func:`check_protocol`."""
+    if not isinstance(config.method, str):
+        raise ValueError("one method at a time (config.for_method(name))")
+    method: Method = METHODS[config.method](config)
+    torch.manual_seed(derive_seed(config.seed, "model"))
+    channels, size = image_geometry(dataset)
+    model = method.build_model(channels, size)
+    if config.model.weights is not None:  # a pretrained start (the head stays as built)
+        load_backbone_weights(model.backbone, config.model.weights)
+    return method, model, channels, size
+
+
+def build_scenario(config: RunConfig, dataset: Dataset) -> Scenario:
+    return Scenario(config.scenario, dataset.train.labels, dataset.test.labels, dataset.num_classes, config.seed,
+                    dataset.name)
+
+
 class Run:
     """A single-method run writing into ``run_dir``."""
 
@@ -92,14 +112,7 @@ class Run:
         torch.set_num_threads(config.threads or free_cores())
         self.device = resolve_device(config.device)
         self.dataset = dataset if dataset is not None else load_dataset(config.data)
-        self.scenario = Scenario(
-            config.scenario,
-            self.dataset.train.labels,
-            self.dataset.test.labels,
-            self.dataset.num_classes,
-            config.seed,
-            self.dataset.name,
-        )
+        self.scenario = build_scenario(config, self.dataset)
         self.mean, self.std = normalisation(self.dataset, self.scenario)
         self.dataset.train.to(self.device)
         self.dataset.test.to(self.device)
@@ -107,13 +120,8 @@ class Run:
             self.dataset, config.train, self.device, self.mean, self.std, config.amp, config.channels_last, progress,
             on_epoch=self._record_epoch,
         )
-        self.method: Method = METHODS[config.method](config)
-        torch.manual_seed(derive_seed(config.seed, "model"))
-        self.channels, self.size = image_geometry(self.dataset)
-        self.model = self.method.build_model(self.channels, self.size)
-        if config.model.weights is not None:  # a pretrained start (the head stays as built)
-            load_backbone_weights(self.model.backbone, config.model.weights)
-        self.model = self.model.to(self.device)
+        self.method, model, self.channels, self.size = build_method_and_model(config, self.dataset)
+        self.model = model.to(self.device)
         self.memory = Memory(config.memory)
         self.statistics: Stats | None = None  # the last finished state's class statistics
         self.results = self._empty_results()
@@ -389,9 +397,8 @@ class Run:
     def _restore(self) -> int:
         ckpts = self.layout.checkpoints()
         if not ckpts:
-            io.write_yaml(self.layout.config, self.config.to_dict())
             log(f"[{self.config.method}] no checkpoint in {self.layout.root}: starting from state 1")
-            return 0
+            return self._start_fresh()
         path = ckpts[-1][1]
         try:
             ckpt = io.load_torch(path)
@@ -497,12 +504,18 @@ def with_resolved_threads(config: RunConfig) -> RunConfig:
 
 
 def check_protocol(config: RunConfig) -> Dataset:
-    """Load the data and build the first run (scenario, model, device) without writing
-    anything: a bad data root, an impossible scenario or an unknown backbone fails here,
-    before a run directory is created or touched. Returns the loaded dataset."""
+    """Load the data and build what can fail in every method's run (device, scenario, method
+    options, model, weights, the tensorboard package) without writing anything and without the
+    work a run does next (normalisation statistics, moving data to the device): a bad data root,
+    an impossible scenario or an unknown backbone fails here, before a run directory is created
+    or touched. Returns the loaded dataset."""
+    if config.log.tensorboard:
+        tensorboard_log.require()
+    resolve_device(config.device)
     dataset = load_dataset(config.data)
-    first = config.for_method(config.methods[0]).model_copy(update={"runs": 1})
-    Run(first, Path("."), dataset=dataset)
+    build_scenario(config, dataset)
+    for name in config.methods:
+        build_method_and_model(config.for_method(name), dataset)
     return dataset
 
 
@@ -570,9 +583,9 @@ def _mean_std(values: list[float | None]) -> dict[str, Any]:
     """Mean, population std (``std``) and sample std (``sample_std``, ddof=1, as the report's
     tables give it; None for one run) of the known values."""
     known = [v for v in values if v is not None]
-    arr = np.array(known, dtype=np.float64)
-    return {"mean": float(arr.mean()) if known else None, "std": float(arr.std()) if known else None,
-            "sample_std": mean_std(known)[1] if known else None, "values": values}
+    mean, sample_std = mean_std(known) if known else (None, None)
+    return {"mean": mean, "std": float(np.std(known)) if known else None, "sample_std": sample_std,
+            "values": values}
 
 
 def repeat_runs(
