@@ -177,3 +177,42 @@ def test_cilkit_run_puts_the_report_figures_into_tensorboard(tmp_path, capsys):
     figures = sorted(p.stem for p in (tmp_path / "r" / "report").glob("*.png"))
     assert sorted(acc.Tags()["images"]) == [f"report/{name}" for name in figures] and len(figures) >= 4
     assert _events(tmp_path / "r" / "tb").Tags()["scalars"]  # the run's own events are still there
+
+
+def test_a_damaged_history_does_not_stop_a_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = tiny_config(tmp_path, "log.tensorboard=true", "state0_cache=null", "keep_checkpoints=all")
+    Run(cfg, tmp_path / "r", progress=False).execute(until_state=1)
+    good = without_timings(history(tmp_path / "r"))
+    with open(tmp_path / "r" / "history.jsonl", "ab") as f:  # a crash and a disk error left these
+        f.write(b'{"state": 1}\n{"state": 1, "kind": "epoch"}\n\xff\xfe\n{"kind": "state", "sta')
+    res = Run(cfg, tmp_path / "r", progress=False).execute(resume=True)
+    assert res["complete"]
+    assert without_timings(history(tmp_path / "r"))[: len(good)] == good  # the damaged lines are gone
+
+
+def test_a_run_log_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["run", "--set", "method=finetune", "--set", "scenario.states=2", "--set", "train.epochs=1",
+            "--set", "model.width=8", "--set", "threads=1", "--set", "keep_checkpoints=all", "--out", str(out)]
+    assert main(args) == 0
+    (out / "checkpoints" / "state_01.pt").unlink()
+    (out / "run.log").unlink()
+    (out / "run.log").symlink_to("/dev/full")  # every write: no space left on device
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write '{(out / 'run.log').resolve()}': No space left on device"]
+
+
+def test_a_broken_tensorboard_install_is_one_line(tmp_path, monkeypatch, capsys):
+    class Broken:
+        def __getattr__(self, name):
+            raise TypeError("Descriptors cannot be created directly.")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", Broken())
+    code = main(["run", "--out", str(tmp_path / "r"), "--set", "log.tensorboard=true", "--set", "train.epochs=1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the tensorboard package cannot be imported (TypeError: Descriptors" in err[0]
+    assert not (tmp_path / "r").exists()

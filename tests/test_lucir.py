@@ -18,10 +18,8 @@ from cilkit.methods.lucir import (
     less_forget_weight,
     margin_ranking_loss,
 )
-from cilkit.methods.base import Method
 from cilkit.methods.nme import nme_scores
 from cilkit.models import SplitCosineLinear
-from cilkit import state0cache
 from cilkit.runner import Run
 
 # ----- formulas ---------------------------------------------------------------------------------

@@ -186,3 +186,24 @@ def test_weights_start_the_backbone_and_key_the_state0_cache(tmp_path, capsys, m
     assert main([*args[:-1], "model.weights=absent.pt", "--out", str(tmp_path / "d")]) == 2
     assert "file not found" in one_error_line(capsys)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_plugin_backbone_or_reader_that_raises_when_called_is_one_line(tmp_path, capsys, registries):
+    plugin = tmp_path / "raising.py"
+    plugin.write_text(
+        "from cilkit.registry import register_backbone, register_source\n"
+        "@register_backbone('odd', 'raises')\n"
+        "def odd(in_channels, last_relu, width):\n"
+        "    raise ValueError('width must be odd')\n"
+        "@register_source('nowhere', 'raises')\n"
+        "def nowhere(cfg):\n"
+        "    raise FileNotFoundError('/data/nowhere.npz')\n"
+    )
+    cfg = tiny_yaml(tmp_path)
+    assert main(["run", str(cfg), "--plugin", str(plugin), "--set", "model.backbone=odd", "--out", str(tmp_path / "a")]) == 2
+    assert one_error_line(capsys) == ("error: config key 'model.backbone': backbone 'odd' failed "
+                                      "(ValueError: width must be odd)")
+    assert main(["run", str(cfg), "--plugin", str(plugin), "--set", "data.name=nowhere", "--out", str(tmp_path / "b")]) == 2
+    assert one_error_line(capsys) == ("error: config key 'data.name': dataset 'nowhere' failed "
+                                      "(FileNotFoundError: /data/nowhere.npz)")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -334,3 +334,12 @@ def test_the_cache_key_holds_every_method_option_not_declared_free(tmp_path, cap
     assert cached("method=lucir", "lucir.lambda_base=1", "lucir.margin=0.2")
     assert not cached("method=finetune")
     assert cached("method=il2m", "il2m.guard_nonpositive=true")  # IL2M trains as fine-tuning
+
+
+def test_a_taken_out_directory_is_refused_before_the_data_is_read(finished, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("cilkit.runner.load_dataset", never)
+    assert run_cli(str(write_config(tmp_path)), "--out", str(finished)) == 2
+    assert "holds a cilkit run" in one_error_line(capsys)

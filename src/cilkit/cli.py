@@ -12,7 +12,7 @@ from cilkit.describe import describe, overview, version_line
 from cilkit.errors import UserError
 from cilkit.plugins import import_plugins, plugin_list
 from cilkit.report import compare_runs
-from cilkit.rundir import RunLayout, fresh_directory
+from cilkit.rundir import RunLayout, check_target, fresh_directory
 from cilkit.runlog import log
 from cilkit.runner import check_protocol, repeat_dirs, run_methods, with_resolved_threads
 from cilkit.tensorboard_log import add_report_figures
@@ -25,14 +25,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"method=[{args.methods}]")
     if args.resume:
         run_dir, config = _resumed_config(Path(args.resume), args, overrides)
+        _check_baseline(args.baseline, config)
         dataset = None
     else:
         config = load_config(args.config, overrides, args.plugin)
+        _check_baseline(args.baseline, config)  # the cheap checks first: before the data is read
+        if args.out:
+            check_target(Path(args.out), args.overwrite)
         dataset = check_protocol(with_resolved_threads(config))  # before any directory is made
         name = config.name or (Path(args.config).stem if args.config else "quickstart")
         run_dir = Path(args.out) if args.out else fresh_directory(Path("runs") / name)
-    if args.baseline is not None and args.baseline not in config.methods:
-        raise UserError(f"--baseline '{args.baseline}' is not among the run's methods ({', '.join(config.methods)})")
     try:
         run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset)
     except KeyboardInterrupt:
@@ -47,6 +49,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         add_report_figures(RunLayout(run_dir).tb / "report", report)
     print(f"\nrun directory: {run_dir}")
     return 0
+
+
+def _check_baseline(baseline: str | None, config: RunConfig) -> None:
+    if baseline is not None and baseline not in config.methods:
+        raise UserError(f"--baseline '{baseline}' is not among the run's methods ({', '.join(config.methods)})")
 
 
 def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str]) -> tuple[Path, RunConfig]:

@@ -7,3 +7,15 @@ class UserError(Exception):
     The CLI prints ``error: <message>`` and exits with status 2. The message must name the
     config key, file or line at fault.
     """
+
+
+def reason(e: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (its type name when it has none), at most ``limit``
+    characters: the cause part of a ``UserError``."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def described(e: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, for causes whose type tells the user something."""
+    return f"{type(e).__name__}: {reason(e, limit)}"

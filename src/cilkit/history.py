@@ -27,6 +27,7 @@ from cilkit.engine import EpochRecord
 from cilkit.errors import UserError
 
 STATE_KEYS = ("classes_seen", "top1", "top1_old", "top1_new", "balanced_top1")
+LINE_KEYS = {"epoch": ("round", "stage", "epoch", "loss", "lr"), "state": STATE_KEYS}  # what readers index
 
 
 def epoch_line(state: int, round: int, record: EpochRecord) -> dict[str, Any]:
@@ -39,6 +40,11 @@ def epoch_line(state: int, round: int, record: EpochRecord) -> dict[str, Any]:
 def state_line(state: int, entry: dict[str, Any]) -> dict[str, Any]:
     """The line of finished 0-based ``state`` from its results entry."""
     return {"kind": "state", "state": state + 1, **{k: entry[k] for k in STATE_KEYS}, "seconds": entry["time_s"]}
+
+
+def _well_formed(line: Any) -> bool:
+    return (isinstance(line, dict) and isinstance(line.get("state"), int)
+            and line.get("kind") in LINE_KEYS and all(k in line for k in LINE_KEYS[line["kind"]]))
 
 
 class History:
@@ -56,16 +62,20 @@ class History:
             raise UserError(f"cannot write '{self.path}': {e.strerror or e}") from None
 
     def lines(self) -> list[dict[str, Any]]:
-        """Every readable line (a line cut short by a crash is skipped)."""
-        if not self.path.is_file():
+        """Every well-formed line; a line cut short by a crash, or damaged, is skipped."""
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
             return []
+        except OSError as e:
+            raise UserError(f"cannot read '{self.path}': {e.strerror or e}") from None
         out = []
-        for text in self.path.read_text(encoding="utf-8").splitlines():
+        for raw in text.splitlines():
             try:
-                line = json.loads(text)
+                line = json.loads(raw)
             except json.JSONDecodeError:
                 continue
-            if isinstance(line, dict) and isinstance(line.get("state"), int):
+            if _well_formed(line):
                 out.append(line)
         return out
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cilkit.errors import UserError
+from cilkit.errors import UserError, described
 
 
 def is_file(spec: str) -> bool:
@@ -84,9 +84,7 @@ def _run_import(spec: str, load: Any) -> None:
     try:
         load()
     except Exception as e:  # the plugin's own failure, whatever it is: one line naming it
-        lines = str(e).strip().splitlines()
-        cause = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-        raise UserError(f"plugin '{spec}' failed to import ({cause})") from None
+        raise UserError(f"plugin '{spec}' failed to import ({described(e)})") from None
 
 
 def source_digest(specs: list[str]) -> dict[str, str]:

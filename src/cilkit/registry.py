@@ -14,6 +14,8 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cilkit.errors import UserError, described
+
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
@@ -81,6 +83,20 @@ def register_backbone(name: str, description: str) -> Callable[[F], F]:
         return factory
 
     return wrap
+
+
+def call_plugin(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a registered reader or backbone factory. One that a plugin registered (defined
+    outside cilkit) and that raises is one ``UserError`` line naming ``what``; cilkit's own keep
+    their tracebacks (a bug of ours, not a mistake of the user's)."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        if fn.__module__.startswith("cilkit."):
+            raise
+        raise UserError(f"{what} failed ({described(e)})") from None
 
 
 def _check_free(name: str, table: dict[str, Any], kind: str) -> None:

@@ -22,9 +22,12 @@ _files: dict[Path, TextIO] = {}  # the log files lines are copied to, by resolve
 def log(msg: str) -> None:
     """Print ``msg`` and append it to every log file open under :func:`tee`."""
     print(msg, flush=True)
-    for f in _files.values():
-        f.write(msg + "\n")
-        f.flush()
+    for path, f in list(_files.items()):
+        try:
+            f.write(msg + "\n")
+            f.flush()
+        except OSError as e:  # full disk, quota, a file system gone: one line, not a traceback
+            raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -43,4 +46,5 @@ def tee(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         del _files[key]
-        f.close()
+        with contextlib.suppress(OSError):  # the write error, if any, was reported already
+            f.close()

@@ -64,12 +64,6 @@ def normalisation(dataset: Dataset, scenario: Scenario) -> tuple[torch.Tensor, t
     return mean, std.clamp_min(1e-3)
 
 
-def image_geometry(dataset: Dataset) -> tuple[int, int]:
-    """(channels, size) of the images the model sees."""
-    x, _, _ = next(dataset.train.batches(torch.arange(1), 1, mean=torch.zeros(1), std=torch.ones(1)))
-    return int(x.shape[1]), int(x.shape[-1])
-
-
 def build_method_and_model(config: RunConfig, dataset: Dataset) -> tuple[Method, Any, int, int]:
     """The run's method, its model (seeded from the run seed, pretrained backbone weights
     loaded if asked) and the images' (channels, size): where a bad method option, backbone or
@@ -78,7 +72,7 @@ def build_method_and_model(config: RunConfig, dataset: Dataset) -> tuple[Method,
         raise ValueError("one method at a time (config.for_method(name))")
     method: Method = METHODS[config.method](config)
     torch.manual_seed(derive_seed(config.seed, "model"))
-    channels, size = image_geometry(dataset)
+    channels, size = dataset.train.geometry
     model = method.build_model(channels, size)
     if config.model.weights is not None:  # a pretrained start (the head stays as built)
         load_backbone_weights(model.backbone, config.model.weights)

@@ -29,7 +29,7 @@ import torch
 
 import cilkit
 from cilkit import io
-from cilkit.errors import UserError
+from cilkit.errors import UserError, described
 
 STATE0_HOOKS = ("build_model", "before_state", "rounds", "train_set", "param_groups", "loss")
 # ^ the Method hooks that run while state 0 trains (after it: memory, statistics, scores,
@@ -108,8 +108,7 @@ def load_entry(path: Path, model: torch.nn.Module, warn: Callable[[str], None]) 
             model.load_state_dict(before)
             raise
     except Exception as e:  # truncated, garbage, foreign or mismatched: retrain instead
-        reason = f"{e.__class__.__name__}: {str(e).split('. ')[0]}".splitlines()[0][:160]
-        warn(f"warning: state-0 cache entry '{path}' cannot be used ({reason}); training state 1 instead")
+        warn(f"warning: state-0 cache entry '{path}' cannot be used ({described(e, 160)}); training state 1 instead")
         return None
     return {k: fit[k] for k in FIT_KEYS}
 

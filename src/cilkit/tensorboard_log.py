@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cilkit import plots
-from cilkit.errors import UserError
+from cilkit.errors import UserError, described
 
 STATE_SCALARS = ("top1", "top1_old", "top1_new", "balanced_top1")
 
@@ -35,6 +35,9 @@ def require() -> None:
     except ImportError:
         raise UserError('config key \'log.tensorboard\': needs the tensorboard package: '
                         'pip install "cilkit[tensorboard]"') from None
+    except Exception as e:  # installed but broken (e.g. a protobuf version it cannot use)
+        raise UserError(f"config key 'log.tensorboard': the tensorboard package cannot be imported "
+                        f"({described(e)}); reinstall it: pip install \"cilkit[tensorboard]\"") from None
 
 
 class TensorBoardLog:

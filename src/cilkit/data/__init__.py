@@ -8,15 +8,12 @@ A reader is registered with :func:`register_source`; :func:`load_dataset` looks 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from cilkit.config import DataConfig
-from cilkit.data.base import Dataset, ImageSet, TensorImages
 from cilkit.data import files, sources  # the readers register themselves
+from cilkit.data.base import Dataset
 from cilkit.errors import UserError
-from cilkit.registry import SOURCE_DESCRIPTIONS, SOURCES, register_source
-
-Reader = Callable[[DataConfig], Dataset]
+from cilkit.registry import SOURCE_DESCRIPTIONS, SOURCES, call_plugin, register_source
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -24,8 +21,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     reader = SOURCES.get(cfg.name)
     if reader is None:
         raise UserError(f"unknown dataset '{cfg.name}' (known: {', '.join(sorted(SOURCES))})")
-    dataset = reader(cfg)
-    channels = _channels(dataset.train)
+    dataset = call_plugin(reader, f"config key 'data.name': dataset '{cfg.name}'", cfg)
+    channels = dataset.train.geometry[0]
     if cfg.mean is not None:
         dataset.mean = _stats_override("data.mean", cfg.mean, channels, positive=False)
     if cfg.std is not None:
@@ -36,12 +33,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         dataset.augment = dataclasses.replace(dataset.augment, flip=cfg.flip)
     dataset.check_labels()
     return dataset
-
-
-def _channels(images: ImageSet) -> int | None:
-    if isinstance(images, TensorImages):
-        return images.shape[0]
-    return getattr(images, "channels", None)
 
 
 def _stats_override(key: str, values: list[float], channels: int | None, *, positive: bool) -> tuple[float, ...]:

@@ -51,6 +51,11 @@ class ImageSet(ABC):
     ) -> Iterator[Batch]:
         """Yield ``(x, y, idx)`` over ``indices`` (shuffled with ``generator`` if asked)."""
 
+    @property
+    @abstractmethod
+    def geometry(self) -> tuple[int, int]:
+        """(channels, side) of the images :meth:`batches` yields (square), without decoding any."""
+
     @abstractmethod
     def channel_stats(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std (in [0, 1] units) of the images at ``indices``."""
@@ -76,6 +81,10 @@ class TensorImages(ImageSet):
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def geometry(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[-1])
 
     def to(self, device: torch.device | str) -> "TensorImages":
         device = torch.device(device)

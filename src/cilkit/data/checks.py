@@ -19,15 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from cilkit.errors import UserError
+from cilkit.errors import UserError, reason
 
 QUICK_EXTRA = 256
 CHUNK = 4096  # files handed to the decoding threads at a time (bounds the pending futures)
-
-
-def reason(e: BaseException) -> str:
-    """An exception's message on one line (its type name when it has none), for a UserError."""
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def is_gray(mode: str) -> bool:

@@ -30,9 +30,9 @@ from PIL import Image
 from cilkit.config import DataConfig
 from cilkit.registry import register_source
 from cilkit.data.base import Batch, Dataset, ImageSet, TensorImages
-from cilkit.data.checks import ImageFacts, check_images, choose_mode, native_size, reason
+from cilkit.data.checks import ImageFacts, check_images, choose_mode, native_size
 from cilkit.data.transforms import Augment, augment_batch, normalise
-from cilkit.errors import UserError
+from cilkit.errors import UserError, reason
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DEFAULT_IMAGE_SIZE = 224
@@ -184,6 +184,10 @@ class FileImages(ImageSet):
     @property
     def channels(self) -> int:
         return 1 if self.mode == "L" else 3
+
+    @property
+    def geometry(self) -> tuple[int, int]:
+        return self.channels, self.image_size  # every batch is an image_size square crop
 
     def _decoded(
         self,

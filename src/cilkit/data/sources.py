@@ -24,9 +24,8 @@ import torch
 from cilkit.config import DataConfig
 from cilkit.registry import register_source
 from cilkit.data.base import Dataset, TensorImages
-from cilkit.data.checks import reason
 from cilkit.data.transforms import Augment
-from cilkit.errors import UserError
+from cilkit.errors import UserError, reason
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cilkit import io
-from cilkit.errors import UserError
+from cilkit.errors import UserError, described
 from cilkit.models.backbones import build_backbone
 from cilkit.registry import BACKBONE_DESCRIPTIONS, BACKBONES
 from cilkit.models.bias import BiasLayer
@@ -59,8 +59,7 @@ def load_backbone_weights(backbone: nn.Module, path: str, key: str = "model.weig
     try:
         state = io.load_torch(path)
     except Exception as e:  # truncated, garbage, or a pickle that needs code to load
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise UserError(f"{where} cannot be read as a state dict ({type(e).__name__}: {reason})") from None
+        raise UserError(f"{where} cannot be read as a state dict ({described(e, 160)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{where} does not hold a state dict (a dict of tensors), found {type(state).__name__}")
     mismatch = _first_mismatch(backbone.state_dict(), state)

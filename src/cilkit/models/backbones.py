@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilkit.errors import UserError
-from cilkit.registry import BACKBONE_DESCRIPTIONS, BACKBONES, register_backbone
+from cilkit.registry import (
+    BACKBONE_OPTIONAL_ARGS,
+    BACKBONES,
+    call_plugin,
+    register_backbone,
+)
 
 ShortcutKind = Literal["conv", "pad"]
 
@@ -327,8 +332,9 @@ def build_backbone(
         raise UserError(f"config key 'model.backbone': unknown backbone '{name}' (known: {known})")
     factory = BACKBONES[name]
     params = inspect.signature(factory).parameters
-    optional = {"image_size": image_size, "width": width}
-    net = factory(in_channels=in_channels, last_relu=last_relu, **{k: v for k, v in optional.items() if k in params})
+    optional = dict(zip(BACKBONE_OPTIONAL_ARGS, (image_size, width)))
+    net = call_plugin(factory, f"config key 'model.backbone': backbone '{name}'", in_channels=in_channels,
+                      last_relu=last_relu, **{k: v for k, v in optional.items() if k in params})
     if not isinstance(net, nn.Module) or not isinstance(getattr(net, "out_dim", None), int):
         raise UserError(f"config key 'model.backbone': backbone '{name}' did not return an nn.Module "
                         "with an int attribute out_dim")
