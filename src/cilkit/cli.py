@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cilkit import distributed
 from cilkit.calibrate import calibrate_run
 from cilkit.config import RunConfig, load_config, read_yaml, validate
 from cilkit.describe import describe, overview, version_line
@@ -26,21 +27,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir, config = _resumed_config(Path(args.resume), args, overrides)
         _check_baseline(args.baseline, config)
+        distributed.start(config.device, config.dist_timeout_s)
         dataset = None
     else:
         config = load_config(args.config, overrides, args.plugin)
         _check_baseline(args.baseline, config)  # the cheap checks first: before the data is read
+        distributed.start(config.device, config.dist_timeout_s)  # under torchrun: join the other ranks
         if args.out:
-            check_target(Path(args.out), args.overwrite)
+            distributed.from_main(lambda: check_target(Path(args.out), args.overwrite))
         dataset = check_protocol(with_resolved_threads(config))  # before any directory is made
         name = config.name or (Path(args.config).stem if args.config else "quickstart")
-        run_dir = Path(args.out) if args.out else fresh_directory(Path("runs") / name)
+        run_dir = Path(args.out) if args.out else distributed.from_main(lambda: fresh_directory(Path("runs") / name))
+    distributed.resume_hint = f"continue with the same torchrun command and cilkit run --resume {run_dir}"
     try:
         run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset)
     except KeyboardInterrupt:
-        print(f"interrupted: finished states are saved; continue with cilkit run --resume {run_dir}",
-              file=sys.stderr)
+        if distributed.is_main():
+            print(f"interrupted: finished states are saved; continue with cilkit run --resume {run_dir}",
+                  file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not distributed.lost_contact(e):
+            raise
+        print(f"error: rank {distributed.rank()}: {distributed.failure_line(e)}; the finished states are saved: "
+              f"{distributed.resume_hint}", file=sys.stderr)
+        return 1
+    if not distributed.is_main():  # rank 0 writes the tables and the report
+        return 0
     print()
     # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
     report = compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report,
@@ -154,9 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        return _run_command(args)
+    finally:
+        distributed.stop()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():  # every rank raises it; one prints it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -205,6 +205,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval_batch_size: int = Field(1024, ge=1)
+    # under torchrun: BatchNorm statistics of the global batch (all ranks), not of each rank's slice
+    sync_bn: bool = False
 
     def epochs_of(self, state: int) -> int:
         return self.epochs_first if state == 0 and self.epochs_first is not None else self.epochs
@@ -241,6 +243,8 @@ class RunConfig(BaseModel):
     threads: int | None = Field(None, ge=1)  # CPU threads (default: the cores free to us)
     amp: bool = False  # bf16 autocast (CUDA, or CPU when asked)
     channels_last: bool = False
+    compile: bool = False  # torch.compile the model's forward (one warning and eager where it cannot)
+    dist_timeout_s: float = Field(300.0, gt=0)  # under torchrun: how long a rank waits for the others
     state0_cache: str | None = "~/.cache/cilkit/state0"  # null = never reuse a state-0 model
     keep_checkpoints: Literal["last", "all"] = "last"
 

@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from cilkit import distributed
 from cilkit.config import ScheduleConfig, TrainConfig
 from cilkit.data.base import Dataset, ImageSet
+from cilkit.errors import described
+from cilkit.runlog import log
 
 if TYPE_CHECKING:
     from cilkit.methods.base import Context
@@ -82,6 +85,7 @@ class Engine:
         channels_last: bool = False,
         progress: bool | None = None,
         on_epoch: EpochCallback | None = None,
+        compile: bool = False,
     ) -> None:
         self.dataset = dataset
         self.cfg = train_cfg
@@ -91,6 +95,8 @@ class Engine:
         self.channels_last = channels_last
         self.progress = progress  # None: tqdm shows bars only on a terminal
         self.on_epoch = on_epoch  # told of every finished epoch (the run's history)
+        self.compile = compile  # torch.compile the forward passes (off after a failure)
+        self._compiled: dict[int, Any] = {}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -121,6 +127,8 @@ class Engine:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         opt = make_optimizer(hooks.param_groups(ctx), self.cfg, lr)
         sched = make_scheduler(opt, schedule, epochs)
+        net = self._forward(distributed.wrap(model, self.device), keep=not distributed.active())  # DDP under torchrun
+        shard = (distributed.rank(), distributed.world_size()) if distributed.active() else None
         records: list[EpochRecord] = []
         first_loss: float | None = None
         start, seen = time.perf_counter(), 0
@@ -129,6 +137,7 @@ class Engine:
             model.train()
             epoch_start, lr_now = time.perf_counter(), float(opt.param_groups[0]["lr"])
             total, count = torch.zeros((), device=self.device), 0
+            global_sizes = iter(batch_sizes(indices.numel(), self.cfg.batch_size))
             for x, labels, idx in self.dataset.train.batches(
                 indices,
                 self.cfg.batch_size,
@@ -138,19 +147,25 @@ class Engine:
                 shuffle=True,
                 generator=ctx.generator,
                 device=self.device,
+                shard=shard,
             ):
                 batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
                 with self._autocast():
-                    out = model(self._prepare(batch.x))
+                    out = net(self._prepare(batch.x))
                 out = {k: v.float() for k, v in out.items()}
-                loss = hooks.loss(ctx, batch, out)
+                loss = hooks.loss(ctx, batch, out) if x.shape[0] else _no_loss(out)
                 if first_loss is None:
                     first_loss = float(loss.item())  # one sync per fit: the "learned nothing" check
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # a rank's mean loss over its slice, weighted so that DDP's average over the
+                # ranks is the mean over the global batch (slices may differ by one image)
+                global_size = next(global_sizes)
+                (loss * (x.shape[0] * distributed.world_size() / global_size) if shard else loss).backward()
                 opt.step()
                 total += loss.detach() * x.shape[0]
                 count += x.shape[0]
+            if shard is not None:  # the global batch's loss: the same plateau decision on every rank
+                total, count = _summed(total, count)
             epoch_loss = (total / max(count, 1)).item()  # the epoch's one sync
             seen += count
             records.append(_epoch_record(stage, e + 1, epoch_loss, lr_now, count, time.perf_counter() - epoch_start))
@@ -161,6 +176,7 @@ class Engine:
                 sched.step(epoch_loss)
             elif sched is not None:
                 sched.step()
+        distributed.sync_state(model)  # rank 0's BatchNorm statistics on every rank
         seconds = time.perf_counter() - start
         return {
             "epochs": records,
@@ -185,6 +201,11 @@ class Engine:
         """Logits (and features) of ``images[indices]`` in large batches, eval transform (plus a
         horizontal flip if ``hflip``), returned on CPU."""
         model.eval()
+        forward = self._forward(model)
+        n, sharded = indices.numel(), distributed.active() and indices.numel() >= distributed.world_size()
+        if sharded:  # each rank its slice, then everyone gets all of them
+            lo, hi = distributed.shard_bounds(n)
+            indices = indices[lo:hi]
         logits, feats, labels = [], [], []
         for x, y, _ in images.batches(
             indices, self.cfg.eval_batch_size, mean=self.mean, std=self.std, device=self.device
@@ -192,7 +213,7 @@ class Engine:
             if hflip:
                 x = x.flip(3)
             with self._autocast():
-                out = model(self._prepare(x))
+                out = forward(self._prepare(x))
             logits.append(out["logits"].float().cpu())
             if want_features:
                 feats.append(out["features"].float().cpu())
@@ -200,7 +221,34 @@ class Engine:
         result = {"logits": _cat(logits), "labels": _cat(labels, torch.int64)}
         if want_features:
             result["features"] = _cat(feats)
+        if sharded:
+            result = {k: distributed.gather_rows(v, n) for k, v in result.items()}
         return result
+
+    def _forward(self, model: torch.nn.Module, keep: bool = True) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """``model``'s forward, through ``torch.compile`` when the run asks for it (``compile:
+        true``); where it cannot compile, one warning and the model runs eagerly from then on.
+        ``keep``: reuse the compiled module in later calls (not for a fit's own DDP wrapper)."""
+        if not self.compile:
+            return model
+        compiled = self._compiled.get(id(model)) if keep else None
+        if compiled is None:
+            compiled = torch.compile(model)
+            if keep:
+                self._compiled[id(model)] = compiled
+
+        def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            if self.compile:
+                try:
+                    return compiled(x)
+                except Exception as e:  # no C compiler, an unsupported op, an old GPU ...
+                    self.compile = False
+                    self._compiled.clear()
+                    log(f"warning: compile: true, but torch.compile failed ({described(e, 200)}): "
+                        "running without it")
+            return model(x)
+
+        return forward
 
     def train_features(self, model: torch.nn.Module, indices: torch.Tensor, hflip: bool = False) -> torch.Tensor:
         """Features of training images (eval transform: no augmentation)."""
@@ -210,6 +258,22 @@ class Engine:
 def _epoch_record(stage: str, epoch: int, loss: float, lr: float, images: int, seconds: float) -> EpochRecord:
     return EpochRecord(stage=stage, epoch=epoch, loss=loss, lr=lr,
                        images_per_second=images / seconds if seconds > 0 else None, seconds=seconds)
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The sizes of the batches :meth:`ImageSet.batches` makes of ``n`` images."""
+    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
+
+
+def _no_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A zero loss joined to the outputs' graph, for a rank whose slice of the last batch is
+    empty: it still takes part in the gradient all-reduce."""
+    return sum((v.sum() for v in out.values()), torch.zeros((), device=out["logits"].device)) * 0.0
+
+
+def _summed(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    both = distributed.all_sum(torch.stack([total.double(), torch.tensor(float(count), device=total.device)]))
+    return both[0].to(total.dtype), int(both[1])
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:

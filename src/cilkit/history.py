@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cilkit import io
+from cilkit import distributed, io
 from cilkit.engine import EpochRecord
 from cilkit.errors import UserError
 
@@ -54,7 +54,9 @@ class History:
         self.path = Path(path)
 
     def append(self, line: dict[str, Any]) -> None:
-        """Append one line (written and flushed at once)."""
+        """Append one line (written and flushed at once; rank 0 only)."""
+        if not distributed.is_main():
+            return
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
@@ -82,6 +84,8 @@ class History:
     def keep_states(self, last: int) -> list[dict[str, Any]]:
         """Drop the lines of states after 0-based ``last`` (-1: all), rewriting the file
         atomically; returns the lines kept."""
+        if not distributed.is_main():
+            return []
         kept = [line for line in self.lines() if line["state"] <= last + 1]
         if self.path.exists():
             io.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))

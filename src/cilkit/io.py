@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import yaml
 
+from cilkit import distributed
 from cilkit.errors import UserError
 
 
@@ -23,9 +24,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     The temporary file lives in the same folder, so the rename is atomic: a killed process
     leaves either the old file or the new one, never half of one.
     A file-system failure (read-only folder, full disk, no permission) is a ``UserError``
-    naming the path and the cause; the old file, if any, is left as it was.
+    naming the path and the cause; the old file, if any, is left as it was. Under torchrun only
+    rank 0 writes (:mod:`cilkit.distributed`): elsewhere this does nothing.
     """
     path = Path(path)
+    if not distributed.is_main():
+        return path
     tmp_path: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +49,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 
 def make_dir(path: str | os.PathLike) -> Path:
-    """``mkdir -p``; a file-system failure is a ``UserError`` naming the path and the cause."""
+    """``mkdir -p`` (rank 0 only); a file-system failure is a ``UserError`` naming the path and the cause."""
     path = Path(path)
+    if not distributed.is_main():
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

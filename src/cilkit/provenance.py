@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from cilkit import distributed
+
 import cilkit
 
 
@@ -69,6 +71,9 @@ def environment(device: torch.device, threads: int, amp: bool, channels_last: bo
         "threads": threads,
         "precision": "bf16 autocast" if amp else "fp32",
         "memory_format": "channels_last" if channels_last else "contiguous",
+        # data-parallel processes (torchrun) and their backend; 1 and None in one process
+        "ranks": distributed.world_size(),
+        "backend": distributed.backend(),
     }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cilkit import distributed
 from cilkit.errors import UserError
 from cilkit.io import make_dir
 
@@ -206,7 +207,10 @@ def check_target(root: Path, overwrite: bool) -> None:
 
 
 def clear_run(root: Path) -> None:
-    """Remove a previous run's files from ``root`` (cilkit's own entries and sub-runs only)."""
+    """Remove a previous run's files from ``root`` (cilkit's own entries and sub-runs only;
+    rank 0 only)."""
+    if not distributed.is_main():
+        return
     for p in list(root.iterdir()) if root.is_dir() else []:
         if p.name == LOCK_NAME:
             continue
@@ -225,6 +229,8 @@ class DirectoryLock:
         self._file: Any = None
 
     def __enter__(self) -> "DirectoryLock":
+        if not distributed.is_main():  # rank 0 holds it for the run
+            return self
         make_dir(self.path.parent)
         try:
             self._file = open(self.path, "a")
@@ -238,6 +244,8 @@ class DirectoryLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._file is None:
+            return
         fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
         self._file.close()
 

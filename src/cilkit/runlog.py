@@ -14,13 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from cilkit import distributed
 from cilkit.errors import UserError
 
 _files: dict[Path, TextIO] = {}  # the log files lines are copied to, by resolved path
 
 
 def log(msg: str) -> None:
-    """Print ``msg`` and append it to every log file open under :func:`tee`."""
+    """Print ``msg`` and append it to every log file open under :func:`tee` (under torchrun:
+    rank 0 alone prints and writes)."""
+    if not distributed.is_main():
+        return
     print(msg, flush=True)
     for path, f in list(_files.items()):
         try:
@@ -34,7 +38,7 @@ def log(msg: str) -> None:
 def tee(path: str | os.PathLike) -> Iterator[None]:
     """Append every :func:`log` line to ``path`` inside the block (its folder must exist)."""
     key = Path(path).resolve()
-    if key in _files:  # already copied to (a run inside a run_methods of the same directory)
+    if key in _files or not distributed.is_main():  # already copied to (a run inside a run_methods of the same directory)
         yield
         return
     try:

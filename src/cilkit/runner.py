@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit import history, io, plugins, provenance, runlog, state0cache, tensorboard_log
+from cilkit import distributed, history, io, plugins, provenance, runlog, state0cache, tensorboard_log
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
@@ -41,18 +41,23 @@ from cilkit.stats_tests import mean_std
 
 
 def resolve_device(name: str) -> torch.device:
+    """The run's device; under torchrun, each rank's own GPU (``cuda:LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"config key 'device': '{name}' asked for, but no CUDA device is available")
+    if name.startswith("cuda") and distributed.active():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
 def free_cores() -> int:
+    """The cores this process may use, shared with the other ranks of the run on this machine."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // distributed.local_world_size())
 
 
 def normalisation(dataset: Dataset, scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +117,11 @@ class Run:
         self.dataset.test.to(self.device)
         self.engine = Engine(
             self.dataset, config.train, self.device, self.mean, self.std, config.amp, config.channels_last, progress,
-            on_epoch=self._record_epoch,
+            on_epoch=self._record_epoch, compile=config.compile,
         )
         self.method, model, self.channels, self.size = build_method_and_model(config, self.dataset)
+        if config.train.sync_bn and distributed.active():
+            model = distributed.global_batchnorm(model)
         self.model = model.to(self.device)
         self.memory = Memory(config.memory)
         self.statistics: Stats | None = None  # the last finished state's class statistics
@@ -169,7 +176,7 @@ class Run:
     def _tensorboard(self, kept: list[dict[str, Any]]) -> Iterator[None]:
         """With ``log.tensorboard``: fresh event files holding the ``kept`` history (a
         resume's finished states), open while the states run."""
-        if not self.config.log.tensorboard:
+        if not self.config.log.tensorboard or not distributed.is_main():
             yield
             return
         self.tensorboard = TensorBoardLog(self.layout.tb, fresh=True)
@@ -254,17 +261,26 @@ class Run:
         self.results["accuracy_matrix"].append(entry.pop("accuracy_per_state"))
         self.results["wall_time_s"] += entry["time_s"]
         self._summarise()
+        distributed.check_agreement(f"state {b + 1}", self._digest(entry))
         self._record_state(b, entry)
         self._save_state(ctx)
         old = f", old {entry['top1_old']:.1f}" if entry["top1_old"] is not None else ""
         log(f"[{name}] state {b + 1}: top-1 {entry['top1']:.2f}{old}, new {entry['top1_new']:.1f} ({entry['time_s']:.1f} s)")
 
+    def _digest(self, entry: dict[str, Any]) -> str:
+        """What every rank must agree on after a state: the model, the memory, the method's
+        state and the state's accuracies."""
+        scores = [entry.get(k) for k in ("top1", "top1_old", "top1_new", "balanced_top1", "val_top1")]
+        return distributed.digest([*self.model.state_dict().values(), *_tensors(self.memory.state_dict()),
+                                   *_tensors(self.method.state_dict()), scores])
+
     def _train(self, ctx: Context) -> dict[str, Any]:
         b = ctx.state.index
         rounds = self.method.rounds(ctx)
         cache = self._state0_cache_path() if b == 0 and rounds == 1 else None
-        cached = state0cache.load_entry(cache, self.model, log) if cache is not None else None
+        cached = distributed.from_main(lambda: state0cache.load_entry(cache, self.model, log)) if cache else None
         if cache is not None and cached is not None:
+            distributed.sync_state(self.model)  # rank 0 read the entry
             log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
                 "(same data content, order, model, state-0 code and options, training settings and seed)")
             indices = self._train_set(ctx)
@@ -354,6 +370,8 @@ class Run:
 
     # ----- files -----------------------------------------------------------------------------
     def _save_state(self, ctx: Context) -> None:
+        if not distributed.is_main():
+            return
         b = ctx.state.index
         io.write_json(self.layout.memory(b), self._memory_record())
         io.write_torch(self.layout.checkpoint(b), self._checkpoint(b))
@@ -389,15 +407,11 @@ class Run:
         }
 
     def _restore(self) -> int:
-        ckpts = self.layout.checkpoints()
-        if not ckpts:
+        found = distributed.from_main(self._read_checkpoint)  # rank 0 reads, every rank restores
+        if found is None:
             log(f"[{self.config.method}] no checkpoint in {self.layout.root}: starting from state 1")
             return self._start_fresh()
-        path = ckpts[-1][1]
-        try:
-            ckpt = io.load_torch(path)
-        except Exception as e:  # a corrupt or foreign file
-            raise UserError(f"checkpoint '{path}' cannot be read: {e.__class__.__name__}") from None
+        path, ckpt = found
         if "config" in ckpt:
             self._check_resume_config(json.loads(ckpt["config"]), path)
         results = json.loads(ckpt["results"])
@@ -414,10 +428,20 @@ class Run:
         if "provenance" in results:
             results["provenance"] = provenance.resumed(results["provenance"], self._environment())
         b = int(ckpt["state"])
-        self.statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt
-                           else read_stats(self.layout.stats(b), b))  # checkpoints of cilkit <= 0.1.0
+        self.statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt  # checkpoints of cilkit <= 0.1.0:
+                           else distributed.from_main(lambda: read_stats(self.layout.stats(b), b)))
         log(f"[{self.config.method}] resuming {self.layout.root} after state {b + 1}/{self.scenario.num_states}")
         return b + 1
+
+    def _read_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        ckpts = self.layout.checkpoints()
+        if not ckpts:
+            return None
+        path = ckpts[-1][1]
+        try:
+            return path, io.load_torch(path)
+        except Exception as e:  # a corrupt or foreign file
+            raise UserError(f"checkpoint '{path}' cannot be read: {e.__class__.__name__}") from None
 
     def _check_resume_config(self, saved: dict[str, Any], path: Path) -> None:
         """Refuse to resume when the run's config.yaml no longer says what the checkpoint was
@@ -457,6 +481,8 @@ class Run:
                 "schedule": c.train.schedule.model_dump(mode="json"),
             },
             "seed": c.seed,
+            # data-parallel training: each rank's slice, its BatchNorm statistics
+            **({"ranks": distributed.world_size(), "sync_bn": c.train.sync_bn} if distributed.active() else {}),
             "amp": c.amp,
             "channels_last": c.channels_last,
             "device": self.device.type,
@@ -479,6 +505,15 @@ RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cac
 # ^ keys a resumed run may change: they shape no result (threads: set explicitly, see cmd_run;
 #   log: a resume rebuilds the TensorBoard events of the finished states from history.jsonl;
 #   plugins: where the plugin files are, which a moved file makes the user edit)
+
+
+def _tensors(obj: Any) -> list[Any]:
+    """The tensors and plain values inside nested dicts and lists, in a fixed order."""
+    if isinstance(obj, dict):
+        return [v for k in sorted(obj, key=str) for v in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [v for item in obj for v in _tensors(item)]
+    return [obj]
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -531,12 +566,12 @@ def run_methods(
     out = Path(out_dir)
     if not resume:
         config = with_resolved_threads(config)
-        check_target(out, overwrite)
+        distributed.from_main(lambda: check_target(out, overwrite))
         dataset = dataset if dataset is not None else check_protocol(config)
     io.make_dir(out)
     with DirectoryLock(out):
         if not resume:
-            check_target(out, overwrite)  # again, now that no other run can write here
+            distributed.from_main(lambda: check_target(out, overwrite))  # again, now that no other run can write here
             if overwrite:
                 clear_run(out)
         with runlog.tee(RunLayout(out).run_log):  # a comparison's parent logs every method's lines

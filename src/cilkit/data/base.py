@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cilkit.data.transforms import Augment, augment_batch, normalise
+from cilkit.distributed import shard_bounds
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -48,8 +49,12 @@ class ImageSet(ABC):
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Batch]:
-        """Yield ``(x, y, idx)`` over ``indices`` (shuffled with ``generator`` if asked)."""
+        """Yield ``(x, y, idx)`` over ``indices`` (shuffled with ``generator`` if asked). With
+        ``shard=(rank, world)`` each batch is that rank's slice (:func:`~cilkit.distributed.
+        shard_bounds`) of the batch one process would get, augmented as one process would
+        augment it: a data-parallel rank's share of the global batch."""
 
     @property
     @abstractmethod
@@ -104,6 +109,7 @@ class TensorImages(ImageSet):
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Batch]:
         self.to(device)
         dev = self.images.device
@@ -115,9 +121,13 @@ class TensorImages(ImageSet):
         mean, std = mean.to(dev), std.to(dev)
         for start in range(0, indices.numel(), batch_size):
             idx = indices[start : start + batch_size]
+            part = None
+            if shard is not None:
+                lo, hi = shard_bounds(idx.numel(), *shard)
+                part, idx = (lo, hi, idx.numel()), idx[lo:hi]
             x = self.images[idx]
             if augment is not None:
-                x = augment_batch(x, augment, generator)
+                x = augment_batch(x, augment, generator, part)
             yield normalise(x, mean, std), self._labels_dev[idx], idx
 
     def content_digest(self, indices: torch.Tensor) -> str:

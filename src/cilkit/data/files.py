@@ -31,7 +31,8 @@ from cilkit.config import DataConfig
 from cilkit.registry import register_source
 from cilkit.data.base import Batch, Dataset, ImageSet, TensorImages
 from cilkit.data.checks import ImageFacts, check_images, choose_mode, native_size
-from cilkit.data.transforms import Augment, augment_batch, normalise
+from cilkit.data.transforms import Augment, Part, augment_batch, normalise
+from cilkit.distributed import shard_bounds
 from cilkit.errors import UserError, reason
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -192,19 +193,19 @@ class FileImages(ImageSet):
     def _decoded(
         self,
         order: torch.Tensor,
-        batch_size: int,
+        batch_sizes: list[int],
         *,
         train: bool = False,
         flip: bool = False,
         seed: int = 0,
         pin: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """uint8 (B, C, S, S) batches and their positions, in ``order``."""
+        """uint8 (B, C, S, S) batches of ``batch_sizes`` images and their positions, in ``order``."""
         decode = _Decode(self._paths, order.cpu().numpy(), self.mode, self.image_size, self.resize, train, flip, seed)
+        starts = np.cumsum([0, *batch_sizes])
         loader = torch.utils.data.DataLoader(
             decode,
-            batch_size=batch_size,
-            shuffle=False,
+            batch_sampler=[list(range(int(a), int(b))) for a, b in zip(starts, starts[1:]) if b > a],
             num_workers=self.workers,
             collate_fn=_collate,
             pin_memory=pin,
@@ -227,6 +228,7 @@ class FileImages(ImageSet):
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Batch]:
         device = torch.device(device)
         augment = None if augment is None or augment.is_identity else augment
@@ -240,10 +242,17 @@ class FileImages(ImageSet):
         mean, std = mean.to(device), std.to(device)
         pin = device.type == "cuda"
         flip = crop and augment is not None and augment.flip
-        for x, idx in self._decoded(indices, batch_size, train=crop, flip=flip, seed=seed, pin=pin):
+        # A rank decodes only its slice of each batch (each image's crop is seeded by its position).
+        parts = _batch_parts(indices.numel(), batch_size, shard)
+        mine = torch.cat([indices[s + lo : s + hi] for s, (lo, hi, _) in parts]) if parts else indices
+        sizes = [hi - lo for _, (lo, hi, _) in parts]
+        decoded = self._decoded(mine, sizes, train=crop, flip=flip, seed=seed, pin=pin)
+        empty = torch.empty((0, self.channels, self.image_size, self.image_size), dtype=torch.uint8)
+        for _, part in parts:
+            x, idx = next(decoded) if part[1] > part[0] else (empty, torch.empty(0, dtype=torch.int64))
             x = x.to(device, non_blocking=pin)
             if batch_aug is not None:
-                x = augment_batch(x, batch_aug, generator)
+                x = augment_batch(x, batch_aug, generator, part)
             yield normalise(x, mean, std), self.labels[idx].to(device), idx.to(device)
 
     def content_digest(self, indices: torch.Tensor) -> str:
@@ -265,7 +274,7 @@ class FileImages(ImageSet):
         total = torch.zeros(self.channels, dtype=torch.float64)
         squares = torch.zeros(self.channels, dtype=torch.float64)
         count = 0
-        for x, _ in self._decoded(indices.to(torch.int64), batch_size):
+        for x, _ in self._decoded(indices.to(torch.int64), _even(indices.numel(), batch_size)):
             x = x.to(torch.float64) / 255.0
             total += x.sum(dim=(0, 2, 3))
             squares += (x * x).sum(dim=(0, 2, 3))
@@ -276,7 +285,7 @@ class FileImages(ImageSet):
 
     def decode_all(self, batch_size: int = 256) -> torch.Tensor:
         """Every image (there must be at least one), eval-transformed, as one uint8 (N, C, S, S) tensor."""
-        return torch.cat([x for x, _ in self._decoded(torch.arange(len(self)), batch_size)])
+        return torch.cat([x for x, _ in self._decoded(torch.arange(len(self)), _even(len(self), batch_size))])
 
 
 # --------------------------------------------------------------------------- readers
@@ -295,6 +304,20 @@ class ImageList:
     def where(self, k: int) -> str:
         """'<list> line <n>: ' for the ``k``-th image of a list file, '' for a folder."""
         return f"{self.source} line {self.lines[k]}: " if self.lines is not None else ""
+
+
+def _even(n: int, batch_size: int) -> list[int]:
+    """Batch sizes of ``n`` images in batches of ``batch_size`` (the last one smaller)."""
+    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
+
+
+def _batch_parts(n: int, batch_size: int, shard: tuple[int, int] | None) -> list[tuple[int, Part]]:
+    """Per batch of ``n`` positions: its start and the rows ``(lo, hi, size)`` this rank takes."""
+    out = []
+    for start, size in zip(range(0, n, batch_size), _even(n, batch_size)):
+        lo, hi = shard_bounds(size, *shard) if shard is not None else (0, size)
+        out.append((start, (lo, hi, size)))
+    return out
 
 
 def _sizes(cfg: DataConfig, facts: ImageFacts | None, paths: list[str]) -> tuple[int, int, str]:

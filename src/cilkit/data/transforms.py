@@ -3,7 +3,9 @@
 Training augmentation for small images is the CIFAR convention: pad by ``crop_pad`` pixels
 (zeros), crop back to the original size at a random offset, flip horizontally with
 probability 0.5. Random numbers come from the caller's generator (on CPU, so that the same
-seed gives the same crops on any device).
+seed gives the same crops on any device). A data-parallel rank holding rows ``lo..hi`` of a
+batch of ``n`` draws the numbers of all ``n`` and uses its rows (``part=(lo, hi, n)``): every
+rank's generator stays in step, and the rows get what one process would have given them.
 """
 
 from __future__ import annotations
@@ -28,14 +30,22 @@ class Augment:
         return self.crop_pad == 0 and not self.flip and not self.resized_crop
 
 
-def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:
+Part = tuple[int, int, int]  # (lo, hi, n): rows lo..hi of a batch of n
+
+
+def _rows(values: torch.Tensor, part: Part | None, device: torch.device) -> torch.Tensor:
+    return (values if part is None else values[part[0] : part[1]]).to(device)
+
+
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None, part: Part | None = None) -> torch.Tensor:
     """Pad (N, C, H, W) by ``pad`` zeros and crop each image at its own random offset."""
     if pad <= 0:
         return x
     n, _, h, w = x.shape
+    draws = n if part is None else part[2]
     padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    oy = _rows(torch.randint(0, 2 * pad + 1, (draws,), generator=generator), part, x.device)
+    ox = _rows(torch.randint(0, 2 * pad + 1, (draws,), generator=generator), part, x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
     batch = torch.arange(n, device=x.device)[:, None, None]
@@ -43,16 +53,19 @@ def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None) ->
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def random_flip(x: torch.Tensor, generator: torch.Generator | None, part: Part | None = None) -> torch.Tensor:
     """Flip each image horizontally with probability 0.5."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    draws = x.shape[0] if part is None else part[2]
+    flip = _rows(torch.rand(draws, generator=generator) < 0.5, part, x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def augment_batch(x: torch.Tensor, augment: Augment, generator: torch.Generator | None) -> torch.Tensor:
-    x = random_crop(x, augment.crop_pad, generator)
+def augment_batch(
+    x: torch.Tensor, augment: Augment, generator: torch.Generator | None, part: Part | None = None
+) -> torch.Tensor:
+    x = random_crop(x, augment.crop_pad, generator, part)
     if augment.flip:
-        x = random_flip(x, generator)
+        x = random_flip(x, generator, part)
     return x
 
 
