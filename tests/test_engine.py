@@ -65,3 +65,57 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     res = Run(tiny_config(tmp_path, "amp=true", "channels_last=true", "scenario.states=2"), tmp_path / "r",
               progress=False).execute()
     assert res["complete"] and res["states"][-1]["top1"] > 0
+
+
+def test_a_model_torch_compile_cannot_compile_runs_eagerly_after_one_warning(tmp_path, monkeypatch, capsys):
+    def failing_compile(model, **kwargs):
+        def compiled(x):
+            raise RuntimeError("inductor: no working C++ compiler")
+        return compiled
+
+    eager = Run(tiny_config(tmp_path, "scenario.states=2", "state0_cache=null"), tmp_path / "eager",
+                progress=False).execute()
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    res = Run(tiny_config(tmp_path, "scenario.states=2", "state0_cache=null", "compile=true"), tmp_path / "c",
+              progress=False).execute()
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "torch.compile failed" in line]
+    assert len(warnings) == 1 and "no working C++ compiler" in warnings[0]
+    assert [s["top1"] for s in res["states"]] == [s["top1"] for s in eager["states"]]
+
+
+def test_every_rank_slice_of_an_augmented_batch_is_what_one_process_gets():
+    from cilkit.data.base import TensorImages
+    from cilkit.data.transforms import Augment
+
+    images = TensorImages(torch.randint(0, 256, (11, 1, 6, 6), dtype=torch.uint8), torch.arange(11) % 3)
+    args = dict(mean=torch.tensor([0.5]), std=torch.tensor([0.25]), augment=Augment(crop_pad=2, flip=True),
+                shuffle=True)
+    whole = list(images.batches(torch.arange(11), 4, generator=torch.Generator().manual_seed(5), **args))
+    for world in (2, 3):
+        slices = [list(images.batches(torch.arange(11), 4, generator=torch.Generator().manual_seed(5),
+                                      shard=(r, world), **args)) for r in range(world)]
+        for b, (x, y, idx) in enumerate(whole):
+            assert torch.equal(torch.cat([s[b][0] for s in slices]), x)
+            assert torch.equal(torch.cat([s[b][2] for s in slices]), idx)
+
+
+def test_every_rank_slice_of_a_file_batch_is_what_one_process_gets(tmp_path):
+    from PIL import Image
+
+    from cilkit.data.files import FileImages
+    from cilkit.data.transforms import Augment
+
+    paths = []
+    for i in range(7):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(torch.randint(0, 256, (12, 10, 3), dtype=torch.uint8).numpy()).save(p)
+        paths.append(str(p))
+    images = FileImages(paths, torch.arange(7) % 2, image_size=8)
+    args = dict(mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3),
+                augment=Augment(resized_crop=True, flip=True), shuffle=True)
+    whole = list(images.batches(torch.arange(7), 3, generator=torch.Generator().manual_seed(1), **args))
+    slices = [list(images.batches(torch.arange(7), 3, generator=torch.Generator().manual_seed(1), shard=(r, 3),
+                                  **args)) for r in range(3)]
+    for b, (x, _, idx) in enumerate(whole):  # the last batch has one image: two ranks get none
+        assert torch.equal(torch.cat([s[b][0] for s in slices]), x)
+        assert torch.equal(torch.cat([s[b][2] for s in slices]), idx)

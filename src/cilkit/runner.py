@@ -426,6 +426,11 @@ class Run:
         self.memory.load_state_dict(ckpt["memory"])
         self.results = results
         if "provenance" in results:
+            ranks = results["provenance"].get("ranks", 1)
+            if ranks != distributed.world_size():
+                log(f"[{self.config.method}] warning: the finished states ran on {ranks} process(es), the rest runs "
+                    f"on {distributed.world_size()}: the batches are split differently, so the remaining states' "
+                    "numbers differ from an uninterrupted run")
             results["provenance"] = provenance.resumed(results["provenance"], self._environment())
         b = int(ckpt["state"])
         self.statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt  # checkpoints of cilkit <= 0.1.0:
