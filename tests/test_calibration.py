@@ -7,11 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import strip_timings, tiny_config
 
 from cilkit.calibrate import calibrate_run
 from cilkit.rectify import il2m_rectify, prediction_scaling
 from cilkit.cli import main
+from cilkit.metrics import run_summary
+from cilkit.report import compare_runs
 from cilkit.runner import Run, run_methods
 
 STATE_KEYS = ("top1", "top5", "top1_old", "top1_new", "balanced_top1", "new_class_share")
@@ -180,9 +183,109 @@ def test_calibrate_prints_before_and_after_and_never_rectifies_its_own_output(pa
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"finetune -> finetune+il2m: mean incremental top-1 (excl. state 1) {before:.2f} -> "
                            f"{after:.2f}")
-    # the parent again: finetune and il2m are rectified, the earlier output is not (no il2m+il2m)
+    # an output beside the methods, where the parent's calibration finds it
+    assert main(["calibrate", str(src / "finetune"), "--with", "il2m", "--out", str(src / "ft_il2m")]) == 0
+    capsys.readouterr()
+    # the parent again: finetune and il2m are rectified, the earlier output is skipped, and said so
     assert main(["calibrate", str(src), "--with", "il2m"]) == 0
     out = capsys.readouterr().out
-    assert "finetune+il2m+il2m" not in out and out.count(" -> ") == 4  # two lines, two arrows each
+    assert "+il2m+il2m" not in out and out.count(" -> ") == 4  # two lines, two arrows each
+    assert f"{src / 'ft_il2m'}: skipped, already the output of cilkit calibrate (finetune+il2m)" in out
+    assert not (src / "ft_il2m" / "calibrated").exists()
+    assert load(src / "ft_il2m" / "results.json")["method"] == "finetune+il2m"
     assert main(["calibrate", str(src / "finetune" / "calibrated" / "il2m"), "--with", "il2m"]) == 2
     assert "holds no uncalibrated run" in capsys.readouterr().err
+
+
+def _repeated(pair, root):
+    """A parent as ``runs: 2`` of finetune and il2m lays it out (copies of pair's runs, each
+    with its results.json marked by the run it stands for)."""
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump({"method": ["finetune", "il2m"], "runs": 2}))
+    for method in ("finetune", "il2m"):
+        for k in range(2):
+            d = root / method / f"run_{k}"
+            shutil.copytree(pair / method, d, ignore=shutil.ignore_patterns("checkpoints", "calibrated"))
+            res = load(d / "results.json")
+            res["run_mark"] = f"{method}/run_{k}"
+            (d / "results.json").write_text(json.dumps(res))
+    return root
+
+
+def test_calibrating_a_parent_of_repeated_runs_keeps_each_run_apart(pair, tmp_path, capsys):
+    src = _repeated(pair, tmp_path / "rep")
+    assert main(["calibrate", str(src), "--with", "il2m", "--out", str(tmp_path / "cal")]) == 0
+    assert capsys.readouterr().out.count(" -> ") == 8  # four runs, four lines
+    for method in ("finetune", "il2m"):
+        for k in range(2):
+            res = load(tmp_path / "cal" / method / f"run_{k}" / "results.json")
+            assert res["run_mark"] == f"{method}/run_{k}" and res["method"] == f"{method}+il2m"
+            assert res["calibration"]["source"] == str((src / method / f"run_{k}").resolve())
+    assert sorted(p.parent.relative_to(tmp_path / "cal").as_posix()
+                  for p in (tmp_path / "cal").rglob("results.json")) == [
+        "finetune/run_0", "finetune/run_1", "il2m/run_0", "il2m/run_1"]
+
+
+def test_calibrate_refuses_to_write_onto_a_source_run_or_twice_to_one_place(pair, tmp_path, capsys):
+    src = _repeated(pair, tmp_path / "rep")
+    before = {p: p.read_bytes() for p in src.rglob("results.json")}
+    assert main(["calibrate", str(src), "--with", "il2m", "--out", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert f"would overwrite the run '{src / 'finetune' / 'run_0'}'" in err and err.count("\n") == 1
+    run = src / "il2m" / "run_1"
+    assert main(["calibrate", str(run), "--with", "none", "--out", str(run)]) == 2
+    assert f"would overwrite the run '{run}'" in capsys.readouterr().err
+    # two runs sent to one place (the destination's il2m is a link to its finetune)
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "finetune").mkdir()
+    (tmp_path / "cal" / "il2m").symlink_to(tmp_path / "cal" / "finetune")
+    assert main(["calibrate", str(src), "--with", "il2m", "--out", str(tmp_path / "cal")]) == 2
+    err = capsys.readouterr().err
+    assert (f"the calibrations of '{src / 'finetune' / 'run_0'}' and '{src / 'il2m' / 'run_0'}' would both go to "
+            f"'{tmp_path / 'cal' / 'il2m' / 'run_0'}'") in err and err.count("\n") == 1
+    assert not list((tmp_path / "cal").rglob("results.json"))
+    assert before == {p: p.read_bytes() for p in src.rglob("results.json")}, "nothing written"
+
+
+def test_calibrated_results_carry_no_figure_of_their_source(pair, tmp_path):
+    src = tmp_path / "ft"
+    shutil.copytree(pair / "finetune", src, ignore=shutil.ignore_patterns("checkpoints", "calibrated"))
+    source = load(src / "results.json")
+    for s in source["states"]:  # as a run with a validation hold-out records it
+        s["val_top1"] = 12.5
+    source.update(mean_incremental_val_top1=12.5, mean_incremental_val_top1_excl_first=12.5,
+                  mean_incremental_made_up=1.0, average_forgetting=99.0)
+    (src / "results.json").write_text(json.dumps(source))
+    res = calibrate_run(src, "il2m", tmp_path / "out", echo=False)[""]
+    assert res == load(tmp_path / "out" / "results.json")
+    assert not [k for k in res if k.startswith("mean_incremental_val") or k == "mean_incremental_made_up"]
+    assert "wall_time_s" not in res and "provenance" not in res
+    assert res["calibration"]["source_provenance"] == source["provenance"]
+    summary = run_summary(res["states"], res["accuracy_matrix"])
+    assert {k: v for k, v in res.items() if k.startswith("mean_incremental_") or k == "average_forgetting"} == summary
+    assert res["average_forgetting"] != 99.0
+    # the report shows no time and no provenance of the source as the calibrated run's own
+    compare_runs([tmp_path / "out"], tmp_path / "report", echo=False)
+    row = (tmp_path / "report" / "table.md").read_text().splitlines()[2]
+    assert row.startswith("| finetune+il2m |") and row.endswith("| - |")
+    assert source["provenance"]["started"] not in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_the_source_config_is_found_from_any_working_directory(pair, tmp_path, monkeypatch):
+    shutil.copytree(pair / "finetune", tmp_path / "ft", ignore=shutil.ignore_patterns("checkpoints", "calibrated"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", "ft", "--with", "il2m"]) == 0
+    out = tmp_path / "ft" / "calibrated" / "il2m"
+    assert load(out / "results.json")["calibration"]["source"] == str((tmp_path / "ft").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    def table():
+        compare_runs([tmp_path / "ft", out], tmp_path / "report", echo=False)
+        return (tmp_path / "report" / "table.md").read_text()
+
+    assert "Protocol" not in table()  # one protocol: the calibrated run's config is its source's
+    res = load(out / "results.json")
+    res["calibration"]["source"] = "ft"  # as an older cilkit wrote it: relative to where calibrate ran
+    (out / "results.json").write_text(json.dumps(res))
+    assert "Protocol" not in table()

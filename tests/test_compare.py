@@ -122,9 +122,9 @@ def test_runs_of_different_protocols_are_grouped_and_described_each_by_its_own_s
     md = (tmp_path / "two" / "table.md").read_text()
     first, second = md.split("Protocol 2: ")
     assert first.startswith("Protocol 1: Dataset: digits. 2 states; classes seen after each state: 4, 7. "
-                            "Backbone convnet; memory 60 in total (herding); epochs per state: 1; seeds 3, 4, 5.")
+                            "Backbone convnet; memory 60 exemplars (herding); epochs per state: 1; seeds 3, 4, 5.")
     assert second.startswith("Dataset: digits. 2 states; classes seen after each state: 5, 10. "
-                             "Backbone convnet; memory 20 in total (herding); epochs per state: 1; seed 3.")
+                             "Backbone convnet; memory 20 exemplars (herding); epochs per state: 1; seed 3.")
     assert "| finetune (protocol 1) | 3 | 3, 4, 5 |" in first and "| 4 cl. | 7 cl. |" in first
     assert "| finetune (protocol 2) |" in second and "| 5 cl. | 10 cl. |" in second
     page = (tmp_path / "two" / "report.html").read_text()

@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import yaml
 from helpers import tiny_config
 from PIL import Image
 
@@ -22,7 +23,7 @@ from cilkit.plots import (
     old_new_data,
     true_new_share,
 )
-from cilkit.report import compare_runs, find_runs
+from cilkit.report import compare_runs, describe_memory, find_runs
 from cilkit.runner import run_methods
 
 
@@ -335,3 +336,19 @@ def test_the_report_says_where_each_run_was_made(runs):
         assert line in page
         assert prov["torch"] in line and prov["device_name"] in line and f"{prov['threads']} threads" in line
     assert provenance_line(None) == ""  # a run from before the record: no line
+
+
+def test_memory_is_described_as_the_run_describes_it(runs, tmp_path):
+    assert describe_memory({"total": 60, "per_class": None, "selection": "herding"}) == "60 exemplars (herding)"
+    assert describe_memory({"total": None, "per_class": 20, "selection": "random"}) == "20 per class (random)"
+    for none in ({"total": None, "per_class": None, "selection": "herding"}, {"total": 0}, {"per_class": 0}, {}, None):
+        assert describe_memory(none) == "none"
+    # a run without memory: "memory none", not "None per class"
+    run = tmp_path / "no_memory"
+    shutil.copytree(runs / "cmp" / "finetune", run, ignore=shutil.ignore_patterns("checkpoints", "report"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["memory"] = {"total": None, "per_class": None, "selection": "herding"}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    compare_runs([run], tmp_path / "report", echo=False)
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Backbone convnet; memory none; epochs per state: 1; seed 3." in page

@@ -10,6 +10,7 @@ import torch
 import yaml
 from helpers import tiny_config
 
+from cilkit import tune as tune_module
 from cilkit.cli import main
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset, TensorImages
@@ -93,3 +94,63 @@ def test_tune_needs_a_hold_out_and_one_method(tmp_path, capsys):
     assert "scenario.val_per_class' must be >= 1" in capsys.readouterr().err
     assert main(["tune", str(path), "--grid", "train.lr", "--out", str(tmp_path / "t")]) == 2
     assert "expected KEY=V1,V2" in capsys.readouterr().err
+
+
+LOADS: list[str] = []
+
+
+@register_source("digits_counted", "test only: digits, counting how often it is read")
+def _counted(cfg) -> Dataset:
+    LOADS.append(cfg.name)
+    ds = load_dataset(cfg.model_copy(update={"name": "digits"}))
+    ds.name = "digits_counted"
+    return ds
+
+
+def test_tune_reads_the_data_once_and_reuses_a_point_only_of_the_same_config(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "scenario.val_per_class=5", "scenario.states=2", "train.epochs=1", "threads=1",
+                      "data.name=digits_counted")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    args = ["tune", str(path), "--grid", "train.lr=0.001,0.2", "--out", str(tmp_path / "t")]
+    LOADS.clear()
+    assert main(args) == 0
+    assert LOADS == ["digits_counted"]  # once for both points
+    first = capsys.readouterr().out
+    results = {p: p.read_bytes() for p in (tmp_path / "t").glob("*/results.json")}
+    assert len(results) == 2
+    assert main(args + ["--set", "threads=2"]) == 0  # the same config (threads shape no number): reused
+    assert {p: p.read_bytes() for p in (tmp_path / "t").glob("*/results.json")} == results
+    assert capsys.readouterr().out.splitlines()[-3:] == first.splitlines()[-3:]
+    assert main(args + ["--set", "train.epochs=2", "--set", "train.batch_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path / 't' / '00-train.lr=0.001'}' holds a run of another config" in err
+    assert "differs in train.batch_size, train.epochs" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in (tmp_path / "t").glob("*/results.json")} == results
+
+
+def _fake_points(monkeypatch, scores: dict[str, float | None]) -> None:
+    """Points whose runs are not made: each reports the given validation score (by lr)."""
+    def run_point(config, run_dir, dataset=None):
+        score = scores[str(config.train.lr)]
+        return [{"states": [{}, {}], "mean_incremental_val_top1_excl_first": score}]
+
+    monkeypatch.setattr(tune_module, "run_point", run_point)
+    monkeypatch.setattr(tune_module, "point_datasets", lambda configs: [None] * len(configs), raising=False)
+
+
+def test_points_without_a_score_rank_last(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, "scenario.val_per_class=5").to_dict()))
+    _fake_points(monkeypatch, {"0.1": 40.0, "0.2": None, "0.3": 55.0})
+    assert main(["tune", str(path), "--grid", "train.lr=0.1,0.2,0.3", "--out", str(tmp_path / "t")]) == 0
+    record = json.loads((tmp_path / "t" / "ranking.json").read_text())
+    assert [r["values"]["train.lr"] for r in record["ranking"]] == ["0.3", "0.1", "0.2"]
+    assert record["set_line"] == "--set train.lr=0.3"
+    assert "--set train.lr=0.3" in capsys.readouterr().out
+
+    _fake_points(monkeypatch, {"0.1": None, "0.2": None})
+    assert main(["tune", str(path), "--grid", "train.lr=0.1,0.2", "--out", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err
+    assert "no grid point has a score (mean incremental validation top-1" in err and err.count("\n") == 1
+    assert not (tmp_path / "u" / "ranking.json").exists()

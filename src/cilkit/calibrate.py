@@ -17,8 +17,13 @@ from cilkit import io
 from cilkit.errors import UserError
 from cilkit.metrics import fmt, run_summary, score_metrics, state_accuracies
 from cilkit.rectify import check_rectifier, rectify
-from cilkit.report import find_runs
-from cilkit.rundir import RunLayout, read_scores, read_stats
+from cilkit.rundir import RESULTS_VERSION, RunLayout, read_scores, read_stats
+from cilkit.runsets import FoundRun, find_runs
+
+# run-level keys of the source's results.json that describe the source run itself, not its
+# rectified scores: never copied (the summaries are recomputed; the provenance is kept under
+# ``calibration.source_provenance``)
+_SOURCE_ONLY = ("states", "accuracy_matrix", "average_forgetting", "wall_time_s", "provenance", "calibration")
 
 
 def calibrated_results(
@@ -29,11 +34,14 @@ def calibrated_results(
     check_rectifier(rectifier)
     layout = RunLayout(run_dir)
     ends = source["state_ends"]
-    out = {k: v for k, v in source.items() if k not in ("states", "accuracy_matrix")}
-    out.update(method=f"{source.get('method', '?')}+{rectifier}",
+    out = {k: v for k, v in source.items() if k not in _SOURCE_ONLY and not k.startswith("mean_incremental_")}
+    calibration: dict[str, Any] = {"rectifier": rectifier, "source": str(Path(run_dir).resolve()),
+                                   "source_method": source.get("method")}
+    if source.get("provenance") is not None:
+        calibration["source_provenance"] = source["provenance"]
+    out.update(version=RESULTS_VERSION, method=f"{source.get('method', '?')}+{rectifier}",
                primary_scores="cnn" if rectifier == "none" else rectifier,
-               calibration={"rectifier": rectifier, "source": str(run_dir), "source_method": source.get("method")},
-               states=[], accuracy_matrix=[])
+               calibration=calibration, states=[], accuracy_matrix=[])
     arrays: dict[int, dict[str, np.ndarray]] = {}
     for entry in source["states"]:
         b = int(entry["state"])
@@ -56,22 +64,28 @@ def calibrated_results(
 def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: bool = True) -> dict[str, Any]:
     """Rectify the stored test logits of a finished run with ``rectifier`` (``il2m``,
     ``scaling`` or ``none``) and write results.json and ``scores/state_XX.npz`` into ``out``
-    (default ``RUN_DIR/calibrated/<rectifier>``). A parent of method sub-directories gets one
-    output per method (``<out>/<method>`` or ``RUN_DIR/<method>/calibrated/...``). Loads no
-    model and no checkpoint; every input is read before anything is written.
+    (default ``RUN_DIR/calibrated/<rectifier>``). A parent of runs (one per method, or per
+    method and seed) gets one output per run, at the run's path below the parent
+    (``<out>/<method>``, ``<out>/<method>/run_<k>``; default ``<run>/calibrated/<rectifier>``). Loads no
+    model and no checkpoint; every input is read before anything is written. A run that is
+    itself the output of ``cilkit calibrate`` is skipped (and said so when ``echo``).
     Returns ``{label: results}`` (label ``""`` for a single run)."""
     check_rectifier(rectifier)
     run_dir = Path(run_dir)
     single = RunLayout(run_dir).results.is_file()
-    runs = [r for r in find_runs([run_dir]) if "calibration" not in r.results]  # never re-rectify an output
+    found = find_runs([run_dir])
+    runs = [r for r in found if "calibration" not in r.results]  # never re-rectify an output
+    skipped = [r for r in found if "calibration" in r.results]
     if not runs:
         raise UserError(f"calibrate: '{run_dir}' holds no uncalibrated run (its results come from cilkit calibrate)")
+    dests = destinations(run_dir, runs, rectifier, out)
     done = []
-    for run in runs:
+    for run, dest in zip(runs, dests):
         results, arrays = calibrated_results(run.path, run.results, rectifier)
-        base = Path(out) if out is not None else RunLayout(run.path).calibrated(rectifier)
-        dest = base / run.path.name if (not single and out is not None) else base
         done.append(("" if single else run.label, dest, run.results, results, arrays))
+    if echo:
+        for run in skipped:
+            print(f"{run.path}: skipped, already the output of cilkit calibrate ({run.results.get('method', '?')})")
     for _, dest, source, results, arrays in done:
         layout = RunLayout(dest)
         for b, arr in arrays.items():
@@ -80,6 +94,28 @@ def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: 
         if echo:
             print(before_after_line(source, results, dest))
     return {label: results for label, _, _, results, _ in done}
+
+
+def destinations(run_dir: Path, runs: list[FoundRun], rectifier: str, out: Path | None) -> list[Path]:
+    """Where each run's calibration goes: ``<out>/<the run's path below RUN_DIR>`` (``<out>``
+    itself for a single run), or by default ``<run>/calibrated/<rectifier>``. Two runs sent to
+    one place, or one sent into a source run's own directory, are refused (before anything is
+    read or written)."""
+    sources = {r.path.resolve(): r.path for r in runs}
+    taken: dict[Path, Path] = {}
+    dests = []
+    for run in runs:
+        dest = RunLayout(run.path).calibrated(rectifier) if out is None else Path(out) / run.path.relative_to(run_dir)
+        key = dest.resolve()
+        if key in sources:
+            raise UserError(f"calibrate: the calibration of '{run.path}' would overwrite the run '{sources[key]}' "
+                            f"(--out '{out}'): choose another --out")
+        if key in taken:
+            raise UserError(f"calibrate: the calibrations of '{taken[key]}' and '{run.path}' would both go to "
+                            f"'{dest}': choose another --out")
+        taken[key] = run.path
+        dests.append(dest)
+    return dests
 
 
 def before_after_line(source: dict[str, Any], results: dict[str, Any], dest: Path) -> str:

@@ -29,7 +29,6 @@ from cilkit import io
 from cilkit.errors import UserError
 from cilkit.metrics import Results, fmt, mean_incremental, variant_names
 from cilkit.plots import figures as make_figures
-from cilkit.runsets import FoundRun as FoundRun  # noqa: F401  (cilkit.report.FoundRun, as before)
 from cilkit.runsets import Protocol, RunGroup, find_runs, group_runs
 from cilkit.stats_tests import LEVEL, PairedInterval, mean_std, paired_interval
 
@@ -134,11 +133,11 @@ def group_rows(group: RunGroup, n: int) -> list[list[Any]]:
     per_run = [{row[0]: row[1:] for row in run_rows(group.label, r.results, n)} for r in group.runs]
     rows = []
     for label, first in per_run[0].items():
-        cells = [pr.get(label) for pr in per_run]
-        if any(c is None for c in cells):  # a score set some run lacks
+        cells = [c for pr in per_run if (c := pr.get(label)) is not None]
+        if len(cells) < len(per_run):  # a score set some run lacks
             rows.append([label] + [None] * len(first))
             continue
-        rows.append([label, *[_aggregate(list(col)) for col in zip(*[c for c in cells if c is not None])]])
+        rows.append([label, *[_aggregate(list(col)) for col in zip(*cells)]])
     return rows
 
 
@@ -323,15 +322,27 @@ def paired_csv(rows: Sequence[PairedRow]) -> str:
 
 
 # ----- protocols described ---------------------------------------------------------------------
+def describe_memory(memory: Mapping[str, Any] | None) -> str:
+    """A memory config (config.yaml's ``memory``) in words, as a run's first line says it:
+    ``none`` (no budget, or a budget of 0), ``K exemplars`` (``total``) or ``N per class``
+    (``per_class``), then the selection, ``60 exemplars (herding)``."""
+    memory = memory or {}
+    total, per_class = memory.get("total"), memory.get("per_class")
+    budget = f"{total} exemplars" if total else f"{per_class} per class" if per_class else None
+    if budget is None:
+        return "none"
+    selection = memory.get("selection")
+    return f"{budget} ({selection})" if selection else budget
+
+
 def _settings(config: Mapping[str, Any] | None) -> str:
     """The main settings from a run's config.yaml (empty when it cannot be read)."""
+    if config is None:
+        return ""
     try:
-        assert config is not None
-        mem = config["memory"]
-        budget = f"{mem['total']} in total" if mem.get("total") is not None else f"{mem.get('per_class')} per class"
-        return (f" Backbone {config['model']['backbone']}; memory {budget} ({mem['selection']}); "
+        return (f" Backbone {config['model']['backbone']}; memory {describe_memory(config.get('memory'))}; "
                 f"epochs per state: {config['train']['epochs']}")
-    except (AssertionError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return ""
 
 

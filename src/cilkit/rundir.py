@@ -123,8 +123,9 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A run's results.json, checked: a foreign file, one missing a key the report needs, or
-    one written by a newer cilkit (``version`` above :data:`RESULTS_VERSION`) is refused."""
+    """A run's results.json, checked: a foreign file, one missing a key the report needs, one
+    whose lists and objects are of another kind (:func:`_check_shapes`), or one written by a
+    newer cilkit (``version`` above :data:`RESULTS_VERSION`) is refused, naming the file."""
     data = read_json(path, "not a cilkit run directory")
     if not isinstance(data, dict) or not isinstance(data.get("states"), list):
         raise UserError(f"'{path}' is not a cilkit results file (no 'states' list)")
@@ -133,10 +134,40 @@ def read_results(path: Path) -> dict[str, Any]:
         raise UserError(f"'{path}' was written by a newer cilkit (results version {version}; this one "
                         f"reads up to {RESULTS_VERSION}): upgrade cilkit to read it")
     missing = [k for k in _RUN_KEYS if k not in data]
-    missing += [f"states[{b}].{k}" for b, s in enumerate(data["states"]) for k in _STATE_KEYS if k not in s]
+    if missing:
+        raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
+    _check_shapes(path, data)
+    missing = [f"states[{b}].{k}" for b, s in enumerate(data["states"]) for k in _STATE_KEYS if k not in s]
     if missing:
         raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
     return data
+
+
+_RUN_SHAPES: tuple[tuple[str, type, str], ...] = (
+    ("state_ends", list, "a list"), ("class_order", list, "a list"),
+    ("calibration", dict, "an object"), ("provenance", dict, "an object"),
+)
+
+
+def _check_shapes(path: Path, data: dict[str, Any]) -> None:
+    """Refuse a results.json whose containers are not what the report reads: ``states`` a list
+    of objects, each one's ``variants`` an object of objects, ``state_ends`` and
+    ``class_order`` lists, ``calibration`` and ``provenance`` (when there) objects."""
+    def damaged(key: str, what: str) -> UserError:
+        return UserError(f"'{path}' is damaged: '{key}' is not {what}")
+
+    for key, kind, what in _RUN_SHAPES:
+        if key in data and not isinstance(data[key], kind):
+            raise damaged(key, what)
+    for b, state in enumerate(data["states"]):
+        if not isinstance(state, dict):
+            raise damaged(f"states[{b}]", "an object")
+        variants = state.get("variants", {})
+        if not isinstance(variants, dict):
+            raise damaged(f"states[{b}].variants", "an object")
+        for name, figures in variants.items():
+            if not isinstance(figures, dict):
+                raise damaged(f"states[{b}].variants.{name}", "an object")
 
 
 def read_scores(path: Path, *keys: str) -> list[np.ndarray]:

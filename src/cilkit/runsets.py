@@ -100,11 +100,25 @@ NOT_PROTOCOL = frozenset({"name", "seed", "runs", "method", "device", "threads",
 #   and keys that change no number
 
 
-def run_config(run: FoundRun) -> dict[str, Any] | None:
-    """The run's config.yaml (for a ``cilkit calibrate`` output: its source run's); None when
-    there is none or it cannot be read."""
+def _source_dirs(run: FoundRun) -> list[Path]:
+    """Where a ``cilkit calibrate`` output's source run may be: its recorded ``source``, an
+    absolute path; a relative one (written by an older cilkit, relative to the directory
+    calibrate ran in) is tried against the output's own directory and each directory above it
+    (nearest first), and last against the working directory."""
     source = run.results.get("calibration", {}).get("source")
-    for d in [run.path] + ([Path(source)] if source else []):
+    if not isinstance(source, str) or not source:
+        return []
+    path = Path(source)
+    if path.is_absolute():
+        return [path]
+    here = run.path.resolve()
+    return [here / path] + [d / path for d in here.parents] + [path]
+
+
+def run_config(run: FoundRun) -> dict[str, Any] | None:
+    """The run's config.yaml (for a ``cilkit calibrate`` output: its source run's, see
+    :func:`_source_dirs`); None when there is none or it cannot be read."""
+    for d in [run.path] + _source_dirs(run):
         try:
             data = yaml.safe_load(RunLayout(d).config.read_text())
         except (OSError, yaml.YAMLError):

@@ -6,27 +6,35 @@ scores on ``scenario.val_per_class`` held-out images of every seen class (never 
 never in the memory: see :meth:`cilkit.runner.Run._validate`). Points are ranked by the mean
 incremental validation top-1 (without state 1 when there are several states), averaged over
 ``runs`` seeds; the test set is never read for the choice (a test shows that permuting the
-test labels leaves the ranking unchanged). Writes ``ranking.md`` and ``ranking.json`` and
-prints the ``--set`` line of the winner.
+test labels leaves the ranking unchanged); a point without a score ranks last. Writes
+``ranking.md`` and ``ranking.json`` and prints the ``--set`` line of the winner.
+
+Every point is checked before any runs, on data read once (per distinct ``data`` settings). A
+point directory already there is reused (read back, or resumed when interrupted) only when its
+config.yaml is the point's config; one of another config is refused.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from pydantic import ValidationError
 
 from cilkit import io
-from cilkit.config import RunConfig, load_config
+from cilkit.config import RunConfig, load_config, read_yaml
+from cilkit.data.base import Dataset
 from cilkit.errors import UserError
 from cilkit.rundir import RunLayout, read_results
 from cilkit.runlog import log
-from cilkit.runner import repeat_dirs, run_methods
+from cilkit.runner import check_protocol, config_differences, repeat_dirs, run_methods
+from cilkit.stats_tests import mean_std
 
 Point = list[tuple[str, str]]
+METRIC = "mean incremental validation top-1 (excl. state 1), mean over seeds"
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -69,22 +77,62 @@ def validation_score(results: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
-def run_point(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
-    """The results of every seed of one grid point (a finished point is read back, an
-    interrupted one resumed)."""
-    if not RunLayout(run_dir).config.is_file():
-        run_methods(config, run_dir)
-    else:
-        dirs = [run_dir] if config.runs == 1 else repeat_dirs(config, run_dir)
-        if not all(RunLayout(d).results.is_file() and read_results(RunLayout(d).results).get("complete")
-                   for d in dirs):
-            run_methods(config, run_dir, resume=True)
+def check_reused(config: RunConfig, run_dir: Path) -> None:
+    """Refuse to reuse an existing point directory whose config.yaml is not the point's config
+    (every key but those that shape no result, as ``--resume`` allows: ``threads``, ...)."""
+    path = RunLayout(run_dir).config
+    stored = read_yaml(path)
+    try:
+        stored = RunConfig.model_validate(stored).to_dict()  # today's defaults for keys it lacks
+    except ValidationError:
+        pass  # compared as written: the keys it gets wrong differ
+    keys = config_differences(config.to_dict(), stored)
+    if keys:
+        shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+        raise UserError(f"cilkit tune: '{run_dir}' holds a run of another config ({path} differs in {shown}): "
+                        "remove it or tune into another --out")
+
+
+def _finished(run_dir: Path) -> bool:
+    results = RunLayout(run_dir).results
+    return results.is_file() and bool(read_results(results).get("complete"))
+
+
+def run_point(config: RunConfig, run_dir: Path, dataset: Dataset | None = None) -> list[dict[str, Any]]:
+    """The results of every seed of one grid point: a finished point of the same config is
+    read back, an interrupted one resumed, one of another config refused (:func:`check_reused`).
+    ``dataset``: the point's data, already loaded (else read here)."""
     dirs = [run_dir] if config.runs == 1 else repeat_dirs(config, run_dir)
+    if not RunLayout(run_dir).config.is_file():
+        run_methods(config, run_dir, dataset=dataset)
+    else:
+        check_reused(config, run_dir)
+        if not all(_finished(d) for d in dirs):
+            run_methods(config, run_dir, resume=True, dataset=dataset)
     return [read_results(RunLayout(d).results) for d in dirs]
+
+
+def point_datasets(configs: list[RunConfig]) -> list[Dataset]:
+    """Each point's dataset, read once for all points with the same ``data`` settings, and
+    every point checked on it as :func:`cilkit.runner.check_protocol` checks a run (device,
+    scenario, method options, model), before anything runs."""
+    loaded: dict[str, Dataset] = {}
+    out = []
+    for config in configs:
+        key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
+        loaded[key] = check_protocol(config, loaded.get(key))
+        out.append(loaded[key])
+    return out
 
 
 def _slug(point: Point) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", f"{k}={v}") for k, v in point)[:120]
+
+
+def _ranked(row: dict[str, Any]) -> tuple[bool, float]:
+    """Sort key: best score first, unscored points last (ties keep the grid order)."""
+    score = row["val_score_mean"]
+    return (score is None, 0.0 if score is None else -score)
 
 
 def tune(config_path: str | None, grid_items: list[str], overrides: list[str], out: Path) -> dict[str, Any]:
@@ -93,28 +141,33 @@ def tune(config_path: str | None, grid_items: list[str], overrides: list[str], o
     grid = parse_grid(grid_items)
     points = grid_points(grid)
     configs = [point_config(config_path, overrides, p) for p in points]  # every point checked first
+    datasets = point_datasets(configs)
     rows: list[dict[str, Any]] = []
-    for k, (point, config) in enumerate(zip(points, configs)):
+    for k, (point, config, dataset) in enumerate(zip(points, configs, datasets)):
         run_dir = out / f"{k:02d}-{_slug(point)}"
         log(f"[tune] point {k + 1}/{len(points)}: {' '.join(f'{key}={v}' for key, v in point)}")
-        runs = run_point(config, run_dir)
+        runs = run_point(config, run_dir, dataset)
         scores = [validation_score(r) for r in runs]
-        known = np.array([s for s in scores if s is not None], dtype=np.float64)
+        known = [s for s in scores if s is not None]
+        mean, std = mean_std(known) if known else (None, None)
         rows.append({
             "values": dict(point),
-            "val_score_mean": float(known.mean()) if known.size else None,
-            "val_score_std": float(known.std(ddof=1)) if known.size > 1 else None,
+            "val_score_mean": mean,
+            "val_score_std": std,
             "seeds": [config.seed + i for i in range(len(runs))],
             "val_scores": scores,
             "dir": str(run_dir),
         })
-    ranking = sorted(rows, key=lambda r: -np.inf if r["val_score_mean"] is None else -r["val_score_mean"])
+    if all(r["val_score_mean"] is None for r in rows):
+        raise UserError(f"cilkit tune: no grid point has a score ({METRIC}): its runs under '{out}' recorded "
+                        "no validation top-1")
+    ranking = sorted(rows, key=_ranked)
     best = ranking[0]
     record = {
         "config": config_path or "quickstart",
         "overrides": overrides,
         "grid": grid,
-        "metric": "mean incremental validation top-1 (excl. state 1), mean over seeds",
+        "metric": METRIC,
         "ranking": ranking,
         "chosen": best["values"],
         "set_line": " ".join(f"--set {k}={v}" for k, v in best["values"].items()),
