@@ -156,6 +156,8 @@ class Run:
         r["complete"] = len(r["states"]) == self.scenario.num_states
         if "provenance" in r:
             r["provenance"]["finished"] = provenance.now()
+            r["provenance"]["compile"] = ("torch.compile" if self.engine.compile else
+                                          "eager (torch.compile failed)" if self.config.compile else "eager")
 
     # ----- the loop --------------------------------------------------------------------------
     def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
@@ -210,7 +212,7 @@ class Run:
                                   else "".join(f" + {n}" for n in sizes[1:]))
         m = c.memory
         memory = (f"{m.total} exemplars" if m.total else f"{m.per_class} per class" if m.per_class else "none")
-        precision = "bf16 autocast" if c.amp else "fp32"
+        precision = ("bf16 autocast" if c.amp else "fp32") + (", torch.compile" if c.compile else "")
         return (f"{self.dataset.name}: {self.dataset.num_classes} classes, images {self.channels}x{self.size}x"
                 f"{self.size}; {sc.num_states} states of {steps} classes; memory {memory}"
                 f"{f' ({m.selection})' if m.enabled else ''}; device {self.device}, threads {torch.get_num_threads()}, "
@@ -451,9 +453,7 @@ class Run:
     def _check_resume_config(self, saved: dict[str, Any], path: Path) -> None:
         """Refuse to resume when the run's config.yaml no longer says what the checkpoint was
         made with (every key but :data:`RESUME_FREE_KEYS`)."""
-        now, then = _flatten(self.config.to_dict()), _flatten(saved)
-        keys = sorted(k for k in now.keys() | then.keys()
-                      if k.split(".")[0] not in RESUME_FREE_KEYS and now.get(k) != then.get(k))
+        keys = config_differences(self.config.to_dict(), saved)
         if keys:
             shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
             raise UserError(f"--resume: '{self.layout.config}' differs from checkpoint '{path}' in {shown}: "
@@ -506,7 +506,8 @@ def stalled(first_loss: float | None, final_loss: float | None) -> bool:
         final_loss >= STALL_RATIO * first_loss
 
 
-RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache", "log", "plugins"})
+RESUME_FREE_KEYS = frozenset({"name", "threads", "keep_checkpoints", "state0_cache", "log", "plugins", "compile",
+                              "dist_timeout_s"})
 # ^ keys a resumed run may change: they shape no result (threads: set explicitly, see cmd_run;
 #   log: a resume rebuilds the TensorBoard events of the finished states from history.jsonl;
 #   plugins: where the plugin files are, which a moved file makes the user edit)
@@ -519,6 +520,13 @@ def _tensors(obj: Any) -> list[Any]:
     if isinstance(obj, (list, tuple)):
         return [v for item in obj for v in _tensors(item)]
     return [obj]
+
+
+def config_differences(now: dict[str, Any], then: dict[str, Any]) -> list[str]:
+    """The dotted keys in which two configs differ, but those a resumed run may change
+    (:data:`RESUME_FREE_KEYS`)."""
+    a, b = _flatten(now), _flatten(then)
+    return sorted(k for k in a.keys() | b.keys() if k.split(".")[0] not in RESUME_FREE_KEYS and a.get(k) != b.get(k))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -537,16 +545,16 @@ def with_resolved_threads(config: RunConfig) -> RunConfig:
     return config if config.threads is not None else config.model_copy(update={"threads": free_cores()})
 
 
-def check_protocol(config: RunConfig) -> Dataset:
-    """Load the data and build what can fail in every method's run (device, scenario, method
-    options, model, weights, the tensorboard package) without writing anything and without the
-    work a run does next (normalisation statistics, moving data to the device): a bad data root,
-    an impossible scenario or an unknown backbone fails here, before a run directory is created
-    or touched. Returns the loaded dataset."""
+def check_protocol(config: RunConfig, dataset: Dataset | None = None) -> Dataset:
+    """Load the data (unless ``dataset`` is given) and build what can fail in every method's run
+    (device, scenario, method options, model, weights, the tensorboard package) without writing
+    anything and without the work a run does next (normalisation statistics, moving data to the
+    device): a bad data root, an impossible scenario or an unknown backbone fails here, before a
+    run directory is created or touched. Returns the dataset."""
     if config.log.tensorboard:
         tensorboard_log.require()
     resolve_device(config.device)
-    dataset = load_dataset(config.data)
+    dataset = dataset if dataset is not None else load_dataset(config.data)
     build_scenario(config, dataset)
     for name in config.methods:
         build_method_and_model(config.for_method(name), dataset)
