@@ -30,8 +30,9 @@ import numpy as np
 from cilkit import io
 from cilkit.config import apply_overrides, load_config, read_yaml, validate
 from cilkit.errors import UserError
-from cilkit.report import state_table
+from cilkit.report import build_table, state_table
 from cilkit.runner import Run
+from cilkit.runsets import FoundRun, RunGroup
 
 DEFAULT_ABLATION = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "sir-fashion-mnist.yaml"
 Switches = dict[str, bool] | None
@@ -95,6 +96,16 @@ def summary_row(name: str, res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def variant_table(runs: dict[str, tuple[Path, dict[str, Any]]], seed: int | None = None) -> str:
+    """The per-state Markdown table of ``cilkit compare`` for one run per variant (``{variant:
+    (run directory, results)}``): each run is its own group of one protocol, labelled with its
+    variant (a comparison would label every SIR variant ``sir``), and the report builds the table."""
+    groups = [RunGroup(label=name, method=str(res.get("method", name)), protocol=1,
+                       runs=(FoundRun(name, path, res),), seeds=(seed,))
+              for name, (path, res) in runs.items()]
+    return state_table(build_table(groups))
+
+
 def seed_table(rows: list[dict[str, Any]], variants: list[str], memories: list[Memory]) -> str:
     """Markdown: mean +- std (population) over seeds of the mean incremental top-1 excluding
     state 0, one row per variant, one column per memory size."""
@@ -109,7 +120,7 @@ def seed_table(rows: list[dict[str, Any]], variants: list[str], memories: list[M
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ablation", nargs="?", type=Path, default=DEFAULT_ABLATION, help="ablation config")
     p.add_argument("--out", type=Path, default=Path("runs/sir-ablation"))
@@ -118,7 +129,7 @@ def main() -> None:
                    help="memory sizes to run instead of the config's (integers, or 'protocol')")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the protocol's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     protocol, variants, memories = load_ablation(args.ablation)
     chosen = args.variants or list(variants)
     unknown = [v for v in chosen if v not in variants]
@@ -133,13 +144,14 @@ def main() -> None:
     seeds = args.seeds or [base["seed"]]
     rows, sections = [], []
     for m in memories:
-        first: dict[str, dict[str, Any]] = {}
+        first: dict[str, tuple[Path, dict[str, Any]]] = {}
         for v in chosen:
             for s in seeds:
-                res = run_variant(base, v, variants[v], args.out / memory_label(m) / v / f"seed_{s}", m, s)
+                run_dir = args.out / memory_label(m) / v / f"seed_{s}"
+                res = run_variant(base, v, variants[v], run_dir, m, s)
                 rows.append({**summary_row(v, res), "memory_per_class": m, "seed": s})
-                first.setdefault(v, res)
-        sections.append(f"### memory: {memory_label(m)}, seed {seeds[0]}\n\n" + state_table(first))
+                first.setdefault(v, (run_dir, res))
+        sections.append(f"### memory: {memory_label(m)}, seed {seeds[0]}\n\n" + variant_table(first, seeds[0]))
     text = "\n\n".join(sections)
     if len(seeds) > 1:
         text += f"\n\n### mean incremental top-1 excluding state 0, seeds {seeds}\n\n" + seed_table(rows, chosen, memories)
