@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{distributed.resume_hint}", file=sys.stderr)
         return 1
     if not distributed.is_main():  # rank 0 writes the tables and the report
+        distributed.finish()
         return 0
     print()
     # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
@@ -61,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.log.tensorboard:  # the report's figures beside the runs' events
         add_report_figures(RunLayout(run_dir).tb / "report", report)
     print(f"\nrun directory: {run_dir}")
+    distributed.finish()
     return 0
 
 

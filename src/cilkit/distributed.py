@@ -107,6 +107,13 @@ def _stopped_by_launcher(signum: int, frame: Any) -> None:
     raise SystemExit(143)
 
 
+def finish() -> None:
+    """Wait for every rank at the end of a run that went well (rank 0 writes the report while
+    the others wait), so that no process leaves while another still talks to it."""
+    if active():
+        dist.barrier()
+
+
 def stop() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -250,11 +257,29 @@ def check_agreement(what: str, value: str) -> None:
                            "(model, memory or scores): the ranks did not compute the same thing")
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """``y = sum over ranks of x``, on every rank; differentiable: the gradient of ``x`` on a
+    rank is the sum over ranks of the gradients of ``y`` (each rank's ``y`` depends on every
+    rank's ``x``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch over all ranks
     (``train.sync_bn``), on CPU (``gloo``) and CUDA (``nccl``) alike; torch's SyncBatchNorm
     runs on GPUs only. Two passes (the global mean, then the global mean squared deviation)
-    through the differentiable all-reduce of ``torch.distributed.nn``, so gradients flow
+    through a differentiable all-reduce (:class:`_SumOverRanks`), so gradients flow
     through the statistics as they do in one process. Outside training, or in one process,
     it is a plain BatchNorm; its state dict is a BatchNorm's."""
 
@@ -265,15 +290,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        count = all_reduce(torch.tensor([input.numel() / max(input.shape[1], 1)], device=input.device,
-                                        dtype=input.dtype))
-        mean = all_reduce(input.sum(dims)) / count
+        count = all_sum(torch.tensor([input.numel() / max(input.shape[1], 1)], device=input.device,
+                                     dtype=input.dtype))
+        mean = _SumOverRanks.apply(input.sum(dims)) / count
         centred = input - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / count
+        var = _SumOverRanks.apply((centred * centred).sum(dims)) / count
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             self._update_running_stats(mean.detach(), var.detach(), float(count))
         out = centred * torch.rsqrt(var + self.eps).view(shape)
