@@ -289,3 +289,22 @@ def test_the_source_config_is_found_from_any_working_directory(pair, tmp_path, m
     res["calibration"]["source"] = "ft"  # as an older cilkit wrote it: relative to where calibrate ran
     (out / "results.json").write_text(json.dumps(res))
     assert "Protocol" not in table()
+
+
+def test_calibrate_never_overwrites_other_results_but_repeats_its_own(pair, tmp_path, capsys):
+    src, other = tmp_path / "ft", tmp_path / "il2m"
+    for method, d in (("finetune", src), ("il2m", other)):
+        shutil.copytree(pair / method, d, ignore=shutil.ignore_patterns("checkpoints", "calibrated"))
+    before = (other / "results.json").read_bytes()
+    assert main(["calibrate", str(src), "--with", "il2m", "--out", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{other}' already holds results" in err and err.count("\n") == 1
+    assert (other / "results.json").read_bytes() == before
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(src), "--with", "il2m", "--out", str(out)]) == 0
+    first = load(out / "results.json")
+    assert main(["calibrate", str(src), "--with", "il2m", "--out", str(out)]) == 0  # the same calibration again
+    assert strip_timings(load(out / "results.json")) == strip_timings(first)
+    assert main(["calibrate", str(src), "--with", "scaling", "--out", str(out)]) == 2  # another one
+    assert "not the scaling calibration" in capsys.readouterr().err
+    assert load(out / "results.json")["calibration"]["rectifier"] == "il2m"

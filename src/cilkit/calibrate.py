@@ -7,6 +7,7 @@ results.json built with :mod:`cilkit.metrics`, as the runner builds its own.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,28 @@ def destinations(run_dir: Path, runs: list[FoundRun], rectifier: str, out: Path 
         if key in taken:
             raise UserError(f"calibrate: the calibrations of '{taken[key]}' and '{run.path}' would both go to "
                             f"'{dest}': choose another --out")
+        refuse_foreign_results(dest, run.path, rectifier)
         taken[key] = run.path
         dests.append(dest)
     return dests
+
+
+def refuse_foreign_results(dest: Path, source: Path, rectifier: str) -> None:
+    """A destination may hold only an earlier output of this same calibration (same source run,
+    same rectifier), which is replaced; any other results.json there (another run, another
+    calibration, a file that cannot be read) is refused, never overwritten."""
+    path = RunLayout(dest).results
+    if not path.exists():
+        return
+    try:
+        calibration = json.loads(path.read_text()).get("calibration") or {}
+        ours = (calibration.get("source") == str(source.resolve())
+                and calibration.get("rectifier") == rectifier)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"calibrate: '{dest}' already holds results ({path}) that are not the "
+                        f"{rectifier} calibration of '{source}': choose another --out")
 
 
 def before_after_line(source: dict[str, Any], results: dict[str, Any], dest: Path) -> str:
