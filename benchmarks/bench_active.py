@@ -32,7 +32,7 @@ import numpy as np
 
 from cilkit import io
 from cilkit.config import load_config
-from cilkit.runner import Run
+from cilkit.run.loop import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_calibrate.py RUN_DIR [--with il2m scaling none] [--repeat 10]
 
 Each rectifier: one untimed warm-up call, then ``--repeat`` timed calls of
-:func:`cilkit.calibrate.calibrate_run` (read scores and statistics, rectify every state,
+:func:`cilkit.analysis.calibrate.calibrate_run` (read scores and statistics, rectify every state,
 recompute the metrics, write results.json and the scores) into a temporary directory; prints the
 median and the fastest wall time.
 """
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cilkit.calibrate import calibrate_run
+from cilkit.analysis.calibrate import calibrate_run
 from cilkit.rectify import RECTIFIERS
 
 

@@ -35,8 +35,8 @@ from typing import Any
 
 from cilkit.config import load_config, validate
 from cilkit.errors import UserError
-from cilkit.rundir import RunLayout
-from cilkit.runner import Run
+from cilkit.run.layout import RunLayout
+from cilkit.run.loop import Run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lucir-cifar100-b50-5steps.yaml"
 CIFAR100_SHAPE = {"num_classes": 100, "train_per_class": 500, "test_per_class": 100, "size": 32, "channels": 3}

@@ -30,9 +30,9 @@ import numpy as np
 from cilkit import io
 from cilkit.config import apply_overrides, load_config, read_yaml, validate
 from cilkit.errors import UserError
-from cilkit.report import build_table, state_table
-from cilkit.runner import Run
-from cilkit.runsets import FoundRun, RunGroup
+from cilkit.analysis.tables import build_table, state_table
+from cilkit.run.loop import Run
+from cilkit.analysis.runsets import FoundRun, RunGroup
 
 DEFAULT_ABLATION = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "sir-fashion-mnist.yaml"
 Switches = dict[str, bool] | None

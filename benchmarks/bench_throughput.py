@@ -62,7 +62,8 @@ from cilkit.config import RunConfig, validate
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.engine import make_optimizer
-from cilkit.runner import Run, build_method_and_model, free_cores
+from cilkit.run.loop import Run
+from cilkit.run.setup import build_method_and_model, free_cores
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,15 @@ import torch
 import yaml
 from helpers import strip_timings, tiny_config
 
-from cilkit.active import acquisition as af
-from cilkit.active.oracle import Oracle
+from cilkit.methods.active import acquisition as af
+from cilkit.methods.active.oracle import Oracle
 from cilkit.rectify import prediction_scaling
 from cilkit.config import ImbalanceConfig, ScenarioConfig, load_config
 from cilkit.engine import Engine
 from cilkit.errors import UserError
 from cilkit.methods.active import annotation_budget, cycle_budgets
-from cilkit.runner import Run, run_methods
+from cilkit.run.loop import Run
+from cilkit.run.multirun import run_methods
 from cilkit.scenario import Scenario, imbalance_counts
 
 
@@ -259,7 +260,8 @@ def test_active_run_trains_only_on_annotated_images_and_resumes(tmp_path, monkey
         (1, 1, 1), (2, 1, 1), (2, 2, 1), (3, 1, 1), (3, 2, 1)]  # history: 1-based, a line per round's epoch
     assert full["imbalance"]["profile"] == "longtail" and len(set(full["imbalance"]["train_per_class"])) > 1
     for b in (1, 2):
-        s = full["states"][b]
+        state = full["states"][b]
+        s = state["active"]  # the method's own results, under its name
         pool = run.scenario.state(b).train
         record = json.loads((tmp_path / "full" / "active" / f"state_{b:02d}.json").read_text())
         total = annotation_budget(0.2, pool.numel())
@@ -272,14 +274,14 @@ def test_active_run_trains_only_on_annotated_images_and_resumes(tmp_path, monkey
             annotated = torch.tensor(sum(record["cycles"][: r + 1], []))
             assert set(from_pool.tolist()) == set(annotated.tolist())  # never an unannotated image
         mem = json.loads((tmp_path / "full" / "memory" / f"state_{b:02d}.json").read_text())
-        new_ids = {i for c in s["new_classes"] for i in mem["exemplars"][str(run.scenario.order[c])]}
+        new_ids = {i for c in state["new_classes"] for i in mem["exemplars"][str(run.scenario.order[c])]}
         assert new_ids <= set(sum(record["cycles"], []))  # the memory stores annotated images only
         # the test scores are class prediction scaling with the counts trained on
         npz = np.load(tmp_path / "full" / "scores" / f"state_{b:02d}.npz")
-        n_old = s["classes_seen"] - len(s["new_classes"])
+        n_old = state["classes_seen"] - len(state["new_classes"])
         prev = json.loads((tmp_path / "full" / "memory" / f"state_{b - 1:02d}.json").read_text())["exemplars"]
         counts = [len(prev[str(run.scenario.order[c])]) for c in range(n_old)]
-        counts += [s["annotations_per_class"][str(c)] for c in s["new_classes"]]
+        counts += [s["annotations_per_class"][str(c)] for c in state["new_classes"]]
         expected = prediction_scaling(torch.from_numpy(npz["logits"]), counts)
         assert np.allclose(npz["scores"], expected.numpy(), atol=1e-6)
     # killed after state 1, resumed: the same numbers
@@ -308,7 +310,7 @@ def test_reinit_classifier_builds_a_new_last_layer_each_state(tmp_path, reinit):
     run = Run(cfg, tmp_path / "r", progress=False)
     run.execute(until_state=0)
     trained = run.model.head.weight.detach().clone()
-    ctx = run._context(1)
+    ctx = run.context(1)
     run.method.before_state(ctx)
     old_rows = ctx.model.head.weight.detach()[: ctx.state.n_old]
     assert ctx.model.head.num_classes == ctx.state.n_seen

@@ -2,6 +2,7 @@
 alone, the run-directory layout has one owner, resume needs nothing but the checkpoint."""
 
 import ast
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,39 +14,38 @@ from helpers import strip_timings, tiny_config
 import cilkit
 from cilkit.cli import main
 from cilkit.methods.finetune import Finetune
-from cilkit.rectify import il2m_factors, il2m_from_stats, il2m_rectify
-from cilkit.rundir import RESULTS_VERSION, RunLayout
-from cilkit.runner import Run
+from cilkit.rectify import il2m_factors, il2m_rectify
+from cilkit.run.layout import RESULTS_VERSION, RunLayout
+from cilkit.run.loop import Run
 
 SRC = Path(cilkit.__file__).parent
 
 
 class CountingFinetune(Finetune):
-    """Fine-tuning that counts its train_set calls (a hook with a side effect)."""
+    """Fine-tuning that counts its train_set calls and keeps what each state's statistics saw
+    (``statistics_warnings`` is the hook called with the state's statistics)."""
 
     calls = 0
+    seen: list = []
 
     def train_set(self, ctx):
         CountingFinetune.calls += 1
         return super().train_set(ctx)
 
+    def statistics_warnings(self, ctx, stats):
+        CountingFinetune.seen.append((ctx.state.index, ctx.trained.rounds[-1].clone(),
+                                      ctx.trained.old_exemplars.clone()))
+        return []
 
-def test_train_set_is_called_once_per_round_and_the_statistics_use_what_was_trained(tmp_path, monkeypatch):
+
+def test_train_set_is_called_once_per_round_and_the_statistics_use_what_was_trained(tmp_path):
     cfg = tiny_config(tmp_path, "state0_cache=null")
     run = Run(cfg, tmp_path / "r", progress=False)
     run.method = CountingFinetune(cfg)
-    CountingFinetune.calls = 0
-    seen = []
-    original = run._statistics
-
-    def spy(ctx):
-        seen.append((ctx.state.index, ctx.trained.rounds[-1].clone(), ctx.trained.old_exemplars.clone()))
-        return original(ctx)
-
-    monkeypatch.setattr(run, "_statistics", spy)
+    CountingFinetune.calls, CountingFinetune.seen = 0, []
     run.execute()
     assert CountingFinetune.calls == 3  # three states, one round each: never called again
-    for b, trained, old in seen:
+    for b, trained, old in CountingFinetune.seen:
         stats = json.loads(RunLayout(tmp_path / "r").stats(b).read_text())
         counts = torch.bincount(run.scenario.train_pos[trained], minlength=stats["classes_seen"])
         assert stats["train_counts"] == {str(c): int(n) for c, n in enumerate(counts.tolist())}
@@ -67,16 +67,61 @@ def _imports(path: Path) -> set[str]:
 def test_the_rectifiers_import_nothing_of_the_run_machinery():
     imported = _imports(SRC / "rectify.py")
     assert {m for m in imported if m.startswith("cilkit")} <= {"cilkit.errors"}
-    for user in ("methods/il2m.py", "methods/active.py", "active/acquisition.py"):
+    for user in ("methods/il2m.py", "methods/active/method.py", "methods/active/acquisition.py"):
         cilkit_imports = {m for m in _imports(SRC / user) if m.startswith("cilkit")}
-        assert not cilkit_imports & {"cilkit.runner", "cilkit.report", "cilkit.calibrate", "cilkit.statistics"}, user
+        assert not cilkit_imports & {"cilkit.run.loop", "cilkit.analysis.report", "cilkit.analysis.calibrate", "cilkit.class_statistics"}, user
+
+
+def _cilkit_imports(path: Path) -> set[str]:
+    return {m for m in _imports(path) if m.startswith("cilkit.")}
+
+
+def _in(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_each_package_imports_only_what_its_docstring_allows():
+    """The layering of docs/architecture.md: methods never reach into a run or the analysis;
+    the analysis never touches a method, the engine or a model, of a run only its file layout;
+    data and models stand below everything; of the top level only the command line starts runs."""
+    broken = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        imported = _cilkit_imports(path)
+        if rel.startswith("methods/"):
+            forbidden = {m for m in imported if _in(m, "cilkit.run", "cilkit.analysis")}
+        elif rel.startswith("analysis/"):
+            forbidden = {m for m in imported if _in(m, "cilkit.methods", "cilkit.engine", "cilkit.models")
+                         or (_in(m, "cilkit.run") and m != "cilkit.run.layout")}
+        elif rel.startswith(("data/", "models/")):
+            forbidden = {m for m in imported if _in(m, "cilkit.methods", "cilkit.run", "cilkit.analysis")}
+        elif "/" not in rel and rel != "cli.py":
+            forbidden = {m for m in imported if _in(m, "cilkit.run", "cilkit.analysis")}
+        else:
+            forbidden = set()
+        broken += [f"{rel} imports {m}" for m in sorted(forbidden)]
+    assert not broken
+
+
+def test_every_package_says_what_lives_there_and_what_it_may_import():
+    for init in SRC.rglob("__init__.py"):
+        if init.parent == SRC:
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "import" in doc.lower(), init.relative_to(SRC)
+
+
+def test_no_module_is_over_about_400_lines():
+    long = {p.relative_to(SRC).as_posix(): n for p in SRC.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 420}
+    assert not long
 
 
 def test_only_the_runner_and_the_layout_name_run_files():
     """Run-directory paths are built by RunLayout alone: no other module spells them."""
     offenders = []
     for path in SRC.rglob("*.py"):
-        if path.name == "rundir.py":
+        if path.relative_to(SRC).as_posix() == "run/layout.py":
             continue
         text = path.read_text()
         for pattern in ('"scores" /', '"stats" /', '"checkpoints"', '/ "results.json"', '/ "config.yaml"',
@@ -96,18 +141,32 @@ def test_checkpoints_are_found_in_state_order_past_100(tmp_path):
     assert layout.checkpoints()[-1][1].name == "state_100.pt"
 
 
-def test_il2m_predicts_from_the_context_without_a_run_directory(tmp_path):
-    """IL2M's statistics come through the context: the method never reads stats/ back."""
+def test_il2m_predicts_from_the_context_statistics_by_the_papers_rule(tmp_path):
+    """IL2M's statistics come through the context (the method never reads stats/ back); its
+    scores follow the paper's rule, computed here by hand from the statistics: when the top-1
+    class is new, each old score is multiplied by init_mean/cur_mean * conf[now]/conf[born]."""
     cfg = tiny_config(tmp_path, "method=il2m", "state0_cache=null")
     run = Run(cfg, tmp_path / "r", progress=False)
     results = run.execute()
-    stats = run.statistics
-    ctx = run._context(2)
-    ctx.layout = None
-    ctx.statistics = stats
-    logits = torch.randn(5, stats["classes_seen"])
-    assert torch.equal(run.method.predict(ctx, {"logits": logits}), il2m_from_stats(logits, stats))
     assert results["primary_scores"] == "il2m"
+    stats = run.statistics  # state 3 of 3: classes 0..3 in state 0, 4..6 in state 1, 7..9 in state 2
+    ctx = dataclasses.replace(run.context(2), statistics=stats)
+    n_old, seen = stats["n_old"], stats["classes_seen"]
+    assert (n_old, seen, stats["state_ends"]) == (7, 10, [4, 7, 10])
+    born = [0] * 4 + [1] * 3
+    torch.manual_seed(0)
+    logits = torch.randn(6, seen)
+    logits[:3, 8] = 10.0  # top-1 new: rectified
+    logits[3:, 2] = 10.0  # top-1 old: left alone
+    expected = logits.clone().double()
+    for row in range(3):
+        for o in range(n_old):
+            factor = (stats["init_mean"][str(o)] / stats["cur_mean"][str(o)]) * \
+                (stats["conf"][2] / stats["conf"][born[o]])
+            expected[row, o] = logits[row, o].double() * factor
+    got = run.method.predict(ctx, {"logits": logits})
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+    assert not torch.allclose(got[:3, :n_old], logits[:3, :n_old])  # the statistics did act
 
 
 def test_resume_needs_no_stats_directory(tmp_path):

@@ -17,7 +17,7 @@ from cilkit.methods.base import Batch, distillation_kl
 from cilkit.engine import Engine
 from cilkit.methods.bic import BiC, fit_bias_layer, holdout_sizes, validation_sizes
 from cilkit.models import BiasLayer
-from cilkit.runner import Run
+from cilkit.run.loop import Run
 from cilkit.scenario import Scenario
 
 
@@ -97,7 +97,8 @@ def test_validation_split_is_balanced_and_held_out_of_stage1(tmp_path):
     run = Run(cfg, tmp_path / "r", progress=False)
     run.execute(until_state=0)
     bic = run.method
-    ctx = run._context(1)  # the memory is as state 1 trains on it (not yet updated)
+    ctx = run.context(1)  # the memory is as state 1 trains on it (not yet updated)
+    bic.begin_round(ctx)
     train = bic.train_set(ctx)
     val = bic.val[1]
     pos = run.scenario.train_pos
@@ -145,13 +146,13 @@ def test_no_validation_image_is_ever_trained_on_or_stored_as_an_exemplar(tmp_pat
                       "train.epochs=1", "state0_cache=null", "threads=1")
     run = Run(cfg, tmp_path / "r", progress=False)
     memory_after = {}
-    update = run._update_memory
+    after_state = run.method.after_state  # the hook called right after the memory update
 
-    def recording_update(ctx):
-        update(ctx)
+    def recording_after_state(ctx):
         memory_after[ctx.state.index] = run.memory.indices()
+        after_state(ctx)
 
-    monkeypatch.setattr(run, "_update_memory", recording_update)
+    monkeypatch.setattr(run.method, "after_state", recording_after_state)
     res = run.execute()
     bic, pos = run.method, run.scenario.train_pos
     assert sorted(trained) == [0, 1, 2, 3]

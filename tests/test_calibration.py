@@ -10,12 +10,13 @@ import torch
 import yaml
 from helpers import strip_timings, tiny_config
 
-from cilkit.calibrate import calibrate_run
+from cilkit.analysis.calibrate import calibrate_run
 from cilkit.rectify import il2m_rectify, prediction_scaling
 from cilkit.cli import main
 from cilkit.metrics import run_summary
-from cilkit.report import compare_runs
-from cilkit.runner import Run, run_methods
+from cilkit.analysis.report import compare_runs
+from cilkit.run.loop import Run
+from cilkit.run.multirun import run_methods
 
 STATE_KEYS = ("top1", "top5", "top1_old", "top1_new", "balanced_top1", "new_class_share")
 SUMMARY_KEYS = (
@@ -89,13 +90,18 @@ def test_statistics_are_the_class_means_of_the_state_model(tmp_path, pair):
     sc, st = run.scenario, run.scenario.state(1)
 
     def logits_of(idx):
-        return run.engine.infer(run.model, run.dataset.train, idx, want_features=False)["logits"].double()
+        """The state model's logits, computed here without the engine: pixels / 255, normalised
+        by the run's mean and std, one forward in eval mode."""
+        x = run.dataset.train.images[idx].double() / 255.0
+        x = (x - run.mean.double().view(1, -1, 1, 1)) / run.std.double().view(1, -1, 1, 1)
+        with torch.no_grad():
+            return run.model.eval()(x.float())["logits"].double()
 
     z, pos = logits_of(st.train), sc.train_pos[st.train]
     for c in st.new:
-        assert stats["init_mean"][str(c)] == pytest.approx(z[pos == c, c].mean().item(), rel=1e-9)
+        assert stats["init_mean"][str(c)] == pytest.approx(z[pos == c, c].mean().item(), rel=1e-5)
         assert stats["train_counts"][str(c)] == int((pos == c).sum())
-    assert stats["conf"][1] == pytest.approx(z.max(dim=1).values.mean().item(), rel=1e-9)
+    assert stats["conf"][1] == pytest.approx(z.max(dim=1).values.mean().item(), rel=1e-5)
     # statistics of the state-0 classes are carried from state 0, not recomputed
     assert stats["conf"][0] == stats0["conf"][0]
     assert {str(c): stats["init_mean"][str(c)] for c in range(4)} == stats0["init_mean"]
@@ -105,7 +111,7 @@ def test_statistics_are_the_class_means_of_the_state_model(tmp_path, pair):
     for original, ids in exemplars.items():
         o = int(sc.position_of[int(original)])
         expected = logits_of(torch.tensor(ids))[:, o].mean().item()
-        assert stats["cur_mean"][str(o)] == pytest.approx(expected, rel=1e-9)
+        assert stats["cur_mean"][str(o)] == pytest.approx(expected, rel=1e-5)
         assert stats["train_counts"][str(o)] == len(ids) == stats["cur_mean_images"][str(o)]
     assert stats["train_total"] == sum(stats["train_counts"].values()) == run.results["states"][1]["train_images"]
 

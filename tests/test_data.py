@@ -99,7 +99,7 @@ def test_cifar100_pixel_layout_and_labels(tmp_path: Path) -> None:
     write_pickle(folder / "meta", {b"fine_label_names": [f"class{i}".encode() for i in range(100)]})
     for root in (tmp_path, folder):  # the folder itself or its parent
         ds = load_dataset(DataConfig(name="cifar100", root=str(root)))
-        assert ds.train.shape == (3, 32, 32) and len(ds.train) == 100 and len(ds.test) == 100
+        assert ds.train.images.shape[1:] == (3, 32, 32) and len(ds.train) == 100 and len(ds.test) == 100
         assert ds.train.images[2, 1, 7, 30] == 123
         assert torch.equal(ds.train.images[0, 2].reshape(-1), torch.from_numpy(train[0, 2048:]))
         assert ds.train.labels.tolist() == train_labels and ds.test.labels.tolist() == test_labels
@@ -162,7 +162,7 @@ def write_idx_folder(folder: Path, gz: bool, n_train: int = 12, n_test: int = 10
 def test_mnist_idx_files(tmp_path: Path, gz: bool) -> None:
     arrays = write_idx_folder(tmp_path, gz)
     ds = load_dataset(DataConfig(name="mnist", root=str(tmp_path)))
-    assert ds.train.shape == (1, 5, 5) and len(ds.train) == 12 and len(ds.test) == 10
+    assert ds.train.images.shape[1:] == (1, 5, 5) and len(ds.train) == 12 and len(ds.test) == 10
     assert np.array_equal(ds.train.images[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
     assert np.array_equal(ds.test.images[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
     assert ds.train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
@@ -226,7 +226,7 @@ def test_missing_root(tmp_path: Path) -> None:
 def test_real_fashion_mnist() -> None:
     ds = load_dataset(DataConfig(name="fashion-mnist"))
     assert len(ds.train) == 60000 and len(ds.test) == 10000
-    assert ds.train.shape == (1, 28, 28) and ds.num_classes == 10
+    assert ds.train.images.shape[1:] == (1, 28, 28) and ds.num_classes == 10
     assert torch.bincount(ds.train.labels).tolist() == [6000] * 10
     mean, std = ds.train.channel_stats(torch.arange(60000))
     assert abs(mean.item() - 0.2860) < 1e-3 and abs(std.item() - 0.3530) < 1e-3
@@ -238,7 +238,7 @@ def test_real_fashion_mnist() -> None:
 def test_digits_fixed_stratified_split() -> None:
     a, b = load_dataset(DataConfig(name="digits")), load_dataset(DataConfig(name="digits"))
     assert len(a.train) + len(a.test) == 1797 and a.num_classes == 10
-    assert a.train.shape == (1, 8, 8) and int(a.train.images.max()) == 255
+    assert a.train.images.shape[1:] == (1, 8, 8) and int(a.train.images.max()) == 255
     assert torch.equal(a.test.images, b.test.images) and torch.equal(a.train.labels, b.train.labels)
     total = torch.bincount(a.train.labels) + torch.bincount(a.test.labels)
     assert torch.equal(torch.bincount(a.test.labels), torch.round(total * 0.2).long())
@@ -251,7 +251,7 @@ def test_synthetic_is_deterministic_and_separable() -> None:
         synthetic=SyntheticConfig(num_classes=4, train_per_class=20, test_per_class=5, size=6, channels=3),
     )
     a, b = load_dataset(cfg), load_dataset(cfg)
-    assert a.train.shape == (3, 6, 6) and len(a.train) == 80 and len(a.test) == 20 and a.num_classes == 4
+    assert a.train.images.shape[1:] == (3, 6, 6) and len(a.train) == 80 and len(a.test) == 20 and a.num_classes == 4
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
     means = torch.stack([a.train.images[a.train.labels == c].float().mean(0) for c in range(4)])
     dist = ((a.test.images.float()[:, None] - means[None]) ** 2).sum(dim=(2, 3, 4))
@@ -348,7 +348,7 @@ def test_imagefolder_training_crops_follow_the_generator_not_the_workers(image_f
 
 def test_imagefolder_in_memory(image_folder: Path) -> None:
     ds = load_dataset(DataConfig(name="imagefolder", root=str(image_folder), image_size=8, in_memory=True, workers=0))
-    assert isinstance(ds.train, TensorImages) and ds.train.shape == (3, 8, 8) and len(ds.test) == 6
+    assert isinstance(ds.train, TensorImages) and ds.train.images.shape[1:] == (3, 8, 8) and len(ds.test) == 6
     assert ds.augment == Augment(crop_pad=1, flip=True)
     assert ds.train.images[0, :, 3, 3].tolist() == list(COLOURS["cat"])
     x, y, _ = all_batches(

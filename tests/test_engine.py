@@ -5,7 +5,8 @@ from helpers import tiny_config
 from cilkit.config import DataConfig, ScenarioConfig, TrainConfig
 from cilkit.data import load_dataset
 from cilkit.engine import make_optimizer, make_scheduler
-from cilkit.runner import Run, normalisation
+from cilkit.run.loop import Run
+from cilkit.run.setup import normalisation
 from cilkit.scenario import Scenario
 
 

@@ -16,7 +16,7 @@ from cilkit.config import ScenarioConfig
 from cilkit.data.base import Augment
 from cilkit.methods.base import Batch, distillation_kl
 from cilkit.methods.icarl import ICaRL, icarl_bce
-from cilkit.methods.nme import class_means, nme_scores
+from cilkit.methods.nme import exemplar_means, nme_scores
 from cilkit.scenario import Scenario
 
 
@@ -140,7 +140,7 @@ def _mean(rows: list[list[float]]) -> list[float]:
 
 
 def test_nme_class_means_average_the_flips_and_fall_back_to_a_new_class_images():
-    means = class_means(_nme_ctx(flip=True), model=None)
+    means = exemplar_means(_nme_ctx(flip=True), model=None)
     # class 0: unit features (1, 0), (0, 1) and their flips' (0, 1), (0, 1): mean (0.25, 0.75)
     assert means[0].tolist() == pytest.approx(_unit([0.25, 0.75]), abs=1e-6)
     # class 2, no exemplar but new: its training images 3, 4, 5 and their flips
@@ -153,7 +153,7 @@ def test_nme_class_means_average_the_flips_and_fall_back_to_a_new_class_images()
     # squared distance of a unit feature to a unit mean: 2 - 2 cos
     assert scores[0, 0].item() == pytest.approx(-(2 - 2 * _unit([0.25, 0.75])[1]), abs=1e-6)
     # without flips in training, the flipped images are not used: class 0 -> (0.5, 0.5)
-    plain = class_means(_nme_ctx(flip=False), model=None)
+    plain = exemplar_means(_nme_ctx(flip=False), model=None)
     assert plain[0].tolist() == pytest.approx(_unit([0.5, 0.5]), abs=1e-6)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from helpers import tiny_config
 
-from cilkit.runner import Run
+from cilkit.run.loop import Run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,7 +7,9 @@ import pytest
 from helpers import tiny_config
 
 from cilkit.cli import main
-from cilkit.runner import Run, run_methods
+from cilkit.memory import Memory
+from cilkit.run.loop import Run
+from cilkit.run.multirun import run_methods
 
 TIMINGS = {"seconds", "images_per_second"}
 
@@ -26,14 +28,16 @@ def without_timings(lines):
 
 def kill_in_state(monkeypatch, b):
     """Make the run die in state ``b`` (0-based) after it trained, before its checkpoint."""
-    update = Run._update_memory
+    update = Memory.update  # called once per state, right after the state trained
+    calls = []
 
-    def dying(self, ctx):
-        if ctx.state.index == b:
+    def dying(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == b + 1:
             raise Killed
-        update(self, ctx)
+        return update(self, *args, **kwargs)
 
-    monkeypatch.setattr(Run, "_update_memory", dying)
+    monkeypatch.setattr(Memory, "update", dying)
 
 
 def test_history_records_every_epoch_of_every_stage_and_every_state(tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
-from cilkit import state0cache
+from cilkit.run import state0cache
 from cilkit.config import load_config
 from cilkit.errors import UserError
 from cilkit.io import load_torch
@@ -20,7 +20,7 @@ from cilkit.methods.lucir import (
 )
 from cilkit.methods.nme import nme_scores
 from cilkit.models import SplitCosineLinear
-from cilkit.runner import Run
+from cilkit.run.loop import Run
 
 # ----- formulas ---------------------------------------------------------------------------------
 
@@ -147,11 +147,12 @@ def test_sigma_is_learned_and_lambda_follows_the_schedule(lucir_run):
     _, _, results, ckpts = lucir_run
     sigmas = [c["model"]["head.sigma"].item() for c in ckpts]
     assert sigmas[0] != 1.0 and sigmas[1] != sigmas[0] and sigmas[2] != sigmas[1]
-    assert [s["lucir_sigma"] for s in results["states"]] == pytest.approx(sigmas)
-    assert "lucir_lambda" not in results["states"][0]
-    assert results["states"][1]["lucir_lambda"] == pytest.approx(5 * math.sqrt(4 / 3))
-    assert results["states"][2]["lucir_lambda"] == pytest.approx(5 * math.sqrt(7 / 3))
-    terms = results["states"][1]["lucir_loss_terms"]
+    own = [s["lucir"] for s in results["states"]]  # the method's own results, under its name
+    assert [s["sigma"] for s in own] == pytest.approx(sigmas)
+    assert "lambda" not in own[0]
+    assert own[1]["lambda"] == pytest.approx(5 * math.sqrt(4 / 3))
+    assert own[2]["lambda"] == pytest.approx(5 * math.sqrt(7 / 3))
+    terms = own[1]["loss_terms"]
     assert terms["ce"] > 0 and 0 <= terms["less_forget"] <= 2 and terms["margin_ranking"] >= 0
 
 
@@ -163,14 +164,14 @@ def test_lucir_backbone_has_no_last_relu_and_its_own_state0_cache(lucir_run):
     assert any(m.endswith("SplitCosineLinear") for m in state0cache.model_signature(run.model)["modules"])
     tmp = lucir_run[0]
     finetune = Run(tiny_config(tmp, "method=finetune"), tmp / "ft", progress=False)  # built, not run
-    assert run._state0_cache_path() != finetune._state0_cache_path()
+    assert run.state0_entry() != finetune.state0_entry()
 
 
 def test_imprinting_sets_new_rows_from_the_previous_model(lucir_run):
     tmp = lucir_run[0]  # same cache dir: state 0 comes from the cache
     run = Run(tiny_config(tmp, "method=lucir"), tmp / "imprint", progress=False)
     run.execute(until_state=0)
-    ctx = run._context(1)
+    ctx = run.context(1)
     old_rows = run.model.head.weight_new.detach().clone()
     run.method.before_state(ctx)
     head = run.model.head
@@ -196,7 +197,7 @@ def test_balanced_finetuning_trains_only_the_class_rows(lucir_run):
     assert torch.equal(after["head.sigma"], before["head.sigma"])
     assert not torch.equal(after["head.weight_old"], before["head.weight_old"])
     assert not torch.equal(after["head.weight_new"], before["head.weight_new"])
-    assert res["states"][1]["cbf"]["train_images"] == res["states"][1]["memory_size"]
+    assert res["states"][1]["lucir"]["cbf"]["train_images"] == res["states"][1]["memory_size"]
 
 
 def test_balanced_finetuning_without_memory_is_a_user_error(tmp_path):

@@ -145,8 +145,16 @@ def test_unknown_backbone_raises_user_error() -> None:
         build_model("nope", in_channels=3, image_size=32)
 
 
-def test_registry_descriptions_cover_all_backbones() -> None:
-    assert set(BACKBONE_DESCRIPTIONS) == set(BACKBONES)
+def test_cilkit_info_describes_every_backbone(capsys) -> None:
+    """Each built-in backbone is listed by `cilkit info` with a description of its own."""
+    from cilkit.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("resnet32", "resnet18", "resnet18_cifar", "convnet", "lenet"):
+        line = next(row for row in out.splitlines() if row.strip().startswith(name))
+        assert len(line.strip()) > len(name) + 10, line  # a description beside the name
+    assert len({BACKBONE_DESCRIPTIONS[n] for n in BACKBONES}) == len(BACKBONES)  # none copied from another
 
 
 @pytest.mark.parametrize(("name", "size"), [("resnet32", 32), ("convnet", 28)])

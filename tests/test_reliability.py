@@ -24,8 +24,8 @@ from cilkit.data.files import FileImages
 from cilkit.errors import UserError
 from cilkit.methods import register
 from cilkit.methods.finetune import Finetune
-from cilkit.rundir import DirectoryLock, fresh_directory
-from cilkit.runner import Run
+from cilkit.run.layout import DirectoryLock, fresh_directory
+from cilkit.run.loop import Run
 
 
 def write_config(tmp_path: Path, *overrides: str, name: str = "cfg.yaml") -> Path:
@@ -340,6 +340,6 @@ def test_a_taken_out_directory_is_refused_before_the_data_is_read(finished, tmp_
     def never(*args, **kwargs):
         raise AssertionError("the data was read")
 
-    monkeypatch.setattr("cilkit.runner.load_dataset", never)
+    monkeypatch.setattr("cilkit.run.loop.load_dataset", never)
     assert run_cli(str(write_config(tmp_path)), "--out", str(finished)) == 2
     assert "holds a cilkit run" in one_error_line(capsys)

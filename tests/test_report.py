@@ -15,7 +15,7 @@ from PIL import Image
 
 from cilkit.cli import main
 from cilkit.errors import UserError
-from cilkit.plots import (
+from cilkit.analysis.plots import (
     annotation_data,
     confusion_data,
     curve_data,
@@ -23,8 +23,8 @@ from cilkit.plots import (
     old_new_data,
     true_new_share,
 )
-from cilkit.report import compare_runs, describe_memory, find_runs
-from cilkit.runner import run_methods
+from cilkit.analysis.report import compare_runs, describe_memory, find_runs
+from cilkit.run.multirun import run_methods
 
 
 def _colours(rgb):
@@ -260,7 +260,7 @@ def _overlaps(a, b) -> bool:
 
 
 def test_legends_never_cover_the_curves_even_with_eleven_runs():
-    from cilkit.plots import plot_curves, plot_new_share, plot_old_new
+    from cilkit.analysis.plots import plot_curves, plot_new_share, plot_old_new
 
     classes = [2, 4, 6, 8, 10]
     curves = {f"method-{k}-with-a-long-name": {"classes": classes, "top1": [90.0 - k] * 5, "base": f"method-{k}-with-a-long-name"}
@@ -281,7 +281,7 @@ def test_legends_never_cover_the_curves_even_with_eleven_runs():
 
 
 def test_confusion_matrices_are_labelled_with_class_names():
-    from cilkit.plots import plot_confusion
+    from cilkit.analysis.plots import plot_confusion
 
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress"]
     fig = plot_confusion({"finetune": {"matrix": np.eye(4).tolist(), "classes": [0, 1, 2, 3], "names": names,
@@ -304,7 +304,7 @@ def _eleven_runs(runs, tmp_path):
 
 
 def test_eleven_runs_get_eleven_distinct_curve_styles(runs, tmp_path):
-    from cilkit.plots import curve_data, plot_curves
+    from cilkit.analysis.plots import curve_data, plot_curves
 
     dirs = _eleven_runs(runs, tmp_path)
     results = {r.label: r.results for r in find_runs(dirs)}
@@ -327,7 +327,7 @@ def test_a_report_of_eleven_runs_renders_every_figure_in_the_browser(runs, tmp_p
 def test_the_report_says_where_each_run_was_made(runs):
     import html as _html
 
-    from cilkit.report import provenance_line
+    from cilkit.analysis.report import provenance_line
 
     page = _html.unescape((runs / "cmp" / "report" / "report.html").read_text())
     for label in ("finetune", "icarl"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import strip_timings, tiny_config
 
-from cilkit.runner import Run
+from cilkit.run.loop import Run
 
 METHODS = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active"]
 EXTRA = {

@@ -8,7 +8,7 @@ from helpers import strip_timings, tiny_config
 
 from cilkit.cli import main
 from cilkit.io import load_torch
-from cilkit.runner import Run
+from cilkit.run.loop import Run
 
 
 def test_run_directory_and_results(tmp_path):

@@ -18,7 +18,7 @@ from cilkit.methods.sir import (
     sir_loss,
     transfer_distribution,
 )
-from cilkit.runner import Run
+from cilkit.run.loop import Run
 from cilkit.scenario import Scenario
 
 

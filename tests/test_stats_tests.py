@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cilkit.stats_tests import betainc, mean_std, paired_interval, t_cdf, t_quantile
+from cilkit.analysis.significance import betainc, mean_std, paired_interval, t_cdf, t_quantile
 
 
 def test_mean_and_sample_std():

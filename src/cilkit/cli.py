@@ -7,17 +7,18 @@ import sys
 from pathlib import Path
 
 from cilkit import distributed
-from cilkit.calibrate import calibrate_run
+from cilkit.analysis.calibrate import calibrate_run
 from cilkit.config import RunConfig, load_config, read_yaml, validate
 from cilkit.describe import describe, overview, version_line
 from cilkit.errors import UserError
 from cilkit.plugins import import_plugins, plugin_list
-from cilkit.report import compare_runs
-from cilkit.rundir import RunLayout, check_target, fresh_directory
+from cilkit.analysis.report import compare_runs
+from cilkit.run.layout import RunLayout, check_target, fresh_directory
 from cilkit.runlog import log
-from cilkit.runner import check_protocol, repeat_dirs, run_methods, with_resolved_threads
-from cilkit.tensorboard_log import add_report_figures
-from cilkit.tune import ranking_table, tune
+from cilkit.run.multirun import repeat_dirs, run_methods
+from cilkit.run.setup import check_protocol, with_resolved_threads
+from cilkit.run.tensorboard import add_report_figures
+from cilkit.run.tune import ranking_table, tune
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """The one training loop and the batched evaluation, shared by every method.
 
-Data stays on the training device; a method only supplies the training indices, the
-parameter groups and the loss (see ``cilkit.methods.base``).
+Data stays on the training device; what is trained supplies the training indices and the
+:class:`FitHooks`: parameter groups, loss, train mode, per-epoch hooks and the order of the
+epoch's images (see ``cilkit.methods.base``).
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from cilkit import distributed
 from cilkit.config import ScheduleConfig, TrainConfig
-from cilkit.data.base import Dataset, ImageSet
+from cilkit.data.base import Dataset, ImageSet, batch_sizes, shuffled
 from cilkit.errors import described
 from cilkit.runlog import log
 
@@ -47,13 +48,56 @@ class EpochRecord:
 EpochCallback = Callable[["Context", EpochRecord], None]
 
 
-class TrainingHooks(Protocol):
+class FitHooks:
     """What :meth:`Engine.fit` asks of the thing it trains for: a method, or a stage of one
-    (LUCIR's class-balanced finetuning)."""
+    (LUCIR's class-balanced finetuning). Override what differs from the defaults."""
 
-    def param_groups(self, ctx: "Context") -> list[dict[str, Any]]: ...
+    def param_groups(self, ctx: "Context") -> list[dict[str, Any]]:
+        """What the optimiser updates (default: every parameter that requires a gradient)."""
+        return [{"params": [p for p in ctx.model.parameters() if p.requires_grad]}]
 
-    def loss(self, ctx: "Context", batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def loss(self, ctx: "Context", batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_mode(self, ctx: "Context", model: torch.nn.Module) -> None:
+        """Put ``model`` in the mode an epoch trains in, at the start of every epoch (default:
+        ``model.train()``; LUCIR's balanced finetuning keeps the backbone in eval)."""
+        model.train()
+
+    def begin_epoch(self, ctx: "Context", epoch: int) -> None:
+        """Before epoch ``epoch`` (1-based) of the fit."""
+
+    def end_epoch(self, ctx: "Context", record: EpochRecord) -> None:
+        """After an epoch, with what the history records of it."""
+
+    def batch_order(
+        self, ctx: "Context", indices: torch.Tensor, batch_size: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The epoch's training images in the order they are used, cut into consecutive batches
+        of ``batch_size`` (default: a shuffle drawn from the state's generator). Composing
+        batches (a fixed ratio of replayed to new images in each) is a reordering:
+        :func:`replay_order`."""
+        return shuffled(indices, generator)
+
+
+def replay_order(
+    new: torch.Tensor, replay: torch.Tensor, batch_size: int, replay_per_batch: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """An order of ``new`` and ``replay`` images in which every full batch of ``batch_size``
+    holds ``batch_size - replay_per_batch`` new images then ``replay_per_batch`` replayed ones
+    (SS-IL's batch composition), each side shuffled; the replayed images are cycled through as
+    often as the new ones need, and the new images that do not fill a batch form the last one."""
+    if not 0 < replay_per_batch < batch_size:
+        raise ValueError(f"replay_per_batch must lie in 1..{batch_size - 1}, not {replay_per_batch}")
+    n_new = batch_size - replay_per_batch
+    new = shuffled(new, generator)
+    full = new.numel() // n_new
+    if replay.numel() == 0 or full == 0:
+        return new
+    repeats = -(-full * replay_per_batch // replay.numel())
+    cycled = torch.cat([shuffled(replay, generator) for _ in range(repeats)])[: full * replay_per_batch]
+    body = torch.cat([new[: full * n_new].view(full, n_new), cycled.view(full, replay_per_batch)], dim=1)
+    return torch.cat([body.flatten(), new[full * n_new:]])
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float) -> torch.optim.SGD:
@@ -109,7 +153,7 @@ class Engine:
     def fit(
         self,
         ctx: "Context",
-        hooks: TrainingHooks,
+        hooks: FitHooks,
         indices: torch.Tensor,
         epochs: int,
         lr: float,
@@ -119,7 +163,8 @@ class Engine:
     ) -> dict[str, Any]:
         """Train ``ctx.model`` on ``indices`` of the training set with ``hooks.loss``: a fresh
         SGD over ``hooks.param_groups`` at ``lr`` for ``epochs`` epochs, under ``schedule``
-        (the run's momentum, weight decay and batch size). ``desc`` labels the progress bar;
+        (the run's momentum, weight decay and batch size), the images of each epoch in
+        ``hooks.batch_order``, the model in ``hooks.train_mode``. ``desc`` labels the progress bar;
         ``stage`` names the fit in the history: every epoch's :class:`EpochRecord` goes to
         ``on_epoch`` and is returned under ``"epochs"``."""
         model = ctx.model
@@ -133,22 +178,31 @@ class Engine:
         first_loss: float | None = None
         start, seen = time.perf_counter(), 0
         bar = tqdm(range(epochs), desc=desc, leave=False, disable=self._bar_disabled())
+        batch_size = self.cfg.batch_size
+
+        epoch_sizes: list[int] = []  # the global batch sizes of the epoch's order (DDP's loss weights)
+
+        def order(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+            ordered = hooks.batch_order(ctx, idx, batch_size, generator)
+            epoch_sizes[:] = batch_sizes(ordered.numel(), batch_size)
+            return ordered
+
         for e in bar:
-            model.train()
+            hooks.train_mode(ctx, model)
+            hooks.begin_epoch(ctx, e + 1)
             epoch_start, lr_now = time.perf_counter(), float(opt.param_groups[0]["lr"])
             total, count = torch.zeros((), device=self.device), 0
-            global_sizes = iter(batch_sizes(indices.numel(), self.cfg.batch_size))
-            for x, labels, idx in self.dataset.train.batches(
+            for k, (x, labels, idx) in enumerate(self.dataset.train.batches(
                 indices,
-                self.cfg.batch_size,
+                batch_size,
                 mean=self.mean,
                 std=self.std,
                 augment=self.dataset.augment,
-                shuffle=True,
+                order=order,
                 generator=ctx.generator,
                 device=self.device,
                 shard=shard,
-            ):
+            )):
                 batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
                 with self._autocast():
                     out = net(self._prepare(batch.x))
@@ -159,8 +213,7 @@ class Engine:
                 opt.zero_grad(set_to_none=True)
                 # a rank's mean loss over its slice, weighted so that DDP's average over the
                 # ranks is the mean over the global batch (slices may differ by one image)
-                global_size = next(global_sizes)
-                (loss * (x.shape[0] * distributed.world_size() / global_size) if shard else loss).backward()
+                (loss * (x.shape[0] * distributed.world_size() / epoch_sizes[k]) if shard else loss).backward()
                 opt.step()
                 total += loss.detach() * x.shape[0]
                 count += x.shape[0]
@@ -169,6 +222,7 @@ class Engine:
             epoch_loss = (total / max(count, 1)).item()  # the epoch's one sync
             seen += count
             records.append(_epoch_record(stage, e + 1, epoch_loss, lr_now, count, time.perf_counter() - epoch_start))
+            hooks.end_epoch(ctx, records[-1])
             if self.on_epoch is not None:
                 self.on_epoch(ctx, records[-1])
             bar.set_postfix(loss=f"{epoch_loss:.3f}")
@@ -258,11 +312,6 @@ class Engine:
 def _epoch_record(stage: str, epoch: int, loss: float, lr: float, images: int, seconds: float) -> EpochRecord:
     return EpochRecord(stage=stage, epoch=epoch, loss=loss, lr=lr,
                        images_per_second=images / seconds if seconds > 0 else None, seconds=seconds)
-
-
-def batch_sizes(n: int, batch_size: int) -> list[int]:
-    """The sizes of the batches :meth:`ImageSet.batches` makes of ``n`` images."""
-    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
 
 
 def _no_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Score rectifiers: pure functions of a score matrix and class statistics.
 
 IL2M's rectification and class prediction scaling, used live by the ``il2m`` and ``active``
-methods and offline by ``cilkit calibrate`` (:mod:`cilkit.calibrate`). This module knows nothing
+methods and offline by ``cilkit calibrate`` (:mod:`cilkit.analysis.calibrate`). This module knows nothing
 of runs, memories or files: the statistics come in as a dict (the content of a
-``stats/state_XX.json``, see :mod:`cilkit.statistics`) or as plain sequences.
+``stats/state_XX.json``, see :mod:`cilkit.class_statistics`) or as plain sequences.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from cilkit.errors import UserError
 
 RECTIFIERS = ("il2m", "scaling", "none")
-Stats = dict[str, Any]
+ClassStatistics = dict[str, Any]  # a state's class statistics (cilkit.class_statistics)
 FloatsOrNone = torch.Tensor | Sequence[float | None]
 
 
@@ -104,7 +104,7 @@ def born_states(n_old: int, state_ends: Sequence[int]) -> list[int]:
     return torch.bucketize(torch.arange(n_old), ends, right=True).tolist()
 
 
-def il2m_from_stats(logits: torch.Tensor, stats: Stats, guard_nonpositive: bool = False) -> torch.Tensor:
+def il2m_from_stats(logits: torch.Tensor, stats: ClassStatistics, guard_nonpositive: bool = False) -> torch.Tensor:
     """:func:`il2m_rectify` with one state's statistics."""
     n_old = int(stats["n_old"])
     conf = stats["conf"]
@@ -119,7 +119,7 @@ def il2m_from_stats(logits: torch.Tensor, stats: Stats, guard_nonpositive: bool 
     )
 
 
-def scaling_from_stats(logits: torch.Tensor, stats: Stats) -> torch.Tensor:
+def scaling_from_stats(logits: torch.Tensor, stats: ClassStatistics) -> torch.Tensor:
     """:func:`prediction_scaling` with one state's training counts."""
     counts = [stats["train_counts"].get(str(c), 0) for c in range(logits.shape[1])]
     return prediction_scaling(logits, counts)
@@ -130,7 +130,7 @@ def check_rectifier(rectifier: str) -> None:
         raise UserError(f"calibrate --with: unknown rectifier '{rectifier}' (choose one of {', '.join(RECTIFIERS)})")
 
 
-def rectify(rectifier: str, logits: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+def rectify(rectifier: str, logits: torch.Tensor, stats: ClassStatistics | None) -> torch.Tensor:
     """Apply the named rectifier (``il2m``, ``scaling`` or ``none``) to one state's logits."""
     check_rectifier(rectifier)
     if rectifier == "il2m":

@@ -2,7 +2,12 @@
 
 A reader is registered with :func:`register_source`; :func:`load_dataset` looks it up by
 ``data.name``, applies the config's statistics / augmentation overrides and checks the labels
-(range, and images of every class in both splits).
+(range, and images of every class in both splits). Here live the image sets (``base``,
+``files``), the readers (``sources``: in-memory datasets; ``folders``: image folders and list
+files), the checks of image files and the augmentations (``transforms``).
+
+The package may import only the top-level modules ``errors``, ``config``, ``registry``,
+``distributed`` and ``io``; never ``methods``, ``run`` or ``analysis``.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from cilkit.config import DataConfig
-from cilkit.data import files, sources  # the readers register themselves
+from cilkit.data import files, folders, sources  # the readers register themselves
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError
 from cilkit.registry import SOURCE_DESCRIPTIONS, SOURCES, call_plugin, register_source
@@ -42,4 +47,4 @@ def _stats_override(key: str, values: list[float], channels: int | None, *, posi
         raise UserError(f"config key '{key}': every value must be > 0 (got {values})")
     return tuple(float(v) for v in values)
 
-__all__ = ["SOURCES", "SOURCE_DESCRIPTIONS", "files", "load_dataset", "register_source", "sources"]
+__all__ = ["SOURCES", "SOURCE_DESCRIPTIONS", "files", "folders", "load_dataset", "register_source", "sources"]

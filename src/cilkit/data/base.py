@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,25 @@ import torch
 from cilkit.data.transforms import Augment, augment_batch, normalise
 from cilkit.distributed import shard_bounds
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+ImageBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, original labels, indices)
+Order = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]  # an epoch's order of indices
+
+
+def shuffled(indices: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``indices`` in a random order drawn from ``generator`` (the default order of a training epoch)."""
+    return indices[torch.randperm(indices.numel(), generator=generator)]
+
+
+def in_order(indices: torch.Tensor, shuffle: bool, order: Order | None, generator: torch.Generator | None) -> torch.Tensor:
+    """``indices`` as :meth:`ImageSet.batches` takes them: in ``order``, else shuffled if asked."""
+    if order is None and shuffle:
+        order = shuffled
+    return indices if order is None else order(indices, generator)
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The sizes of the batches :meth:`ImageSet.batches` makes of ``n`` images (the last one smaller)."""
+    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
 
 
 class ImageSet(ABC):
@@ -47,11 +65,13 @@ class ImageSet(ABC):
         std: torch.Tensor,
         augment: Augment | None = None,
         shuffle: bool = False,
+        order: Order | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         shard: tuple[int, int] | None = None,
-    ) -> Iterator[Batch]:
-        """Yield ``(x, y, idx)`` over ``indices`` (shuffled with ``generator`` if asked). With
+    ) -> Iterator[ImageBatch]:
+        """Yield ``(x, y, idx)`` over ``indices``, in ``order(indices, generator)`` when given
+        (``shuffle``: :func:`shuffled`), drawn before any augmentation draws. With
         ``shard=(rank, world)`` each batch is that rank's slice (:func:`~cilkit.distributed.
         shard_bounds`) of the batch one process would get, augmented as one process would
         augment it: a data-parallel rank's share of the global batch."""
@@ -84,10 +104,6 @@ class TensorImages(ImageSet):
         self._labels_dev = self.labels
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
-
-    @property
     def geometry(self) -> tuple[int, int]:
         return int(self.images.shape[1]), int(self.images.shape[-1])
 
@@ -107,16 +123,14 @@ class TensorImages(ImageSet):
         std: torch.Tensor,
         augment: Augment | None = None,
         shuffle: bool = False,
+        order: Order | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         shard: tuple[int, int] | None = None,
-    ) -> Iterator[Batch]:
+    ) -> Iterator[ImageBatch]:
         self.to(device)
         dev = self.images.device
-        indices = indices.to(torch.int64)
-        if shuffle:
-            order = torch.randperm(indices.numel(), generator=generator)
-            indices = indices[order]
+        indices = in_order(indices.to(torch.int64), shuffle, order, generator)
         indices = indices.to(dev)
         mean, std = mean.to(dev), std.to(dev)
         for start in range(0, indices.numel(), batch_size):

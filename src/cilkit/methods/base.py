@@ -1,28 +1,43 @@
-"""The method hook protocol.
+"""The method hook protocol (``docs/architecture.md`` walks through it).
 
-The runner owns the one training loop (``cilkit.runner``, ``cilkit.engine``). A method is one
-file that subclasses :class:`Method`, overrides only the hooks it needs, and registers itself
-with ``@register("name")``. Per state the runner calls, in this order::
+The runner owns the one state loop (:mod:`cilkit.run.loop`) and the engine the one training
+loop (:mod:`cilkit.engine`). A method is one file that subclasses :class:`Method`, overrides
+only the hooks it needs, and registers itself with ``@register("name")``. Per state the
+runner calls, in this order::
 
-    before_state(ctx)            grow the head, keep a frozen teacher, imprint ...
+    before_state(ctx)            grow the head, keep a frozen teacher (ctx.record.teacher), imprint ...
     rounds(ctx) -> int           training rounds in this state (default 1; active IL: one per
                                  annotation cycle); for each round r (ctx.round = r):
-    train_set(ctx) -> indices    what the round trains on (default: new data + memory)
-    param_groups(ctx)            what the optimiser updates (default: all parameters)
-    loss(ctx, batch, out)        per batch (default: cross-entropy)
+      begin_round(ctx)           the round's set-up that acts: annotate (active IL), compute the
+                                 logit offsets of the round's training set (SIR) ...; also run on
+                                 a state-0 cache hit, where nothing trains
+      train_set(ctx) -> indices  what the round trains on (default: new data + memory): a pure query
+      <engine.fit> with the method as its hooks (see engine.FitHooks):
+        param_groups(ctx)        what the optimiser updates (default: all trainable parameters)
+        train_mode(ctx, model)   the mode each epoch trains in (default: model.train())
+        begin_epoch / end_epoch  per-epoch state
+        batch_order(ctx, indices, batch_size, generator)
+                                 the epoch's order of images, cut into batches of batch_size
+                                 (default: a seeded shuffle; a replay ratio per batch, SS-IL)
+        loss(ctx, batch, out)    per batch (default: cross-entropy)
     memory_candidates(ctx)       the new-class images the memory may store (default: all of
-                                 the state's training images; active IL: the annotated ones)
+                                 the state's training images; active IL: the annotated ones): a query
     <memory update>              herding / random over those candidates
-    after_state(ctx)             extra stages and statistics (bias layer, class means ...)
+    after_state(ctx)             extra stages and results (bias layer, class means ...)
+    <class statistics>           ctx.statistics, which predict may read (IL2M)
     predict(ctx, out)            the method's test scores (default: the logits)
     extra_scores(ctx, out)       other score sets worth reporting (e.g. CNN beside NME)
 
-The memory is updated before ``after_state`` (DESIGN.md has it after), because the stages that
-follow training (iCaRL class means, LUCIR balanced finetuning) read it. What the state trained
-on is recorded by the runner (:class:`TrainingRecord`, ``ctx.trained``) as it happens: the
-class statistics and any hook that needs the past read that record, so no hook is ever called a
-second time to reconstruct it. After ``after_state`` the runner computes the state's class
-statistics (:mod:`cilkit.statistics`) into ``ctx.statistics``, which ``predict`` may read (IL2M).
+The memory is updated before ``after_state``, because the stages that follow training (iCaRL
+class means, LUCIR balanced finetuning) read it. What the state trained on is recorded by the
+runner (:class:`TrainingRecord`, ``ctx.trained``) as it happens: the class statistics and any
+hook that needs the past read that record, so no hook is ever called a second time to
+reconstruct it.
+
+A hook reads the :class:`Context` (frozen: a hook cannot replace what it holds) and writes only
+to ``ctx.record``, a :class:`StateRecord`: the teacher, the method's own results of the state
+(``results.json``: ``states[b][<method name>]``) and its own files (``<run>/<method name>/
+state_XX.json``), which the run's store writes.
 """
 
 from __future__ import annotations
@@ -37,14 +52,14 @@ from pydantic import BaseModel, ConfigDict
 
 from cilkit.config import RunConfig
 from cilkit.data.base import Dataset
-from cilkit.engine import Batch, Engine
-from cilkit.memory import Memory
+from cilkit.engine import Batch, Engine, FitHooks
 from cilkit.errors import UserError
+from cilkit.memory import Memory
 from cilkit.models import IncrementalLinear, IncrementalNet, build_model
-from cilkit.rundir import RunLayout
 from cilkit.scenario import Scenario, State
 
-__all__ = ["Batch", "Context", "Method", "MethodConfig", "TrainingRecord", "distillation_kl", "freeze"]
+__all__ = ["Batch", "Context", "Method", "MethodConfig", "StateRecord", "TrainingRecord", "distillation_kl",
+           "freeze"]
 
 
 class MethodConfig(BaseModel):
@@ -64,8 +79,20 @@ class TrainingRecord:
 
 
 @dataclass
+class StateRecord:
+    """What a method writes during a state, and nothing else does: kept by the runner until
+    the state is recorded."""
+
+    teacher: IncrementalNet | None = None  # a frozen copy of the previous model (before_state)
+    results: dict[str, Any] = field(default_factory=dict)  # results.json: states[b][<method name>]
+    files: dict[str, Any] = field(default_factory=dict)  # <run>/<method name>/state_XX.json, if any
+
+
+@dataclass(frozen=True)
 class Context:
-    """What a hook may read: the state, the data, the model, the memory, the run settings."""
+    """What a hook may read: the state, the data, the model, the memory, the run settings; and
+    ``record``, the one thing it writes. The runner makes a new context for each round
+    (``dataclasses.replace``) and fills ``trained`` and ``statistics`` as the state goes."""
 
     config: RunConfig
     scenario: Scenario
@@ -78,19 +105,22 @@ class Context:
     mean: torch.Tensor
     std: torch.Tensor
     engine: Engine
-    layout: RunLayout | None = None  # the run directory's files; None outside a run
-    teacher: IncrementalNet | None = None
-    info: dict[str, Any] = field(default_factory=dict)  # extra results for this state
+    record: StateRecord = field(default_factory=StateRecord)  # what the method writes
     round: int = 0  # the training round within the state (see Method.rounds)
     trained: TrainingRecord | None = None  # filled by the runner as the state trains
     statistics: dict[str, Any] | None = None  # the state's class statistics, before predict
+
+    @property
+    def teacher(self) -> IncrementalNet | None:
+        """The frozen previous model a method kept in ``before_state`` (``needs_teacher``)."""
+        return self.record.teacher
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Original class ids -> class positions in the run's order."""
         return self.scenario.position_of.to(labels.device)[labels]
 
 
-class Method:
+class Method(FitHooks):
     """Defaults: fine-tuning with cross-entropy on new data + memory, logits as scores."""
 
     name: ClassVar[str] = "method"
@@ -99,7 +129,7 @@ class Method:
     needs_teacher: ClassVar[bool] = False  # keep a frozen copy of the previous model
     primary_scores: ClassVar[str] = "cnn"  # what `predict` reports (the top1 of results.json)
     # options that state 0 never reads: left out of the state-0 cache key, so that runs which
-    # differ only in them share one state-0 model (see cilkit.state0cache)
+    # differ only in them share one state-0 model (see cilkit.run.state0cache)
     state0_free_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RunConfig, options: MethodConfig | None = None) -> None:
@@ -120,20 +150,24 @@ class Method:
     # ----- hooks -------------------------------------------------------------------------------
     def before_state(self, ctx: Context) -> None:
         if self.needs_teacher and ctx.state.index > 0:
-            ctx.teacher = freeze(copy.deepcopy(ctx.model))
+            ctx.record.teacher = freeze(copy.deepcopy(ctx.model))
         ctx.model.add_classes(ctx.state.n_new)
 
     def rounds(self, ctx: Context) -> int:
         return 1
 
+    def begin_round(self, ctx: Context) -> None:
+        """Set up round ``ctx.round`` before its training set is asked for (also on a state-0
+        cache hit, where nothing trains)."""
+        return None
+
     def train_set(self, ctx: Context) -> torch.Tensor:
+        """The round's training-set indices: a pure query (asked twice, the same answer, no
+        state changed)."""
         return torch.cat([ctx.state.train, ctx.memory.indices(ctx.state.old)])
 
     def memory_candidates(self, ctx: Context) -> torch.Tensor:
         return ctx.state.train
-
-    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
-        return [{"params": [p for p in ctx.model.parameters() if p.requires_grad]}]
 
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(out["logits"], batch.y)

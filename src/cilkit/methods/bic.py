@@ -1,6 +1,6 @@
 """BiC, bias correction (Wu et al., "Large Scale Incremental Learning", CVPR 2019).
 
-Per state ``b >= 1`` (METHODS.md, BiC):
+Per state ``b >= 1`` (docs/methods.md, "bic"):
 
 * **Validation split** (Sec. 4.1, Fig. 2; Sec. 6.1 "the ratio of train/validation split on the
   exemplars is 9:1"): in state ``b`` the same number ``v_b`` of images of every seen class form
@@ -61,7 +61,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cilkit import io
 from cilkit.errors import UserError
 from cilkit.memory import class_quotas
 from cilkit.methods import register
@@ -173,7 +172,6 @@ class BiC(Method):
         self.holdout: dict[int, torch.Tensor] = {}  # class position -> its held-out images
         self.val: dict[int, torch.Tensor] = {}  # state -> validation indices (old classes first)
         self.val_per_class: dict[int, int] = {}
-        self.train_exemplars = 0  # old-class exemplars stage 1 of the current state trains on
 
     def _holdout_sizes(self, ends: list[int]) -> list[int]:
         mem = self.run_config.memory
@@ -197,9 +195,22 @@ class BiC(Method):
         return groups
 
     # ----- validation hold-out -----------------------------------------------------------------
+    def begin_round(self, ctx: Context) -> None:
+        """Draw the new classes' hold-out and the state's validation split (both once; the
+        split reads the memory as the state starts)."""
+        self._draw_holdout(ctx)
+        b = ctx.state.index
+        if b > 0 and b not in self.val:
+            self.val[b], self.val_per_class[b] = self._draw_split(ctx)
+
     def new_class_holdout(self, ctx: Context) -> torch.Tensor:
-        """The held-out images of this state's new classes, drawn once (seeded random, from
-        the run seed and the state) when the classes are new."""
+        """The held-out images of this state's new classes (drawn by :meth:`begin_round`)."""
+        parts = [self.holdout[c] for c in ctx.state.new]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    def _draw_holdout(self, ctx: Context) -> None:
+        """Hold out images of the new classes, seeded random (from the run seed and the state),
+        when they are new."""
         st = ctx.state
         if any(c not in self.holdout for c in st.new):
             h = self._holdout_sizes(ctx.scenario.ends)[st.index]
@@ -211,8 +222,6 @@ class BiC(Method):
                     raise UserError(f"method 'bic': class {ctx.scenario.order[c]} has {images.numel()} training "
                                     f"images, too few to hold out {h} for validation (lower bic.val_ratio)")
                 self.holdout[c] = _pick(images, h, gen)
-        parts = [self.holdout[c] for c in st.new]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def _new_training_images(self, ctx: Context) -> torch.Tensor:
         train = ctx.state.train
@@ -223,12 +232,9 @@ class BiC(Method):
         return self._new_training_images(ctx)
 
     def validation_split(self, ctx: Context) -> torch.Tensor:
-        """The state's validation indices (computed once per state, then kept): the first
-        ``v`` held-out images of every old class, then of every new class."""
-        b = ctx.state.index
-        if b not in self.val:
-            self.val[b], self.val_per_class[b] = self._draw_split(ctx)
-        return self.val[b]
+        """The state's validation indices (drawn by :meth:`begin_round`): the first ``v``
+        held-out images of every old class, then of every new class."""
+        return self.val[ctx.state.index]
 
     def _draw_split(self, ctx: Context) -> tuple[torch.Tensor, int]:
         st = ctx.state
@@ -239,13 +245,11 @@ class BiC(Method):
                             f"{st.index + 1}, so no room for its validation images; raise memory.total / "
                             "memory.per_class")
         v = validation_size(min(shares.values()), self.cfg.val_ratio)
-        self.new_class_holdout(ctx)
         return torch.cat([self.holdout[c][:v] for c in st.seen]), v
 
     def old_exemplars(self, ctx: Context) -> torch.Tensor:
         """The exemplars stage 1 trains on: of each old class's memory share ``s``, the first
         ``s - v`` (the other ``v`` slots hold its validation images)."""
-        self.validation_split(ctx)
         v = self.val_per_class[ctx.state.index]
         parts = [ctx.memory.of_class(c) for c in ctx.state.old]
         parts = [p[: max(0, p.numel() - v)] for p in parts]
@@ -257,9 +261,7 @@ class BiC(Method):
         new = self._new_training_images(ctx)
         if ctx.state.index == 0:
             return new
-        old = self.old_exemplars(ctx)
-        self.train_exemplars = int(old.numel())  # for results.json (the memory changes before after_state)
-        return torch.cat([new, old])
+        return torch.cat([new, self.old_exemplars(ctx)])
 
     # ----- stage 1 -----------------------------------------------------------------------------
     def corrected(self, logits: torch.Tensor, state: int, scenario: Scenario) -> torch.Tensor:
@@ -293,7 +295,7 @@ class BiC(Method):
     def after_state(self, ctx: Context) -> None:
         b = ctx.state.index
         if b == 0:
-            ctx.info["bic"] = {"alpha": 1.0, "beta": 0.0, "val_per_class": 0, "val_images": 0}
+            ctx.record.results.update({"alpha": 1.0, "beta": 0.0, "val_per_class": 0, "val_images": 0})
             self._write_record(ctx)
             return
         val = self.validation_split(ctx)
@@ -309,8 +311,8 @@ class BiC(Method):
         )
         self.bias[b] = (float(layer.alpha.item()), float(layer.beta.item()))
         after = self.corrected(logits, b, ctx.scenario)
-        n_train = self.train_exemplars
-        ctx.info["bic"] = {
+        n_train = self._trained_exemplars(ctx)
+        ctx.record.results.update({
             "alpha": self.bias[b][0],
             "beta": self.bias[b][1],
             "val_per_class": self.val_per_class[b],
@@ -319,18 +321,22 @@ class BiC(Method):
             "memory_used": n_train + self.val_per_class[b] * ctx.state.n_old,
             "val_top1_uncorrected": 100.0 * (logits.argmax(1) == labels).double().mean().item(),
             "val_top1_corrected": 100.0 * (after.argmax(1) == labels).double().mean().item(),
-        }
+        })
         self._write_record(ctx)
+
+    @staticmethod
+    def _trained_exemplars(ctx: Context) -> int:
+        """The old-class exemplars stage 1 trained on (the memory has changed since)."""
+        assert ctx.trained is not None and ctx.trained.rounds
+        return int((ctx.scenario.train_pos[ctx.trained.rounds[-1]] < ctx.state.n_old).sum())
 
     def _write_record(self, ctx: Context) -> None:
         """``bic/state_XX.json``: the validation images of the state and every class's hold-out
         (original class id -> training-set indices)."""
-        if ctx.layout is None:
-            return
         b, order = ctx.state.index, ctx.scenario.order
         val = self.val.get(b, torch.empty(0, dtype=torch.int64))
         pos = ctx.scenario.train_pos[val]
-        io.write_json(ctx.layout.bic(b), {
+        ctx.record.files.update({
             "val_per_class": self.val_per_class.get(b, 0),
             "validation": {str(order[c]): val[pos == c].tolist() for c in ctx.state.seen if b > 0},
             "holdout": {str(order[c]): self.holdout[c].tolist() for c in ctx.state.seen if c in self.holdout},

@@ -1,7 +1,7 @@
 """Fine-tuning with memory (FT): the baseline of IL2M and of active IL.
 
 At each state the previous model is extended to the new classes and trained with plain
-cross-entropy on the new data plus the exemplars, without distillation (METHODS.md, FT).
+cross-entropy on the new data plus the exemplars, without distillation (docs/methods.md, "finetune").
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from cilkit.methods import register
 from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
-from cilkit.methods.nme import class_means, nme_scores
+from cilkit.methods.nme import exemplar_means, nme_scores
 
 
 class ICaRLConfig(MethodConfig):
@@ -99,7 +99,7 @@ class ICaRL(Method):
         return 1 if self.cfg.bce_reduction == "sum" else ctx.scenario.ends[-1]
 
     def after_state(self, ctx: Context) -> None:
-        self.class_means = class_means(ctx, ctx.model)
+        self.class_means = exemplar_means(ctx, ctx.model)
 
     def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """NME scores (-inf for a class with no mean, i.e. no exemplar), see ``methods.nme``."""

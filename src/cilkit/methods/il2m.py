@@ -2,7 +2,7 @@
 
 Training is fine-tuning with memory (:mod:`cilkit.methods.finetune`). The second, tiny memory
 holds class statistics, which the runner computes after every state of every run
-(:func:`cilkit.statistics.state_statistics`, saved as ``stats/state_XX.json`` and handed to the
+(:func:`cilkit.class_statistics.state_statistics`, saved as ``stats/state_XX.json`` and handed to the
 method as ``ctx.statistics``): the initial mean score of each class, the model confidence of
 each state and the current mean score of each old class over its exemplars. At inference, the
 old-class scores of every image whose top-1 class is new are rectified with them

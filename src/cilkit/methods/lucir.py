@@ -33,8 +33,9 @@ Written from the paper (Sec. 3 and 4.1) and checked against the authors' code
 - Evaluation: the network's logits (``predict``, primary) and nearest-mean-of-exemplars
   (``nme``, :mod:`cilkit.methods.nme`).
 
-Per state, ``results.json`` records ``lucir_lambda``, ``lucir_sigma`` (after the state) and
-``lucir_loss_terms``: the mean of the unweighted CE, L_lf and L_mr over the state's batches.
+Per state, ``results.json`` records under ``lucir``: ``lambda``, ``sigma`` (after the state),
+``loss_terms`` (the mean of the unweighted CE, L_lf and L_mr over the state's batches) and, with
+``cbf``, the finetuning's ``cbf`` facts.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ from cilkit.classwise import normalised_class_means
 from cilkit.config import ScheduleConfig
 from cilkit.errors import UserError
 from cilkit.methods import register
+from cilkit.engine import FitHooks
 from cilkit.methods.base import Batch, Context, Method, MethodConfig
-from cilkit.methods.nme import class_means, nme_scores
+from cilkit.methods.nme import exemplar_means, nme_scores
 from cilkit.models import IncrementalNet, SplitCosineLinear, build_model
 
 
@@ -118,24 +120,17 @@ def imprinted_weights(
 # ----- helpers for the class-balanced finetuning -----------------------------------------------
 @contextlib.contextmanager
 def frozen_feature_extractor(model: IncrementalNet) -> Iterator[None]:
-    """Freeze the backbone's parameters and keep it in eval mode (fixed batch-norm statistics,
-    the original's ``fix_bn``) even though the engine puts the model in train mode each epoch:
-    a forward pre-hook switches the backbone back to eval before every forward."""
+    """Freeze the backbone's parameters inside the block (its batch-norm statistics stay fixed
+    through :meth:`BalancedFinetune.train_mode`)."""
     params = list(model.backbone.parameters())
     saved = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
-    handle = model.register_forward_pre_hook(_backbone_to_eval)
     try:
         yield
     finally:
-        handle.remove()
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
-
-
-def _backbone_to_eval(model: IncrementalNet, args: Any) -> None:
-    model.backbone.eval()  # returns None: the hook leaves the inputs as they are
 
 
 @contextlib.contextmanager
@@ -149,12 +144,17 @@ def trainable(param: torch.nn.Parameter) -> Iterator[None]:
         param.requires_grad_(saved)
 
 
-class BalancedFinetune:
+class BalancedFinetune(FitHooks):
     """The hooks ``engine.fit`` needs for LUCIR's class-balanced finetuning: the class rows
-    (old and new) as the only parameters, and CE + margin ranking as the loss."""
+    (old and new) as the only parameters, CE + margin ranking as the loss, and the backbone in
+    eval mode in every epoch (fixed batch-norm statistics, the original's ``fix_bn``)."""
 
     def __init__(self, method: "LUCIR") -> None:
         self.method = method
+
+    def train_mode(self, ctx: Context, model: torch.nn.Module) -> None:
+        model.train()
+        ctx.model.backbone.eval()
 
     def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
         head = _cosine_head(ctx)
@@ -212,7 +212,7 @@ class LUCIR(Method):
         self.lambda_ = less_forget_weight(
             self.cfg.lambda_base, ctx.state.n_old, ctx.state.n_new, self.cfg.adaptive_lambda
         )
-        ctx.info["lucir_lambda"] = self.lambda_
+        ctx.record.results["lambda"] = self.lambda_
         if self.cfg.imprint:
             self.imprint(ctx)
 
@@ -261,11 +261,11 @@ class LUCIR(Method):
     def after_state(self, ctx: Context) -> None:
         if self._terms is not None:
             ce, lf, mr, n = self._terms.tolist()
-            ctx.info["lucir_loss_terms"] = {"ce": ce / n, "less_forget": lf / n, "margin_ranking": mr / n}
+            ctx.record.results["loss_terms"] = {"ce": ce / n, "less_forget": lf / n, "margin_ranking": mr / n}
         if self.cfg.cbf and ctx.state.index > 0:
             self.balanced_finetune(ctx)
-        ctx.info["lucir_sigma"] = float(_cosine_head(ctx).sigma.detach())
-        self.class_means = class_means(ctx, ctx.model)
+        ctx.record.results["sigma"] = float(_cosine_head(ctx).sigma.detach())
+        self.class_means = exemplar_means(ctx, ctx.model)
 
     def balanced_finetune(self, ctx: Context) -> None:
         """Class-balanced finetuning of the class rows on the exemplar memory (which the runner
@@ -280,7 +280,7 @@ class LUCIR(Method):
                 desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning",
             )  # fmt: skip
         losses = fit["epoch_losses"]
-        ctx.info["cbf"] = {
+        ctx.record.results["cbf"] = {
             "train_images": int(indices.numel()),
             "final_loss": losses[-1] if losses else None,
             "train_seconds": fit["train_seconds"],

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from cilkit.methods.base import Context
 
 
-def class_means(ctx: "Context", model: torch.nn.Module) -> torch.Tensor:
+def exemplar_means(ctx: "Context", model: torch.nn.Module) -> torch.Tensor:
     """(n_seen, D) normalised means of each seen class's normalised exemplar features under
     ``model`` (eval transform), from one feature pass over all exemplars (and one over their
     flips). A class with no exemplar falls back to its training images when it is new in this

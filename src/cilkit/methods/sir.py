@@ -2,7 +2,7 @@
 
 No code of SIR was published (its repository holds only a README) and we read only the
 abstract. The abstract names three parts; each is implemented here as a separate, switchable
-component with its own hyperparameters, following the reading of METHODS.md (SIR). The defaults
+component with its own hyperparameters, following the reading in docs/sir.md. The defaults
 of the hyperparameters are ours, not the paper's (``docs/sir.md``). SIR is a loss-level plug-in
 (the paper builds it on PODNet and on DER, not on fine-tuning); here the host is fine-tuning
 with memory (cross-entropy
@@ -195,13 +195,12 @@ class SIR(Method):
         new_protos, old_protos = protos[st.new.start : st.new.stop], protos[: st.n_old]
         return transfer_distribution(new_protos, old_protos, self.cfg.transfer_temperature)
 
-    def train_set(self, ctx: Context) -> torch.Tensor:
-        indices = super().train_set(ctx)
+    def begin_round(self, ctx: Context) -> None:
+        """The round's class counts ``n_j`` and, with frequency compensation, its logit offsets."""
         if ctx.state.index > 0:
-            self.counts = class_counts(ctx.scenario.train_pos[indices], ctx.state.n_seen)
+            self.counts = class_counts(ctx.scenario.train_pos[self.train_set(ctx)], ctx.state.n_seen)
             if self.cfg.frequency_compensation:
                 self.offsets = frequency_offsets(self.counts, self.strengths(ctx)).to(ctx.device)
-        return indices
 
     def strengths(self, ctx: Context) -> torch.Tensor:
         """(n_seen,) ``tau_j`` of this state (attenuated by age when that component is on)."""
@@ -210,7 +209,7 @@ class SIR(Method):
 
     def after_state(self, ctx: Context) -> None:
         if ctx.state.index > 0:
-            ctx.info["sir"] = self._record(ctx)
+            ctx.record.results.update(self._record(ctx))
 
     def _record(self, ctx: Context) -> dict[str, Any]:
         """What results.json keeps of the state: per class its training count and ``tau_j``

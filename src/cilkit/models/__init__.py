@@ -1,4 +1,13 @@
-"""Backbones, growable heads, the model builder and the loader of pretrained backbone weights."""
+"""Backbones, growable heads, the model builder and the loader of pretrained backbone weights.
+
+Here live the registered backbones (``backbones``: the ResNets and :func:`build_backbone`;
+``small``: ``convnet`` and ``lenet``), DER's :class:`GrowingBackbone` (``growing``), the heads
+and :class:`IncrementalNet` (``heads``) and BiC's :class:`BiasLayer` (``bias``). Importing the
+package imports every backbone module, so their ``@register_backbone`` decorators run.
+
+The package may import only the top-level modules (``errors``, ``registry``, ``io``, ...); never
+``data``, ``methods``, ``run`` or ``analysis``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,8 @@ from torch import nn
 from cilkit import io
 from cilkit.errors import UserError, described
 from cilkit.models.backbones import build_backbone
+from cilkit.models import small  # noqa: F401  (registers convnet and lenet)
+from cilkit.models.growing import GrowingBackbone
 from cilkit.registry import BACKBONE_DESCRIPTIONS, BACKBONES
 from cilkit.models.bias import BiasLayer
 from cilkit.models.heads import IncrementalLinear, IncrementalNet, SplitCosineLinear
@@ -19,6 +30,7 @@ __all__ = [
     "BACKBONES",
     "BACKBONE_DESCRIPTIONS",
     "BiasLayer",
+    "GrowingBackbone",
     "IncrementalLinear",
     "IncrementalNet",
     "SplitCosineLinear",

@@ -11,6 +11,17 @@ without the final ReLU (for the convnet, the last activation before pooling is d
 Weights are initialised with Kaiming normal (fan_out, relu) for convolutions and
 weight 1 / bias 0 for batch norm (He et al., ICCV 2015; as in He et al., CVPR 2016). All
 randomness comes from the global torch RNG at construction, so callers seed it.
+
+Stage seam (for methods that distil intermediate feature maps, e.g. PODNet): every built-in
+backbone also has ``stage_outputs(x) -> list[Tensor]``, the output map ``(N, C_s, H_s, W_s)`` of each
+stage in order, and ``embed(last) -> Tensor``, which turns the last of those maps into the
+``(N, out_dim)`` features. ``forward(x)`` is defined as ``embed(stage_outputs(x)[-1])``, so the two
+paths are one computation. What a stage is, per backbone, is in its class docstring. A plugin
+backbone may implement the pair too (:meth:`cilkit.models.IncrementalNet.forward` with
+``stages=True`` needs both); one without them still works everywhere else.
+:class:`~cilkit.models.growing.GrowingBackbone` holds one backbone per state (DER) and
+concatenates their features; the small networks for tiny images (``convnet``, ``lenet``) are in
+:mod:`cilkit.models.small`.
 """
 
 from __future__ import annotations
@@ -129,8 +140,29 @@ def _make_stage(
     return nn.Sequential(*layers)
 
 
-class ResNet(nn.Module):
-    """A stem, a list of basic-block stages, and global average pooling."""
+class StagedBackbone(nn.Module):
+    """A backbone made of stages (the stage seam): ``stage_outputs(x)`` gives each stage's map,
+    ``embed(last)`` the features from the last one (default: global average pooling), and
+    ``forward`` is the two in a row."""
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def embed(self, last: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, out_dim)`` from the last stage map: global average pooling."""
+        return torch.flatten(F.adaptive_avg_pool2d(last, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.stage_outputs(x)[-1])
+
+
+class ResNet(StagedBackbone):
+    """A stem, a list of basic-block stages, and global average pooling.
+
+    Stage outputs (``stage_outputs(x)``): the output of each residual stage (the submodules
+    ``stages``), after its last block (and its last ReLU unless ``last_relu=False`` removes it),
+    before pooling; the stem is not a stage. ``embed(last)`` is global average pooling.
+    """
 
     def __init__(self, stem: nn.Module, stages: list[nn.Sequential], out_dim: int) -> None:
         super().__init__()
@@ -139,9 +171,14 @@ class ResNet(nn.Module):
         self.out_dim = out_dim
         _init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output map of every residual stage, ``(N, C_s, H_s, W_s)``, in order."""
+        maps = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
 
 
 def _resnet_stages(
@@ -211,109 +248,6 @@ def resnet18_cifar(in_channels: int = 3, last_relu: bool = True) -> ResNet:
     stem = nn.Sequential(_conv3x3(in_channels, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
     stages = _resnet_stages([64, 128, 256, 512], 2, 64, "conv", last_relu)
     return ResNet(stem, stages, out_dim=512)
-
-
-def _conv_bn_relu(
-    in_ch: int, out_ch: int, relu: bool = True, stride: int = 1
-) -> list[nn.Module]:
-    layers: list[nn.Module] = [_conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch)]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return layers
-
-
-class ConvNet(nn.Module):
-    """Small fast convnet for 8x8 (digits) and 28x28 (MNIST-like) inputs.
-
-    conv3x3(w)-BN-ReLU, conv3x3(w)-BN-ReLU, maxpool 2, conv3x3(2w)-BN-ReLU,
-    conv3x3(2w)-BN-ReLU, global average pool -> 2w features (a VGG-style plain net,
-    Simonyan & Zisserman 2015, scaled down). For inputs of at least 16 px
-    (``image_size >= 16``) the first conv has stride 2, an extra downsampling stage that
-    halves the resolution before the costly layers: it matches conv + max-pool in accuracy
-    on Fashion-MNIST class pairs and is about twice as fast on CPU (max-pool with indices
-    and BN at full 28x28 resolution dominate the cost otherwise).
-    With ``last_relu=False`` the final ReLU before pooling is dropped.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        last_relu: bool = True,
-        image_size: int = 28,
-        width: int = 32,
-    ) -> None:
-        super().__init__()
-        stride = 2 if image_size >= 16 else 1
-        layers = _conv_bn_relu(in_channels, width, stride=stride)
-        layers += _conv_bn_relu(width, width)
-        layers.append(nn.MaxPool2d(2))
-        layers += _conv_bn_relu(width, 2 * width)
-        layers += _conv_bn_relu(2 * width, 2 * width, relu=last_relu)
-        self.body = nn.Sequential(*layers)
-        self.out_dim = 2 * width
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
-
-
-@register_backbone("convnet", "small fast 4-conv net for 8x8/28x28 inputs, 2*width-d features (default 64)")
-def convnet(
-    in_channels: int = 1,
-    last_relu: bool = True,
-    image_size: int = 28,
-    width: int = 32,
-) -> ConvNet:
-    """Small convnet for tiny images (see ``ConvNet``)."""
-    return ConvNet(in_channels, last_relu, image_size, width)
-
-
-class LeNet(nn.Module):
-    """LeNet-5-like net (LeCun et al., Proc. IEEE 1998, Fig. 2), with ReLU and max-pooling.
-
-    conv 6@5x5 (padding 2) - ReLU - max-pool 2 - conv 16@5x5 - ReLU - max-pool 2 - fc 120 - ReLU -
-    fc 84 - ReLU -> 84-d features (the classifier is the head). LeNet-5 read 28x28 digits centred
-    in a 32x32 field; the padding of 2 on the first conv does the same, so a 28x28 input gives the
-    original 16x5x5 map before the first fc layer.
-
-    Other sizes (documented adaptation): inputs smaller than 28 px are zero-padded (centred, in
-    the normalised space, i.e. with the mean pixel) to 28x28; larger inputs are reduced by an
-    adaptive average pooling of the last 16-channel map to 5x5, so the fc layers keep LeNet's
-    400 -> 120 -> 84 shape for any size. Any channel count works (the first conv takes
-    ``in_channels``). With ``last_relu=False`` the ReLU after fc 84 is dropped. Weights: conv as
-    the other backbones (Kaiming normal, fan_out), linear layers PyTorch's default.
-    """
-
-    min_size = 28
-
-    def __init__(self, in_channels: int = 1, last_relu: bool = True) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.last_relu = last_relu
-        self.out_dim = 84
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if h < self.min_size or w < self.min_size:
-            dh, dw = max(0, self.min_size - h), max(0, self.min_size - w)
-            x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        if x.shape[-2:] != (5, 5):
-            x = F.adaptive_avg_pool2d(x, 5)
-        x = F.relu(self.fc1(torch.flatten(x, 1)))
-        x = self.fc2(x)
-        return F.relu(x) if self.last_relu else x
-
-
-@register_backbone("lenet", "LeNet-5-like: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84 -> 84-d, 61k params")
-def lenet(in_channels: int = 1, last_relu: bool = True) -> LeNet:
-    """LeNet-5-like net for small images (see ``LeNet``)."""
-    return LeNet(in_channels, last_relu)
 
 
 def build_backbone(

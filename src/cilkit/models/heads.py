@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,10 @@ class IncrementalLinear(nn.Module):
     ``weight`` is one ``nn.Parameter`` of shape ``(C, D)`` and ``bias`` one of shape ``(C,)``.
     ``add_classes(n)`` re-creates both by concatenating the old values (kept bit-identical)
     with ``n`` new rows initialised like ``nn.Linear``'s default from the global torch RNG.
-    Because the parameters are new objects after growth, optimizers (and anything else
-    holding references to the old parameters) must be rebuilt after ``add_classes``.
+    ``add_inputs(n)`` widens the input instead (a backbone that grows, DER): ``n`` zero columns
+    are appended to ``weight``. Because the parameters are new objects after growth, optimizers
+    (and anything else holding references to the old parameters) must be rebuilt after
+    ``add_classes`` or ``add_inputs``.
     """
 
     def __init__(self, in_dim: int) -> None:
@@ -51,6 +53,23 @@ class IncrementalLinear(nn.Module):
         self.weight = nn.Parameter(torch.cat([old_w, new_w], 0))
         self.bias = nn.Parameter(torch.cat([old_b, new_b], 0))
 
+    def add_inputs(self, n: int) -> None:
+        """Append ``n`` input columns to ``weight``, initialised to zero; old columns and the bias
+        are kept exactly.
+
+        Zeros (the reading chosen here for DER, whose backbone grows by ``n`` features): the
+        logits of every class are unchanged right after the widening, and the new features
+        enter only through weights that training learns. (PyCIL's DER code instead leaves
+        these entries at the random init of the new, wider fc layer.) Rows added later by
+        ``add_classes`` span all ``in_dim`` columns.
+        """
+        if n < 0:
+            raise ValueError(f"cannot add a negative number of inputs ({n})")
+        old_w = self.weight.detach()
+        self.weight = nn.Parameter(torch.cat([old_w, old_w.new_zeros(old_w.shape[0], n)], 1))
+        self.bias = nn.Parameter(self.bias.detach().clone())
+        self.in_dim += n
+
     def reset_parameters(self) -> None:
         """Re-initialise all rows (e.g. IL2M's option to re-initialise the classifier)."""
         with torch.no_grad():
@@ -65,7 +84,17 @@ class IncrementalLinear(nn.Module):
 
 
 class IncrementalNet(nn.Module):
-    """A backbone followed by a growable head; forward returns features and logits."""
+    """A backbone followed by a growable head; forward returns features and logits.
+
+    Stage seam: ``forward(x, stages=True)`` also returns ``"stages"``, the backbone's stage
+    maps (``backbone.stage_outputs``, see :mod:`cilkit.models.backbones`) from the same pass, the
+    features being ``backbone.embed(stages[-1])``; it needs a backbone with both methods (all
+    built-in ones) and raises ``TypeError`` naming the backbone class otherwise.
+
+    Growth seam: with a :class:`~cilkit.models.growing.GrowingBackbone` (DER),
+    ``grow_backbone()`` adds a backbone and widens the linear head with zero columns, so the
+    logits are unchanged right after it; ``add_classes`` works as before.
+    """
 
     def __init__(self, backbone: nn.Module, head: IncrementalLinear | SplitCosineLinear) -> None:
         super().__init__()
@@ -76,14 +105,44 @@ class IncrementalNet(nn.Module):
         """Pooled backbone features ``(N, D)``."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"features": f, "logits": head(f)}``."""
-        f = self.backbone(x)
-        return {"features": f, "logits": self.head(f)}
+    @overload
+    def forward(self, x: torch.Tensor, stages: Literal[False] = False) -> dict[str, torch.Tensor]: ...
+
+    @overload
+    def forward(self, x: torch.Tensor, stages: bool) -> dict[str, Any]: ...
+
+    def forward(self, x: torch.Tensor, stages: bool = False) -> dict[str, Any]:
+        """``{"features": f, "logits": head(f)}``; with ``stages=True`` also ``"stages"``: the
+        list of the backbone's stage maps, ``f`` being computed from the last of them."""
+        if not stages:
+            f = self.backbone(x)
+            return {"features": f, "logits": self.head(f)}
+        stage_fn, embed = getattr(self.backbone, "stage_outputs", None), getattr(self.backbone, "embed", None)
+        if not callable(stage_fn) or not callable(embed):
+            raise TypeError(f"backbone {type(self.backbone).__name__} does not expose its stages "
+                            "(it needs methods stage_outputs(x) -> list of maps and embed(last_map) -> "
+                            "features), so forward(x, stages=True) cannot return them")
+        maps = list(stage_fn(x))
+        f = embed(maps[-1])
+        return {"features": f, "logits": self.head(f), "stages": maps}
 
     def add_classes(self, n: int) -> None:
         """Grow the head by ``n`` classes (rebuild optimizers afterwards)."""
         self.head.add_classes(n)
+
+    def grow_backbone(self, freeze_old: bool = True) -> nn.Module:
+        """Add a backbone to a ``GrowingBackbone`` (freezing the old ones by default) and widen
+        the linear head by its ``out_dim`` with zero columns (``IncrementalLinear.add_inputs``);
+        returns the new backbone. Rebuild optimizers afterwards."""
+        grow = getattr(self.backbone, "grow", None)
+        if not callable(grow):
+            raise TypeError(f"backbone {type(self.backbone).__name__} cannot grow "
+                            "(use cilkit.models.GrowingBackbone)")
+        if not isinstance(self.head, IncrementalLinear):
+            raise TypeError(f"grow_backbone needs an IncrementalLinear head, not {type(self.head).__name__}")
+        new = grow(freeze_old=freeze_old)
+        self.head.add_inputs(int(getattr(new, "out_dim")))
+        return new
 
     @property
     def num_classes(self) -> int:

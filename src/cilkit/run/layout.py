@@ -4,7 +4,7 @@ Every path of a run directory is built here; the runner, the statistics step, th
 calibration, the report and the methods ask a :class:`RunLayout` instead of joining strings::
 
     config.yaml  results.json  summary.json  run.log  history.jsonl  tb/
-    scores/state_XX.npz   stats/state_XX.json   memory/state_XX.json   active/state_XX.json
+    scores/state_XX.npz   stats/state_XX.json   memory/state_XX.json   <method>/state_XX.json
     checkpoints/state_XX.pt   report/   calibrated/<rectifier>/
 
 ``XX`` is the 0-based state index, two digits at least (``state_100`` after ``state_99``:
@@ -29,7 +29,8 @@ from cilkit import distributed
 from cilkit.errors import UserError
 from cilkit.io import make_dir
 
-RESULTS_VERSION = 1  # of results.json; a newer one is refused by read_results
+RESULTS_VERSION = 2  # of results.json; a newer one is refused by read_results
+# 2: a method's own results of a state sit under its name (states[b]["lucir"], ["active"] ...)
 
 _STATE_FILE = re.compile(r"state_(\d+)\.pt")
 _RUN_KEYS = ("state_ends", "class_order")
@@ -61,12 +62,12 @@ class RunLayout:
 
     @property
     def history(self) -> Path:
-        """Per-epoch and per-state training record (:mod:`cilkit.history`)."""
+        """Per-epoch and per-state training record (:mod:`cilkit.run.history`)."""
         return self.root / "history.jsonl"
 
     @property
     def tb(self) -> Path:
-        """TensorBoard event files (``log.tensorboard``, :mod:`cilkit.tensorboard_log`)."""
+        """TensorBoard event files (``log.tensorboard``, :mod:`cilkit.run.tensorboard`)."""
         return self.root / "tb"
 
     @property
@@ -90,12 +91,10 @@ class RunLayout:
     def memory(self, b: int) -> Path:
         return self.root / "memory" / f"state_{b:02d}.json"
 
-    def bic(self, b: int) -> Path:
-        """BiC's validation images and hold-outs of state ``b``."""
-        return self.root / "bic" / f"state_{b:02d}.json"
-
-    def active(self, b: int) -> Path:
-        return self.root / "active" / f"state_{b:02d}.json"
+    def method_file(self, method: str, b: int) -> Path:
+        """A method's own record of state ``b`` (``StateRecord.files``): BiC's validation images
+        and hold-outs (``bic/``), active IL's annotation cycles (``active/``) ..."""
+        return self.root / method / f"state_{b:02d}.json"
 
     def checkpoint(self, b: int) -> Path:
         return self.checkpoint_dir / f"state_{b:02d}.pt"
@@ -213,7 +212,15 @@ def foreign_entries(root: Path) -> list[str]:
     sub-run (a directory holding a config.yaml: a method or ``run_k`` of a comparison)."""
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.name not in OWN_ENTRIES and not _is_run_dir(p))
+    return sorted(p.name for p in root.iterdir()
+                  if p.name not in OWN_ENTRIES and not _is_run_dir(p) and not _is_method_dir(p))
+
+
+def _is_method_dir(path: Path) -> bool:
+    """A method's own records (:meth:`RunLayout.method_file`), a plugin method's included."""
+    from cilkit.registry import METHODS
+
+    return path.is_dir() and path.name in METHODS
 
 
 def holds_run(root: Path) -> bool:

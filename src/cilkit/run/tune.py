@@ -3,7 +3,7 @@
 Every point of a grid (``--grid KEY=V1,V2,...``, several grids form their Cartesian product)
 is a run of the config with those values set; each run evaluates, after every state, its own
 scores on ``scenario.val_per_class`` held-out images of every seen class (never trained on,
-never in the memory: see :meth:`cilkit.runner.Run._validate`). Points are ranked by the mean
+never in the memory: see :meth:`cilkit.run.loop.Run._validate`). Points are ranked by the mean
 incremental validation top-1 (without state 1 when there are several states), averaged over
 ``runs`` seeds; the test set is never read for the choice (a test shows that permuting the
 test labels leaves the ranking unchanged); a point without a score ranks last. Writes
@@ -28,10 +28,12 @@ from cilkit import io
 from cilkit.config import RunConfig, load_config, read_yaml
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError
-from cilkit.rundir import RunLayout, read_results
+from cilkit.run.layout import RunLayout, read_results
 from cilkit.runlog import log
-from cilkit.runner import check_protocol, config_differences, repeat_dirs, run_methods
-from cilkit.stats_tests import mean_std
+from cilkit.keys import config_differences
+from cilkit.run.multirun import repeat_dirs, run_methods
+from cilkit.run.setup import check_protocol
+from cilkit.analysis.significance import mean_std
 
 Point = list[tuple[str, str]]
 METRIC = "mean incremental validation top-1 (excl. state 1), mean over seeds"
@@ -114,7 +116,7 @@ def run_point(config: RunConfig, run_dir: Path, dataset: Dataset | None = None) 
 
 def point_datasets(configs: list[RunConfig]) -> list[Dataset]:
     """Each point's dataset, read once for all points with the same ``data`` settings, and
-    every point checked on it as :func:`cilkit.runner.check_protocol` checks a run (device,
+    every point checked on it as :func:`cilkit.run.loop.check_protocol` checks a run (device,
     scenario, method options, model), before anything runs."""
     loaded: dict[str, Dataset] = {}
     out = []

@@ -1,8 +1,8 @@
 """Active class-incremental learning for imbalanced datasets (Belouadah, Popescu, Aggarwal &
-Saci, IPCV workshop at ECCV 2020; METHODS.md, "Active class-incremental learning ...").
+Saci, IPCV workshop at ECCV 2020; docs/methods.md, "active").
 
 State 0 is fully labelled and trained as fine-tuning (FT). From state 1 on, the new classes'
-training images are an unlabelled pool held by an :class:`~cilkit.active.Oracle`; an annotation
+training images are an unlabelled pool held by an :class:`~cilkit.methods.active.Oracle`; an annotation
 budget of ``budget`` x pool images is spent in ``cycles`` rounds (``first_share`` of it in the
 first, the rest split evenly over the others: 40 / 20 / 20 / 20 % by default). Each round is
 one ``train_set`` + fit of the runner: ``train_set`` annotates the round's share, then returns
@@ -17,7 +17,7 @@ the exemplars + every image annotated so far in the state (cross-entropy, FT; no
   never in training. Round 0 uses the counts the previous model was trained with.
   ``renormalise`` (default true, cilkit's choice): entropy, margin and least confidence rank
   the scaled scores renormalised per row; ``false`` ranks them unnormalised, as the original
-  code does (:func:`cilkit.active.acquisition.acquisition_probabilities`; the picks differ).
+  code does (:func:`cilkit.methods.active.acquisition.acquisition_probabilities`; the picks differ).
 * ``reinit_classifier`` (default true, the original's ``model.fc = nn.Linear(...)`` at every
   incremental state): before a state's first cycle, the whole last layer (old and new rows) is
   re-initialised; the backbone continues from the previous model, which also keeps its own
@@ -25,7 +25,7 @@ the exemplars + every image annotated so far in the state (cross-entropy, FT; no
   (fine-tuning's default).
 * Acquisition functions: least confidence is cilkit's addition (the original has random,
   k-centers, entropy and max-margin). ``bcore`` as released cannot run (its distance matrix and
-  the annotated images' features are never built, see :mod:`cilkit.active.acquisition`);
+  the annotated images' features are never built, see :mod:`cilkit.methods.active.acquisition`);
   cilkit implements its described intent.
 * The memory stores annotated images only (``memory_candidates``).
 
@@ -54,9 +54,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from cilkit import io
-from cilkit.active import acquisition as af
-from cilkit.active.oracle import Oracle
+from cilkit.methods.active import acquisition as af
+from cilkit.methods.active.oracle import Oracle
 from cilkit.rectify import prediction_scaling
 from cilkit.classwise import class_counts
 from cilkit.methods import register
@@ -127,19 +126,21 @@ class ActiveIL(Method):
     def rounds(self, ctx: Context) -> int:
         return 1 if ctx.state.index == 0 else self.cfg.cycles
 
-    def train_set(self, ctx: Context) -> torch.Tensor:
-        """State 0: all its (labelled) images. Later: annotate this round's share (once per
-        round; a repeated call for the same round annotates nothing), then exemplars + every
-        image annotated so far in the state."""
-        st = ctx.state
-        if self.oracle is None:
-            indices = super().train_set(ctx)
-            self.train_counts = class_counts(ctx.scenario.train_pos[indices], st.n_seen)
-            return indices
-        if ctx.round == len(self.selections):
+    def begin_round(self, ctx: Context) -> None:
+        """Annotate this round's share of the budget (from state 1 on), then count the round's
+        training set (``n_j``, which prediction scaling and the acquisition read)."""
+        if self.oracle is not None:
             self.selections.append(self._annotate_cycle(ctx, ctx.round))
             self.train_counts = self._training_counts(ctx)
-        return torch.cat([ctx.memory.indices(st.old), self.oracle.annotated])
+        else:
+            self.train_counts = class_counts(ctx.scenario.train_pos[self.train_set(ctx)], ctx.state.n_seen)
+
+    def train_set(self, ctx: Context) -> torch.Tensor:
+        """State 0: all its (labelled) images. Later: exemplars + every image annotated so far
+        in the state."""
+        if self.oracle is None:
+            return super().train_set(ctx)
+        return torch.cat([ctx.memory.indices(ctx.state.old), self.oracle.annotated])
 
     def _training_counts(self, ctx: Context) -> torch.Tensor:
         """(n_seen,) ``n_j`` of exemplars + annotated images: exemplar counts from the memory,
@@ -157,7 +158,7 @@ class ActiveIL(Method):
             return
         st = ctx.state
         counts = self.oracle.counts(st.n_seen)
-        ctx.info.update({
+        ctx.record.results.update({
             "pool_size": int(self.oracle.pool.numel()),
             "annotation_budget": sum(self.budgets),
             "annotations": int(self.oracle.annotated.numel()),
@@ -165,13 +166,12 @@ class ActiveIL(Method):
             "annotations_per_class": {str(c): int(counts[c]) for c in st.new},
             "labels_revealed": self.oracle.revealed,
         })
-        if ctx.layout is not None:
-            sizes = [int(s.numel()) for s in self.selections]
-            io.write_json(ctx.layout.active(st.index), {
-                "budgets": self.budgets,
-                "cycles": [s.tolist() for s in self.selections],  # training-set indices
-                "labels": [y.tolist() for y in self.oracle.labels.split(sizes)],  # revealed positions
-            })
+        sizes = [int(s.numel()) for s in self.selections]
+        ctx.record.files.update({
+            "budgets": self.budgets,
+            "cycles": [s.tolist() for s in self.selections],  # training-set indices
+            "labels": [y.tolist() for y in self.oracle.labels.split(sizes)],  # revealed positions
+        })
 
     @property
     def pool_oracle(self) -> Oracle:

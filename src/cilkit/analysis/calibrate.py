@@ -1,7 +1,7 @@
 """``cilkit calibrate``: rectify the stored test logits of finished runs, without their model.
 
 Reads ``scores/state_XX.npz`` and ``stats/state_XX.json`` of each run (see
-:mod:`cilkit.rundir`), applies a rectifier of :mod:`cilkit.rectify` state by state and writes a
+:mod:`cilkit.run.layout`), applies a rectifier of :mod:`cilkit.rectify` state by state and writes a
 results.json built with :mod:`cilkit.metrics`, as the runner builds its own.
 """
 
@@ -18,8 +18,8 @@ from cilkit import io
 from cilkit.errors import UserError
 from cilkit.metrics import fmt, run_summary, score_metrics, state_accuracies
 from cilkit.rectify import check_rectifier, rectify
-from cilkit.rundir import RESULTS_VERSION, RunLayout, read_scores, read_stats
-from cilkit.runsets import FoundRun, find_runs
+from cilkit.run.layout import RESULTS_VERSION, RunLayout, read_scores, read_stats
+from cilkit.analysis.runsets import FoundRun, find_runs
 
 # run-level keys of the source's results.json that describe the source run itself, not its
 # rectified scores: never copied (the summaries are recomputed; the provenance is kept under

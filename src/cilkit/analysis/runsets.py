@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from cilkit.config import RunConfig
+from cilkit.keys import protocol_settings
 from cilkit.errors import UserError
-from cilkit.rundir import RunLayout, read_results
+from cilkit.run.layout import RunLayout, read_results
 
 
 # ----- finding the runs ------------------------------------------------------------------------
@@ -93,13 +94,6 @@ def find_runs(dirs: Sequence[str | os.PathLike]) -> list[FoundRun]:
 
 
 # ----- protocols and groups --------------------------------------------------------------------
-NOT_PROTOCOL = frozenset({"name", "seed", "runs", "method", "device", "threads", "channels_last",
-                          "state0_cache", "keep_checkpoints", "log", "plugins", "compile", "dist_timeout_s",
-                          "data.workers"})
-# ^ config keys (dotted below the top level) that are no part of a protocol: the seed and method,
-#   and keys that change no number
-
-
 def _source_dirs(run: FoundRun) -> list[Path]:
     """Where a ``cilkit calibrate`` output's source run may be: its recorded ``source``, an
     absolute path; a relative one (written by an older cilkit, relative to the directory
@@ -130,26 +124,18 @@ def run_config(run: FoundRun) -> dict[str, Any] | None:
 
 def protocol_key(results: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
     """What makes two runs comparable: dataset, class order and states (results.json), and every
-    config setting (data, scenario, memory, model, training, precision) except the seed, the
-    method and its options, and keys that change no number (:data:`NOT_PROTOCOL`)."""
+    config setting that :mod:`cilkit.keys` declares a protocol key (data, scenario, memory,
+    model, training, precision): not the seed, the method and its options, how the run executed
+    (device, threads, compile, ...) or keys that change no number."""
     settings = None if config is None else _protocol_settings(config)
     return json.dumps({"dataset": results.get("dataset"), "class_order": results.get("class_order"),
                        "state_ends": results.get("state_ends"), "config": settings}, sort_keys=True, default=str)
 
 
 def _protocol_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config's protocol keys, with today's defaults for keys an older cilkit did not write
-    (a run recorded before a key existed ran as its default)."""
-    defaults = RunConfig().to_dict()
-
-    def merged(default: Any, given: Any, prefix: str) -> Any:
-        if isinstance(default, dict) and isinstance(given, Mapping):
-            return {k: merged(default.get(k), given.get(k, default.get(k)), f"{prefix}{k}.")
-                    for k in default.keys() | given.keys() if f"{prefix}{k}" not in NOT_PROTOCOL}
-        return given
-
-    return {k: merged(defaults.get(k), config.get(k, defaults.get(k)), f"{k}.")
-            for k in RunConfig.model_fields if k not in NOT_PROTOCOL}
+    """The config's protocol keys (:mod:`cilkit.keys`), with today's defaults for keys an
+    older cilkit did not write (a run recorded before a key existed ran as its default)."""
+    return protocol_settings(config, RunConfig().to_dict())
 
 
 def _method_options(results: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:

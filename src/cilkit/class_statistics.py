@@ -12,18 +12,15 @@ statistics, which the runner keeps in memory and in every checkpoint.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from cilkit.classwise import class_counts, class_means
-from cilkit.rectify import nonpositive_classes
+from cilkit.rectify import ClassStatistics, nonpositive_classes
 
 if TYPE_CHECKING:
     from cilkit.methods.base import Context, TrainingRecord
-
-Stats = dict[str, Any]
-
 
 def own_logit_means(logits: torch.Tensor, positions: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(n_classes,) mean of ``z_c(x)`` over the images ``x`` of each class ``c`` (the logit of an
@@ -37,7 +34,7 @@ def _floats(values: torch.Tensor, classes: range) -> dict[str, float | None]:
     return {str(c): (None if v != v else float(v)) for c, v in zip(classes, values[classes.start : classes.stop].tolist())}
 
 
-def _history(previous: Stats | None, old: range, b: int) -> tuple[dict[str, float | None], list[float | None]]:
+def _history(previous: ClassStatistics | None, old: range, b: int) -> tuple[dict[str, float | None], list[float | None]]:
     """``init_mean`` of the old classes and ``conf`` of the earlier states from the previous
     state's statistics; nulls where there are none (the rectifiers leave those unchanged)."""
     if previous is None:
@@ -45,7 +42,7 @@ def _history(previous: Stats | None, old: range, b: int) -> tuple[dict[str, floa
     return {str(o): previous["init_mean"].get(str(o)) for o in old}, list(previous["conf"])[:b]
 
 
-def state_statistics(ctx: "Context", record: "TrainingRecord", previous: Stats | None) -> Stats:
+def state_statistics(ctx: "Context", record: "TrainingRecord", previous: ClassStatistics | None) -> ClassStatistics:
     """The class statistics of state ``b`` with the state's final model:
 
     * ``init_mean[c]``: mean raw logit ``z_c(x)`` over the training images of class c, in the

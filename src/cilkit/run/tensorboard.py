@@ -1,6 +1,6 @@
 """TensorBoard event files of a run (``log.tensorboard: true``), under ``<run>/tb/``.
 
-Written from the lines of the run's history (:mod:`cilkit.history`), so that a resumed run
+Written from the lines of the run's history (:mod:`cilkit.run.history`), so that a resumed run
 rebuilds exactly the events of an uninterrupted one (:meth:`TensorBoardLog.replay`):
 
 - per epoch, against a global epoch counter (1, 2, ... over every fit of the run):
@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cilkit import plots
+from cilkit.analysis import plots
 from cilkit.errors import UserError, described
 
 STATE_SCALARS = ("top1", "top1_old", "top1_new", "balanced_top1")

@@ -1,6 +1,6 @@
 """Sample acquisition functions of active class-incremental learning (Belouadah, Popescu,
 Aggarwal & Saci, "Active class incremental learning for imbalanced datasets", IPCV workshop at
-ECCV 2020; METHODS.md, "Active class-incremental learning for imbalanced datasets").
+ECCV 2020; docs/methods.md, "active").
 
 Every function works on a pool of ``n`` unlabelled candidates described only by what a model
 says about them (probabilities ``(n, C)`` or features ``(n, D)``) and, for the balancing

@@ -21,8 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cilkit.metrics import Results, variant_names
-from cilkit.rundir import RunLayout, read_scores
-from cilkit.stats_tests import mean_std
+from cilkit.run.layout import RunLayout, read_scores
+from cilkit.analysis.significance import mean_std
 
 DPI = 100
 PALETTE = [
@@ -130,13 +130,20 @@ def _class_key(name: str) -> tuple[int, Any]:
     return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
 
 
+def _annotations(state: Mapping[str, Any], method: Any) -> Any:
+    """A state's ``annotations_per_class``: among the method's own results (``states[b][<method>]``),
+    or at the state's top level (results of cilkit 0.1.0, results version 1)."""
+    own = state.get(str(method))
+    return own.get("annotations_per_class") if isinstance(own, Mapping) else state.get("annotations_per_class")
+
+
 def annotation_data(results: Results) -> dict[str, dict[str, Any]]:
     """Annotations per class, for the runs whose states carry ``annotations_per_class`` (active
     learning). ``counts[i][j]`` is the count of ``classes[j]`` in ``states[i]`` (None if absent)."""
     data = {}
     for label, r in results.items():
-        rows = {s["state"]: _annotation_row(s["annotations_per_class"])
-                for s in r["states"] if s.get("annotations_per_class") is not None}
+        rows = {s["state"]: _annotation_row(_annotations(s, r.get("method")))
+                for s in r["states"] if _annotations(s, r.get("method")) is not None}
         if not rows:
             continue
         classes = sorted({c for row in rows.values() for c in row}, key=_class_key)

@@ -1,0 +1,8 @@
+"""Analysis of finished runs, without their models: the runs a comparison reads and how they
+group (``runsets``), tables and the HTML report (``report``), figures (``plots``), statistics
+over seeds and paired intervals (``significance``), and rectification of stored scores
+(``calibrate``).
+
+May import: the top-level modules (config, keys, metrics, rectify, io, errors ...) and
+``cilkit.run.layout`` (the files it reads); never a method, the engine or a model.
+"""

@@ -1,0 +1,305 @@
+"""One class-incremental run, state after state (:class:`Run`).
+
+The state loop is :meth:`Run.run_state`: before -> train -> memory -> after -> statistics ->
+evaluate -> record. What the run writes and reads back is the :class:`~cilkit.run.store.RunStore`'s;
+the state-0 cache key is :mod:`cilkit.run.state0cache`'s; several methods and seeds are
+:mod:`cilkit.run.multirun`'s.
+
+Randomness: every state draws from its own generators, seeded from ``(run seed, state)``, and
+the global torch RNG is re-seeded the same way at the start of each state. A resumed run
+therefore replays exactly the random numbers an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import torch
+
+from cilkit import distributed, io, runlog
+from cilkit.class_statistics import state_statistics
+from cilkit.config import RunConfig
+from cilkit.data import load_dataset
+from cilkit.data.base import Dataset
+from cilkit.engine import Engine, EpochRecord
+from cilkit.memory import Memory
+from cilkit.methods.base import Context, StateRecord, TrainingRecord
+from cilkit.metrics import score_metrics, state_accuracies
+from cilkit.rectify import ClassStatistics
+from cilkit.run import provenance, state0cache, tensorboard
+from cilkit.run.layout import RunLayout
+from cilkit.run.setup import build_method_and_model, build_scenario, free_cores, normalisation, resolve_device
+from cilkit.run.store import RunStore, checkpoint_parts, empty_results, tensors_of
+from cilkit.runlog import log
+from cilkit.seeding import derive_seed, seeded_generator
+
+STALL_RATIO = 0.9
+
+
+def stalled(first_loss: float | None, final_loss: float | None) -> bool:
+    """A fit that ended (last epoch's mean loss) within 10% of its first batch's loss: a model
+    that learned nothing (e.g. iCaRL's first state stuck at ln 2 per class under plain SGD)."""
+    return first_loss is not None and final_loss is not None and first_loss > 0 and \
+        final_loss >= STALL_RATIO * first_loss
+
+
+class Run:
+    """A single-method run writing into ``run_dir``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | os.PathLike,
+        progress: bool | None = None,
+        dataset: Dataset | None = None,
+    ) -> None:
+        if not isinstance(config.method, str):
+            raise ValueError("Run takes one method; use run_methods for a comparison")
+        if config.log.tensorboard:
+            tensorboard.require()  # before any data is read or anything trains
+        self.config = config
+        self.layout = RunLayout(run_dir)
+        torch.set_num_threads(config.threads or free_cores())
+        self.device = resolve_device(config.device)
+        self.dataset = dataset if dataset is not None else load_dataset(config.data)
+        self.scenario = build_scenario(config, self.dataset)
+        self.mean, self.std = normalisation(self.dataset, self.scenario)
+        self.dataset.train.to(self.device)
+        self.dataset.test.to(self.device)
+        self.engine = Engine(
+            self.dataset, config.train, self.device, self.mean, self.std, config.amp, config.channels_last, progress,
+            on_epoch=self._record_epoch, compile=config.compile,
+        )
+        self.method, model, self.channels, self.size = build_method_and_model(config, self.dataset)
+        if config.train.sync_bn and distributed.active():
+            model = distributed.global_batchnorm(model)
+        self.model = model.to(self.device)
+        self.memory = Memory(config.memory)
+        self.statistics: ClassStatistics | None = None  # the last finished state's class statistics
+        self.store = RunStore(self.layout, config, empty_results(
+            config, self.dataset.name, self.dataset.class_names, self.scenario, self.method.primary_scores,
+            self._environment()))
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.store.results
+
+    def _environment(self) -> dict[str, Any]:
+        c = self.config
+        return provenance.environment(self.device, torch.get_num_threads(), c.amp, c.channels_last)
+
+    # ----- the states ------------------------------------------------------------------------
+    def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
+        """Run (or continue) the states; ``until_state`` stops after that state (for tests).
+        Every :func:`~cilkit.runlog.log` line is copied to ``run.log`` meanwhile."""
+        io.make_dir(self.layout.root)
+        with runlog.tee(self.layout.run_log):
+            start = self._restore() if resume else self.store.start_fresh()
+            log(f"[{self.config.method}] {self.setup_line()}")
+            last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
+            with self.store.recording(start):
+                for b in range(start, last + 1):
+                    self.run_state(b)
+        return self.results
+
+    def context(self, b: int) -> Context:
+        """A fresh context of state ``b`` (its generator seeded from ``(seed, "state", b)``)."""
+        return Context(
+            config=self.config, scenario=self.scenario, dataset=self.dataset, state=self.scenario.state(b),
+            model=self.model, memory=self.memory, device=self.device,
+            generator=seeded_generator(self.config.seed, "state", b), mean=self.mean, std=self.std,
+            engine=self.engine, record=StateRecord(),
+        )
+
+    def run_state(self, b: int) -> None:
+        """One state: before -> train -> memory -> after -> statistics -> evaluate -> record."""
+        t0 = time.perf_counter()
+        torch.manual_seed(derive_seed(self.config.seed, "torch", b))
+        st = self.scenario.state(b)
+        log(f"[{self.config.method}] state {b + 1}/{self.scenario.num_states}: classes {st.new.start}.."
+            f"{st.new.stop - 1} new, {st.n_seen} seen")
+        ctx = dataclasses.replace(self.context(b), trained=TrainingRecord(old_exemplars=self.memory.indices(st.old)))
+        self.method.before_state(ctx)
+        train_info = self._train(ctx)
+        self._update_memory(ctx)
+        self.method.after_state(ctx)
+        ctx = dataclasses.replace(ctx, statistics=self._statistics(ctx))
+        entry = {**self._evaluate(ctx), **train_info, **self._method_results(ctx),
+                 "memory_size": len(self.memory), "time_s": time.perf_counter() - t0}
+        distributed.check_agreement(f"state {b + 1}", self._digest(entry))
+        self.store.record_state(entry, self._compiled())
+        self._save_state(ctx)
+        old = f", old {entry['top1_old']:.1f}" if entry["top1_old"] is not None else ""
+        log(f"[{self.config.method}] state {b + 1}: top-1 {entry['top1']:.2f}{old}, new {entry['top1_new']:.1f} "
+            f"({entry['time_s']:.1f} s)")
+
+    def setup_line(self) -> str:
+        """What shapes the run and its speed, in one line (the first the run prints)."""
+        c, sc = self.config, self.scenario
+        sizes = [sc.ends[0]] + [e - s for s, e in zip(sc.ends, sc.ends[1:])]
+        steps = f"{sizes[0]}" + (f" + {len(sizes) - 1} x {sizes[1]}" if len(set(sizes[1:])) == 1 and len(sizes) > 1
+                                  else "".join(f" + {n}" for n in sizes[1:]))
+        m = c.memory
+        memory = (f"{m.total} exemplars" if m.total else f"{m.per_class} per class" if m.per_class else "none")
+        precision = ("bf16 autocast" if c.amp else "fp32") + (", torch.compile" if c.compile else "")
+        return (f"{self.dataset.name}: {self.dataset.num_classes} classes, images {self.channels}x{self.size}x"
+                f"{self.size}; {sc.num_states} states of {steps} classes; memory {memory}"
+                f"{f' ({m.selection})' if m.enabled else ''}; device {self.device}, threads {torch.get_num_threads()}, "
+                f"{precision}{', channels-last' if c.channels_last else ''}; seed {c.seed}")
+
+    # ----- train -----------------------------------------------------------------------------
+    def _train(self, ctx: Context) -> dict[str, Any]:
+        b = ctx.state.index
+        rounds = self.method.rounds(ctx)
+        cache = self.state0_entry() if b == 0 and rounds == 1 else None
+        cached = distributed.from_main(lambda: state0cache.load_entry(cache, self.model, log)) if cache else None
+        if cache is not None and cached is not None:
+            distributed.sync_state(self.model)  # rank 0 read the entry
+            log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
+                "(same data content, order, model, code, options, training and execution settings and seed)")
+            self.method.begin_round(ctx)  # what the round sets up, but for the training itself
+            indices = self._train_set(ctx)
+            return {"train_images": int(indices.numel()), **cached, "state0_cached": True}
+        info: dict[str, Any] = {}
+        seconds = 0.0
+        for r in range(rounds):
+            info.update(self._fit_round(dataclasses.replace(ctx, round=r),
+                                        f"state {b + 1}" + (f" round {r + 1}" if rounds > 1 else "")))
+            seconds += info["train_seconds"]
+        info["train_seconds"] = seconds
+        if cache is not None:
+            state0cache.store_entry(cache, self.model, info, log)
+            info["state0_cached"] = False
+        return info
+
+    def _train_set(self, ctx: Context) -> torch.Tensor:
+        """The round's training indices from the method, recorded as trained on."""
+        indices = self.method.train_set(ctx)
+        assert ctx.trained is not None
+        ctx.trained.rounds.append(indices)
+        return indices
+
+    def _fit_round(self, ctx: Context, desc: str) -> dict[str, Any]:
+        self.method.begin_round(ctx)
+        indices = self._train_set(ctx)
+        train = self.config.train
+        b = ctx.state.index
+        fit = self.engine.fit(ctx, self.method, indices, train.epochs_of(b), train.lr_of(b), train.schedule, desc=desc)
+        final = fit["epoch_losses"][-1] if fit["epoch_losses"] else None
+        if stalled(fit["first_loss"], final):
+            log(f"[{self.config.method}] warning: {desc} ended with loss {final:.3f}, about where it started "
+                f"({fit['first_loss']:.3f} on its first batch): the model may have learned nothing; try another "
+                "learning rate or seed (see cilkit info)")
+        return {
+            "train_images": int(indices.numel()),
+            "train_seconds": fit["train_seconds"],
+            "images_per_second": fit["images_per_second"],
+            "first_loss": fit["first_loss"],
+            "final_loss": final,
+        }
+
+    def _record_epoch(self, ctx: Context, record: EpochRecord) -> None:
+        """An epoch of any fit of the run (the engine's callback)."""
+        self.store.record_epoch(ctx.state.index, ctx.round, record)
+
+    def state0_entry(self) -> state0cache.CacheEntry | None:
+        """The state-0 cache entry this run would use (None with ``state0_cache: null``)."""
+        if self.config.state0_cache is None:
+            return None
+        key = state0cache.state0_key(self.config, self.dataset, self.scenario, self.model, self.method,
+                                     self.mean, self.std, self.device)
+        return state0cache.cache_file(self.config.state0_cache, self.dataset.name, key)
+
+    # ----- memory, statistics, evaluation --------------------------------------------------------
+    def _update_memory(self, ctx: Context) -> None:
+        st = ctx.state
+        candidates = self.method.memory_candidates(ctx)
+        assert ctx.trained is not None
+        ctx.trained.new_images = candidates
+        pos = self.scenario.train_pos[candidates]
+        new = {c: candidates[pos == c] for c in st.new}
+        self.memory.update(  # its own generator: a state-0 cache hit (no training draws) changes nothing
+            st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx),
+            seeded_generator(self.config.seed, "memory", st.index),
+        )
+
+    def _statistics(self, ctx: Context) -> ClassStatistics:
+        """The state's class statistics (:mod:`cilkit.class_statistics`) from what it trained
+        on, written to ``stats/state_XX.json``; kept as the history of the next state."""
+        assert ctx.trained is not None
+        stats = state_statistics(ctx, ctx.trained, self.statistics)
+        self.store.write_statistics(ctx.state.index, stats)
+        for message in self.method.statistics_warnings(ctx, stats):
+            log(f"[{self.config.method}] warning: state {ctx.state.index + 1}: {message}")
+        self.statistics = stats
+        return stats
+
+    def _evaluate(self, ctx: Context) -> dict[str, Any]:
+        st = ctx.state
+        out = self.engine.infer(self.model, self.dataset.test, st.test)
+        labels = ctx.targets(out["labels"])
+        scores = self.method.predict(ctx, out)
+        extras = self.method.extra_scores(ctx, out)
+        entry: dict[str, Any] = {"state": st.index, "classes_seen": st.n_seen, "new_classes": list(st.new)}
+        entry.update(score_metrics(scores, labels, st.n_old, self.scenario.ends[: st.index + 1]))
+        entry["variants"] = {k: state_accuracies(v, labels, st.n_old) for k, v in extras.items()}
+        if self.config.scenario.val_per_class > 0:
+            entry.update(self._validate(ctx))
+        arrays = {"logits": out["logits"].numpy(), "labels": labels.numpy(), "scores": scores.numpy()}
+        arrays.update({f"scores_{k}": v.numpy() for k, v in extras.items()})
+        self.store.write_scores(st.index, arrays)
+        return entry
+
+    def _validate(self, ctx: Context) -> dict[str, float | None]:
+        """Top-1 with the method's own scores on the held-out validation images of every seen
+        class (``scenario.val_per_class``): what ``cilkit tune`` ranks by, never the test set."""
+        out = self.engine.infer(self.model, self.dataset.train, self.scenario.val_indices(ctx.state.n_seen))
+        acc = state_accuracies(self.method.predict(ctx, out), ctx.targets(out["labels"]), ctx.state.n_old)
+        return {"val_top1": acc["top1"], "val_balanced_top1": acc["balanced_top1"]}
+
+    def _method_results(self, ctx: Context) -> dict[str, Any]:
+        """The method's own results of the state, under its name."""
+        return {self.method.name: ctx.record.results} if ctx.record.results else {}
+
+    # ----- records -----------------------------------------------------------------------------
+    def _compiled(self) -> str:
+        return ("torch.compile" if self.engine.compile else
+                "eager (torch.compile failed)" if self.config.compile else "eager")
+
+    def _digest(self, entry: dict[str, Any]) -> str:
+        """What every rank must agree on after a state: the model, the memory, the method's
+        state and the state's accuracies."""
+        scores = [entry.get(k) for k in ("top1", "top1_old", "top1_new", "balanced_top1", "val_top1")]
+        return distributed.digest([*self.model.state_dict().values(), *tensors_of(self.memory.state_dict()),
+                                   *tensors_of(self.method.state_dict()), scores])
+
+    def _save_state(self, ctx: Context) -> None:
+        parts = checkpoint_parts(self.model, self.model.num_classes, self.method.state_dict(),
+                                 self.memory.state_dict(), self.statistics)
+        self.store.save_state(ctx.state.index, parts, self._memory_record(), self.method.name, ctx.record.files)
+
+    def _memory_record(self) -> dict[str, Any]:
+        """Exemplar ids per class (original class id -> training-set indices, priority order)."""
+        return {
+            "selection": self.config.memory.selection,
+            "exemplars": {str(self.scenario.order[int(c)]): ids for c, ids in self.memory.as_lists().items()},
+        }
+
+    def _restore(self) -> int:
+        restored = self.store.restore(self._environment())
+        if restored is None:
+            log(f"[{self.config.method}] no checkpoint in {self.layout.root}: starting from state 1")
+            return self.store.start_fresh()
+        grow = restored.num_classes - self.model.num_classes
+        if grow > 0:
+            self.model.add_classes(grow)
+        self.model.load_state_dict(restored.model)
+        self.method.load_state_dict(restored.method)
+        self.memory.load_state_dict(restored.memory)
+        self.statistics = restored.statistics
+        log(f"[{self.config.method}] resuming {self.layout.root} after state {restored.state + 1}/"
+            f"{self.scenario.num_states}")
+        return restored.state + 1

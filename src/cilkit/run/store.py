@@ -1,0 +1,219 @@
+"""What a run writes and reads back: :class:`RunStore`.
+
+results.json (its schema: :func:`empty_results`), the checkpoint after every state, the memory,
+scores and class statistics of each state, a method's own records, provenance, and the fan-out
+of the run's records to history.jsonl and TensorBoard. Only rank 0 writes; every rank reads a
+checkpoint through rank 0 (:func:`cilkit.distributed.from_main`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cilkit import distributed, io
+from cilkit.config import RunConfig
+from cilkit.engine import EpochRecord
+from cilkit.errors import UserError
+from cilkit.keys import config_differences
+from cilkit.metrics import run_summary
+from cilkit.run import history, provenance, tensorboard
+from cilkit.run.layout import RESULTS_VERSION, RunLayout, read_stats
+from cilkit.runlog import log
+from cilkit.scenario import Scenario
+
+
+def empty_results(config: RunConfig, dataset_name: str, class_names: list[str], scenario: Scenario,
+                  primary_scores: str, environment: dict[str, Any]) -> dict[str, Any]:
+    """results.json before the first state: what the run is; ``states`` fills as it goes."""
+    seen = scenario.order[: scenario.ends[-1]]
+    return {
+        "version": RESULTS_VERSION,
+        "method": config.method,
+        "dataset": dataset_name,
+        "num_states": scenario.num_states,
+        "class_order": seen,
+        "class_names": [class_names[c] for c in seen],
+        "state_ends": scenario.ends,
+        "imbalance": scenario.imbalance,  # profile and kept images per class position
+        "primary_scores": primary_scores,
+        "states": [],
+        "accuracy_matrix": [],
+        "complete": False,
+        "wall_time_s": 0.0,
+        "provenance": provenance.started(environment),
+    }
+
+
+@dataclass
+class Restored:
+    """What a checkpoint hands back to the run: the state it was written after and its parts."""
+
+    state: int
+    num_classes: int
+    model: dict[str, Any]
+    method: dict[str, Any]
+    memory: dict[str, Any]
+    statistics: dict[str, Any] | None
+    results: dict[str, Any]
+
+
+class RunStore:
+    """The files of one run (``layout``) and the results it is building (``results``)."""
+
+    def __init__(self, layout: RunLayout, config: RunConfig, results: dict[str, Any]) -> None:
+        self.layout = layout
+        self.config = config
+        self.results = results
+        self.history = history.History(layout.history)
+        self.tensorboard: tensorboard.TensorBoardLog | None = None  # open while the states run
+
+    # ----- records as the run goes ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def recording(self, start: int) -> Iterator[None]:
+        """While the states from ``start`` on run: the history keeps the finished states only
+        (an interrupted attempt's later lines go), and with ``log.tensorboard`` fresh event files
+        replay them and stay open."""
+        kept = self.history.keep_states(start - 1)
+        if not self.config.log.tensorboard or not distributed.is_main():
+            yield
+            return
+        self.tensorboard = tensorboard.TensorBoardLog(self.layout.tb, fresh=True)
+        try:
+            self.tensorboard.replay(kept, self.results["accuracy_matrix"])
+            yield
+        finally:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def record_epoch(self, state: int, round: int, record: EpochRecord) -> None:
+        line = history.epoch_line(state, round, record)
+        self.history.append(line)
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(line)
+
+    def record_state(self, entry: dict[str, Any], compiled: str) -> None:
+        """A finished state into the results (and their summary), then a history line, written
+        before its checkpoint (a resume after the previous state drops it again)."""
+        r = self.results
+        r["accuracy_matrix"].append(entry.pop("accuracy_per_state"))
+        r["states"].append(entry)
+        r["wall_time_s"] += entry["time_s"]
+        r.update(run_summary(r["states"], r["accuracy_matrix"]))
+        r["complete"] = len(r["states"]) == r["num_states"]
+        if "provenance" in r:
+            r["provenance"]["finished"] = provenance.now()
+            r["provenance"]["compile"] = compiled
+        line = history.state_line(entry["state"], entry)
+        self.history.append(line)
+        if self.tensorboard is not None:
+            self.tensorboard.state(line, r["accuracy_matrix"])
+
+    # ----- per-state files -----------------------------------------------------------------------
+    def write_scores(self, b: int, arrays: dict[str, np.ndarray]) -> None:
+        io.write_npz(self.layout.scores(b), **arrays)
+
+    def write_statistics(self, b: int, stats: dict[str, Any]) -> None:
+        io.write_json(self.layout.stats(b), stats)
+
+    def save_state(self, b: int, checkpoint: dict[str, Any], memory_record: dict[str, Any],
+                   method_name: str, method_files: dict[str, Any]) -> None:
+        """After state ``b``: the method's own records, the memory, the checkpoint (older ones
+        removed with ``keep_checkpoints: last``), then results.json (rank 0 only)."""
+        if not distributed.is_main():
+            return
+        if method_files:
+            io.write_json(self.layout.method_file(method_name, b), method_files)
+        io.write_json(self.layout.memory(b), memory_record)
+        io.write_torch(self.layout.checkpoint(b), {**checkpoint, "state": b,
+                                                   "results": json.dumps(self.results),
+                                                   "config": json.dumps(self.config.to_dict())})
+        if self.config.keep_checkpoints == "last":
+            for state, old in self.layout.checkpoints():
+                if state != b:
+                    old.unlink()
+        io.write_json(self.layout.results, self.results)
+
+    # ----- start and resume ----------------------------------------------------------------------
+    def start_fresh(self) -> int:
+        io.write_yaml(self.layout.config, self.config.to_dict())
+        return 0
+
+    def restore(self, environment: dict[str, Any]) -> Restored | None:
+        """The last checkpoint, checked (config unchanged in what a resume keeps, results not
+        from a newer cilkit) and its results adopted; None when there is none."""
+        found = distributed.from_main(self._read_checkpoint)  # rank 0 reads, every rank restores
+        if found is None:
+            return None
+        path, ckpt = found
+        if "config" in ckpt:
+            self._check_resume_config(json.loads(ckpt["config"]), path)
+        results = json.loads(ckpt["results"])
+        version = results.get("version", 1)
+        if version != RESULTS_VERSION:  # never one results.json of two layouts
+            which = "a newer" if version > RESULTS_VERSION else "an older"
+            raise UserError(f"checkpoint '{path}' was written by {which} cilkit (results version {version}; this "
+                            f"one writes {RESULTS_VERSION}): finish the run with the cilkit that started it, or "
+                            "start a new run")
+        if "provenance" in results:
+            ranks = results["provenance"].get("ranks", 1)
+            if ranks != distributed.world_size():
+                log(f"[{self.config.method}] warning: the finished states ran on {ranks} process(es), the rest runs "
+                    f"on {distributed.world_size()}: the batches are split differently, so the remaining states' "
+                    "numbers differ from an uninterrupted run")
+            results["provenance"] = provenance.resumed(results["provenance"], environment)
+        self.results = results
+        b = int(ckpt["state"])
+        statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt  # checkpoints of cilkit <= 0.1.0:
+                      else distributed.from_main(lambda: read_stats(self.layout.stats(b), b)))
+        return Restored(b, ckpt["num_classes"], ckpt["model"], ckpt["method"], ckpt["memory"], statistics, results)
+
+    def _read_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        ckpts = self.layout.checkpoints()
+        if not ckpts:
+            return None
+        path = ckpts[-1][1]
+        try:
+            return path, io.load_torch(path)
+        except Exception as e:  # a corrupt or foreign file
+            raise UserError(f"checkpoint '{path}' cannot be read: {e.__class__.__name__}") from None
+
+    def _check_resume_config(self, saved: dict[str, Any], path: Path) -> None:
+        """Refuse to resume when the run's config.yaml no longer says what the checkpoint was
+        made with, in a key a resume must keep (:mod:`cilkit.keys`)."""
+        keys = config_differences(self.config.to_dict(), saved)
+        if keys:
+            shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+            raise UserError(f"--resume: '{self.layout.config}' differs from checkpoint '{path}' in {shown}: "
+                            "restore those settings, or start a new run")
+
+
+def tensors_of(obj: Any) -> list[Any]:
+    """The tensors and plain values inside nested dicts and lists, in a fixed order."""
+    if isinstance(obj, dict):
+        return [v for k in sorted(obj, key=str) for v in tensors_of(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [v for item in obj for v in tensors_of(item)]
+    return [obj]
+
+
+def checkpoint_parts(model: torch.nn.Module, num_classes: int, method_state: dict[str, Any],
+                     memory_state: dict[str, Any], statistics: dict[str, Any] | None) -> dict[str, Any]:
+    """What a resume needs after a state, besides the results and config the store adds: the
+    model, the method's and the memory's state, the class statistics (the history IL2M's next
+    state reads). No optimiser (every state, and every round, starts a fresh one) and no RNG
+    state (every state re-seeds its generators from ``(seed, state)``)."""
+    return {
+        "num_classes": num_classes,
+        "model": model.state_dict(),
+        "method": method_state,
+        "memory": memory_state,
+        "statistics": json.dumps(statistics),
+    }
