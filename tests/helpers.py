@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from cilkit.config import RunConfig, apply_overrides, validate
@@ -38,3 +40,16 @@ def strip_timings(obj: Any) -> Any:
     if isinstance(obj, list):
         return [strip_timings(v) for v in obj]
     return obj
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a digest of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    """The one line a user error printed on stderr (beginning ``error: ``)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]

@@ -4,7 +4,6 @@ state-0 cache that cannot serve a stale or foreign model; every failure one line
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import multiprocessing
 import os
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import strip_timings, tiny_config
+from helpers import one_error_line, snapshot, strip_timings, tiny_config
 
 from cilkit import io
 from cilkit.cli import main
@@ -38,16 +37,6 @@ def run_cli(*args: str) -> int:
     return main(["run", *args])
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a digest of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from cilkit.describe import describe, overview, version_line
 from cilkit.errors import UserError
 from cilkit.plugins import import_plugins, plugin_list
 from cilkit.analysis.report import compare_runs
-from cilkit.run.layout import RunLayout, check_target, fresh_directory
+from cilkit.run.layout import RunLayout, check_target, fresh_directory, is_run_dir
 from cilkit.runlog import log
 from cilkit.run.multirun import repeat_dirs, run_methods
 from cilkit.run.setup import check_protocol, with_resolved_threads
@@ -82,8 +82,8 @@ def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str
     if args.plugin:
         raise UserError("--resume imports the plugins recorded in the run's config.yaml; --plugin is not taken")
     cfg_file = RunLayout(run_dir).config
-    if not cfg_file.is_file():
-        raise UserError(f"--resume: '{cfg_file}' not found (not a cilkit run directory)")
+    if not is_run_dir(run_dir) or not cfg_file.is_file():
+        raise UserError(f"--resume: '{run_dir}' is not a cilkit run directory (no run marker and config.yaml)")
     data = read_yaml(cfg_file)
     other = [o for o in overrides if o.split("=", 1)[0].strip() != "threads"]
     if other:

@@ -139,12 +139,19 @@ class ScenarioConfig(Strict):
     """Class order and states. ``order`` is a seed (``numpy.random.seed(s); permutation``, the
     iCaRL convention, default 1993) or an explicit list of class ids."""
 
-    order: int | list[int] = 1993
+    order: int | list[int] = 1993  # a seed is numpy's: 0 .. 2**32 - 1
     initial: int = Field(2, ge=1)  # B: classes of state 0
     increment: int = Field(2, ge=1)  # P: classes added by each later state
     states: int | None = Field(None, ge=1)  # default: as many as the classes allow
     val_per_class: int = Field(0, ge=0)  # balanced hold-out taken from each class's train data
     imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
+
+    @field_validator("order")
+    @classmethod
+    def _numpy_seed(cls, order: int | list[int]) -> int | list[int]:
+        if isinstance(order, int) and not 0 <= order < 2**32:
+            raise ValueError("a class-order seed must lie in 0 .. 2**32 - 1 (numpy's seeds)")
+        return order
 
 
 class MemoryConfig(Strict):
@@ -345,10 +352,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file '{path}' is a directory, not a YAML file")
     if not path.is_file():
         raise UserError(f"config file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file '{path}': not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"config file '{path}' cannot be read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -4,5 +4,5 @@ over seeds and paired intervals (``significance``), and rectification of stored 
 (``calibrate``).
 
 May import: the top-level modules (config, keys, metrics, rectify, io, errors ...) and
-``cilkit.run.layout`` (the files it reads); never a method, the engine or a model.
+``cilkit.run.layout`` and ``cilkit.run.readers`` (the files it reads); never a method, the engine or a model.
 """

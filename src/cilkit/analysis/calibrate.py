@@ -18,7 +18,8 @@ from cilkit import io
 from cilkit.errors import UserError
 from cilkit.metrics import fmt, run_summary, score_metrics, state_accuracies
 from cilkit.rectify import check_rectifier, rectify
-from cilkit.run.layout import RESULTS_VERSION, RunLayout, read_scores, read_stats
+from cilkit.run.layout import RunLayout
+from cilkit.run.readers import RESULTS_VERSION, read_state_scores, read_stats
 from cilkit.analysis.runsets import FoundRun, find_runs
 
 # run-level keys of the source's results.json that describe the source run itself, not its
@@ -30,8 +31,10 @@ _SOURCE_ONLY = ("states", "accuracy_matrix", "average_forgetting", "wall_time_s"
 def calibrated_results(
     run_dir: Path, source: dict[str, Any], rectifier: str
 ) -> tuple[dict[str, Any], dict[int, dict[str, np.ndarray]]]:
-    """The results.json of ``source`` (a run's results) with every state's test logits
-    rectified, and the arrays to store per state. Reads, writes nothing."""
+    """The results.json of ``source`` (a run's results, as :func:`~cilkit.run.readers.read_results`
+    checked them) with every state's test logits rectified, and the arrays to store per state.
+    Reads (each scores and statistics file checked against the state: a damaged one is a
+    ``UserError`` naming it), writes nothing."""
     check_rectifier(rectifier)
     layout = RunLayout(run_dir)
     ends = source["state_ends"]
@@ -46,9 +49,9 @@ def calibrated_results(
     arrays: dict[int, dict[str, np.ndarray]] = {}
     for entry in source["states"]:
         b = int(entry["state"])
-        logits_np, labels_np = read_scores(layout.scores(b), "logits", "labels")
+        logits_np, labels_np = read_state_scores(layout.scores(b), ends[b])  # checked against the state
         logits, labels = torch.from_numpy(logits_np), torch.from_numpy(labels_np).long()
-        stats = read_stats(layout.stats(b), b) if rectifier != "none" else None
+        stats = read_stats(layout.stats(b), b, ends) if rectifier != "none" else None
         n_old = ends[b - 1] if b > 0 else 0
         scores = rectify(rectifier, logits, stats)
         metrics = score_metrics(scores, labels, n_old, ends[: b + 1])

@@ -21,7 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cilkit.metrics import Results, variant_names
-from cilkit.run.layout import RunLayout, read_scores
+from cilkit.run.layout import RunLayout
+from cilkit.run.readers import read_scores
 from cilkit.analysis.significance import mean_std
 
 DPI = 100

@@ -12,12 +12,17 @@ them. The tables are built and rendered in :mod:`cilkit.analysis.tables`; this m
 the protocols, writes the provenance lines and assembles ``report.html`` (:func:`compare_runs`).
 With a baseline method, a second table gives each other method's paired difference from it over
 the seeds both ran (:func:`~cilkit.analysis.tables.paired_rows`).
+
+A comparison is written only where it may be (:func:`report_target`): a new or empty directory,
+an earlier comparison's (marked by :data:`COMPARE_MARKER`, written first), or the own
+``report/`` of a run compared; never into a run or over files compare did not write.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +30,9 @@ from typing import Any
 
 from cilkit import io
 from cilkit.errors import UserError
+from cilkit.run.layout import RunLayout, enclosing_run, holds_run, is_run_dir
 from cilkit.analysis.plots import figures as make_figures
-from cilkit.analysis.runsets import Protocol, find_runs, group_runs
+from cilkit.analysis.runsets import FoundRun, Protocol, find_runs, group_runs
 from cilkit.analysis.tables import (
     Table,
     build_table,
@@ -190,31 +196,117 @@ def report_html(protocols: Sequence[Protocol], tables: Sequence[Table], figures:
 """
 
 
+# ----- where a comparison may be written ------------------------------------------------------
+COMPARE_MARKER = ".cilkit-compare"  # written first into a directory compare writes (it lists compare's files)
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).resolve()
+
+
+def is_own_report(out: Path, runs: Sequence[FoundRun]) -> bool:
+    """``out`` is ``<run>/report`` of a run compared (or of a parent of the runs compared, as
+    ``cilkit run`` writes its report): the run's own report directory, always its to write."""
+    parent = out.parent
+    if out != RunLayout(parent).report or out.is_symlink():
+        return False
+    if not (is_run_dir(parent) or RunLayout(parent).results.is_file()):
+        return False
+    home = _resolved(parent)
+    return any(home == (p := _resolved(r.path)) or home in p.parents for r in runs)
+
+
+def _run_around(out: Path, runs: Sequence[FoundRun]) -> Path | None:
+    """The run compared, or any other cilkit run, that ``out`` is or lies inside."""
+    here = _resolved(out)
+    for run in runs:
+        if here == (p := _resolved(run.path)) or p in here.parents:
+            return run.path
+    return enclosing_run(out)
+
+
+def _listed_files(out: Path) -> list[str]:
+    """The files an earlier comparison wrote into ``out``, as its marker lists them."""
+    try:
+        files = json.loads((out / COMPARE_MARKER).read_text()).get("files")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str) and f == Path(f).name] if isinstance(files, list) else []
+
+
+def report_target(out: Path, runs: Sequence[FoundRun]) -> list[str] | None:
+    """Check that the comparison of ``runs`` may be written into ``out``: a new or empty
+    directory, an earlier output of ``cilkit compare`` (its marker, :data:`COMPARE_MARKER`)
+    holding nothing else, or a compared run's own ``report/``. A run (compared or not), a
+    directory inside one or holding one, or one with other files is refused (``UserError``),
+    before anything is written. Returns the files the earlier comparison wrote (replaced),
+    or None for a run's own report directory (which gets no marker)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"compare: --out '{out}' is a file, not a directory")
+    if is_own_report(out, runs):
+        return None
+    run = _run_around(out, runs)
+    if run is not None:
+        where = "is" if _resolved(run) == _resolved(out) else "lies inside"
+        raise UserError(f"compare: --out '{out}' {where} the cilkit run '{run}': choose a new or empty directory "
+                        "outside it")
+    if holds_run(out) or RunLayout(out).results.is_file():
+        raise UserError(f"compare: --out '{out}' holds a cilkit run: choose a new or empty directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    previous = _listed_files(out) if COMPARE_MARKER in entries else []
+    foreign = [n for n in entries if n != COMPARE_MARKER and n not in previous]
+    if foreign:
+        shown = ", ".join(f"'{n}'" for n in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise UserError(f"compare: --out '{out}' holds files that are not a cilkit compare output ({shown}): "
+                        "choose a new or empty directory")
+    return previous
+
+
+def write_report(out: Path, files: Mapping[str, str | bytes], previous: list[str] | None) -> None:
+    """Write ``files`` (name -> text or bytes) into ``out``. Unless it is a run's own report
+    directory (``previous`` None): first the files of the earlier comparison that this one does
+    not write again are removed, then the marker listing this one's files is written."""
+    if previous is not None:
+        for name in previous:
+            stale = out / name
+            if name not in files and (stale.is_file() or stale.is_symlink()):
+                stale.unlink()
+        io.write_json(out / COMPARE_MARKER, {"files": sorted(files)})
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            io.write_bytes(out / name, content)
+        else:
+            io.write_text(out / name, content)
+
+
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
                  baseline: str | None = None) -> Path:
     """Write table.md, table.csv, the figures (PNG) and report.html for the runs in ``dirs``
     into ``out`` (default: the first DIR/report), and with a ``baseline`` method paired.csv;
-    print the tables when ``echo``. Returns ``out``."""
+    print the tables when ``echo``. ``out`` must be compare's to write (:func:`report_target`);
+    every input is read and every check made before anything is written. Returns ``out``."""
     if not dirs:
         raise UserError("compare: name at least one run directory")
-    protocols = group_runs(find_runs(dirs))
-    paired = paired_rows(protocols, baseline) if baseline is not None else None
+    runs = find_runs(dirs)
     out_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
+    previous = report_target(out_dir, runs)
+    protocols = group_runs(runs)
+    paired = paired_rows(protocols, baseline) if baseline is not None else None
     groups = [g for p in protocols for g in p.groups]
     results = {g.label: g.runs[0].results for g in groups}
     repeats = {g.label: [r.results for r in g.runs] for g in groups if g.repeated}
-    figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats)  # every input is read before writing
+    figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats)
     tables = [build_table(p.groups) for p in protocols]
     text = comparison_markdown(protocols, tables)
+    files: dict[str, str | bytes] = {}
     if paired is not None and baseline is not None:
         text += "\n\n" + paired_markdown(protocols, paired, baseline)
-        io.write_text(out_dir / "paired.csv", paired_csv(paired))
-    io.write_text(out_dir / "table.md", text + "\n")
-    io.write_text(out_dir / "table.csv", table_csv(tables))
-    for name, _, png in figs:
-        io.write_bytes(out_dir / name, png)
+        files["paired.csv"] = paired_csv(paired)
+    files.update({"table.md": text + "\n", "table.csv": table_csv(tables)})
+    files.update({name: png for name, _, png in figs})
     html_paired = paired_html(protocols, paired, baseline) if paired is not None and baseline is not None else ""
-    io.write_text(out_dir / "report.html", report_html(protocols, tables, figs, html_paired))
+    files["report.html"] = report_html(protocols, tables, figs, html_paired)
+    write_report(out_dir, files, previous)
     if echo:
         print(text)
         extra = ", paired.csv" if paired is not None else ""

@@ -22,7 +22,8 @@ import yaml
 from cilkit.config import RunConfig
 from cilkit.keys import protocol_settings
 from cilkit.errors import UserError
-from cilkit.run.layout import RunLayout, read_results
+from cilkit.run.layout import RunLayout
+from cilkit.run.readers import read_results
 
 
 # ----- finding the runs ------------------------------------------------------------------------

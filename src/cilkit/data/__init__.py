@@ -3,10 +3,11 @@
 A reader is registered with :func:`register_source`; :func:`load_dataset` looks it up by
 ``data.name``, applies the config's statistics / augmentation overrides and checks the labels
 (range, and images of every class in both splits). Here live the image sets (``base``,
-``files``), the readers (``sources``: in-memory datasets; ``folders``: image folders and list
+``files``), the readers (``sources``: digits, IDX and synthetic data in memory; ``cifar``: the CIFAR
+pickles; ``folders``: image folders and list
 files), the checks of image files and the augmentations (``transforms``).
 
-The package may import only the top-level modules ``errors``, ``config``, ``registry``,
+The package may import only the top-level modules ``errors``, ``config``, ``registry``, ``machine``,
 ``distributed`` and ``io``; never ``methods``, ``run`` or ``analysis``.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from cilkit.config import DataConfig
-from cilkit.data import files, folders, sources  # the readers register themselves
+from cilkit.data import cifar, files, folders, sources  # the readers register themselves
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError
 from cilkit.registry import SOURCE_DESCRIPTIONS, SOURCES, call_plugin, register_source
@@ -47,4 +48,4 @@ def _stats_override(key: str, values: list[float], channels: int | None, *, posi
         raise UserError(f"config key '{key}': every value must be > 0 (got {values})")
     return tuple(float(v) for v in values)
 
-__all__ = ["SOURCES", "SOURCE_DESCRIPTIONS", "files", "folders", "load_dataset", "register_source", "sources"]
+__all__ = ["SOURCES", "SOURCE_DESCRIPTIONS", "cifar", "files", "folders", "load_dataset", "register_source", "sources"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from cilkit.data.files import is_high_depth, to_eight_bit
 from cilkit.errors import UserError, reason
 
 QUICK_EXTRA = 256
@@ -27,7 +28,7 @@ CHUNK = 4096  # files handed to the decoding threads at a time (bounds the pendi
 
 def is_gray(mode: str) -> bool:
     """True for Pillow's single-channel modes (with or without alpha); palettes count as colour."""
-    return mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;16")
+    return mode in ("1", "L", "LA", "La", "F") or is_high_depth(mode)
 
 
 def inspect_image(path: str) -> tuple[int, int, bool] | str:
@@ -38,6 +39,7 @@ def inspect_image(path: str) -> tuple[int, int, bool] | str:
             colour = not is_gray(img.mode)
             img.draft(None, (1, 1))  # JPEG: smallest DCT scale; other formats ignore it
             img.load()
+            to_eight_bit(img)  # 16-bit images: the range check of the decode that training does
     except Exception as e:  # Pillow raises many types for bad files (OSError, SyntaxError, ...)
         return reason(e)
     return width, height, colour

@@ -31,11 +31,30 @@ DEFAULT_IMAGE_SIZE = 224
 # --------------------------------------------------------------------------- per-image transforms
 
 
+def is_high_depth(mode: str) -> bool:
+    """Pillow's integer grayscale modes wider than 8 bits: 'I;16*' (how Pillow reads a 16-bit
+    PNG) and 'I' (how older Pillow read one)."""
+    return mode == "I" or mode.startswith("I;16")
+
+
+def to_eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 'L', scaled by its depth (value * 255 / 65535, rounded);
+    other images unchanged. Pillow's own conversion clips at 255, which turns a 16-bit picture
+    nearly white. Values outside 0..65535 (a 32-bit image) are a ValueError, not clipped."""
+    if not is_high_depth(img.mode):
+        return img
+    values = np.asarray(img).astype(np.int64)
+    lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"pixel values {lo}..{hi} do not fit 16 bits (only 8- and 16-bit images are read)")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
 def open_image(path: str, mode: str) -> Image.Image:
     """Decode ``path`` fully into ``mode`` ('RGB' or 'L'); any failure is the file's fault."""
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
+            return to_eight_bit(img).convert(mode)
     except Exception as e:  # Pillow raises many types for bad files (OSError, SyntaxError, ...)
         raise UserError(f"cannot read image '{path}': {reason(e)}") from None
 

@@ -176,14 +176,11 @@ def read_imagefolder(cfg: DataConfig) -> Dataset:
 
 
 def _label(parts: list[str]) -> int | None:
-    """The class id of a split list line, or None when the line is not 'path label'."""
-    if len(parts) != 2:
+    """The class id of a split list line, or None when the line is not 'path label'. Only ASCII
+    decimal digits: ``int()`` would also read '0_3' as 3, '+3', and other scripts' digits."""
+    if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
         return None
-    try:
-        label = int(parts[1])
-    except ValueError:
-        return None
-    return label if label >= 0 else None
+    return int(parts[1])
 
 
 def list_path(value: str, root: str | None) -> Path:

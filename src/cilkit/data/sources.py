@@ -12,20 +12,21 @@ values only and refuses any other reference a crafted file may hold.
 from __future__ import annotations
 
 import gzip
+import math
 import os
-import pickle
+import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cilkit.config import DataConfig
+from cilkit.config import DataConfig, SyntheticConfig
 from cilkit.registry import register_source
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.data.transforms import Augment
 from cilkit.errors import UserError, reason
+from cilkit.machine import physical_memory
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -120,14 +121,28 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise UserError(f"'{path}' is truncated (the IDX header is incomplete)")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
-    expected = int(np.prod(dims))
-    if len(data) - header != expected:
-        raise UserError(
-            f"'{path}': the header announces {expected} bytes of data {dims} but the file holds {len(data) - header}"
-            + (" (truncated)" if len(data) - header < expected else "")
-        )
+    dims = _idx_dims(path, data, ndim)
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()  # writable
+
+
+def _idx_dims(path: Path, data: bytes, ndim: int) -> tuple[int, ...]:
+    """The header's dimensions, checked against the bytes that follow it. Each must be >= 1: a
+    negative one is a corrupt header, and a zero (no images, or images of no pixels) cannot
+    make a split. The size is a Python int: numpy's int64 product wraps on a crafted header."""
+    dims = struct.unpack_from(f">{ndim}i", data, 4)
+    held = len(data) - (4 + 4 * ndim)
+    if min(dims) < 1:
+        raise UserError(
+            f"'{path}': the IDX header claims dimensions {dims}, but each must be at least 1 "
+            f"(the file holds {held} bytes of data)"
+        )
+    claimed = math.prod(dims)
+    if claimed != held:
+        raise UserError(
+            f"'{path}': the IDX header claims dimensions {dims}, {claimed} bytes of data, but the file holds {held}"
+            + (" (truncated)" if held < claimed else "")
+        )
+    return dims
 
 
 def _idx_file(root: Path, name: str) -> Path:
@@ -181,147 +196,6 @@ def read_fashion_mnist(cfg: DataConfig) -> Dataset:
 # numpy._core, older numpy and the official Python 2 files numpy.core), numpy scalars, the
 # protocol-5 buffer constructor, and _codecs.encode, which Python 3 uses for bytes at protocol 2.
 # Each builds data only; nothing here can reach a function that acts on the system.
-CIFAR_PICKLE_GLOBALS = frozenset(
-    [
-        *((f"{core}.multiarray", name) for core in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")),
-        *((f"{core}.numeric", "_frombuffer") for core in ("numpy.core", "numpy._core")),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    ]
-)
-
-
-class _ForbiddenReference(pickle.UnpicklingError):
-    def __init__(self, module: str, name: str) -> None:
-        super().__init__(f"{module}.{name}")
-        self.reference = f"{module}.{name}"
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only :data:`CIFAR_PICKLE_GLOBALS`: a pickle naming any other
-    class or function (the way a crafted file runs code) stops before anything is called."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in CIFAR_PICKLE_GLOBALS:
-            raise _ForbiddenReference(module, name)
-        return super().find_class(module, name)
-
-
-def _unpickle(path: Path, keys: tuple[str, ...]) -> dict[str, object]:
-    """Load one CIFAR pickle with :class:`CifarUnpickler` and check its keys. Keys may be
-    bytes (the official files, written by Python 2) or str (files written by Python 3)."""
-    if not path.is_file():
-        raise UserError(f"'{path}' not found")
-    try:
-        with open(path, "rb") as f:
-            obj = CifarUnpickler(f, encoding="bytes").load()
-    except _ForbiddenReference as e:
-        raise UserError(
-            f"'{path}' is not a CIFAR pickle: it references {e.reference} "
-            "(only numpy arrays and plain values are read; nothing was run)"
-        ) from None
-    except Exception as e:  # any unpickling failure means a corrupt or foreign file
-        raise UserError(f"'{path}' is not a readable CIFAR pickle ({type(e).__name__}: {reason(e)})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"'{path}' is not a CIFAR pickle (expected a dict, found {type(obj).__name__})")
-    obj = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise UserError(f"'{path}' is not a CIFAR pickle: key(s) {', '.join(missing)} missing")
-    return obj
-
-
-def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    obj = _unpickle(path, ("data", label_key))
-    try:
-        data = np.asarray(obj["data"], dtype=np.uint8)
-        labels = np.asarray(obj[label_key], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"'{path}': unreadable data or labels ({reason(e)})") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise UserError(f"'{path}': expected data of shape (N, 3072), found {data.shape}")
-    if labels.shape != (data.shape[0],):
-        raise UserError(f"'{path}' holds {data.shape[0]} images but {labels.size} labels")
-    # Each row: 1024 red, then 1024 green, then 1024 blue values, each a row-major 32x32 plane.
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-@dataclass(frozen=True)
-class CifarLayout:
-    """Where one CIFAR variant keeps its files and keys, and its known statistics."""
-
-    name: str
-    folder: str
-    train_files: tuple[str, ...]
-    test_file: str
-    meta_file: str
-    names_key: str
-    label_key: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-CIFAR10 = CifarLayout(
-    "cifar10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch",
-    "batches.meta", "label_names", "labels", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-)  # fmt: skip
-CIFAR100 = CifarLayout(
-    "cifar100", "cifar-100-python", ("train",), "test",
-    "meta", "fine_label_names", "fine_labels", (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023),
-)  # fmt: skip
-
-
-def _cifar_folder(cfg: DataConfig, layout: CifarLayout) -> Path:
-    """``data.root`` may be the CIFAR folder itself or its parent."""
-    root = _root_folder(cfg)
-    if (root / layout.folder).is_dir():
-        return root / layout.folder
-    if (root / layout.train_files[0]).is_file():
-        return root
-    raise UserError(f"data.root '{cfg.root}': neither '{layout.folder}/' nor '{layout.train_files[0]}' found there")
-
-
-def _class_names(path: Path, key: str) -> list[str]:
-    names = _unpickle(path, (key,))[key]
-    if not isinstance(names, (list, tuple)):
-        raise UserError(f"'{path}': '{key}' is not a list of class names")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-
-
-def read_cifar(cfg: DataConfig, layout: CifarLayout) -> Dataset:
-    folder = _cifar_folder(cfg, layout)
-    parts = [_cifar_batch(folder / f, layout.label_key) for f in layout.train_files]
-    return Dataset(
-        name=layout.name,
-        train=_tensor_set(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])),
-        test=_tensor_set(*_cifar_batch(folder / layout.test_file, layout.label_key)),
-        class_names=_class_names(folder / layout.meta_file, layout.names_key),
-        origin={"train": str(folder / "..".join(dict.fromkeys([layout.train_files[0], layout.train_files[-1]]))),
-                "test": str(folder / layout.test_file)},
-        mean=layout.mean,
-        std=layout.std,
-        augment=Augment(crop_pad=4, flip=True),
-    )
-
-
-@register_source(
-    "cifar10", "CIFAR-10 python pickles (cifar-10-batches-py/ or its parent in data.root)"
-)
-def read_cifar10(cfg: DataConfig) -> Dataset:
-    return read_cifar(cfg, CIFAR10)
-
-
-@register_source(
-    "cifar100", "CIFAR-100 python pickles (cifar-100-python/ or its parent in data.root)"
-)
-def read_cifar100(cfg: DataConfig) -> Dataset:
-    return read_cifar(cfg, CIFAR100)
-
-
-# --------------------------------------------------------------------------- synthetic
-
-
 def synthetic_images(patterns: np.ndarray, per_class: int, rs: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` noisy copies of each class pattern (K, C, S, S) in [0, 1], as uint8 images."""
     labels = np.repeat(np.arange(patterns.shape[0]), per_class)
@@ -330,11 +204,50 @@ def synthetic_images(patterns: np.ndarray, per_class: int, rs: np.random.RandomS
     return np.rint(images * 255.0).astype(np.uint8), labels
 
 
+ASSUMED_MEMORY = 2**40  # bytes, where the machine's physical memory cannot be read
+
+
+def synthetic_bytes(s: SyntheticConfig) -> int:
+    """Peak memory of :func:`read_synthetic`: the float64 patterns, the uint8 images and int64
+    labels of both splits, and the four float64 arrays alive at once while one split is drawn."""
+    pixels = s.channels * s.size * s.size
+    n_train, n_test = s.num_classes * s.train_per_class, s.num_classes * s.test_per_class
+    return 8 * s.num_classes * pixels + (n_train + n_test) * (pixels + 8) + 32 * max(n_train, n_test) * pixels
+
+
+def _check_synthetic_memory(s: SyntheticConfig) -> None:
+    """Refuse, before allocating, sizes that need more than the machine's memory; the message
+    names the key that grew most over its default."""
+    need = synthetic_bytes(s)
+    memory = physical_memory()
+    if need <= (memory if memory is not None else ASSUMED_MEMORY):
+        return
+    default = SyntheticConfig()
+    growth = {
+        "size": (s.size / default.size) ** 2,
+        "num_classes": s.num_classes / default.num_classes,
+        "train_per_class": s.train_per_class / default.train_per_class,
+        "test_per_class": s.test_per_class / default.test_per_class,
+    }
+    key = max(growth, key=lambda k: growth[k])
+    limit = (
+        f"this machine's {memory / 2**30:.1f} GiB of memory"
+        if memory is not None
+        else f"the {ASSUMED_MEMORY / 2**30:.0f} GiB assumed (this machine's memory cannot be read)"
+    )
+    n = s.num_classes * (s.train_per_class + s.test_per_class)
+    raise UserError(
+        f"config key 'data.synthetic.{key}': {getattr(s, key)} would need {need / 2**30:.1f} GiB "
+        f"for {n} synthetic images of {s.channels}x{s.size}x{s.size}, more than {limit}"
+    )
+
+
 @register_source(
     "synthetic", "seeded random class patterns plus noise (sizes from data.synthetic), for tests and demos"
 )
 def read_synthetic(cfg: DataConfig) -> Dataset:
     s = cfg.synthetic
+    _check_synthetic_memory(s)
     rs = np.random.RandomState(0)  # fixed: the data never depend on the run seed
     patterns = rs.uniform(0.0, 1.0, size=(s.num_classes, s.channels, s.size, s.size))
     train = synthetic_images(patterns, s.train_per_class, rs)

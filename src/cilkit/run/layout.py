@@ -9,7 +9,7 @@ calibration, the report and the methods ask a :class:`RunLayout` instead of join
 
 ``XX`` is the 0-based state index, two digits at least (``state_100`` after ``state_99``:
 :meth:`RunLayout.checkpoints` sorts by the number, not the name). Reading a run's files goes
-through the readers below, which turn a missing, foreign or newer-version file into one
+through :mod:`cilkit.run.readers`, which turn a missing, foreign or newer-version file into one
 :class:`~cilkit.errors.UserError` naming it.
 """
 
@@ -23,18 +23,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from cilkit import distributed
 from cilkit.errors import UserError
 from cilkit.io import make_dir
 
-RESULTS_VERSION = 2  # of results.json; a newer one is refused by read_results
-# 2: a method's own results of a state sit under its name (states[b]["lucir"], ["active"] ...)
-
 _STATE_FILE = re.compile(r"state_(\d+)\.pt")
-_RUN_KEYS = ("state_ends", "class_order")
-_STATE_KEYS = ("state", "classes_seen", "new_classes", "top1", "top1_old", "top1_new", "new_class_share")
 
 
 class RunLayout:
@@ -110,130 +104,79 @@ class RunLayout:
         return sorted(found)
 
 
-# ----- readers ---------------------------------------------------------------------------------
-def read_json(path: Path, what: str) -> Any:
-    """A JSON file; missing or unreadable -> ``UserError`` naming it and ``what`` it holds."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"'{path}' not found ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"'{path}' cannot be read ({what}): {e}") from None
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    """A run's results.json, checked: a foreign file, one missing a key the report needs, one
-    whose lists and objects are of another kind (:func:`_check_shapes`), or one written by a
-    newer cilkit (``version`` above :data:`RESULTS_VERSION`) is refused, naming the file."""
-    data = read_json(path, "not a cilkit run directory")
-    if not isinstance(data, dict) or not isinstance(data.get("states"), list):
-        raise UserError(f"'{path}' is not a cilkit results file (no 'states' list)")
-    version = data.get("version", 1)
-    if not isinstance(version, int) or version > RESULTS_VERSION:
-        raise UserError(f"'{path}' was written by a newer cilkit (results version {version}; this one "
-                        f"reads up to {RESULTS_VERSION}): upgrade cilkit to read it")
-    missing = [k for k in _RUN_KEYS if k not in data]
-    if missing:
-        raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
-    _check_shapes(path, data)
-    missing = [f"states[{b}].{k}" for b, s in enumerate(data["states"]) for k in _STATE_KEYS if k not in s]
-    if missing:
-        raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
-    return data
-
-
-_RUN_SHAPES: tuple[tuple[str, type, str], ...] = (
-    ("state_ends", list, "a list"), ("class_order", list, "a list"),
-    ("calibration", dict, "an object"), ("provenance", dict, "an object"),
-)
-
-
-def _check_shapes(path: Path, data: dict[str, Any]) -> None:
-    """Refuse a results.json whose containers are not what the report reads: ``states`` a list
-    of objects, each one's ``variants`` an object of objects, ``state_ends`` and
-    ``class_order`` lists, ``calibration`` and ``provenance`` (when there) objects."""
-    def damaged(key: str, what: str) -> UserError:
-        return UserError(f"'{path}' is damaged: '{key}' is not {what}")
-
-    for key, kind, what in _RUN_SHAPES:
-        if key in data and not isinstance(data[key], kind):
-            raise damaged(key, what)
-    for b, state in enumerate(data["states"]):
-        if not isinstance(state, dict):
-            raise damaged(f"states[{b}]", "an object")
-        variants = state.get("variants", {})
-        if not isinstance(variants, dict):
-            raise damaged(f"states[{b}].variants", "an object")
-        for name, figures in variants.items():
-            if not isinstance(figures, dict):
-                raise damaged(f"states[{b}].variants.{name}", "an object")
-
-
-def read_scores(path: Path, *keys: str) -> list[np.ndarray]:
-    """The named arrays of a stored ``scores/state_XX.npz`` (object arrays refused)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return [npz[k] for k in keys]
-    except FileNotFoundError:
-        raise UserError(f"'{path}' not found (the run's stored test scores)") from None
-    except KeyError as e:
-        raise UserError(f"'{path}' has no {e} array (not a cilkit scores file)") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"'{path}' cannot be read: {e.__class__.__name__}: {e}") from None
-
-
-def read_stats(path: Path, b: int) -> dict[str, Any]:
-    """A state's saved class statistics (``stats/state_XX.json``), with the keys the
-    rectifiers read."""
-    data = read_json(path, f"class statistics of state {b + 1}; runs made before cilkit saved "
-                           "statistics cannot be rectified")
-    needed = ("state", "n_old", "state_ends", "init_mean", "conf", "cur_mean", "train_counts")
-    missing = [k for k in needed if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise UserError(f"'{path}' is not a cilkit statistics file: no '{missing[0]}'")
-    return data
-
-
 # ----- claiming a directory for a run -----------------------------------------------------------
 LOCK_NAME = ".cilkit.lock"
+RUN_MARKER = ".cilkit-run"  # written first into every run directory: what makes it a run's
 # What cilkit writes into a run directory (anything else is the user's: never overwritten).
 OWN_ENTRIES = frozenset({
-    "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", ".cilkit.lock",
+    "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", LOCK_NAME, RUN_MARKER,
     "scores", "stats", "memory", "active", "bic", "checkpoints", "report", "calibrated", "tb",
 })
+STATE_ENTRIES = frozenset({"results.json", "summary.json", "history.jsonl", "scores", "stats", "memory",
+                           "checkpoints", "report", "calibrated", "tb"})
+# ^ what a run's states wrote (a fresh start over a run clears them; config.yaml, run.log, the
+#   lock and the marker stay)
+_SUB_RUN = re.compile(r"run_\d+")
 
 
-def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file()
-
-
-def foreign_entries(root: Path) -> list[str]:
-    """Entries of ``root`` that cilkit did not write: not one of :data:`OWN_ENTRIES` nor a
-    sub-run (a directory holding a config.yaml: a method or ``run_k`` of a comparison)."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.name not in OWN_ENTRIES and not _is_run_dir(p) and not _is_method_dir(p))
+def is_run_dir(path: Path) -> bool:
+    """A directory cilkit made for a run: it holds the run marker (written first), or, for runs
+    of cilkit 0.1.0, a config.yaml beside results.json or checkpoints/ (a config.yaml alone is
+    the user's)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if (path / RUN_MARKER).is_file():
+        return True
+    return (path / "config.yaml").is_file() and ((path / "results.json").is_file() or
+                                                 (path / "checkpoints").is_dir())
 
 
 def _is_method_dir(path: Path) -> bool:
     """A method's own records (:meth:`RunLayout.method_file`), a plugin method's included."""
     from cilkit.registry import METHODS
 
-    return path.is_dir() and path.name in METHODS
+    return path.is_dir() and not path.is_symlink() and path.name in METHODS
+
+
+def _leftover(p: Path) -> bool:
+    """What a start that failed before writing its config leaves: the lock, the marker, an empty
+    run.log; a directory holding nothing else may be taken."""
+    return p.name in (LOCK_NAME, RUN_MARKER) or (p.name == "run.log" and p.is_file() and p.stat().st_size == 0)
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """Entries of ``root`` that cilkit did not write. In a run directory: anything but
+    :data:`OWN_ENTRIES`, sub-runs (a method or ``run_k`` of a comparison) and a method's
+    records; elsewhere, everything but a failed start's leftovers."""
+    own = is_run_dir(root)
+    return [p.name for p in _entries(root) if not _leftover(p) and not (
+        own and (p.name in OWN_ENTRIES or is_run_dir(p) or _is_method_dir(p)))]
 
 
 def holds_run(root: Path) -> bool:
-    return root.is_dir() and any(
-        p.name != LOCK_NAME and (p.name in OWN_ENTRIES or _is_run_dir(p)) for p in root.iterdir()
-    )
+    return is_run_dir(root) or any(is_run_dir(p) for p in _entries(root))
+
+
+def enclosing_run(root: Path) -> Path | None:
+    """The run directory ``root`` lies inside (at any depth), if any."""
+    for parent in Path(os.path.abspath(root)).parents:
+        if is_run_dir(parent):
+            return parent
+    return None
 
 
 def check_target(root: Path, overwrite: bool) -> None:
     """Refuse to start a fresh run in ``root`` when it holds another run (unless
-    ``overwrite``) or files cilkit did not write (always)."""
+    ``overwrite``), files cilkit did not write (always), or lies inside another run."""
     if root.exists() and not root.is_dir():
         raise UserError(f"--out '{root}' is a file, not a directory")
+    outer = enclosing_run(root)
+    if outer is not None:
+        raise UserError(f"--out '{root}' lies inside the cilkit run '{outer}': choose a directory outside it")
     foreign = foreign_entries(root)
     if foreign:
         shown = ", ".join(f"'{n}'" for n in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
@@ -244,18 +187,48 @@ def check_target(root: Path, overwrite: bool) -> None:
                         "it with --overwrite")
 
 
-def clear_run(root: Path) -> None:
-    """Remove a previous run's files from ``root`` (cilkit's own entries and sub-runs only;
-    rank 0 only)."""
+def mark_run(root: Path, config: dict[str, Any]) -> None:
+    """Write the run marker (with the config the run starts from) into ``root`` (rank 0)."""
+    if distributed.is_main():
+        from cilkit.io import write_json
+
+        write_json(root / RUN_MARKER, {"config": config})
+
+
+def marked_config(root: Path) -> dict[str, Any] | None:
+    """The config a run started from, as its marker recorded it (None for older runs)."""
+    try:
+        data = json.loads((root / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("config") if isinstance(data, dict) else None
+
+
+def clear_run(root: Path, entries: frozenset[str] | None = None) -> None:
+    """Remove a previous run's files from ``root``: its own entries and sub-runs (all of
+    :data:`OWN_ENTRIES` but the lock, or just ``entries``), never a file cilkit did not write
+    and never through a symlink (a link is removed, not what it points to). Everything is
+    checked before anything is removed: a half-cleared run is never left. Rank 0 only."""
     if not distributed.is_main():
         return
-    for p in list(root.iterdir()) if root.is_dir() else []:
-        if p.name == LOCK_NAME:
-            continue
-        if p.is_dir():
+    doomed = [p for p in _entries(root) if p.name != LOCK_NAME and (
+        p.name in entries if entries is not None else (p.name in OWN_ENTRIES or is_run_dir(p) or _is_method_dir(p)))]
+    for p in doomed:
+        _check_removable(p)
+    for p in doomed:
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        elif p.name in OWN_ENTRIES:
+        else:
             p.unlink()
+
+
+def _check_removable(path: Path) -> None:
+    """Raise a UserError naming the first directory below ``path`` (links not followed) whose
+    entries cannot be removed."""
+    dirs = [path.parent] + ([Path(d) for d, _, _ in os.walk(path)] if path.is_dir() and not path.is_symlink() else [])
+    for d in dirs:
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise UserError(f"cannot remove the previous run's files: '{d}' is not writable (nothing was removed)")
 
 
 class DirectoryLock:

@@ -13,6 +13,8 @@ therefore replays exactly the random numbers an uninterrupted run would have dra
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 import time
 from typing import Any
@@ -25,13 +27,15 @@ from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
 from cilkit.engine import Engine, EpochRecord
+from cilkit.errors import UserError
 from cilkit.memory import Memory
 from cilkit.methods.base import Context, StateRecord, TrainingRecord
 from cilkit.metrics import score_metrics, state_accuracies
 from cilkit.rectify import ClassStatistics
 from cilkit.run import provenance, state0cache, tensorboard
 from cilkit.run.layout import RunLayout
-from cilkit.run.setup import build_method_and_model, build_scenario, free_cores, normalisation, resolve_device
+from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, memory_covers_old_data,
+                              normalisation, resolve_device)
 from cilkit.run.store import RunStore, checkpoint_parts, empty_results, tensors_of
 from cilkit.runlog import log
 from cilkit.seeding import derive_seed, seeded_generator
@@ -87,6 +91,14 @@ class Run:
     def results(self) -> dict[str, Any]:
         return self.store.results
 
+    @functools.cache
+    def data_digest(self) -> str:
+        """A digest of every training and test image and label, in order (checkpointed: a
+        resume on other data is refused)."""
+        train, test = self.dataset.train, self.dataset.test
+        parts = [train.content_digest(torch.arange(len(train))), test.content_digest(torch.arange(len(test)))]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
     def _environment(self) -> dict[str, Any]:
         c = self.config
         return provenance.environment(self.device, torch.get_num_threads(), c.amp, c.channels_last)
@@ -99,6 +111,9 @@ class Run:
         with runlog.tee(self.layout.run_log):
             start = self._restore() if resume else self.store.start_fresh()
             log(f"[{self.config.method}] {self.setup_line()}")
+            joint = memory_covers_old_data(self.config, self.scenario)
+            if joint is not None:
+                log(f"[{self.config.method}] warning: {joint}")
             last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
             with self.store.recording(start):
                 for b in range(start, last + 1):
@@ -278,7 +293,7 @@ class Run:
 
     def _save_state(self, ctx: Context) -> None:
         parts = checkpoint_parts(self.model, self.model.num_classes, self.method.state_dict(),
-                                 self.memory.state_dict(), self.statistics)
+                                 self.memory.state_dict(), self.statistics, self.data_digest())
         self.store.save_state(ctx.state.index, parts, self._memory_record(), self.method.name, ctx.record.files)
 
     def _memory_record(self) -> dict[str, Any]:
@@ -292,7 +307,11 @@ class Run:
         restored = self.store.restore(self._environment())
         if restored is None:
             log(f"[{self.config.method}] no checkpoint in {self.layout.root}: starting from state 1")
-            return self.store.start_fresh()
+            return self.store.restart(self.method.name)
+        if restored.data is not None and restored.data != self.data_digest():
+            where = self.dataset.origin.get("train") or self.config.data.root or f"dataset '{self.dataset.name}'"
+            raise UserError(f"--resume: the data in {where} is not what the finished states of {self.layout.root} "
+                            "ran on (its images, labels or order changed): restore it, or start a new run")
         grow = restored.num_classes - self.model.num_classes
         if grow > 0:
             self.model.add_classes(grow)
@@ -300,6 +319,7 @@ class Run:
         self.method.load_state_dict(restored.method)
         self.memory.load_state_dict(restored.memory)
         self.statistics = restored.statistics
+        self.store.write_results()  # results.json as the checkpoint holds them (a damaged one rebuilt)
         log(f"[{self.config.method}] resuming {self.layout.root} after state {restored.state + 1}/"
             f"{self.scenario.num_states}")
         return restored.state + 1

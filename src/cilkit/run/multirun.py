@@ -15,7 +15,7 @@ from cilkit.analysis.significance import mean_std
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
-from cilkit.run.layout import DirectoryLock, RunLayout, check_target, clear_run
+from cilkit.run.layout import DirectoryLock, RunLayout, check_target, clear_run, mark_run
 from cilkit.run.loop import Run
 from cilkit.run.setup import check_protocol, with_resolved_threads
 from cilkit.runlog import log
@@ -47,6 +47,7 @@ def run_methods(
             distributed.from_main(lambda: check_target(out, overwrite))  # again, now that no other run can write here
             if overwrite:
                 clear_run(out)
+            mark_run(out, config.to_dict())  # first: the directory is a run's from now on
         with runlog.tee(RunLayout(out).run_log):  # a comparison's parent logs every method's lines
             return _run_claimed(config, out, resume, progress, dataset)
 

@@ -13,6 +13,8 @@ from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError
+from cilkit.machine import physical_memory
+from cilkit.memory import class_quotas
 from cilkit.methods import METHODS
 from cilkit.methods.base import Method
 from cilkit.models import load_backbone_weights
@@ -63,8 +65,9 @@ def build_method_and_model(config: RunConfig, dataset: Dataset) -> tuple[Method,
     if not isinstance(config.method, str):
         raise ValueError("one method at a time (config.for_method(name))")
     method: Method = METHODS[config.method](config)
-    torch.manual_seed(derive_seed(config.seed, "model"))
     channels, size = dataset.train.geometry
+    check_model_size(config, method, channels, size)
+    torch.manual_seed(derive_seed(config.seed, "model"))
     model = method.build_model(channels, size)
     if config.model.weights is not None:  # a pretrained start (the head stays as built)
         load_backbone_weights(model.backbone, config.model.weights)
@@ -74,6 +77,49 @@ def build_method_and_model(config: RunConfig, dataset: Dataset) -> tuple[Method,
 def build_scenario(config: RunConfig, dataset: Dataset) -> Scenario:
     return Scenario(config.scenario, dataset.train.labels, dataset.test.labels, dataset.num_classes, config.seed,
                     dataset.name)
+
+
+def memory_covers_old_data(config: RunConfig, scenario: Scenario) -> str | None:
+    """A warning when the memory can keep every training image of the old classes in some
+    state: the run is then joint training under another name. None otherwise."""
+    if not config.memory.enabled:
+        return None
+    for b in range(1, scenario.num_states):
+        n_old = scenario.ends[b - 1]
+        per_class = scenario.train_pos[scenario.train_indices_of(range(n_old))].bincount(minlength=n_old)
+        quotas = torch.tensor(class_quotas(config.memory.total, config.memory.per_class, n_old))
+        if bool((quotas >= per_class).all()):
+            key = "memory.total" if config.memory.total is not None else "memory.per_class"
+            value = config.memory.total if config.memory.total is not None else config.memory.per_class
+            return (f"config key '{key}': {value} keeps every old training image from state {b + 1} on "
+                    f"({int(per_class.sum())} images of {n_old} classes there): the run is joint training, "
+                    "not class-incremental learning with a bounded memory")
+    return None
+
+
+def estimated_model_bytes(method: Method, channels: int, size: int) -> int | None:
+    """The parameter bytes of the method's model, from a build on the meta device (no memory
+    used, the global RNG left as it was); None where the model cannot be built that way."""
+    state = torch.random.get_rng_state()
+    try:
+        with torch.device("meta"):
+            model = method.build_model(channels, size)
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    except Exception:
+        return None
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def check_model_size(config: RunConfig, method: Method, channels: int, size: int) -> None:
+    """Refuse, naming ``model.width``, a model whose training state (weights, gradients,
+    momentum and a frozen teacher: 4 copies of its parameters) cannot fit in this machine's RAM."""
+    weights, ram = estimated_model_bytes(method, channels, size), physical_memory()
+    if weights is None or ram is None or 4 * weights <= ram:
+        return
+    raise UserError(f"config key 'model.width': {config.model.width} makes a {config.model.backbone} of "
+                    f"{weights / 2**30:.1f} GiB of weights, {4 * weights / 2**30:.1f} GiB to train, more than this "
+                    f"machine's {ram / 2**30:.1f} GiB of memory")
 
 
 def check_protocol(config: RunConfig, dataset: Dataset | None = None) -> Dataset:

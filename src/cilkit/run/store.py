@@ -25,7 +25,8 @@ from cilkit.errors import UserError
 from cilkit.keys import config_differences
 from cilkit.metrics import run_summary
 from cilkit.run import history, provenance, tensorboard
-from cilkit.run.layout import RESULTS_VERSION, RunLayout, read_stats
+from cilkit.run.layout import RUN_MARKER, STATE_ENTRIES, RunLayout, clear_run, mark_run, marked_config
+from cilkit.run.readers import RESULTS_VERSION, read_stats
 from cilkit.runlog import log
 from cilkit.scenario import Scenario
 
@@ -63,6 +64,7 @@ class Restored:
     memory: dict[str, Any]
     statistics: dict[str, Any] | None
     results: dict[str, Any]
+    data: str | None  # the digest of the data the finished states ran on (None: cilkit 0.1.0)
 
 
 class RunStore:
@@ -143,8 +145,26 @@ class RunStore:
 
     # ----- start and resume ----------------------------------------------------------------------
     def start_fresh(self) -> int:
+        """A new run: the marker, then config.yaml."""
+        mark_run(self.layout.root, self.config.to_dict())
         io.write_yaml(self.layout.config, self.config.to_dict())
         return 0
+
+    def restart(self, method_name: str) -> int:
+        """A resume that found no checkpoint: refuse a config that differs from the one the run
+        started from (its marker) as a checkpoint's would be refused, then clear every file the
+        earlier attempt's states wrote and start fresh."""
+        started = marked_config(self.layout.root)
+        if started is not None:
+            self._check_resume_config(started, self.layout.root / RUN_MARKER)
+        if distributed.is_main():
+            clear_run(self.layout.root, STATE_ENTRIES | {method_name})
+        return self.start_fresh()
+
+    def write_results(self) -> None:
+        """results.json again (rank 0), e.g. rebuilt from the checkpoint on a resume."""
+        if distributed.is_main():
+            io.write_json(self.layout.results, self.results)
 
     def restore(self, environment: dict[str, Any]) -> Restored | None:
         """The last checkpoint, checked (config unchanged in what a resume keeps, results not
@@ -173,7 +193,8 @@ class RunStore:
         b = int(ckpt["state"])
         statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt  # checkpoints of cilkit <= 0.1.0:
                       else distributed.from_main(lambda: read_stats(self.layout.stats(b), b)))
-        return Restored(b, ckpt["num_classes"], ckpt["model"], ckpt["method"], ckpt["memory"], statistics, results)
+        return Restored(b, ckpt["num_classes"], ckpt["model"], ckpt["method"], ckpt["memory"], statistics, results,
+                        ckpt.get("data"))
 
     def _read_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         ckpts = self.layout.checkpoints()
@@ -205,12 +226,14 @@ def tensors_of(obj: Any) -> list[Any]:
 
 
 def checkpoint_parts(model: torch.nn.Module, num_classes: int, method_state: dict[str, Any],
-                     memory_state: dict[str, Any], statistics: dict[str, Any] | None) -> dict[str, Any]:
+                     memory_state: dict[str, Any], statistics: dict[str, Any] | None, data: str) -> dict[str, Any]:
     """What a resume needs after a state, besides the results and config the store adds: the
     model, the method's and the memory's state, the class statistics (the history IL2M's next
-    state reads). No optimiser (every state, and every round, starts a fresh one) and no RNG
-    state (every state re-seeds its generators from ``(seed, state)``)."""
+    state reads), and the digest of the data (a resume on other data is refused). No optimiser
+    (every state, and every round, starts a fresh one) and no RNG state (every state re-seeds
+    its generators from ``(seed, state)``)."""
     return {
+        "data": data,
         "num_classes": num_classes,
         "model": model.state_dict(),
         "method": method_state,

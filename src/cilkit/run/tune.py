@@ -9,9 +9,13 @@ incremental validation top-1 (without state 1 when there are several states), av
 test labels leaves the ranking unchanged); a point without a score ranks last. Writes
 ``ranking.md`` and ``ranking.json`` and prints the ``--set`` line of the winner.
 
-Every point is checked before any runs, on data read once (per distinct ``data`` settings). A
-point directory already there is reused (read back, or resumed when interrupted) only when its
-config.yaml is the point's config; one of another config is refused.
+Every point is checked before any runs, on data read once (per distinct ``data`` settings). The
+``--out`` must be new, empty, or a tune of the same config file and grid (its marker,
+:data:`TUNE_MARKER`, written first; for a tune made before the marker, its ranking.json) holding
+nothing but that tune's files (:func:`check_tune_target`): a run, a directory inside or holding
+one, another tune or other files are refused. A point directory already there is reused (read
+back, or resumed when interrupted) only when its config.yaml is the point's config; one of
+another config is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from cilkit import io
 from cilkit.config import RunConfig, load_config, read_yaml
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError
-from cilkit.run.layout import RunLayout, read_results
+from cilkit.run.layout import RunLayout, enclosing_run, holds_run, is_run_dir
+from cilkit.run.readers import read_results
 from cilkit.runlog import log
 from cilkit.keys import config_differences
 from cilkit.run.multirun import repeat_dirs, run_methods
@@ -37,6 +42,8 @@ from cilkit.analysis.significance import mean_std
 
 Point = list[tuple[str, str]]
 METRIC = "mean incremental validation top-1 (excl. state 1), mean over seeds"
+TUNE_MARKER = ".cilkit-tune"  # written first into a tune's --out: the config file and grid it tunes
+_TUNE_FILES = frozenset({TUNE_MARKER, "ranking.json", "ranking.md"})
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -137,16 +144,83 @@ def _ranked(row: dict[str, Any]) -> tuple[bool, float]:
     return (score is None, 0.0 if score is None else -score)
 
 
+def point_name(k: int, point: Point) -> str:
+    """The directory of the ``k``-th point below the tune's --out: ``00-train.lr=0.1``."""
+    return f"{k:02d}-{_slug(point)}"
+
+
+def tune_identity(config_path: str | None, grid: dict[str, list[str]]) -> dict[str, Any]:
+    """What a tune's marker records: its config file (absolute) and its grid. A later tune into
+    the same --out must have both the same; its ``--set`` values are checked point by point."""
+    return {"config": str(Path(config_path).resolve()) if config_path else "quickstart", "grid": grid}
+
+
+def _recorded_tune(out: Path) -> dict[str, Any] | None:
+    """The identity of the tune ``out`` holds: its marker's, or (a tune made before the marker)
+    its ranking.json's config and grid; None when it holds no tune."""
+    for name in (TUNE_MARKER, "ranking.json"):
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("grid"), dict) and isinstance(data.get("config"), str):
+            config = data["config"]
+            if name != TUNE_MARKER and config != "quickstart":
+                config = str(Path(config).resolve())
+            return {"config": config, "grid": data["grid"]}
+    return None
+
+
+def _grid_text(grid: dict[str, Any]) -> str:
+    return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in grid.items())
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+def check_tune_target(out: Path, identity: dict[str, Any], point_dirs: list[str]) -> None:
+    """Refuse an --out that a tune of ``identity`` (:func:`tune_identity`) with the points
+    ``point_dirs`` may not write into: a file, a directory inside a run or holding one (its
+    results.json, or run directories that are not a tune's points), a tune of another config
+    or grid, or a directory with anything but this tune's files. New or empty: taken."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cilkit tune: --out '{out}' is a file, not a directory")
+    outer = enclosing_run(out)
+    if outer is not None:
+        raise UserError(f"cilkit tune: --out '{out}' lies inside the cilkit run '{outer}': choose a directory "
+                        "outside it")
+    if is_run_dir(out) or RunLayout(out).results.is_file():
+        raise UserError(f"cilkit tune: --out '{out}' holds a cilkit run: tune into a new or empty directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    recorded = _recorded_tune(out)
+    if recorded is None:
+        what = "a cilkit run" if holds_run(out) else f"files that are not a cilkit tune ({_shown(entries)})"
+        raise UserError(f"cilkit tune: --out '{out}' holds {what}: tune into a new or empty directory")
+    if recorded != identity or list(recorded["grid"]) != list(identity["grid"]):
+        raise UserError(f"cilkit tune: --out '{out}' holds another tune (config {recorded['config']}, grid "
+                        f"{_grid_text(recorded['grid'])}): tune into another --out")
+    foreign = [n for n in entries if n not in _TUNE_FILES and n not in point_dirs]
+    if foreign:
+        raise UserError(f"cilkit tune: --out '{out}' holds files that are not of this tune ({_shown(foreign)}): "
+                        "tune into another --out")
+
+
 def tune(config_path: str | None, grid_items: list[str], overrides: list[str], out: Path) -> dict[str, Any]:
     """Run every grid point into ``out/<k>-<values>``, rank by validation score, write the
     ranking; returns the ranking record (also ``out/ranking.json``)."""
     grid = parse_grid(grid_items)
     points = grid_points(grid)
     configs = [point_config(config_path, overrides, p) for p in points]  # every point checked first
+    identity, names = tune_identity(config_path, grid), [point_name(k, p) for k, p in enumerate(points)]
+    check_tune_target(out, identity, names)
     datasets = point_datasets(configs)
+    io.write_json(out / TUNE_MARKER, identity)  # first: the directory is this tune's from now on
     rows: list[dict[str, Any]] = []
     for k, (point, config, dataset) in enumerate(zip(points, configs, datasets)):
-        run_dir = out / f"{k:02d}-{_slug(point)}"
+        run_dir = out / names[k]
         log(f"[tune] point {k + 1}/{len(points)}: {' '.join(f'{key}={v}' for key, v in point)}")
         runs = run_point(config, run_dir, dataset)
         scores = [validation_score(r) for r in runs]
