@@ -244,7 +244,29 @@ def test_the_papers_cifar100_configs_carry_their_settings():
         sir = load_config(configs / f"sir-cifar100-b50-{steps}steps.yaml")
         assert (sir.method, sir.scenario.initial, sir.scenario.increment, sir.memory.per_class) == ("sir", 50, increment, 20)
         lucir = load_config(configs / f"lucir-cifar100-b50-{steps}steps.yaml")
-        assert sir.train == lucir.train and sir.model == lucir.model and sir.scenario == lucir.scenario
+        assert sir.model == lucir.model and sir.scenario == lucir.scenario
+    # the paper's own setting: SIR on PODNet, with PODNet's training settings and options
+    sir5 = load_config(configs / "sir-cifar100-b50-5steps.yaml")
+    podnet5 = load_config(configs / "podnet-cifar100-b50-5steps.yaml")
+    assert sir5.method_options("sir")["base"] == "podnet" and sir5.train == podnet5.train
+    assert sir5.method_options("podnet") == podnet5.method_options("podnet")
+
+
+@pytest.mark.parametrize(("steps", "increment"), [(5, 10), (10, 5), (25, 2), (50, 1)])
+def test_the_podnet_configs_are_the_papers_cifar_protocol(steps, increment):
+    """The authors' options/podnet/podnet_cnn_cifar100.yaml, transcribed: B50, 20 exemplars per
+    class, 160 epochs of SGD lr 0.1 on a cosine schedule, 10 proxies, lambda_c 3, lambda_f 1,
+    NCA margin 0 (the original's 0.6 is cancelled by its code), 20 epochs of finetuning at 0.05."""
+    from pathlib import Path
+
+    from cilkit.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"podnet-cifar100-b50-{steps}steps.yaml")
+    assert (cfg.method, cfg.scenario.initial, cfg.scenario.increment, cfg.memory.per_class) == ("podnet", 50, increment, 20)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.schedule.type, cfg.train.weight_decay) == (160, 0.1, "cosine", 5e-4)
+    o = cfg.method_options("podnet")
+    assert (o["proxies_per_class"], o["lambda_spatial"], o["lambda_flat"], o["nca_margin"]) == (10, 3.0, 1.0, 0.0)
+    assert (o["finetune"], o["finetune_epochs"], o["finetune_lr"]) == (True, 20, 0.05)
 
 
 def test_il2m_maps_each_old_class_to_its_state_of_birth_with_a_large_first_state():

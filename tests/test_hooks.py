@@ -18,9 +18,9 @@ from cilkit.methods.finetune import Finetune
 from cilkit.run.layout import RunLayout
 from cilkit.run.loop import Run
 
-BUILT_IN = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active"]
+BUILT_IN = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active", "podnet"]
 OPTIONS = {"active": ["active.budget=0.2", "active.cycles=2", "active.classical=entropy"],
-           "bic": ["memory.selection=random"]}
+           "bic": ["memory.selection=random"], "podnet": ["podnet.proxies_per_class=2"]}
 
 
 def _frozen(method) -> bytes:

@@ -9,15 +9,17 @@ from helpers import strip_timings, tiny_config
 
 from cilkit.run.loop import Run
 
-METHODS = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active"]
+METHODS = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active", "podnet", "sir-podnet"]
 EXTRA = {
+    "podnet": ["podnet.proxies_per_class=3", "podnet.finetune_epochs=1"],
+    "sir-podnet": ["sir.base=podnet", "podnet.proxies_per_class=3", "podnet.finetune_epochs=1"],
     "active": ["active.budget=0.2", "active.cycles=2", "active.classical=margin", "active.balancing=poor"],
     "finetune": ["finetune.reinit_classifier=true"],
 }
 
 
 def four_states(tmp_path, method):
-    return tiny_config(tmp_path, f"method={method}", "scenario.increment=2", "scenario.states=4", "train.epochs=1",
+    return tiny_config(tmp_path, f"method={method.split('-')[0]}", "scenario.increment=2", "scenario.states=4", "train.epochs=1",
                        "state0_cache=null", "memory.total=80", "threads=1", *EXTRA.get(method, []))
 
 

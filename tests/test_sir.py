@@ -18,6 +18,8 @@ from cilkit.methods.sir import (
     sir_loss,
     transfer_distribution,
 )
+from cilkit.models import SplitCosineLinear
+from cilkit.models.lsc import LocalSimilarityClassifier
 from cilkit.run.loop import Run
 from cilkit.scenario import Scenario
 
@@ -183,3 +185,44 @@ def test_the_ablation_config_switches_each_component_on_and_off():
     swept = validate(bench.variant_config(base, variants["all"], memory=5, seed=7))
     assert (swept.memory.per_class, swept.memory.total, swept.seed) == (5, None, 7)
     assert swept.memory.selection == configs["all"].memory.selection
+
+
+# ----- SIR on a base method --------------------------------------------------------------------------
+def _state1(tmp_path, *sets):
+    from cilkit.methods.base import Batch
+
+    cfg = tiny_config(tmp_path, "threads=1", "state0_cache=null", "train.epochs=1", "scenario.states=2", *sets)
+    run = Run(cfg, tmp_path / "r", progress=False)
+    run.execute(until_state=0)
+    ctx = run.context(1)
+    run.method.before_state(ctx)
+    run.method.begin_round(ctx)
+    idx = ctx.state.train[:16]
+    x, labels, _ = next(run.dataset.train.batches(idx, 16, mean=run.mean, std=run.std))
+    batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
+    return run, ctx, batch
+
+
+def test_sir_on_lucir_with_every_component_off_is_lucirs_loss(tmp_path):
+    off = ["sir.frequency_compensation=false", "sir.inheritance_transfer=false", "sir.chronological_attenuation=false"]
+    sir_run, ctx, batch = _state1(tmp_path / "s", "method=sir", "sir.base=lucir", *off)
+    lucir = sir_run.method.base  # the same model and teacher, LUCIR's own loss
+    out = ctx.model(batch.x)
+    assert isinstance(ctx.model.head, SplitCosineLinear) and ctx.teacher is not None
+    expected = lucir.loss(ctx, batch, out)  # CE(sigma cos) + lambda L_lf + L_mr
+    assert sir_run.method.loss(ctx, batch, out).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_sir_on_podnet_replaces_nca_and_keeps_the_pod_terms(tmp_path):
+    run, ctx, batch = _state1(tmp_path, "method=sir", "sir.base=podnet", "podnet.proxies_per_class=2")
+    podnet, sir = run.method.base, run.method
+    out = ctx.model(batch.x, stages=True)
+    assert sir.needs_stages and isinstance(ctx.model.head, LocalSimilarityClassifier)
+    logits = ctx.model.head(out["features"])
+    targets = inheritance_targets(batch.y, ctx.state.n_seen, ctx.state.n_old, sir.transfer, sir.cfg.transfer_weight)
+    expected = sir_loss(logits, batch.y, sir.offsets, targets) + podnet.regularisation_loss(ctx, batch, out)
+    assert sir.loss(ctx, batch, out).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert sir.offsets is not None and (sir.offsets[: ctx.state.n_old] < 0).all()  # old classes compensated
+    results = Run(run.config, tmp_path / "full", progress=False).execute()
+    own = results["states"][1]["sir"]
+    assert {"train_counts", "tau", "factor", "scale", "loss_terms"} <= set(own)  # SIR's and PODNet's records

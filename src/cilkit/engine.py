@@ -52,6 +52,8 @@ class FitHooks:
     """What :meth:`Engine.fit` asks of the thing it trains for: a method, or a stage of one
     (LUCIR's class-balanced finetuning). Override what differs from the defaults."""
 
+    needs_stages: bool = False  # the loss reads out["stages"], the backbone's stage maps (PODNet)
+
     def param_groups(self, ctx: "Context") -> list[dict[str, Any]]:
         """What the optimiser updates (default: every parameter that requires a gradient)."""
         return [{"params": [p for p in ctx.model.parameters() if p.requires_grad]}]
@@ -205,8 +207,8 @@ class Engine:
             )):
                 batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
                 with self._autocast():
-                    out = net(self._prepare(batch.x))
-                out = {k: v.float() for k, v in out.items()}
+                    out = net(self._prepare(batch.x), stages=True) if hooks.needs_stages else net(self._prepare(batch.x))
+                out = {k: [m.float() for m in v] if isinstance(v, list) else v.float() for k, v in out.items()}
                 loss = hooks.loss(ctx, batch, out) if x.shape[0] else _no_loss(out)
                 if first_loss is None:
                     first_loss = float(loss.item())  # one sync per fit: the "learned nothing" check
@@ -279,7 +281,7 @@ class Engine:
             result = {k: distributed.gather_rows(v, n) for k, v in result.items()}
         return result
 
-    def _forward(self, model: torch.nn.Module, keep: bool = True) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    def _forward(self, model: torch.nn.Module, keep: bool = True) -> Callable[..., dict[str, Any]]:
         """``model``'s forward, through ``torch.compile`` when the run asks for it (``compile:
         true``); where it cannot compile, one warning and the model runs eagerly from then on.
         ``keep``: reuse the compiled module in later calls (not for a fit's own DDP wrapper)."""
@@ -291,16 +293,16 @@ class Engine:
             if keep:
                 self._compiled[id(model)] = compiled
 
-        def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        def forward(x: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
             if self.compile:
                 try:
-                    return compiled(x)
+                    return compiled(x, **kwargs)
                 except Exception as e:  # no C compiler, an unsupported op, an old GPU ...
                     self.compile = False
                     self._compiled.clear()
                     log(f"warning: compile: true, but torch.compile failed ({described(e, 200)}): "
                         "running without it")
-            return model(x)
+            return model(x, **kwargs)
 
         return forward
 
@@ -314,10 +316,11 @@ def _epoch_record(stage: str, epoch: int, loss: float, lr: float, images: int, s
                        images_per_second=images / seconds if seconds > 0 else None, seconds=seconds)
 
 
-def _no_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+def _no_loss(out: dict[str, Any]) -> torch.Tensor:
     """A zero loss joined to the outputs' graph, for a rank whose slice of the last batch is
     empty: it still takes part in the gradient all-reduce."""
-    return sum((v.sum() for v in out.values()), torch.zeros((), device=out["logits"].device)) * 0.0
+    tensors = [t for v in out.values() for t in (v if isinstance(v, list) else [v])]
+    return sum((t.sum() for t in tensors), torch.zeros((), device=out["logits"].device)) * 0.0
 
 
 def _summed(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:

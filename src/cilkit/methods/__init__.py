@@ -8,6 +8,6 @@ from __future__ import annotations
 from cilkit.registry import METHODS
 from cilkit.registry import register_method as register
 
-from cilkit.methods import active, bic, finetune, icarl, il2m, joint, lucir, sir  # isort: skip
+from cilkit.methods import active, bic, finetune, icarl, il2m, joint, lucir, podnet, sir  # isort: skip
 
-__all__ = ["METHODS", "register", "active", "bic", "finetune", "icarl", "il2m", "joint", "lucir", "sir"]
+__all__ = ["METHODS", "register", "active", "bic", "finetune", "icarl", "il2m", "joint", "lucir", "podnet", "sir"]

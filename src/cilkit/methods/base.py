@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ from cilkit.models import IncrementalLinear, IncrementalNet, build_model
 from cilkit.scenario import Scenario, State
 
 __all__ = ["Batch", "Context", "Method", "MethodConfig", "StateRecord", "TrainingRecord", "distillation_kl",
-           "freeze"]
+           "freeze", "head_of", "stage_record"]
 
 
 class MethodConfig(BaseModel):
@@ -175,6 +175,15 @@ class Method(FitHooks):
     def after_state(self, ctx: Context) -> None:
         return None
 
+    # ----- the loss, decomposed (what SIR's ``base`` reads) ------------------------------------------
+    def class_logits(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scores the classification term of the loss reads (default: the logits)."""
+        return out["logits"]
+
+    def regularisation_loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss besides its classification term (distillation ...; default: none)."""
+        return out["logits"].new_zeros(())
+
     def statistics_warnings(self, ctx: Context, stats: dict[str, Any]) -> list[str]:
         """Warnings about this state's class statistics that matter to this method (logged)."""
         return []
@@ -191,6 +200,24 @@ class Method(FitHooks):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+HeadT = TypeVar("HeadT")
+
+
+def head_of(ctx: Context, kind: type[HeadT], method: str) -> HeadT:
+    """The model's head, checked to be the ``kind`` the method built (a TypeError otherwise)."""
+    head = ctx.model.head
+    if not isinstance(head, kind):
+        raise TypeError(f"{method} needs the {kind.__name__} head built by its build_model")
+    return head
+
+
+def stage_record(indices: torch.Tensor, fit: dict[str, Any]) -> dict[str, Any]:
+    """What results.json keeps of a method's extra training stage (``engine.fit``'s answer)."""
+    losses = fit["epoch_losses"]
+    return {"train_images": int(indices.numel()), "final_loss": losses[-1] if losses else None,
+            "train_seconds": fit["train_seconds"]}
 
 
 def reset_classifier(model: IncrementalNet, key: str) -> None:

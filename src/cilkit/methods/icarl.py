@@ -37,14 +37,14 @@ the original code does), re-normalised; a test image goes to the nearest mean. T
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
-from cilkit.methods.nme import exemplar_means, nme_scores
+from cilkit.methods.base import Batch, Context, MethodConfig, distillation_kl
+from cilkit.methods.nme import WithClassMeans
 
 
 class ICaRLConfig(MethodConfig):
@@ -64,7 +64,7 @@ def icarl_bce(logits: torch.Tensor, target: torch.Tensor, divisor: int = 1) -> t
 
 
 @register("icarl")
-class ICaRL(Method):
+class ICaRL(WithClassMeans):
     description = ("iCaRL: herding memory, sigmoid-BCE distillation, nearest-mean-of-exemplars classifier (NME + CNN); "
                    "its BCE starts on a plateau (C ln 2), so match the lr to icarl.bce_reduction "
                    "(sum: CE-like lr; mean: the original's lr 2.0, momentum 0.9)")
@@ -72,10 +72,6 @@ class ICaRL(Method):
     cfg: ICaRLConfig
     needs_teacher = True
     primary_scores = "nme"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.class_means = torch.empty(0)
 
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = out["logits"]
@@ -99,17 +95,11 @@ class ICaRL(Method):
         return 1 if self.cfg.bce_reduction == "sum" else ctx.scenario.ends[-1]
 
     def after_state(self, ctx: Context) -> None:
-        self.class_means = exemplar_means(ctx, ctx.model)
+        self.update_class_means(ctx)
 
     def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """NME scores (-inf for a class with no mean, i.e. no exemplar), see ``methods.nme``."""
-        return nme_scores(out["features"], self.class_means)
+        return self.nme(out)
 
     def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"cnn": out["logits"]}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"class_means": self.class_means}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.class_means = state["class_means"]

@@ -54,8 +54,8 @@ from cilkit.config import ScheduleConfig
 from cilkit.errors import UserError
 from cilkit.methods import register
 from cilkit.engine import FitHooks
-from cilkit.methods.base import Batch, Context, Method, MethodConfig
-from cilkit.methods.nme import exemplar_means, nme_scores
+from cilkit.methods.base import Batch, Context, MethodConfig, head_of, stage_record
+from cilkit.methods.nme import WithClassMeans
 from cilkit.models import IncrementalNet, SplitCosineLinear, build_model
 
 
@@ -166,15 +166,12 @@ class BalancedFinetune(FitHooks):
 
 
 def _cosine_head(ctx: Context) -> SplitCosineLinear:
-    head = ctx.model.head
-    if not isinstance(head, SplitCosineLinear):
-        raise TypeError("LUCIR needs the cosine head built by LUCIR.build_model")
-    return head
+    return head_of(ctx, SplitCosineLinear, "LUCIR")
 
 
 # ----- the method ------------------------------------------------------------------------------
 @register("lucir")
-class LUCIR(Method):
+class LUCIR(WithClassMeans):
     description = (
         "LUCIR: cosine classifier, imprinting, less-forget constraint, margin ranking, "
         "optional class-balanced finetuning (CNN + NME)"
@@ -191,7 +188,6 @@ class LUCIR(Method):
         if self.cfg.cbf and not self.run_config.memory.enabled:
             raise UserError("config key 'lucir.cbf': class-balanced finetuning needs an exemplar memory "
                             "(set memory.total or memory.per_class)")
-        self.class_means = torch.empty(0)
         self.lambda_ = self.cfg.lambda_base
         self._terms: torch.Tensor | None = None  # running sums of (CE, L_lf, L_mr, batches)
 
@@ -253,6 +249,20 @@ class LUCIR(Method):
         self._record(ce, lf, mr)
         return ce + self.lambda_ * lf + self.cfg.mr_weight * mr
 
+    def class_logits(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sigma * cos``, what the cross-entropy term reads."""
+        return out["logits"]
+
+    def regularisation_loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``lambda * L_lf + mr_weight * L_mr`` (0 in state 0), for SIR on LUCIR."""
+        if ctx.teacher is None:
+            return out["logits"].new_zeros(())
+        cosines = _cosine_head(ctx).cosine(out["features"])
+        mr = margin_ranking_loss(cosines, batch.y, ctx.state.n_old, self.cfg.top_k, self.cfg.margin)
+        with torch.no_grad():
+            previous = ctx.teacher.features(batch.x).float()
+        return self.lambda_ * less_forget_loss(out["features"], previous) + self.cfg.mr_weight * mr
+
     def _record(self, ce: torch.Tensor, lf: torch.Tensor, mr: torch.Tensor) -> None:
         """Accumulate the loss terms on the device (no synchronisation per batch)."""
         terms = torch.stack([ce.detach(), lf.detach(), mr.detach(), torch.ones_like(ce)])
@@ -265,7 +275,7 @@ class LUCIR(Method):
         if self.cfg.cbf and ctx.state.index > 0:
             self.balanced_finetune(ctx)
         ctx.record.results["sigma"] = float(_cosine_head(ctx).sigma.detach())
-        self.class_means = exemplar_means(ctx, ctx.model)
+        self.update_class_means(ctx)
 
     def balanced_finetune(self, ctx: Context) -> None:
         """Class-balanced finetuning of the class rows on the exemplar memory (which the runner
@@ -279,22 +289,4 @@ class LUCIR(Method):
                 ctx, BalancedFinetune(self), indices, self.cfg.cbf_epochs, self.cfg.cbf_lr, schedule,
                 desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning",
             )  # fmt: skip
-        losses = fit["epoch_losses"]
-        ctx.record.results["cbf"] = {
-            "train_images": int(indices.numel()),
-            "final_loss": losses[-1] if losses else None,
-            "train_seconds": fit["train_seconds"],
-        }
-
-    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return out["logits"]
-
-    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"nme": nme_scores(out["features"], self.class_means)}
-
-    # ----- resume ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"class_means": self.class_means}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.class_means = state["class_means"]
+        ctx.record.results["cbf"] = stage_record(indices, fit)

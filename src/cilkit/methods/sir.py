@@ -1,4 +1,4 @@
-"""SIR, self-paced imbalance rectification (Liu, Zhu, Cao; arXiv 2202.03703) -- a RECONSTRUCTION.
+"""SIR, self-paced imbalance rectification (Liu, Zhu, Cao; arXiv 2106.14747) -- a RECONSTRUCTION.
 
 No code of SIR was published (its repository holds only a README) and we read only the
 abstract. The abstract names three parts; each is implemented here as a separate, switchable
@@ -58,15 +58,17 @@ runs the ablation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from cilkit.classwise import class_counts, normalised_class_means
+from cilkit.engine import EpochRecord
 from cilkit.methods import register
 from cilkit.methods.base import Batch, Context, Method, MethodConfig
+from cilkit.models import IncrementalNet
 from cilkit.scenario import Scenario
 
 
@@ -82,6 +84,9 @@ class SIRConfig(MethodConfig):
     # 3. chronological attenuation: tau_j = tau * gamma ** age_j (our default gamma)
     chronological_attenuation: bool = True
     attenuation: float = Field(0.9, gt=0, le=1)  # gamma: tau_j = tau * gamma ** age_j
+    # the method SIR acts on: its model, hooks and regularisation; SIR's loss takes the place of
+    # its classification term from state 1 on (docs/sir.md, "SIR on a base")
+    base: Literal["finetune", "lucir", "podnet"] = "finetune"
 
     @model_validator(mode="after")
     def _attenuation_needs_compensation(self) -> "SIRConfig":
@@ -169,19 +174,32 @@ def sir_loss(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor |
 # ----- the method --------------------------------------------------------------------------------
 @register("sir")
 class SIR(Method):
-    description = ("SIR (reconstruction from the abstract): fine-tuning with memory + frequency "
-                   "compensation, inheritance transfer, chronological attenuation")
+    description = ("SIR (reconstruction from the abstract): frequency compensation, inheritance transfer, "
+                   "chronological attenuation on top of a base method (fine-tuning with memory, LUCIR or PODNet)")
     Config = SIRConfig
     cfg: SIRConfig
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        from cilkit.methods import METHODS
+
+        self.base: Method = METHODS[self.cfg.base](self.run_config)  # with its own options (e.g. ``podnet:``)
+        self.needs_stages = self.base.needs_stages
+        self.primary_scores = self.base.primary_scores  # type: ignore[misc]
         self.offsets: torch.Tensor | None = None  # this state's logit adjustment
         self.transfer: torch.Tensor | None = None  # this state's (n_new, n_old) similarity targets
         self.counts = torch.zeros(0, dtype=torch.int64)  # this state's n_j
 
+    def state0_signature(self) -> dict[str, Any]:
+        return {"base": self.cfg.base, "base_options": self.base.cfg.model_dump(mode="json"),
+                **self.base.state0_signature()}
+
+    # ----- the base method's hooks, with SIR's own around them -------------------------------------
+    def build_model(self, in_channels: int, image_size: int) -> IncrementalNet:
+        return self.base.build_model(in_channels, image_size)
+
     def before_state(self, ctx: Context) -> None:
-        super().before_state(ctx)
+        self.base.before_state(ctx)  # the base's teacher, head growth, imprinting ...
         self.offsets, self.transfer = None, None
         if ctx.state.index > 0 and self.cfg.inheritance_transfer:
             # ctx.model has not trained in this state yet: its backbone is the previous model's.
@@ -195,12 +213,39 @@ class SIR(Method):
         new_protos, old_protos = protos[st.new.start : st.new.stop], protos[: st.n_old]
         return transfer_distribution(new_protos, old_protos, self.cfg.transfer_temperature)
 
+    def rounds(self, ctx: Context) -> int:
+        return self.base.rounds(ctx)
+
     def begin_round(self, ctx: Context) -> None:
-        """The round's class counts ``n_j`` and, with frequency compensation, its logit offsets."""
+        """The base's set-up, then the round's class counts ``n_j`` and, with frequency
+        compensation, its logit offsets."""
+        self.base.begin_round(ctx)
         if ctx.state.index > 0:
             self.counts = class_counts(ctx.scenario.train_pos[self.train_set(ctx)], ctx.state.n_seen)
             if self.cfg.frequency_compensation:
                 self.offsets = frequency_offsets(self.counts, self.strengths(ctx)).to(ctx.device)
+
+    def train_set(self, ctx: Context) -> torch.Tensor:
+        return self.base.train_set(ctx)
+
+    def memory_candidates(self, ctx: Context) -> torch.Tensor:
+        return self.base.memory_candidates(ctx)
+
+    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
+        return self.base.param_groups(ctx)
+
+    def train_mode(self, ctx: Context, model: torch.nn.Module) -> None:
+        self.base.train_mode(ctx, model)
+
+    def begin_epoch(self, ctx: Context, epoch: int) -> None:
+        self.base.begin_epoch(ctx, epoch)
+
+    def end_epoch(self, ctx: Context, record: EpochRecord) -> None:
+        self.base.end_epoch(ctx, record)
+
+    def batch_order(self, ctx: Context, indices: torch.Tensor, batch_size: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        return self.base.batch_order(ctx, indices, batch_size, generator)
 
     def strengths(self, ctx: Context) -> torch.Tensor:
         """(n_seen,) ``tau_j`` of this state (attenuated by age when that component is on)."""
@@ -208,6 +253,7 @@ class SIR(Method):
         return compensation_strengths(self.cfg.tau, class_ages(ctx.scenario, ctx.state.index), gamma)
 
     def after_state(self, ctx: Context) -> None:
+        self.base.after_state(ctx)  # the base's stages (LUCIR's / PODNet's finetuning, class means)
         if ctx.state.index > 0:
             ctx.record.results.update(self._record(ctx))
 
@@ -225,9 +271,29 @@ class SIR(Method):
         return rec
 
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = out["logits"]
+        """State 0: the base's loss. Later: SIR's loss on the base's class logits (in place of
+        the base's classification term), plus the base's regularisation (LUCIR's less-forget
+        and margin ranking terms, PODNet's POD distillation; none for fine-tuning)."""
+        if ctx.state.index == 0:
+            return self.base.loss(ctx, batch, out)
         targets = None
         if self.transfer is not None and ctx.state.n_old > 0:
             targets = inheritance_targets(batch.y, ctx.state.n_seen, ctx.state.n_old, self.transfer,
                                           self.cfg.transfer_weight)
-        return sir_loss(logits, batch.y, self.offsets, targets)
+        logits = self.base.class_logits(ctx, out)
+        return sir_loss(logits, batch.y, self.offsets, targets) + self.base.regularisation_loss(ctx, batch, out)
+
+    def statistics_warnings(self, ctx: Context, stats: dict[str, Any]) -> list[str]:
+        return self.base.statistics_warnings(ctx, stats)
+
+    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.base.predict(ctx, out)
+
+    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.base.extra_scores(ctx, out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state)

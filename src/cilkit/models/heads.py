@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cilkit.models.lsc import LocalSimilarityClassifier
+from cilkit.models.split import SplitRows
+
 
 def _linear_init(weight: torch.Tensor, bias: torch.Tensor, in_dim: int) -> None:
     """In-place ``nn.Linear`` default init: kaiming_uniform(a=sqrt(5)), bias U(+-1/sqrt(D))."""
@@ -96,7 +99,8 @@ class IncrementalNet(nn.Module):
     logits are unchanged right after it; ``add_classes`` works as before.
     """
 
-    def __init__(self, backbone: nn.Module, head: IncrementalLinear | SplitCosineLinear) -> None:
+    def __init__(self, backbone: nn.Module, head: IncrementalLinear | SplitCosineLinear | LocalSimilarityClassifier
+                 ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -150,29 +154,19 @@ class IncrementalNet(nn.Module):
         return self.head.num_classes
 
 
-class SplitCosineLinear(nn.Module):
+class SplitCosineLinear(SplitRows):
     """LUCIR's cosine classifier (Hou et al., CVPR 2019, Sec. 3.2, Eq. 4):
     ``logits = sigma * cos(f, w_c)``, with one learnable scalar ``sigma`` (initialised to 1).
 
-    The class weights are split as in the original code's ``SplitCosineLinear``:
-    ``weight_old`` holds the rows of the classes learned in earlier states and is frozen
-    (``requires_grad=False``: no gradient, and a method leaves it out of the optimiser, so no
-    weight decay either); ``weight_new`` holds the rows of the classes of the current state
-    and is trained. Both share ``sigma``. ``add_classes(n)`` starts a new state: the current
-    new rows join the frozen block and ``n`` fresh rows are drawn from U(-1/sqrt(D), 1/sqrt(D))
-    (the original ``CosineLinear.reset_parameters``) from the global torch RNG. Rebuild
-    optimisers afterwards: the parameters are new objects.
-
-    ``load_state_dict`` takes the block sizes from the state dict (a checkpoint of a later
-    state has more frozen rows than a freshly built head), so a head grown once by the total
-    number of classes loads any checkpoint of the same class count.
+    The class weights are split as in the original code's ``SplitCosineLinear``
+    (:class:`~cilkit.models.split.SplitRows`): ``weight_old`` frozen, ``weight_new`` trained;
+    both share ``sigma``. ``add_classes(n)`` starts a new state: the current new rows join the
+    frozen block and ``n`` fresh rows are drawn from U(-1/sqrt(D), 1/sqrt(D)) (the original
+    ``CosineLinear.reset_parameters``) from the global torch RNG.
     """
 
     def __init__(self, in_dim: int) -> None:
-        super().__init__()
-        self.in_dim = in_dim
-        self.weight_old = nn.Parameter(torch.empty(0, in_dim), requires_grad=False)
-        self.weight_new = nn.Parameter(torch.empty(0, in_dim))
+        super().__init__(in_dim)
         self.sigma = nn.Parameter(torch.ones(()))
 
     @property
@@ -180,26 +174,12 @@ class SplitCosineLinear(nn.Module):
         """Current number of output classes (frozen + trained rows)."""
         return self.weight_old.shape[0] + self.weight_new.shape[0]
 
-    @property
-    def num_frozen(self) -> int:
-        """Number of frozen (old-class) rows; they come first in the logits."""
-        return self.weight_old.shape[0]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """All class weights ``(C, D)``, old rows first."""
-        return torch.cat([self.weight_old, self.weight_new], 0)
-
     def add_classes(self, n: int) -> None:
         """Freeze every current row and append ``n`` fresh trainable rows."""
-        if n < 0:
-            raise ValueError(f"cannot add a negative number of classes ({n})")
-        merged = self.weight.detach().clone()
-        fresh = torch.empty(n, self.in_dim, dtype=merged.dtype, device=merged.device)
+        fresh = self._fresh_rows(n)
         bound = 1.0 / math.sqrt(self.in_dim) if self.in_dim > 0 else 0.0
         nn.init.uniform_(fresh, -bound, bound)
-        self.weight_old = nn.Parameter(merged, requires_grad=False)
-        self.weight_new = nn.Parameter(fresh)
+        self._append(fresh)
 
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
         """Unscaled cosine similarities ``(N, C)`` between features and class weights."""
@@ -208,17 +188,6 @@ class SplitCosineLinear(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``sigma * cos(f, w)``, ``(N, C)``."""
         return self.sigma * self.cosine(features)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # Re-create the weight blocks with the checkpoint's sizes, keeping which one is frozen.
-        for name, trainable in (("weight_old", False), ("weight_new", True)):
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if saved is None or saved.dim() != 2 or saved.shape[1] != self.in_dim:
-                continue
-            if saved.shape != current.shape:
-                setattr(self, name, nn.Parameter(current.new_empty(saved.shape), requires_grad=trainable))
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, num_classes={self.num_classes}, frozen={self.num_frozen}"
