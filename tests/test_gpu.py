@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -37,6 +38,28 @@ def test_compile_on_the_gpu_completes_without_falling_back(tmp_path, capsys):
               progress=False).execute()
     assert res["complete"]
     assert "torch.compile failed" not in capsys.readouterr().out
+
+
+def _host_syncs(tmp_path, name: str, *overrides: str) -> int:
+    """The synchronising CUDA calls a run makes (torch's sync debug mode counts them)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Run(tiny_config(tmp_path, "device=cuda", "state0_cache=null", *overrides), tmp_path / name,
+                progress=False).execute()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("method", ["finetune", "lucir", "podnet", "bic", "sir"])
+def test_training_batches_do_not_synchronise_the_host(tmp_path, method):
+    """Four times as many training batches, the same number of host syncs: none per batch
+    (what remains is per fit, per epoch and per state, and evaluation)."""
+    few = _host_syncs(tmp_path, "few", f"method={method}", "train.batch_size=64")
+    many = _host_syncs(tmp_path, "many", f"method={method}", "train.batch_size=16")
+    assert few == many, (few, many)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -166,6 +166,13 @@ class Scenario:
         self.test_pos = self.position_of[test_labels]
         self.imbalance = self._apply_imbalance(cfg.imbalance, seed)
         self.val_mask = self._holdout(cfg.val_per_class, seed)
+        self._position_on: dict[torch.device, torch.Tensor] = {}
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        """``position_of`` on ``device``, copied there once (not once per training batch)."""
+        if device not in self._position_on:
+            self._position_on[device] = self.position_of.to(device)
+        return self._position_on[device]
 
     def _apply_imbalance(self, cfg: ImbalanceConfig, run_seed: int) -> dict[str, Any]:
         """Drop images (seeded choice) to the per-class profile; returns what was applied, with

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cilkit.data.transforms import Augment, augment_batch, normalise
+from cilkit.data.transforms import Augment, augment_batch, draw_epoch, normalise, to_device
 from cilkit.distributed import shard_bounds
 
 ImageBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, original labels, indices)
@@ -131,17 +131,19 @@ class TensorImages(ImageSet):
         self.to(device)
         dev = self.images.device
         indices = in_order(indices.to(torch.int64), shuffle, order, generator)
-        indices = indices.to(dev)
-        mean, std = mean.to(dev), std.to(dev)
-        for start in range(0, indices.numel(), batch_size):
+        augment = None if augment is None or augment.is_identity else augment
+        draws = draw_epoch(augment, batch_sizes(indices.numel(), batch_size), generator, dev) if augment else None
+        indices = to_device(indices, dev)
+        mean, std = to_device(mean, dev), to_device(std, dev)
+        for k, start in enumerate(range(0, indices.numel(), batch_size)):
             idx = indices[start : start + batch_size]
             part = None
             if shard is not None:
                 lo, hi = shard_bounds(idx.numel(), *shard)
                 part, idx = (lo, hi, idx.numel()), idx[lo:hi]
             x = self.images[idx]
-            if augment is not None:
-                x = augment_batch(x, augment, generator, part)
+            if augment is not None and draws is not None:
+                x = augment_batch(x, augment, draws.batch(k, part))
             yield normalise(x, mean, std), self._labels_dev[idx], idx
 
     def content_digest(self, indices: torch.Tensor) -> str:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from cilkit.data.base import ImageBatch, ImageSet, Order, batch_sizes, in_order
-from cilkit.data.transforms import Augment, Part, augment_batch, normalise
+from cilkit.data.transforms import Augment, Part, augment_batch, draw_epoch, normalise, to_device
 from cilkit.distributed import shard_bounds
 from cilkit.errors import UserError, reason
 
@@ -255,21 +255,24 @@ class FileImages(ImageSet):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if augment is not None else 0
         indices = in_order(indices.to(torch.int64).cpu(), shuffle, order, generator)
         batch_aug = None if augment is None or crop else Augment(crop_pad=augment.crop_pad, flip=augment.flip)
-        mean, std = mean.to(device), std.to(device)
+        mean, std = to_device(mean, device), to_device(std, device)
         pin = device.type == "cuda"
         flip = crop and augment is not None and augment.flip
         # A rank decodes only its slice of each batch (each image's crop is seeded by its position).
         parts = _batch_parts(indices.numel(), batch_size, shard)
         mine = torch.cat([indices[s + lo : s + hi] for s, (lo, hi, _) in parts]) if parts else indices
         sizes = [hi - lo for _, (lo, hi, _) in parts]
+        draws = None
+        if batch_aug is not None and not batch_aug.is_identity:
+            draws = draw_epoch(batch_aug, [size for _, (_, _, size) in parts], generator, device)
         decoded = self._decoded(mine, sizes, train=crop, flip=flip, seed=seed, pin=pin)
         empty = torch.empty((0, self.channels, self.image_size, self.image_size), dtype=torch.uint8)
-        for _, part in parts:
+        for k, (_, part) in enumerate(parts):
             x, idx = next(decoded) if part[1] > part[0] else (empty, torch.empty(0, dtype=torch.int64))
             x = x.to(device, non_blocking=pin)
-            if batch_aug is not None:
-                x = augment_batch(x, batch_aug, generator, part)
-            yield normalise(x, mean, std), self.labels[idx].to(device), idx.to(device)
+            if batch_aug is not None and draws is not None:
+                x = augment_batch(x, batch_aug, draws.batch(k, part))
+            yield normalise(x, mean, std), to_device(self.labels[idx], device), to_device(idx, device)
 
     def content_digest(self, indices: torch.Tensor) -> str:
         """sha256 over each image's path, size and modification time and its label: cheap

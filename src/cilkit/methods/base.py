@@ -117,7 +117,7 @@ class Context:
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Original class ids -> class positions in the run's order."""
-        return self.scenario.position_of.to(labels.device)[labels]
+        return self.scenario.positions_on(labels.device)[labels]
 
 
 class Method(FitHooks):

@@ -203,7 +203,7 @@ class SIR(Method):
         self.offsets, self.transfer = None, None
         if ctx.state.index > 0 and self.cfg.inheritance_transfer:
             # ctx.model has not trained in this state yet: its backbone is the previous model's.
-            self.transfer = self._old_space_similarity(ctx)
+            self.transfer = self._old_space_similarity(ctx).to(ctx.device)  # read by every batch's targets
 
     def _old_space_similarity(self, ctx: Context) -> torch.Tensor:
         st = ctx.state
