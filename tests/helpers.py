@@ -53,3 +53,29 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def state_context(cfg: RunConfig, run_dir: Path, b: int) -> tuple[Any, Any]:
+    """A run trained through state ``b - 1`` and the context of state ``b`` after the method's
+    ``before_state``: where a test reads a method's loss on a real state."""
+    from cilkit.run.loop import Run
+
+    run = Run(cfg, run_dir, progress=False)
+    if b > 0:
+        run.execute(until_state=b - 1)
+    ctx = run.context(b)
+    run.method.before_state(ctx)
+    return run, ctx
+
+
+def assert_value_and_gradient(ours: Any, z: Any, reference: Any, atol: float = 1e-10) -> None:
+    """``ours`` (a loss of the leaf ``z``) equals ``reference(z')`` on a copy ``z'`` of ``z``,
+    and so do their gradients."""
+    import torch
+
+    ref_z = z.detach().clone().requires_grad_(True)
+    ref = reference(ref_z)
+    assert torch.allclose(ours, ref, atol=atol), (float(ours), float(ref))
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(z.grad, ref_z.grad, atol=atol)

@@ -18,9 +18,10 @@ from cilkit.methods.finetune import Finetune
 from cilkit.run.layout import RunLayout
 from cilkit.run.loop import Run
 
-BUILT_IN = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active", "podnet"]
+BUILT_IN = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active", "podnet", "lwf", "ssil", "wa", "gdumb", "eeil", "scail"]
 OPTIONS = {"active": ["active.budget=0.2", "active.cycles=2", "active.classical=entropy"],
-           "bic": ["memory.selection=random"], "podnet": ["podnet.proxies_per_class=2"]}
+           "bic": ["memory.selection=random"], "podnet": ["podnet.proxies_per_class=2"],
+           "eeil": ["eeil.finetune_epochs=1"]}
 
 
 def _frozen(method) -> bytes:

@@ -9,12 +9,14 @@ from helpers import strip_timings, tiny_config
 
 from cilkit.run.loop import Run
 
-METHODS = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active", "podnet", "sir-podnet"]
+METHODS = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active", "podnet", "sir-podnet", "lwf", "eeil", "scail", "wa", "ssil", "gdumb"]
 EXTRA = {
     "podnet": ["podnet.proxies_per_class=3", "podnet.finetune_epochs=1"],
     "sir-podnet": ["sir.base=podnet", "podnet.proxies_per_class=3", "podnet.finetune_epochs=1"],
     "active": ["active.budget=0.2", "active.cycles=2", "active.classical=margin", "active.balancing=poor"],
     "finetune": ["finetune.reinit_classifier=true"],
+    "lwf": ["memory.total=0"],
+    "eeil": ["eeil.finetune_epochs=2"],
 }
 
 

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tune)
     c = sub.add_parser("calibrate", help="rectify the stored scores of a finished run, without a model")
     c.add_argument("run_dir", help="a run directory (or a parent of several)")
-    c.add_argument("--with", dest="rectifier", required=True, help="il2m | scaling | none")
+    c.add_argument("--with", dest="rectifier", required=True, help="il2m | scaling | scail | none")
     c.add_argument("--out", help="where to write (default: RUN_DIR/calibrated/<rectifier>)")
     c.set_defaults(func=cmd_calibrate)
     k = sub.add_parser("compare", help="tables, plots and report.html over run directories")

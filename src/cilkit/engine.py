@@ -69,6 +69,10 @@ class FitHooks:
     def begin_epoch(self, ctx: "Context", epoch: int) -> None:
         """Before epoch ``epoch`` (1-based) of the fit."""
 
+    def after_step(self, ctx: "Context") -> None:
+        """After every optimiser step (WA clips its classifier's weights here); in place on
+        the parameters, never a host sync."""
+
     def end_epoch(self, ctx: "Context", record: EpochRecord) -> None:
         """After an epoch, with what the history records of it."""
 
@@ -217,6 +221,7 @@ class Engine:
                 # ranks is the mean over the global batch (slices may differ by one image)
                 (loss * (x.shape[0] * distributed.world_size() / epoch_sizes[k]) if shard else loss).backward()
                 opt.step()
+                hooks.after_step(ctx)
                 total += loss.detach() * x.shape[0]
                 count += x.shape[0]
             if shard is not None:  # the global batch's loss: the same plateau decision on every rank

@@ -86,6 +86,13 @@ class Memory:
             else:
                 self.ranking[c] = candidates[torch.randperm(candidates.numel(), generator=generator)[:m]]
 
+    def assign(self, n_seen: int, contents: dict[int, torch.Tensor]) -> None:
+        """Hold exactly ``contents`` (class position -> training indices) for the ``n_seen``
+        classes: a method's own memory (see ``Method.memory_contents``), each class's images in
+        the method's order, its quota their number."""
+        self.quotas = [int(contents[c].numel()) if c in contents else 0 for c in range(n_seen)]
+        self.ranking = {c: contents[c].clone() for c in range(n_seen) if c in contents}
+
     def of_class(self, c: int) -> torch.Tensor:
         if c >= len(self.quotas) or c not in self.ranking:
             return torch.empty(0, dtype=torch.int64)

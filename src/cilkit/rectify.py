@@ -1,7 +1,7 @@
 """Score rectifiers: pure functions of a score matrix and class statistics.
 
-IL2M's rectification and class prediction scaling, used live by the ``il2m`` and ``active``
-methods and offline by ``cilkit calibrate`` (:mod:`cilkit.analysis.calibrate`). This module knows nothing
+IL2M's rectification, class prediction scaling and ScaIL's classifier, used live by the
+``il2m``, ``active`` and ``scail`` methods and offline by ``cilkit calibrate`` (:mod:`cilkit.analysis.calibrate`). This module knows nothing
 of runs, memories or files: the statistics come in as a dict (the content of a
 ``stats/state_XX.json``, see :mod:`cilkit.class_statistics`) or as plain sequences.
 """
@@ -15,7 +15,7 @@ import torch
 
 from cilkit.errors import UserError
 
-RECTIFIERS = ("il2m", "scaling", "none")
+RECTIFIERS = ("il2m", "scaling", "scail", "none")
 ClassStatistics = dict[str, Any]  # a state's class statistics (cilkit.class_statistics)
 FloatsOrNone = torch.Tensor | Sequence[float | None]
 
@@ -125,14 +125,80 @@ def scaling_from_stats(logits: torch.Tensor, stats: ClassStatistics) -> torch.Te
     return prediction_scaling(logits, counts)
 
 
+def scail_classifier(
+    weight: torch.Tensor, bias: torch.Tensor, first_heads: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    state_ends: Sequence[int], reading: str = "code",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ScaIL (Belouadah & Popescu, "ScaIL: Classifier Weights Scaling for Class Incremental
+    Learning", WACV 2020), as its authors' ``scail/codes/scail.py`` computes it: the classifier
+    of state ``b = len(state_ends) - 1`` (``weight`` (n_seen, D), ``bias`` (n_seen,)) with the
+    rows of every old class replaced by its rows from the state ``s`` where it was learned
+    (``first_heads[s]``: that state's whole head), rescaled:
+
+    * weights: ``mu_new[k]`` is the mean over the current state's new classes of their ``k``-th
+      largest ``|w|``, ``mu_s[k]`` the same over the classes of state ``s`` in ``first_heads[s]``;
+      ``reading="code"`` multiplies ``w[d]`` by ``(mu_new / mu_s)[argsort(-w)[d]]`` as the
+      authors' loop does; ``reading="rank"`` multiplies the ``k``-th largest ``|w|`` by
+      ``(mu_new / mu_s)[k]``, the reading of rank-wise statistics (the two differ: the loop
+      indexes the factors by a dimension, not by a rank). A factor whose ``mu_s[k]`` is 0 is 1.
+    * biases: times ``c_b / c_s``, where ``c`` is what the code's ``sum(normalize(|bias|
+      .reshape(-1, 1)))`` computes: each bias normalised as a vector of one element, so the count
+      of non-zero biases of the state's head (1 where ``c_s`` is 0).
+
+    The new classes keep the current rows. Computed in float64."""
+    b = len(state_ends) - 1
+    n_old, n_seen = (state_ends[b - 1] if b > 0 else 0), state_ends[b]
+    w, beta = weight[:n_seen].double(), bias[:n_seen].double()
+    out_w, out_b = w.clone(), beta.clone()
+    mu_new = w[n_old:].abs().sort(dim=1, descending=True).values.mean(dim=0)
+    count_now = (beta != 0).sum().double()
+    for s in range(b):
+        lo, hi = (state_ends[s - 1] if s > 0 else 0), state_ends[s]
+        w0, b0 = first_heads[s][0].double(), first_heads[s][1].double()
+        count_then = (b0 != 0).sum().double()
+        out_b[lo:hi] = b0[lo:hi] * (count_now / count_then if count_then > 0 else 1.0)
+        rows = w0[lo:hi]
+        mu_s = rows.abs().sort(dim=1, descending=True).values.mean(dim=0)
+        factor = torch.where(mu_s > 0, mu_new / torch.where(mu_s > 0, mu_s, torch.ones_like(mu_s)),
+                             torch.ones_like(mu_s))
+        if reading == "code":
+            out_w[lo:hi] = rows * factor[rows.argsort(dim=1, descending=True, stable=True)]
+        else:
+            ranks = rows.abs().argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+            out_w[lo:hi] = rows * factor[ranks]
+    return out_w, out_b
+
+
+def scail_scores(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scaled: tuple[torch.Tensor, torch.Tensor],
+    n_old: int, top_rewinded: int = 10,
+) -> torch.Tensor:
+    """ScaIL's test scores (its authors' ``scail.py``): ``features @ W'^T + b'`` with the classifier
+    of :func:`scail_classifier`, where only the ``top_rewinded`` old classes that the current
+    classifier (``weight``, ``bias``) scores highest for an image keep their score and the other
+    old classes get ``-inf``; the new classes score with their current rows. Float32."""
+    f = features.double()
+    n_seen = scaled[0].shape[0]
+    current = f @ weight[:n_seen].double().T + bias[:n_seen].double()
+    out = f @ scaled[0].T + scaled[1]
+    if 0 < top_rewinded < n_old:
+        top = current[:, :n_old].topk(top_rewinded, dim=1).indices
+        keep = torch.zeros(f.shape[0], n_old, dtype=torch.bool).scatter_(1, top, True)
+        out[:, :n_old] = torch.where(keep, out[:, :n_old], torch.full_like(out[:, :n_old], float("-inf")))
+    return out.float()
+
+
 def check_rectifier(rectifier: str) -> None:
     if rectifier not in RECTIFIERS:
         raise UserError(f"calibrate --with: unknown rectifier '{rectifier}' (choose one of {', '.join(RECTIFIERS)})")
 
 
 def rectify(rectifier: str, logits: torch.Tensor, stats: ClassStatistics | None) -> torch.Tensor:
-    """Apply the named rectifier (``il2m``, ``scaling`` or ``none``) to one state's logits."""
+    """Apply the named rectifier (``il2m``, ``scaling`` or ``none``) to one state's logits
+    (ScaIL reads more than one state's statistics: :func:`scail_classifier`)."""
     check_rectifier(rectifier)
+    if rectifier == "scail":
+        raise ValueError("scail rectifies from the stored features and classifiers of every state: scail_classifier")
     if rectifier == "il2m":
         return il2m_from_stats(logits, stats or {})
     if rectifier == "scaling":

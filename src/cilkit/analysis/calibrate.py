@@ -17,9 +17,9 @@ import torch
 from cilkit import io
 from cilkit.errors import UserError
 from cilkit.metrics import fmt, run_summary, score_metrics, state_accuracies
-from cilkit.rectify import check_rectifier, rectify
+from cilkit.rectify import check_rectifier, rectify, scail_classifier, scail_scores
 from cilkit.run.layout import RunLayout
-from cilkit.run.readers import RESULTS_VERSION, read_state_scores, read_stats
+from cilkit.run.readers import RESULTS_VERSION, read_state_classifier, read_state_scores, read_stats
 from cilkit.analysis.runsets import FoundRun, find_runs
 
 # run-level keys of the source's results.json that describe the source run itself, not its
@@ -47,13 +47,17 @@ def calibrated_results(
                primary_scores="cnn" if rectifier == "none" else rectifier,
                calibration=calibration, states=[], accuracy_matrix=[])
     arrays: dict[int, dict[str, np.ndarray]] = {}
+    heads: list[tuple[torch.Tensor, torch.Tensor]] = []  # ScaIL: each state's classifier, in state order
     for entry in source["states"]:
         b = int(entry["state"])
         logits_np, labels_np = read_state_scores(layout.scores(b), ends[b])  # checked against the state
         logits, labels = torch.from_numpy(logits_np), torch.from_numpy(labels_np).long()
-        stats = read_stats(layout.stats(b), b, ends) if rectifier != "none" else None
         n_old = ends[b - 1] if b > 0 else 0
-        scores = rectify(rectifier, logits, stats)
+        if rectifier == "scail":
+            scores = _scail_state(layout.scores(b), ends[: b + 1], len(labels_np), heads, logits)
+        else:
+            stats = read_stats(layout.stats(b), b, ends) if rectifier != "none" else None
+            scores = rectify(rectifier, logits, stats)
         metrics = score_metrics(scores, labels, n_old, ends[: b + 1])
         out["accuracy_matrix"].append(metrics.pop("accuracy_per_state"))
         variants = {} if rectifier == "none" else {"cnn": state_accuracies(logits, labels, n_old)}
@@ -65,9 +69,22 @@ def calibrated_results(
     return out, arrays
 
 
+def _scail_state(path: Path, ends: list[int], n_images: int, heads: list[tuple[torch.Tensor, torch.Tensor]],
+                 logits: torch.Tensor) -> torch.Tensor:
+    """ScaIL's scores of the state whose classes end at ``ends`` (the stored logits in state 0),
+    from its stored features and classifier and those of the states before (``heads``, to which
+    this state's classifier is appended)."""
+    features, weight, bias = (torch.from_numpy(a) for a in read_state_classifier(path, ends[-1], n_images))
+    heads.append((weight, bias))
+    if len(ends) == 1:
+        return logits
+    scaled = scail_classifier(weight, bias, heads[:-1], ends)
+    return scail_scores(features, weight, bias, scaled, ends[-2])
+
+
 def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: bool = True) -> dict[str, Any]:
     """Rectify the stored test logits of a finished run with ``rectifier`` (``il2m``,
-    ``scaling`` or ``none``) and write results.json and ``scores/state_XX.npz`` into ``out``
+    ``scaling``, ``scail`` (from the stored features and classifiers) or ``none``) and write results.json and ``scores/state_XX.npz`` into ``out``
     (default ``RUN_DIR/calibrated/<rectifier>``). A parent of runs (one per method, or per
     method and seed) gets one output per run, at the run's path below the parent
     (``<out>/<method>``, ``<out>/<method>/run_<k>``; default ``<run>/calibrated/<rectifier>``). Loads no

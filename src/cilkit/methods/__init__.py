@@ -8,6 +8,6 @@ from __future__ import annotations
 from cilkit.registry import METHODS
 from cilkit.registry import register_method as register
 
-from cilkit.methods import active, bic, finetune, icarl, il2m, joint, lucir, podnet, sir  # isort: skip
+from cilkit.methods import active, bic, eeil, finetune, gdumb, icarl, il2m, joint, lucir, lwf, podnet, scail, sir, ssil, wa  # isort: skip
 
-__all__ = ["METHODS", "register", "active", "bic", "finetune", "icarl", "il2m", "joint", "lucir", "podnet", "sir"]
+__all__ = ["METHODS", "register", "active", "bic", "eeil", "finetune", "gdumb", "icarl", "il2m", "joint", "lucir", "lwf", "podnet", "scail", "sir", "ssil", "wa"]

@@ -22,7 +22,8 @@ runner calls, in this order::
         loss(ctx, batch, out)    per batch (default: cross-entropy)
     memory_candidates(ctx)       the new-class images the memory may store (default: all of
                                  the state's training images; active IL: the annotated ones): a query
-    <memory update>              herding / random over those candidates
+    memory_contents(ctx)         a memory the method keeps itself (GDumb), or None: a query
+    <memory update>              herding / random over those candidates (or that memory)
     after_state(ctx)             extra stages and results (bias layer, class means ...)
     <class statistics>           ctx.statistics, which predict may read (IL2M)
     predict(ctx, out)            the method's test scores (default: the logits)
@@ -131,6 +132,9 @@ class Method(FitHooks):
     # options that state 0 never reads: left out of the state-0 cache key, so that runs which
     # differ only in them share one state-0 model (see cilkit.run.state0cache)
     state0_free_options: ClassVar[tuple[str, ...]] = ()
+    # keep each state's test features and linear classifier in scores/state_XX.npz, what
+    # `cilkit calibrate --with scail` reads (fine-tuning and the methods built on it)
+    stores_features: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig, options: MethodConfig | None = None) -> None:
         self.run_config = config
@@ -140,6 +144,13 @@ class Method(FitHooks):
     def build_model(self, in_channels: int, image_size: int) -> IncrementalNet:
         m = self.run_config.model
         return build_model(m.backbone, in_channels=in_channels, image_size=image_size, width=m.width)
+
+    def state0_like(self) -> "type[Method] | None":
+        """A method whose state-0 training this one's is, number for number, under this run's
+        config (SS-IL's, EEIL's: fine-tuning's): the state-0 cache then keys this run as that
+        method's, so the two share entries. None (default): this method's own hooks and
+        options key it. ``tests/test_state0_sharing.py`` trains both to check each claim."""
+        return None
 
     def state0_signature(self) -> dict[str, Any]:
         """What else shapes this method's state-0 model, beyond what the state-0 cache key
@@ -168,6 +179,14 @@ class Method(FitHooks):
 
     def memory_candidates(self, ctx: Context) -> torch.Tensor:
         return ctx.state.train
+
+    def memory_contents(self, ctx: Context) -> dict[int, torch.Tensor] | None:
+        """The memory after this state, class position -> training indices, for a method that
+        keeps a memory of its own (GDumb's sampler): the run's memory then holds exactly these
+        images (``memory/state_XX.json``, the exemplars the next state and the class
+        statistics read). None (default): the run's quotas and herding / random selection over
+        ``memory_candidates``. A query."""
+        return None
 
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(out["logits"], batch.y)

@@ -23,6 +23,7 @@ class Finetune(Method):
     Config = FinetuneConfig
     cfg: FinetuneConfig
     state0_free_options: ClassVar[tuple[str, ...]] = ("reinit_classifier",)  # acts from state 1 on
+    stores_features = True  # ScaIL rectifies any fine-tuning run (cilkit calibrate --with scail)
 
     def before_state(self, ctx: Context) -> None:
         super().before_state(ctx)

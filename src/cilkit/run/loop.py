@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from cilkit import distributed, io, runlog
@@ -31,6 +32,7 @@ from cilkit.errors import UserError
 from cilkit.memory import Memory
 from cilkit.methods.base import Context, StateRecord, TrainingRecord
 from cilkit.metrics import score_metrics, state_accuracies
+from cilkit.models import IncrementalLinear
 from cilkit.rectify import ClassStatistics
 from cilkit.run import provenance, state0cache, tensorboard
 from cilkit.run.layout import RunLayout
@@ -236,6 +238,10 @@ class Run:
         ctx.trained.new_images = candidates
         pos = self.scenario.train_pos[candidates]
         new = {c: candidates[pos == c] for c in st.new}
+        own = self.method.memory_contents(ctx)
+        if own is not None:
+            self.memory.assign(st.n_seen, own)
+            return
         self.memory.update(  # its own generator: a state-0 cache hit (no training draws) changes nothing
             st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx),
             seeded_generator(self.config.seed, "memory", st.index),
@@ -265,8 +271,18 @@ class Run:
             entry.update(self._validate(ctx))
         arrays = {"logits": out["logits"].numpy(), "labels": labels.numpy(), "scores": scores.numpy()}
         arrays.update({f"scores_{k}": v.numpy() for k, v in extras.items()})
+        arrays.update(self._classifier_arrays(out))
         self.store.write_scores(st.index, arrays)
         return entry
+
+    def _classifier_arrays(self, out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The test features and the linear classifier of the state, for a method that keeps
+        them (``stores_features``: what ``cilkit calibrate --with scail`` reads)."""
+        head = self.model.head
+        if not self.method.stores_features or not isinstance(head, IncrementalLinear):
+            return {}
+        return {"features": out["features"].numpy(), "head_weight": head.weight.detach().float().cpu().numpy(),
+                "head_bias": head.bias.detach().float().cpu().numpy()}
 
     def _validate(self, ctx: Context) -> dict[str, float | None]:
         """Top-1 with the method's own scores on the held-out validation images of every seen

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from cilkit.scenario import Scenario
 
 STATE0_HOOKS = ("build_model", "before_state", "rounds", "begin_round", "train_set", "param_groups", "loss",
-                "train_mode", "begin_epoch", "end_epoch", "batch_order")
+                "train_mode", "begin_epoch", "end_epoch", "batch_order", "after_step")
 # ^ the Method hooks that run while state 0 trains (after it: memory, statistics, scores,
 #   which the cache does not skip)
 FIT_KEYS = ("train_seconds", "images_per_second", "first_loss", "final_loss")
@@ -80,7 +80,11 @@ def method_signature(method: Any) -> dict[str, Any]:
     """Every option of the method but those it declares unread in state 0
     (``state0_free_options``), what else it declares (:meth:`Method.state0_signature`), and the
     code of its state-0 hooks. A new method is safe without declaring anything: at worst it
-    misses a cache entry it could have shared."""
+    misses a cache entry it could have shared. A method that trains state 0 as another does
+    (``state0_like``) has that method's signature under the same config."""
+    like = method.state0_like() if hasattr(method, "state0_like") else None
+    if like is not None:
+        return method_signature(like(method.run_config))
     free = set(getattr(method, "state0_free_options", ()))
     return {
         "options": {k: v for k, v in method.cfg.model_dump(mode="json").items() if k not in free},

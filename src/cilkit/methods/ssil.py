@@ -1,0 +1,204 @@
+"""SS-IL, "SS-IL: Separated Softmax for Incremental Learning" (Ahn, Kwak, Lim, Bang, Kim and
+Moon, ICCV 2021).
+
+Written from the paper (Sec. 4: the separated softmax, the task-wise distillation and the
+ratio-preserving mini-batches) and checked line by line against the authors' code
+(hongjoon0805/SS-IL-Official: ``trainer/ssil.py``, ``trainer/trainer_factory.py``,
+``main.py``, ``arguments.py``, ``data_handler/incremental_loader.py``). The equation numbers
+below were not checked against the PDF; the formulas are the code's.
+
+- State 0 trains like fine-tuning: cross-entropy over all the state's classes, the default
+  shuffled batches, the run's learning rate; the state-0 model is fine-tuning's, bit for bit
+  (``tests/test_ssil.py``). Every option is unread in state 0 (``state0_free_options``): SS-IL
+  runs that differ only in them share one state-0 cache entry, and SS-IL declares its state 0
+  fine-tuning's (``state0_like``), so it shares fine-tuning's entries too
+  (``tests/test_state0_sharing.py`` trains both to check it).
+- Separated softmax (``L_CE-SS``, :func:`separated_softmax_ce`), states >= 1: an image of a new
+  class is scored by a softmax over the new classes' logits only, a replayed image of an old
+  class by a softmax over the old classes' logits only; the cross-entropies are summed over the
+  batch and divided by the batch size (new + replayed images), as the original's
+  ``CrossEntropyLoss(reduction='sum')`` / ``(batch_size + replay_size)``. Which softmax an image
+  gets is decided by its label (the original by its position in the concatenated batch: the
+  same images, since the memory holds old classes only).
+- Task-wise distillation (``L_TKD``, :func:`task_wise_kd`), states >= 1: for every past task
+  ``t`` (the classes one earlier state added), ``T^2 * KL(softmax(z*_t / T) || softmax(z_t / T))``
+  between the frozen previous model's and the current model's logits of that task only,
+  averaged over the whole batch (new and replayed images: the original distils ``data``, the
+  concatenation), summed over the tasks. ``T = 2`` and the ``T^2`` factor are the original's
+  (``T=2``, ``kl_div(..., reduction='batchmean') * (T**2)``). Reading: the KL itself (the value
+  the original logs), not the soft cross-entropy of :func:`~cilkit.methods.base.distillation_kl`;
+  they differ by the teacher's entropy, a constant, so the gradients are the same.
+- Total: ``L_CE-SS + kd_weight * L_TKD``, ``kd_weight = 1`` (the original adds them unweighted).
+- Ratio-preserving batches (``batch_order``): every full batch holds ``replay_per_batch``
+  replayed exemplars beside the new images (:func:`cilkit.engine.replay_order`). The original
+  draws 128 new images (``--batch-size``) and 32 exemplars (``--replay-batch-size``) per step, a
+  batch of 160; cilkit's ``train.batch_size`` is the whole batch, so the default is
+  ``batch_size // 5`` (32 of 160; set ``train.batch_size: 160`` and ``ssil.replay_per_batch: 32``
+  for the original's). Differences kept: the original drops the last incomplete batch of new
+  images (``drop_last``), cilkit trains it (without replay); the original's exemplar loader
+  shuffles many copies of the memory, cilkit cycles through shuffled passes (every exemplar once
+  before any repeats).
+- Learning rate (``lr_by_state``): the original's ``main.py`` trains state ``t`` (0-based) at
+  ``lr / (t + 1)`` for ``ssil`` (and ``ft``); on by default, set through the optimiser's
+  parameter groups, so the run's schedule scales it as usual.
+- Memory: the original keeps a fixed total (``--memory-budget``), class-balanced (``ceil(K /
+  seen)`` per class, then the largest classes give one back until the total fits) and picks
+  each class's first images in the data's order: no herding, an arbitrary (random-like) choice.
+  Use ``memory.total`` with ``memory.selection: random`` to match. The classifier is the plain
+  linear layer with its bias (``nn.Linear`` in the original's ResNet-18), cilkit's default
+  head. Test scores are the logits over all seen classes (one softmax), as the original evaluates.
+
+Per state >= 1, ``results.json`` records under ``ssil``: ``loss_terms`` (the mean of
+``L_CE-SS`` and ``L_TKD`` over the state's batches), ``replay_share`` (replayed images / images
+trained on), ``replay_per_batch``, ``tasks_distilled`` and ``lr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from cilkit.engine import replay_order
+from cilkit.errors import UserError
+from cilkit.methods import register
+from cilkit.methods.base import Batch, Context, Method, MethodConfig
+from cilkit.methods.finetune import Finetune
+
+
+class SSILConfig(MethodConfig):
+    # temperature T of the task-wise distillation (the original's T=2)
+    temperature: float = Field(2.0, gt=0)
+    # weight of L_TKD beside L_CE-SS (the original adds them unweighted)
+    kd_weight: float = Field(1.0, ge=0)
+    # replayed exemplars in every full batch of train.batch_size images;
+    # null: train.batch_size // 5 (the original's 32 replayed beside 128 new, a batch of 160)
+    replay_per_batch: int | None = Field(None, ge=1)
+    # true: state b (0-based) trains at train.lr / (b + 1), as the original's main.py; false: train.lr
+    lr_by_state: bool = True
+
+
+# ----- the formulas ---------------------------------------------------------------------------
+def separated_softmax_ce(logits: torch.Tensor, targets: torch.Tensor, n_old: int) -> torch.Tensor:
+    """``L_CE-SS``: the cross-entropy of an image of a new class (target >= ``n_old``) under a
+    softmax over the new classes' logits only, of an old class under a softmax over the old
+    classes' logits only; summed over the batch, divided by its size. ``n_old = 0``: plain
+    cross-entropy. The other group's logits are masked to -inf (no boolean indexing: no host
+    synchronisation)."""
+    old_column = torch.arange(logits.shape[1], device=logits.device) < n_old
+    other_group = old_column[None, :] != (targets < n_old)[:, None]
+    log_p = logits.masked_fill(other_group, float("-inf")).log_softmax(dim=1)
+    return -log_p.gather(1, targets[:, None]).sum() / logits.shape[0]
+
+
+def task_wise_kd(
+    student: torch.Tensor, teacher: torch.Tensor, tasks: list[range], temperature: float
+) -> torch.Tensor:
+    """``L_TKD``: for every past task (the class range ``tasks[t]``),
+    ``T^2 * KL(softmax(teacher_t / T) || softmax(student_t / T))`` averaged over the batch,
+    summed over the tasks. ``teacher`` holds the previous model's logits of the old classes."""
+    total = student.new_zeros(())
+    for task in tasks:
+        target = F.softmax(teacher[:, task.start:task.stop] / temperature, dim=1)
+        log_q = F.log_softmax(student[:, task.start:task.stop] / temperature, dim=1)
+        total = total + F.kl_div(log_q, target, reduction="batchmean") * temperature**2
+    return total
+
+
+# ----- the method ------------------------------------------------------------------------------
+@register("ssil")
+class SSIL(Method):
+    description = ("SS-IL: separated softmax (new vs replayed old classes), task-wise distillation (T=2), "
+                   "a fixed number of replayed exemplars in every batch")
+    Config = SSILConfig
+    cfg: SSILConfig
+    needs_teacher = True
+    # state 0 is fine-tuning: plain cross-entropy, shuffled batches, the run's lr (lr / 1)
+    state0_free_options = ("temperature", "kd_weight", "replay_per_batch", "lr_by_state")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        batch_size = self.run_config.train.batch_size
+        self.replay_per_batch = self.cfg.replay_per_batch or max(1, batch_size // 5)
+        if self.replay_per_batch >= batch_size:
+            raise UserError(f"config key 'ssil.replay_per_batch' ({self.replay_per_batch}) must be below "
+                            f"train.batch_size ({batch_size}): a batch needs new images too")
+        self._sums: torch.Tensor | None = None  # (L_CE-SS, L_TKD, replayed images, images, batches)
+
+    def state0_like(self) -> type[Method]:
+        """State 0 is fine-tuning (plain cross-entropy, shuffled batches, the run's lr)."""
+        return Finetune
+
+    def before_state(self, ctx: Context) -> None:
+        super().before_state(ctx)  # frozen teacher from state 1 on, then the head grows
+        self._sums = None
+
+    def state_lr(self, ctx: Context) -> float:
+        """The learning rate the state trains at (``train.lr / (b + 1)`` with ``lr_by_state``)."""
+        b = ctx.state.index
+        lr = self.run_config.train.lr_of(b)
+        return lr / (b + 1) if self.cfg.lr_by_state else lr
+
+    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
+        groups = super().param_groups(ctx)
+        if ctx.state.index > 0 and self.cfg.lr_by_state:
+            groups = [{**g, "lr": self.state_lr(ctx)} for g in groups]
+        return groups
+
+    def batch_order(
+        self, ctx: Context, indices: torch.Tensor, batch_size: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """From state 1 on: ``replay_per_batch`` exemplars in every full batch (state 0: a shuffle)."""
+        if ctx.state.index == 0:
+            return super().batch_order(ctx, indices, batch_size, generator)
+        new = torch.isin(indices, ctx.state.train)
+        return replay_order(indices[new], indices[~new], batch_size, self.replay_per_batch, generator)
+
+    def _tasks(self, ctx: Context) -> list[range]:
+        return [ctx.scenario.state_range(t) for t in range(ctx.state.index)]
+
+    def _kd(self, ctx: Context, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        assert ctx.teacher is not None
+        with torch.no_grad():
+            teacher = ctx.teacher(batch.x)["logits"].to(logits.dtype)[:, : ctx.state.n_old]
+        return task_wise_kd(logits, teacher, self._tasks(ctx), self.cfg.temperature)
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = out["logits"]
+        n_old = ctx.state.n_old
+        if ctx.teacher is None or n_old == 0:  # state 0: fine-tuning's cross-entropy
+            return F.cross_entropy(logits, batch.y)
+        ce = separated_softmax_ce(logits, batch.y, n_old)
+        kd = self._kd(ctx, batch, logits)
+        self._record(ce, kd, batch.y < n_old)
+        return ce + self.cfg.kd_weight * kd
+
+    def class_logits(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logits (the separated softmax reads them by class group)."""
+        return out["logits"]
+
+    def regularisation_loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``kd_weight * L_TKD`` (0 in state 0)."""
+        if ctx.teacher is None or ctx.state.n_old == 0:
+            return out["logits"].new_zeros(())
+        return self.cfg.kd_weight * self._kd(ctx, batch, out["logits"])
+
+    def _record(self, ce: torch.Tensor, kd: torch.Tensor, replayed: torch.Tensor) -> None:
+        """Accumulate the loss terms and the replay count on the device (no synchronisation per batch)."""
+        one = torch.ones_like(ce)
+        terms = torch.stack([ce.detach(), kd.detach(), replayed.sum().to(ce.dtype), one * replayed.numel(), one])
+        self._sums = terms if self._sums is None else self._sums + terms
+
+    def after_state(self, ctx: Context) -> None:
+        if self._sums is None:
+            return
+        ce, kd, replayed, images, batches = self._sums.tolist()  # the state's one read
+        ctx.record.results.update({
+            "loss_terms": {"separated_ce": ce / batches, "task_kd": kd / batches},
+            "replay_share": replayed / images,
+            "replay_per_batch": self.replay_per_batch,
+            "tasks_distilled": ctx.state.index,
+            "lr": self.state_lr(ctx),
+        })  # fmt: skip
