@@ -71,6 +71,12 @@ def test_info_lists_rectifiers_and_version_prints(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "rectifiers (cilkit calibrate --with):" in out and "scaling" in out
+    from cilkit.rectify import RECTIFIERS
+
+    listed = out.split("rectifiers (cilkit calibrate --with):")[1].splitlines()
+    for name in RECTIFIERS:  # each with its line of description
+        line = next(x for x in listed if x.split() and x.split()[0] == name)
+        assert len(line.split()) > 2, f"rectifier {name} has no description"
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("cilkit 0.")

@@ -24,6 +24,8 @@ SELECTION_DESCRIPTIONS = {
 RECTIFIER_DESCRIPTIONS = {
     "il2m": "IL2M: old-class scores times init/current mean score and state confidences (cilkit calibrate)",
     "scaling": "class prediction scaling: softmax times N / n_j of the training counts (cilkit calibrate)",
+    "scail": ("ScaIL: old classes scored with their first-learned classifier rows, rescaled (stored features; "
+              "fine-tuning runs)"),
     "none": "the stored logits as they are",
 }
 
