@@ -48,21 +48,21 @@ def _csv(path):
 
 
 def test_repeated_runs_are_one_row_of_mean_and_sample_std(runs):
-    rows = _csv(runs / "rep" / "report" / "table.csv")
+    rows = _csv(runs / "rep" / "report" / "table.csv")  # floats to 6 decimals
     assert list(rows) == ["finetune", "icarl", "icarl [cnn]"]
     for method in ("finetune", "icarl"):
         per_run, row = _per_run(runs, method), rows[method]
         assert (row["runs"], row["seeds"]) == ("3", "3, 4, 5")
         for b in range(2):
             values = [r["states"][b]["top1"] for r in per_run]
-            assert float(row[f"top1_state{b + 1}"]) == pytest.approx(np.mean(values), abs=1e-9)
-            assert float(row[f"top1_state{b + 1}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+            assert float(row[f"top1_state{b + 1}"]) == pytest.approx(np.mean(values), abs=5e-7)
+            assert float(row[f"top1_state{b + 1}_std"]) == pytest.approx(np.std(values, ddof=1), abs=5e-7)
         for key in ("mean_incremental_top1_excl_first", "average_forgetting", "wall_time_s"):
             values = [r[key] for r in per_run]
-            assert float(row[key]) == pytest.approx(np.mean(values), abs=1e-9)
-            assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+            assert float(row[key]) == pytest.approx(np.mean(values), abs=5e-7)
+            assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), abs=5e-7)
     cnn = [r["states"][-1]["variants"]["cnn"]["top1"] for r in _per_run(runs, "icarl")]
-    assert float(rows["icarl [cnn]"]["top1_state2_std"]) == pytest.approx(np.std(cnn, ddof=1), abs=1e-9)
+    assert float(rows["icarl [cnn]"]["top1_state2_std"]) == pytest.approx(np.std(cnn, ddof=1), abs=5e-7)
     assert rows["icarl [cnn]"]["average_forgetting"] == ""  # not defined for a score set
     # the printed table (cilkit run) and table.md: mean ± std, runs and seeds, and what std means
     values = [r["mean_incremental_top1"] for r in _per_run(runs, "icarl")]

@@ -112,3 +112,45 @@ def test_every_shipped_config_is_valid_and_fits_its_dataset(path):
         assert cfg.scenario.initial + cfg.scenario.increment * (cfg.scenario.states - 1) <= n
     if n is not None:
         assert cfg.scenario.initial < n and (n - cfg.scenario.initial) % cfg.scenario.increment == 0
+
+
+def test_per_class_over_a_config_with_a_total_says_how_to_clear_it(tmp_path, capsys):
+    """A config with memory.total and --set memory.per_class=5: one line that names the fix."""
+    from cilkit.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: finetune\ndata: {name: digits}\nmemory: {total: 60}\n")
+    assert main(["run", str(cfg), "--set", "memory.per_class=5", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not both" in err[0] and "--set memory.total=null" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_milestone_past_the_last_epoch_is_a_warning_naming_the_key(tmp_path):
+    from helpers import tiny_config
+
+    from cilkit.run.setup import build_scenario, idle_milestones
+
+    from cilkit.data import load_dataset
+
+    def warning(*overrides: str) -> str | None:
+        cfg = tiny_config(tmp_path, "train.schedule.type=multistep", *overrides)
+        return idle_milestones(cfg, build_scenario(cfg, load_dataset(cfg.data)))
+
+    text = warning("train.epochs=2", "train.schedule.milestones=[4]")
+    assert text is not None and "train.schedule.milestones" in text and "[4]" in text and "every state" in text
+    assert warning("train.epochs=5", "train.schedule.milestones=[4]") is None
+    first_only = warning("train.epochs=5", "train.epochs_first=3", "train.schedule.milestones=[4]")
+    assert first_only is not None and "state(s) 1" in first_only
+    assert warning("train.epochs=2", "train.schedule.type=constant", "train.schedule.milestones=[4]") is None
+
+
+def test_a_run_with_an_idle_milestone_says_so(tmp_path, capsys):
+    from helpers import tiny_config
+
+    from cilkit.run.loop import Run
+
+    cfg = tiny_config(tmp_path, "train.epochs=1", "scenario.states=2", "train.schedule.milestones=[4]", "threads=1",
+                      "state0_cache=null")
+    Run(cfg, tmp_path / "r", progress=False).execute()
+    assert "warning: config key 'train.schedule.milestones': [4] at or past the last epoch" in capsys.readouterr().out

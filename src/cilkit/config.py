@@ -165,7 +165,8 @@ class MemoryConfig(Strict):
     @model_validator(mode="after")
     def _one_budget(self) -> "MemoryConfig":
         if self.total is not None and self.per_class is not None:
-            raise ValueError("set memory.total or memory.per_class, not both")
+            raise ValueError("set memory.total or memory.per_class, not both (over a config that sets one, "
+                             "--set memory.total=null or --set memory.per_class=null clears it)")
         return self
 
     @property

@@ -29,7 +29,7 @@ from cilkit.analysis.significance import LEVEL, PairedInterval, mean_std, paired
 class Column:
     title: str  # Markdown / HTML heading
     key: str  # CSV heading
-    digits: int  # decimals shown in Markdown / HTML (the CSV keeps full precision)
+    digits: int  # decimals shown in Markdown / HTML (the CSV keeps 6)
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,14 @@ def table_html(table: Table) -> str:
     return _html_table([c.title for c in table.columns], _formatted(table))
 
 
+def _csv_number(v: Any) -> Any:
+    """A float to 6 decimals (70.39999999999999 is 70.4; a percentage keeps 4 more digits than
+    the tables show), anything else as it is."""
+    return round(v, 6) if isinstance(v, float) else v
+
+
 def table_csv(tables: Sequence[Table]) -> str:
-    """Every protocol's table as one CSV, full precision, empty cells for undefined values. With
+    """Every protocol's table as one CSV, floats to 6 decimals, empty cells for undefined values. With
     several protocols a first column ``protocol`` numbers them; with repeated runs each figure
     ``key`` (the mean) has a ``key_std`` column (sample std) beside it, plus ``runs``, ``seeds``."""
     repeated = any(t.repeated for t in tables)
@@ -199,9 +205,9 @@ def table_csv(tables: Sequence[Table]) -> str:
             out: dict[str, Any] = {"protocol": number} if len(tables) > 1 else {}
             for c, v in zip(t.columns, row):
                 if isinstance(v, Spread):
-                    out[c.key], out[f"{c.key}_std"] = v.mean, v.std
+                    out[c.key], out[f"{c.key}_std"] = _csv_number(v.mean), _csv_number(v.std)
                 elif v is not None:
-                    out[c.key] = v
+                    out[c.key] = _csv_number(v)
             w.writerow(out)
     return buf.getvalue()
 

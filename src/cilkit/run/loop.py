@@ -36,8 +36,8 @@ from cilkit.models import IncrementalLinear
 from cilkit.rectify import ClassStatistics
 from cilkit.run import provenance, state0cache, tensorboard
 from cilkit.run.layout import RunLayout
-from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, memory_covers_old_data,
-                              normalisation, resolve_device)
+from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, idle_milestones,
+                              memory_covers_old_data, normalisation, resolve_device)
 from cilkit.run.store import RunStore, checkpoint_parts, empty_results, tensors_of
 from cilkit.runlog import log
 from cilkit.seeding import derive_seed, seeded_generator
@@ -113,9 +113,10 @@ class Run:
         with runlog.tee(self.layout.run_log):
             start = self._restore() if resume else self.store.start_fresh()
             log(f"[{self.config.method}] {self.setup_line()}")
-            joint = memory_covers_old_data(self.config, self.scenario)
-            if joint is not None:
-                log(f"[{self.config.method}] warning: {joint}")
+            for warning in (memory_covers_old_data(self.config, self.scenario),
+                            idle_milestones(self.config, self.scenario)):
+                if warning is not None:
+                    log(f"[{self.config.method}] warning: {warning}")
             last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
             with self.store.recording(start):
                 for b in range(start, last + 1):

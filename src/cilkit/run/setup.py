@@ -97,6 +97,23 @@ def memory_covers_old_data(config: RunConfig, scenario: Scenario) -> str | None:
     return None
 
 
+def idle_milestones(config: RunConfig, scenario: Scenario) -> str | None:
+    """A warning when a multistep milestone is at or past the last epoch of a state, where it
+    never lowers the learning rate (``train.epochs=2`` over a config's ``milestones: [4]``).
+    None otherwise."""
+    schedule, train = config.train.schedule, config.train
+    if schedule.type != "multistep" or not schedule.milestones:
+        return None
+    states = [b for b in range(scenario.num_states) if max(schedule.milestones) >= train.epochs_of(b) > 0]
+    if not states:
+        return None
+    epochs = sorted({train.epochs_of(b) for b in states})
+    idle = sorted({m for m in schedule.milestones for b in states if m >= train.epochs_of(b)})
+    where = "every state" if len(states) == scenario.num_states else f"state(s) {', '.join(str(b + 1) for b in states)}"
+    return (f"config key 'train.schedule.milestones': {idle} at or past the last epoch "
+            f"(train.epochs {', '.join(map(str, epochs))}) never lower the lr in {where}")
+
+
 def estimated_model_bytes(method: Method, channels: int, size: int) -> int | None:
     """The parameter bytes of the method's model, from a build on the meta device (no memory
     used, the global RNG left as it was); None where the model cannot be built that way."""
