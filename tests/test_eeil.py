@@ -14,7 +14,7 @@ from helpers import assert_value_and_gradient, state_context, tiny_config
 from cilkit.engine import Batch
 from cilkit.errors import UserError
 from cilkit.methods.base import freeze
-from cilkit.methods.eeil import EEIL, BalancedStage, cross_distillation, state_groups
+from cilkit.methods.eeil import EEIL, BalancedStage, cross_distillation
 from cilkit.run.loop import Run
 
 
@@ -36,9 +36,11 @@ def ce_by_hand(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return total / z.shape[0]
 
 
-def test_state_groups_are_the_classes_each_state_added():
-    assert state_groups([4, 7, 10], 0, 2) == [range(0, 4), range(4, 7)]
-    assert state_groups([4, 7, 10], 2, 3) == [range(7, 10)]
+def test_state_groups_are_the_classes_each_state_added(after_state_1):
+    """The groups EEIL distils: the class ranges each state added (tiny protocol: 4 + 3 + 3)."""
+    run, _ = after_state_1
+    assert [run.scenario.state_range(s) for s in range(2)] == [range(0, 4), range(4, 7)]
+    assert [run.scenario.state_range(2)] == [range(7, 10)]
 
 
 @pytest.mark.parametrize("T", [2.0, 3.5])

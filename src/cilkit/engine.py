@@ -7,6 +7,8 @@ epoch's images (see ``cilkit.methods.base``).
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import time
 from collections.abc import Callable
@@ -48,7 +50,7 @@ class EpochRecord:
 EpochCallback = Callable[["Context", EpochRecord], None]
 
 
-class FitHooks:
+class FitHooks(abc.ABC):
     """What :meth:`Engine.fit` asks of the thing it trains for: a method, or a stage of one
     (LUCIR's class-balanced finetuning). Override what differs from the defaults."""
 
@@ -58,8 +60,10 @@ class FitHooks:
         """What the optimiser updates (default: every parameter that requires a gradient)."""
         return [{"params": [p for p in ctx.model.parameters() if p.requires_grad]}]
 
+    @abc.abstractmethod
     def loss(self, ctx: "Context", batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The batch's training loss (every method and stage states its own: the interface's one
+        required hook; ``Method`` gives cross-entropy)."""
 
     def train_mode(self, ctx: "Context", model: torch.nn.Module) -> None:
         """Put ``model`` in the mode an epoch trains in, at the start of every epoch (default:

@@ -60,7 +60,7 @@ from cilkit.models import IncrementalLinear, IncrementalNet, build_model
 from cilkit.scenario import Scenario, State
 
 __all__ = ["Batch", "Context", "Method", "MethodConfig", "StateRecord", "TrainingRecord", "distillation_kl",
-           "freeze", "head_of", "stage_record"]
+           "freeze", "head_of", "stage_record", "teacher_old_logits"]
 
 
 class MethodConfig(BaseModel):
@@ -254,6 +254,15 @@ def freeze(model: IncrementalNet) -> IncrementalNet:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def teacher_old_logits(ctx: Context, x: torch.Tensor) -> torch.Tensor | None:
+    """The frozen previous model's logits of the old classes on ``x`` (float32, no gradient),
+    what the distillation losses read; None in a state without teacher or old classes."""
+    if ctx.teacher is None or ctx.state.n_old == 0:
+        return None
+    with torch.no_grad():
+        return ctx.teacher(x)["logits"].float()[:, : ctx.state.n_old]
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

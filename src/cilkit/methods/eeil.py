@@ -86,12 +86,6 @@ def cross_distillation(
     return total
 
 
-def state_groups(ends: list[int], first: int, last: int) -> list[range]:
-    """The class-position ranges added by states ``first .. last - 1`` (``ends[s]``: classes
-    seen after state ``s``)."""
-    return [range(ends[s - 1] if s > 0 else 0, ends[s]) for s in range(first, last)]
-
-
 @register("eeil")
 class EEIL(Method):
     description = ("EEIL: cross-entropy + per-state softmax cross-distillation (T 2), then balanced finetuning on "
@@ -124,7 +118,7 @@ class EEIL(Method):
         assert ctx.teacher is not None
         with torch.no_grad():
             old = ctx.teacher(batch.x)["logits"].float()
-        groups = state_groups(ctx.scenario.ends, 0, ctx.state.index)
+        groups = [ctx.scenario.state_range(s) for s in range(ctx.state.index)]
         return cross_distillation(logits, old, groups, self.cfg.temperature)
 
     def after_state(self, ctx: Context) -> None:
@@ -156,6 +150,6 @@ class BalancedStage(FitHooks):
         logits = out["logits"]
         with torch.no_grad():
             after_first = self.stage_teacher(batch.x)["logits"].float()
-        groups = state_groups(ctx.scenario.ends, 0, b + 1 if cfg.temporary_distillation else b)
+        groups = [ctx.scenario.state_range(s) for s in range(b + 1 if cfg.temporary_distillation else b)]
         return F.cross_entropy(logits, batch.y) + cfg.lambda_kd * cross_distillation(logits, after_first, groups,
                                                                                       cfg.temperature)

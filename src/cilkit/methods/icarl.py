@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, MethodConfig, distillation_kl
+from cilkit.methods.base import Batch, Context, MethodConfig, distillation_kl, teacher_old_logits
 from cilkit.methods.nme import WithClassMeans
 
 
@@ -63,6 +63,31 @@ def icarl_bce(logits: torch.Tensor, target: torch.Tensor, divisor: int = 1) -> t
     return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (logits.shape[0] * divisor)
 
 
+def bce_divisor(reduction: str, n_classes: int) -> int:
+    """1 for ``sum``; the run's number of classes ``n_classes`` for ``mean`` (the original
+    code's output units)."""
+    return 1 if reduction == "sum" else n_classes
+
+
+def distilled_loss(
+    logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor | None, loss: str, divisor: int,
+    temperature: float, lambda_kd: float = 1.0,
+) -> torch.Tensor:
+    """iCaRL's loss (``loss="bce"``: :func:`icarl_bce` with the teacher's sigmoids as the old
+    classes' targets, the one-hot labels as the new ones') or ``ce_kd``: cross-entropy plus
+    ``lambda_kd`` times the softmax distillation of the old classes at ``temperature``.
+    ``old_logits``: the teacher's logits of the old classes, None in state 0. LwF-MC shares it."""
+    if loss == "bce":
+        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        if old_logits is not None:
+            target[:, : old_logits.shape[1]] = torch.sigmoid(old_logits)
+        return icarl_bce(logits, target, divisor)
+    total = F.cross_entropy(logits, labels)
+    if old_logits is not None:
+        total = total + lambda_kd * distillation_kl(logits[:, : old_logits.shape[1]], old_logits, temperature)
+    return total
+
+
 @register("icarl")
 class ICaRL(WithClassMeans):
     description = ("iCaRL: herding memory, sigmoid-BCE distillation, nearest-mean-of-exemplars classifier (NME + CNN); "
@@ -74,25 +99,9 @@ class ICaRL(WithClassMeans):
     primary_scores = "nme"
 
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = out["logits"]
-        n_old = ctx.state.n_old
-        old_logits = None
-        if ctx.teacher is not None and n_old > 0:
-            with torch.no_grad():
-                old_logits = ctx.teacher(batch.x)["logits"].float()[:, :n_old]
-        if self.cfg.loss == "bce":
-            target = F.one_hot(batch.y, logits.shape[1]).float()
-            if old_logits is not None:
-                target[:, :n_old] = torch.sigmoid(old_logits)
-            return icarl_bce(logits, target, self._bce_divisor(ctx))
-        loss = F.cross_entropy(logits, batch.y)
-        if old_logits is not None:
-            loss = loss + distillation_kl(logits[:, :n_old], old_logits, self.cfg.temperature)
-        return loss
-
-    def _bce_divisor(self, ctx: Context) -> int:
-        """1 for ``sum``; the run's number of classes for ``mean`` (the original's output units)."""
-        return 1 if self.cfg.bce_reduction == "sum" else ctx.scenario.ends[-1]
+        divisor = bce_divisor(self.cfg.bce_reduction, ctx.scenario.ends[-1])
+        return distilled_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch.x), self.cfg.loss, divisor,
+                              self.cfg.temperature)
 
     def after_state(self, ctx: Context) -> None:
         self.update_class_means(ctx)

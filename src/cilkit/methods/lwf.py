@@ -27,13 +27,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
+from cilkit.methods.base import Batch, Context, Method, MethodConfig, teacher_old_logits
 from cilkit.methods.finetune import Finetune
-from cilkit.methods.icarl import icarl_bce
+from cilkit.methods.icarl import bce_divisor, distilled_loss
 
 
 class LwFConfig(MethodConfig):
@@ -51,16 +50,9 @@ def lwf_loss(
     logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor | None, cfg: LwFConfig, divisor: int = 1
 ) -> torch.Tensor:
     """The loss of one batch: ``logits`` over the seen classes, ``old_logits`` the teacher's over
-    the old ones (None in state 0), ``divisor`` the BCE's (1, or the run's class count)."""
-    if cfg.loss == "bce":
-        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-        if old_logits is not None:
-            target[:, : old_logits.shape[1]] = torch.sigmoid(old_logits)
-        return icarl_bce(logits, target, divisor)
-    loss = F.cross_entropy(logits, labels)
-    if old_logits is not None:
-        loss = loss + cfg.lambda_kd * distillation_kl(logits[:, : old_logits.shape[1]], old_logits, cfg.temperature)
-    return loss
+    the old ones (None in state 0), ``divisor`` the BCE's (1, or the run's class count): iCaRL's
+    loss function (:func:`~cilkit.methods.icarl.distilled_loss`) with LwF's options."""
+    return distilled_loss(logits, labels, old_logits, cfg.loss, divisor, cfg.temperature, cfg.lambda_kd)
 
 
 @register("lwf")
@@ -78,9 +70,5 @@ class LwF(Method):
         return Finetune if self.cfg.loss == "ce_kd" else None
 
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        old_logits = None
-        if ctx.teacher is not None and ctx.state.n_old > 0:
-            with torch.no_grad():
-                old_logits = ctx.teacher(batch.x)["logits"].float()[:, : ctx.state.n_old]
-        divisor = 1 if self.cfg.bce_reduction == "sum" else ctx.scenario.ends[-1]
-        return lwf_loss(out["logits"], batch.y, old_logits, self.cfg, divisor)
+        divisor = bce_divisor(self.cfg.bce_reduction, ctx.scenario.ends[-1])
+        return lwf_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch.x), self.cfg, divisor)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl, head_of
+from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl, head_of, teacher_old_logits
 from cilkit.methods.finetune import Finetune
 from cilkit.models import IncrementalLinear
 
@@ -153,11 +153,8 @@ class WA(Method):
             ctx.record.results["lambda"] = None
 
     def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        old_logits = None
-        if ctx.teacher is not None and ctx.state.n_old > 0:
-            with torch.no_grad():
-                old_logits = ctx.teacher(batch.x)["logits"].float()[:, : ctx.state.n_old]
-        return wa_loss(out["logits"], batch.y, old_logits, self.cfg.temperature, self.cfg.lambda_kd)
+        return wa_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch.x), self.cfg.temperature,
+                       self.cfg.lambda_kd)
 
     def after_step(self, ctx: Context) -> None:
         """Weight clipping: the classifier's weights clamped to ``>= 0`` after every step."""

@@ -26,6 +26,8 @@ concatenates their features; the small networks for tiny images (``convnet``, ``
 
 from __future__ import annotations
 
+import abc
+
 import inspect
 from typing import Literal
 
@@ -140,13 +142,14 @@ def _make_stage(
     return nn.Sequential(*layers)
 
 
-class StagedBackbone(nn.Module):
+class StagedBackbone(nn.Module, abc.ABC):
     """A backbone made of stages (the stage seam): ``stage_outputs(x)`` gives each stage's map,
     ``embed(last)`` the features from the last one (default: global average pooling), and
     ``forward`` is the two in a row."""
 
+    @abc.abstractmethod
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Each stage's output map, first to last (what every staged backbone defines)."""
 
     def embed(self, last: torch.Tensor) -> torch.Tensor:
         """Features ``(N, out_dim)`` from the last stage map: global average pooling."""

@@ -207,28 +207,36 @@ def read_state_scores(path: Path, n_seen: int) -> tuple[np.ndarray, np.ndarray]:
     return logits, labels
 
 
+def _npz_keys(path: Path) -> list[str]:
+    """The array names of an npz file; none when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return list(npz.files)
+    except (OSError, ValueError, EOFError):
+        return []
+
+
 def read_state_classifier(path: Path, n_seen: int, n_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A state's stored test ``features`` and linear classifier (``head_weight``, ``head_bias``),
     which runs of a method that keeps them store (``Method.stores_features``: fine-tuning and
     the methods built on it), checked: one feature row per test image, one classifier row and
     bias per class seen, the classifier's width the features'."""
+    keys = ("features", "head_weight", "head_bias")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in ("features", "head_weight", "head_bias") if k not in npz.files]
-    except FileNotFoundError:
-        raise UserError(f"'{path}' not found (the run's stored test scores)") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"'{path}' cannot be read: {e.__class__.__name__}: {e}") from None
-    if missing:
+        features, weight, bias = read_scores(path, *keys)
+    except UserError:
+        stored = _npz_keys(path)
+        missing = [k for k in keys if k not in stored]
+        if not missing or not {"logits", "labels"} <= set(stored):
+            raise  # missing, unreadable or not a scores file: read_scores's line
         raise UserError(f"'{path}' holds no test features and classifier ({', '.join(missing)}): ScaIL needs a run of "
-                        "a linear-head method that stores them (finetune, il2m, scail), made by this cilkit")
-    features, weight, bias = read_scores(path, "features", "head_weight", "head_bias")
+                        "a linear-head method that stores them (finetune, il2m, scail), made by this cilkit") from None
     if features.ndim != 2 or features.dtype.kind != "f" or len(features) != n_images:
         raise _damaged(path, "features", f"is not a float array of one row for each of the {n_images} test images")
     if weight.ndim != 2 or weight.dtype.kind != "f" or weight.shape[0] < n_seen or weight.shape[1] != features.shape[1]:
         raise _damaged(path, "head_weight", f"is not a float array of {n_seen} rows of width {features.shape[1]}")
     if bias.ndim != 1 or bias.dtype.kind != "f" or len(bias) != weight.shape[0]:
-        raise _damaged(path, "head_bias", f"is not a float array of one bias per row of 'head_weight'")
+        raise _damaged(path, "head_bias", "is not a float array of one bias per row of 'head_weight'")
     return features, weight, bias
 
 

@@ -82,7 +82,7 @@ def method_signature(method: Any) -> dict[str, Any]:
     code of its state-0 hooks. A new method is safe without declaring anything: at worst it
     misses a cache entry it could have shared. A method that trains state 0 as another does
     (``state0_like``) has that method's signature under the same config."""
-    like = method.state0_like() if hasattr(method, "state0_like") else None
+    like = method.state0_like()
     if like is not None:
         return method_signature(like(method.run_config))
     free = set(getattr(method, "state0_free_options", ()))

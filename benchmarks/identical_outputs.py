@@ -1,0 +1,64 @@
+"""Whether two output trees of cilkit runs hold the same numbers: every results.json (wall-clock
+figures and provenance left out) and every array of every stored ``.npz`` (scores, logits,
+features). What a change that must keep every number is checked with (benchmarks/RESULTS.md,
+sections 14 and 16):
+
+    python benchmarks/identical_outputs.py BEFORE_DIR AFTER_DIR
+
+Prints the counts compared and each difference; exits 1 when any.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TIMING = {"time_s", "train_seconds", "images_per_second", "wall_time_s", "state0_cached", "provenance"}
+
+
+def without_timings(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING and not k.endswith("_seconds")}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def differences(before: Path, after: Path) -> tuple[int, int, list[str]]:
+    """(results files, arrays, differences) between the trees ``before`` and ``after``."""
+    found: list[str] = []
+    results = arrays = 0
+    for path in sorted(before.rglob("results.json")):
+        other = after / path.relative_to(before)
+        results += 1
+        if not other.is_file() or (without_timings(json.loads(path.read_text()))
+                                   != without_timings(json.loads(other.read_text()))):
+            found.append(str(path.relative_to(before)))
+    for path in sorted(before.rglob("*.npz")):
+        other = after / path.relative_to(before)
+        with np.load(path) as a:
+            if not other.is_file():
+                found.append(str(path.relative_to(before)))
+                continue
+            with np.load(other) as b:
+                for key in a.files:
+                    arrays += 1
+                    if key not in b.files or not np.array_equal(a[key], b[key]):
+                        found.append(f"{path.relative_to(before)}:{key}")
+    return results, arrays, found
+
+
+def main(argv: list[str]) -> int:
+    results, arrays, found = differences(Path(argv[0]), Path(argv[1]))
+    for line in found:
+        print("differs:", line)
+    print(f"{results} results.json, {arrays} arrays, {len(found)} differences")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
