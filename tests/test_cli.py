@@ -88,4 +88,4 @@ def test_the_first_line_of_a_run_states_its_setup(tmp_path, capsys):
     assert main(args) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == ("[finetune] digits: 10 classes, images 1x8x8; 2 states of 2 + 1 x 2 classes; memory 200 "
-                     "exemplars (herding); device cpu, threads 1, fp32; seed 0")
+                     "exemplars (herding); device cpu, threads 1 (from config), fp32; seed 0")

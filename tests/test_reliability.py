@@ -192,7 +192,7 @@ def test_file_images_digest_follows_rewritten_files_and_labels(tmp_path):
 def test_an_unusable_cache_entry_is_a_miss_with_one_warning(tmp_path, capsys, damage):
     cfg = tiny_config(tmp_path, "scenario.states=2")
     cold = Run(cfg, tmp_path / "cold", progress=False).execute()
-    (entry,) = (tmp_path / "cache").iterdir()
+    (entry,) = (tmp_path / "cache").glob("*.pt")  # beside each entry: its lock file
     data = entry.read_bytes()
     if damage == "garbage":
         entry.write_bytes(os.urandom(len(data)))

@@ -94,11 +94,12 @@ def test_the_runs_own_report_directory_stays_writable(finished, tmp_path):
 @pytest.fixture
 def tune_config(tmp_path, monkeypatch) -> Path:
     """A tune config whose points are not trained (each scores by its lr)."""
-    def run_point(config, run_dir, dataset=None):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return [{"states": [{}, {}], "mean_incremental_val_top1_excl_first": float(config.train.lr)}]
+    def run_points(configs, dirs, execution, parent, datasets=None):
+        for run_dir in dirs:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        return [[{"states": [{}, {}], "mean_incremental_val_top1_excl_first": float(c.train.lr)}] for c in configs]
 
-    monkeypatch.setattr(tune_module, "run_point", run_point)
+    monkeypatch.setattr(tune_module, "run_points", run_points)
     monkeypatch.setattr(tune_module, "point_datasets", lambda configs: [None] * len(configs))
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tmp_path, "scenario.val_per_class=5").to_dict()))

@@ -82,9 +82,9 @@ def test_a_renamed_or_copied_entry_is_a_miss_with_one_warning(tmp_path, capsys):
     b = tiny_config(tmp_path, "threads=1", "scenario.states=1", "train.epochs=1", "seed=4")
     cache = Path(a.state0_cache)
     Run(a, tmp_path / "a", progress=False).execute()
-    (entry_a,) = cache.iterdir()
+    (entry_a,) = cache.glob("*.pt")
     Run(b, tmp_path / "b0", progress=False).execute()
-    (entry_b,) = set(cache.iterdir()) - {entry_a}
+    (entry_b,) = set(cache.glob("*.pt")) - {entry_a}
     shutil.copy(entry_a, entry_b)  # another key's entry under b's name
     capsys.readouterr()
     results = Run(b, tmp_path / "b", progress=False).execute()

@@ -196,7 +196,7 @@ def test_cilkit_run_prints_the_table_and_writes_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| finetune |" in out and "| icarl [cnn] |" in out
     report = tmp_path / "q" / "report"
-    assert {p.name for p in report.iterdir()} == {"table.md", "table.csv", "report.html", *PLOTS}
+    assert {p.name for p in report.iterdir()} == {"table.md", "table.csv", "table.tex", "report.html", *PLOTS}
 
 
 def _screenshot(html_file, png, profile):

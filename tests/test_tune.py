@@ -131,11 +131,10 @@ def test_tune_reads_the_data_once_and_reuses_a_point_only_of_the_same_config(tmp
 
 def _fake_points(monkeypatch, scores: dict[str, float | None]) -> None:
     """Points whose runs are not made: each reports the given validation score (by lr)."""
-    def run_point(config, run_dir, dataset=None):
-        score = scores[str(config.train.lr)]
-        return [{"states": [{}, {}], "mean_incremental_val_top1_excl_first": score}]
+    def run_points(configs, dirs, execution, parent, datasets=None):
+        return [[{"states": [{}, {}], "mean_incremental_val_top1_excl_first": scores[str(c.train.lr)]}] for c in configs]
 
-    monkeypatch.setattr(tune_module, "run_point", run_point)
+    monkeypatch.setattr(tune_module, "run_points", run_points)
     monkeypatch.setattr(tune_module, "point_datasets", lambda configs: [None] * len(configs), raising=False)
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from cilkit import distributed
 from cilkit.analysis.calibrate import calibrate_run
 from cilkit.config import RunConfig, load_config, read_yaml, validate
@@ -15,10 +17,12 @@ from cilkit.plugins import import_plugins, plugin_list
 from cilkit.analysis.report import compare_runs
 from cilkit.run.layout import RunLayout, check_target, fresh_directory, is_run_dir
 from cilkit.runlog import log
+from cilkit.run.execution import Execution, SlurmOptions
+from cilkit.run.jobs import JobsFailed
 from cilkit.run.multirun import repeat_dirs, run_methods
 from cilkit.run.setup import check_protocol, with_resolved_threads
 from cilkit.run.tensorboard import add_report_figures
-from cilkit.run.tune import ranking_table, tune
+from cilkit.run.tune import parse_grid, ranking_table, tune
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -41,7 +45,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else distributed.from_main(lambda: fresh_directory(Path("runs") / name))
     distributed.resume_hint = f"continue with the same torchrun command and cilkit run --resume {run_dir}"
     try:
-        run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset)
+        run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset,
+                    execution=execution_of(args))
+    except JobsFailed as e:
+        print(f"error: {len(e.failures)} of the runs failed (the others finished):", file=sys.stderr)
+        for job, cause in e.failures:
+            print(f"  {job.run_dir}: {cause}", file=sys.stderr)
+        print(f"after the fix, cilkit run --resume {run_dir} runs the unfinished ones", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if distributed.is_main():
             print(f"interrupted: finished states are saved; continue with cilkit run --resume {run_dir}",
@@ -62,9 +73,45 @@ def cmd_run(args: argparse.Namespace) -> int:
                           baseline=args.baseline)
     if config.log.tensorboard:  # the report's figures beside the runs' events
         add_report_figures(RunLayout(run_dir).tb / "report", report)
+    if config.log.wandb:  # ... and in the wandb run "report" of the runs' protocol group
+        from cilkit.run import wandb_log
+
+        wandb_log.add_report_figures(run_dir, report, config)
     print(f"\nrun directory: {run_dir}")
     distributed.finish()
     return 0
+
+
+def execution_of(args: argparse.Namespace) -> Execution:
+    """``--jobs``, ``--executor`` and the ``--slurm-*`` options as one value."""
+    extra = {}
+    for item in args.slurm_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--slurm-option '{item}': expected KEY=VALUE (a submitit slurm_KEY parameter)")
+        extra[key.strip()] = yaml.safe_load(value)
+    slurm = SlurmOptions(partition=args.slurm_partition, gpus_per_job=args.slurm_gpus_per_job,
+                         cpus_per_job=args.slurm_cpus_per_job, mem_gb=args.slurm_mem_gb, time_min=args.slurm_time,
+                         extra=extra)
+    return Execution(jobs=args.jobs, executor=args.executor, slurm=slurm)
+
+
+def add_execution_options(p: argparse.ArgumentParser) -> None:
+    """--jobs and the scheduler options, shared by run and tune."""
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run up to N runs at once, each in its own process (on CPU each gets its share of the cores, "
+                   "with several GPUs one GPU each); with --executor slurm: at most N cluster jobs at once")
+    p.add_argument("--executor", default="local", choices=["local", "slurm"],
+                   help="local: this machine; slurm: one SLURM job per run through submitit (pip install 'cilkit[slurm]')")
+    p.add_argument("--slurm-partition", metavar="P", help="SLURM partition of the jobs")
+    p.add_argument("--slurm-gpus-per-job", type=int, default=0, metavar="G", help="GPUs per SLURM job (default 0)")
+    p.add_argument("--slurm-cpus-per-job", type=int, default=1, metavar="C",
+                   help="CPUs per SLURM job (default 1; the run's threads when threads is unset)")
+    p.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory per SLURM job")
+    p.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MIN", help="time limit per SLURM job in minutes "
+                   "(a job that reaches it is requeued and resumes; default 1440)")
+    p.add_argument("--slurm-option", action="append", metavar="KEY=VALUE",
+                   help="another submitit slurm_KEY parameter (e.g. account=myproj, qos=high; repeatable)")
 
 
 def _check_baseline(baseline: str | None, config: RunConfig) -> None:
@@ -107,12 +154,31 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else fresh_directory(Path("runs") / f"tune-{Path(args.config).stem}")
-    record = tune(args.config, args.grid or [], list(args.set or []), out)
+    execution, overrides = execution_of(args), list(args.set or [])
+    if args.search:
+        from cilkit.run.search import search
+
+        record = search(args.config, parse_grid(args.grid, required=False), args.range or [], overrides, out,
+                        args.search, args.trials, execution, args.plugin, args.metric)
+    else:
+        if args.range:
+            raise UserError("--range samples a space: give --search random|tpe (a grid takes --grid values)")
+        record = tune(args.config, args.grid or [], overrides, out, execution, args.plugin, args.metric)
     print()
-    print(ranking_table(record["ranking"]))
-    print(f"\nchosen on validation ({record['metric']}): {record['set_line']}")
+    print(ranking_table(record["ranking"], record["metric"]))
+    if record["verdict"] == "tie":
+        a, b = record["ranking"][:2]
+        print(f"\ntie on validation ({record['metric']}): the first two are within their seed noise "
+              f"({_score(a)} vs {_score(b)}); more seeds (--set runs=R) may separate them. First: {record['set_line']}")
+    else:
+        print(f"\nchosen on validation ({record['metric']}): {record['set_line']}")
     print(f"ranking: {out / 'ranking.md'} and ranking.json")
     return 0
+
+
+def _score(row: dict) -> str:
+    std = row["val_score_std"]
+    return f"{row['val_score_mean']:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -141,21 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
     r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
                    help="import a .py file or module of your own methods, backbones or datasets first (repeatable)")
+    add_execution_options(r)
     r.set_defaults(func=cmd_run)
     t = sub.add_parser("tune", help="rank a grid of settings by validation accuracy (never the test set)")
     t.add_argument("config", help="YAML config (one method, scenario.val_per_class >= 1)")
     t.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="values to try (repeatable: all combinations)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every point")
     t.add_argument("--out", help="where the runs and the ranking go (default: runs/tune-<config>)")
+    t.add_argument("--search", choices=["random", "tpe"], help="sample the space with Optuna instead of the grid "
+                   "(--grid values as choices, --range KEY=LOW:HIGH[:log] as numbers; pip install 'cilkit[tune]')")
+    t.add_argument("--trials", type=int, default=20, metavar="T", help="trials of --search (default 20)")
+    t.add_argument("--range", action="append", metavar="KEY=LOW:HIGH[:log]", help="a numeric range of --search "
+                   "(an integer range when both bounds are integers; repeatable)")
+    t.add_argument("--metric", default="top1", choices=["top1", "balanced_top1"],
+                   help="the validation score ranked (default top1; balanced_top1: the mean per-class accuracy)")
+    t.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
+                   help="import a .py file or module of your own methods, backbones or datasets first (repeatable)")
+    add_execution_options(t)
     t.set_defaults(func=cmd_tune)
     c = sub.add_parser("calibrate", help="rectify the stored scores of a finished run, without a model")
     c.add_argument("run_dir", help="a run directory (or a parent of several)")
     c.add_argument("--with", dest="rectifier", required=True, help="il2m | scaling | scail | none")
     c.add_argument("--out", help="where to write (default: RUN_DIR/calibrated/<rectifier>)")
     c.set_defaults(func=cmd_calibrate)
-    k = sub.add_parser("compare", help="tables, plots and report.html over run directories")
+    k = sub.add_parser("compare", help="tables (Markdown, CSV, LaTeX), plots and report.html over run directories")
     k.add_argument("dirs", nargs="+", help="run directories (or parents of several)")
-    k.add_argument("--out", help="where to write the report (default: the first DIR/report)")
+    k.add_argument("--out", help="where to write the report (default: a new runs/compare-<A>-<B>; "
+                   "with one DIR, DIR/report)")
     k.add_argument("--baseline", metavar="METHOD", help="paired difference of every other method from this "
                    "one over their shared seeds, with a 95%% confidence interval (paired.csv)")
     k.set_defaults(func=cmd_compare)

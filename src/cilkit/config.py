@@ -227,6 +227,9 @@ class LogConfig(Strict):
     """What a run records besides results.json (run.log and history.jsonl are always written)."""
 
     tensorboard: bool = False  # event files under <run>/tb/ (needs the tensorboard package)
+    wandb: bool = False  # a Weights & Biases run under <run>/wandb/ (needs the wandb package)
+    wandb_project: str = Field("cilkit", min_length=1)
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline: nothing is sent; WANDB_MODE overrides
 
 
 class RunConfig(BaseModel):

@@ -185,7 +185,6 @@ class Engine:
         net = self._forward(distributed.wrap(model, self.device), keep=not distributed.active())  # DDP under torchrun
         shard = (distributed.rank(), distributed.world_size()) if distributed.active() else None
         records: list[EpochRecord] = []
-        first_loss: float | None = None
         start, seen = time.perf_counter(), 0
         bar = tqdm(range(epochs), desc=desc, leave=False, disable=self._bar_disabled())
         batch_size = self.cfg.batch_size
@@ -218,8 +217,6 @@ class Engine:
                     out = net(self._prepare(batch.x), stages=True) if hooks.needs_stages else net(self._prepare(batch.x))
                 out = {k: [m.float() for m in v] if isinstance(v, list) else v.float() for k, v in out.items()}
                 loss = hooks.loss(ctx, batch, out) if x.shape[0] else _no_loss(out)
-                if first_loss is None:
-                    first_loss = float(loss.item())  # one sync per fit: the "learned nothing" check
                 opt.zero_grad(set_to_none=True)
                 # a rank's mean loss over its slice, weighted so that DDP's average over the
                 # ranks is the mean over the global batch (slices may differ by one image)
@@ -245,8 +242,7 @@ class Engine:
         seconds = time.perf_counter() - start
         return {
             "epochs": records,
-            "epoch_losses": [r.loss for r in records],
-            "first_loss": first_loss,
+            "epoch_losses": [r.loss for r in records],  # each epoch's mean: its one host sync
             "train_seconds": seconds,
             "images_per_second": seen / seconds if seconds else None,
         }

@@ -125,6 +125,9 @@ KEYS: dict[str, Key] = {
     "train.eval_batch_size": _protocol(state0=False),
     "train.sync_bn": _protocol(),
     "log.tensorboard": NO_NUMBER,  # a resume rebuilds the finished states' events from history.jsonl
+    "log.wandb": NO_NUMBER,  # a resume continues the same wandb run (its id is kept in <run>/wandb/)
+    "log.wandb_project": NO_NUMBER,
+    "log.wandb_mode": NO_NUMBER,
     # execution
     "device": _execution(),
     "threads": _execution(resume="warn"),

@@ -3,13 +3,16 @@
 :func:`log` prints a line; inside :func:`tee` it is also appended to the open log files
 (append-only, flushed per line, so a killed run keeps every line it printed). Tees nest: the
 parent directory of a comparison logs every line of its methods' runs, each of which logs its
-own; a file already open is not opened twice.
+own; a file already open is not opened twice. An error that ends a block is written to the
+open log files too (:func:`record_failure`) as its traceback, which the console shows as well; a
+user error only where the run records it (one that ends a state), never a refusal to start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -48,7 +51,26 @@ def tee(path: str | os.PathLike) -> Iterator[None]:
     _files[key] = f
     try:
         yield
+    except Exception as e:
+        if not isinstance(e, UserError):  # a refusal leaves the directory as it was: the console says it
+            record_failure(e)
+        raise
     finally:
         del _files[key]
         with contextlib.suppress(OSError):  # the write error, if any, was reported already
             f.close()
+
+
+def record_failure(e: BaseException) -> None:
+    """Append what ended a run to every open log file, once however many tees it leaves: a
+    :class:`UserError` as the ``error:`` line the console prints, anything else as its full
+    traceback (with its notes). Nothing is printed: the console shows the error itself."""
+    if getattr(e, "_cilkit_logged", False) or not distributed.is_main():
+        return
+    text = f"error: {e}\n" if isinstance(e, UserError) else "".join(traceback.format_exception(e))
+    for f in list(_files.values()):
+        with contextlib.suppress(OSError):  # the log cannot hide the error being reported
+            f.write(text)
+            f.flush()
+    with contextlib.suppress(AttributeError):
+        e._cilkit_logged = True  # type: ignore[attr-defined]

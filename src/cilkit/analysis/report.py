@@ -15,7 +15,10 @@ the seeds both ran (:func:`~cilkit.analysis.tables.paired_rows`).
 
 A comparison is written only where it may be (:func:`report_target`): a new or empty directory,
 an earlier comparison's (marked by :data:`COMPARE_MARKER`, written first), or the own
-``report/`` of a run compared; never into a run or over files compare did not write.
+``report/`` of a run compared; never into a run or over files compare did not write. Without
+``out``, one directory gets its own ``report/`` regenerated and several get a new directory
+``runs/compare-<A>-<B>`` (``-2``, ``-3``, ... when taken: :func:`default_out`), so that comparing
+runs never replaces the report of one of them.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import base64
 import html
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cilkit import io
 from cilkit.errors import UserError
-from cilkit.run.layout import RunLayout, enclosing_run, holds_run, is_run_dir
+from cilkit.run.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
 from cilkit.analysis.plots import figures as make_figures
 from cilkit.analysis.runsets import FoundRun, Protocol, find_runs, group_runs
 from cilkit.analysis.tables import (
@@ -43,6 +47,7 @@ from cilkit.analysis.tables import (
     state_table,
     table_csv,
     table_html,
+    table_latex,
 )
 
 STD_NOTE = ("Rows over several runs: mean ± std over their seeds (std: the sample standard deviation, "
@@ -151,8 +156,9 @@ def provenance_line(prov: dict[str, Any] | None) -> str:
         return ""
     commit = f" ({str(prov['git_commit'])[:12]})" if prov.get("git_commit") else ""
     resumed = f", resumed {len(prov['resumed'])}x" if prov.get("resumed") else ""
+    ranks = f", {prov['ranks']} ranks ({prov.get('backend')})" if (prov.get("ranks") or 1) > 1 else ""  # torchrun
     return (f"cilkit {prov.get('cilkit')}{commit}, torch {prov.get('torch')}, {prov.get('device_name')} "
-            f"({prov.get('device')}, {prov.get('threads')} threads, {prov.get('precision')}, "
+            f"({prov.get('device')}{ranks}, {prov.get('threads')} threads, {prov.get('precision')}, "
             f"{prov.get('memory_format')}); {prov.get('started')} to {prov.get('finished')}{resumed}; "
             f"command: {prov.get('command')}")
 
@@ -279,17 +285,36 @@ def write_report(out: Path, files: Mapping[str, str | bytes], previous: list[str
             io.write_text(out / name, content)
 
 
+def default_out(dirs: Sequence[str | os.PathLike], root: Path = Path("runs")) -> Path:
+    """Where a comparison of several directories goes without ``out``: ``root/compare-<A>-<B>``
+    (their names, then ``-and-<k>-more`` beyond two), made fresh when it is written."""
+    names = [re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(os.path.abspath(d)).name) or "run" for d in dirs]
+    more = f"-and-{len(names) - 2}-more" if len(names) > 2 else ""
+    return root / ("compare-" + "-".join(names[:2]) + more)
+
+
+def _check_fresh(base: Path, runs: Sequence[FoundRun]) -> list[str]:
+    """A fresh directory named after ``base`` may be made: ``base`` lies inside no run."""
+    run = _run_around(base, runs)
+    if run is not None:
+        raise UserError(f"compare: the default output '{base}' lies inside the cilkit run '{run}': "
+                        "give --out a new or empty directory outside it")
+    return []
+
+
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
                  baseline: str | None = None) -> Path:
-    """Write table.md, table.csv, the figures (PNG) and report.html for the runs in ``dirs``
-    into ``out`` (default: the first DIR/report), and with a ``baseline`` method paired.csv;
-    print the tables when ``echo``. ``out`` must be compare's to write (:func:`report_target`);
+    """Write table.md, table.csv, table.tex, the figures (PNG) and report.html for the runs in
+    ``dirs`` into ``out``, and with a ``baseline`` method paired.csv; print the tables when
+    ``echo``. Default ``out``: a single DIR's own DIR/report, else a new :func:`default_out`
+    directory (no run's file is touched). ``out`` must be compare's to write (:func:`report_target`);
     every input is read and every check made before anything is written. Returns ``out``."""
     if not dirs:
         raise UserError("compare: name at least one run directory")
     runs = find_runs(dirs)
-    out_dir = Path(out) if out is not None else Path(dirs[0]) / "report"
-    previous = report_target(out_dir, runs)
+    fresh = out is None and len(dirs) > 1
+    out_dir = Path(out) if out is not None else default_out(dirs) if fresh else Path(dirs[0]) / "report"
+    previous = _check_fresh(out_dir, runs) if fresh else report_target(out_dir, runs)
     protocols = group_runs(runs)
     paired = paired_rows(protocols, baseline) if baseline is not None else None
     groups = [g for p in protocols for g in p.groups]
@@ -302,13 +327,16 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     if paired is not None and baseline is not None:
         text += "\n\n" + paired_markdown(protocols, paired, baseline)
         files["paired.csv"] = paired_csv(paired)
-    files.update({"table.md": text + "\n", "table.csv": table_csv(tables)})
+    files.update({"table.md": text + "\n", "table.csv": table_csv(tables),
+                  "table.tex": table_latex(tables, paired, baseline)})
     files.update({name: png for name, _, png in figs})
     html_paired = paired_html(protocols, paired, baseline) if paired is not None and baseline is not None else ""
     files["report.html"] = report_html(protocols, tables, figs, html_paired)
+    if fresh:
+        out_dir = fresh_directory(out_dir)
     write_report(out_dir, files, previous)
     if echo:
         print(text)
         extra = ", paired.csv" if paired is not None else ""
-        print(f"\nreport: {out_dir / 'report.html'} (table.md, table.csv{extra}, {len(figs)} figures)")
+        print(f"\nreport: {out_dir / 'report.html'} (table.md, table.csv, table.tex{extra}, {len(figs)} figures)")
     return out_dir

@@ -2,8 +2,9 @@
 
 The runner owns the one state loop (:mod:`cilkit.run.loop`) and the engine the one training
 loop (:mod:`cilkit.engine`). A method is one file that subclasses :class:`Method`, overrides
-only the hooks it needs, and registers itself with ``@register("name")``. Per state the
-runner calls, in this order::
+only the hooks it needs, and registers itself with ``@register_method("name")``
+(:mod:`cilkit.registry`; the built-in methods import it as ``cilkit.methods.register``). Per
+state the runner calls, in this order::
 
     before_state(ctx)            grow the head, keep a frozen teacher (ctx.record.teacher), imprint ...
     rounds(ctx) -> int           training rounds in this state (default 1; active IL: one per

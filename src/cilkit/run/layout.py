@@ -111,9 +111,11 @@ RUN_MARKER = ".cilkit-run"  # written first into every run directory: what makes
 OWN_ENTRIES = frozenset({
     "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", LOCK_NAME, RUN_MARKER,
     "scores", "stats", "memory", "active", "bic", "checkpoints", "report", "calibrated", "tb",
+    "slurm",  # the scheduler's job files and logs of --executor slurm (cilkit.run.slurm)
+    "wandb",  # wandb's own folder of log.wandb: true (cilkit.run.wandb_log), the run's id in it
 })
 STATE_ENTRIES = frozenset({"results.json", "summary.json", "history.jsonl", "scores", "stats", "memory",
-                           "checkpoints", "report", "calibrated", "tb"})
+                           "checkpoints", "report", "calibrated", "tb", "slurm"})
 # ^ what a run's states wrote (a fresh start over a run clears them; config.yaml, run.log, the
 #   lock and the marker stay)
 _SUB_RUN = re.compile(r"run_\d+")
@@ -167,6 +169,16 @@ def enclosing_run(root: Path) -> Path | None:
         if is_run_dir(parent):
             return parent
     return None
+
+
+def outermost_run(root: str | os.PathLike) -> Path:
+    """``root``, or the outermost run directory it lies in (a comparison's parent): what
+    ``cilkit run --resume`` continues as a whole."""
+    found = Path(root)
+    for parent in Path(root).parents:
+        if is_run_dir(parent):
+            found = parent
+    return found
 
 
 def check_target(root: Path, overwrite: bool) -> None:

@@ -35,9 +35,9 @@ from cilkit.metrics import score_metrics, state_accuracies
 from cilkit.models import IncrementalLinear
 from cilkit.rectify import ClassStatistics
 from cilkit.run import provenance, state0cache, tensorboard
-from cilkit.run.layout import RunLayout
+from cilkit.run.layout import RunLayout, outermost_run
 from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, idle_milestones,
-                              memory_covers_old_data, normalisation, resolve_device)
+                              memory_covers_old_data, normalisation, resolve_device, threads_source)
 from cilkit.run.store import RunStore, checkpoint_parts, empty_results, tensors_of
 from cilkit.runlog import log
 from cilkit.seeding import derive_seed, seeded_generator
@@ -45,11 +45,26 @@ from cilkit.seeding import derive_seed, seeded_generator
 STALL_RATIO = 0.9
 
 
-def stalled(first_loss: float | None, final_loss: float | None) -> bool:
-    """A fit that ended (last epoch's mean loss) within 10% of its first batch's loss: a model
-    that learned nothing (e.g. iCaRL's first state stuck at ln 2 per class under plain SGD)."""
-    return first_loss is not None and final_loss is not None and first_loss > 0 and \
-        final_loss >= STALL_RATIO * first_loss
+def stalled(epoch_losses: list[float]) -> bool:
+    """A fit whose last epoch's mean loss is within 10% of its first epoch's: a model that
+    learned nothing (e.g. iCaRL's first state stuck at ln 2 per class under plain SGD). Means
+    over whole epochs on both sides: a first batch that happens to score low is no baseline.
+    One epoch (or none) tells nothing."""
+    if len(epoch_losses) < 2 or not epoch_losses[0] > 0:
+        return False
+    return epoch_losses[-1] >= STALL_RATIO * epoch_losses[0]
+
+
+def ranks_text() -> str:
+    """``, 2 ranks (gloo)`` under torchrun; nothing in one process."""
+    return f", {distributed.world_size()} ranks ({distributed.backend()})" if distributed.active() else ""
+
+
+def stall_message(desc: str, epoch_losses: list[float], method: str) -> str:
+    """The warning of a fit that :func:`stalled`, naming the method's ``cilkit info`` page."""
+    return (f"{desc}: the mean loss of its last epoch ({epoch_losses[-1]:.3f}) is about that of its first "
+            f"({epoch_losses[0]:.3f}): the model may have learned nothing; try another learning rate or seed "
+            f"(see cilkit info {method})")
 
 
 class Run:
@@ -110,7 +125,7 @@ class Run:
         """Run (or continue) the states; ``until_state`` stops after that state (for tests).
         Every :func:`~cilkit.runlog.log` line is copied to ``run.log`` meanwhile."""
         io.make_dir(self.layout.root)
-        with runlog.tee(self.layout.run_log):
+        with runlog.tee(self.layout.run_log):  # an error that ends the run goes to run.log too
             start = self._restore() if resume else self.store.start_fresh()
             log(f"[{self.config.method}] {self.setup_line()}")
             for warning in (memory_covers_old_data(self.config, self.scenario),
@@ -118,9 +133,17 @@ class Run:
                 if warning is not None:
                     log(f"[{self.config.method}] warning: {warning}")
             last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
-            with self.store.recording(start):
-                for b in range(start, last + 1):
-                    self.run_state(b)
+            try:
+                with self.store.recording(start):
+                    for b in range(start, last + 1):
+                        self.run_state(b)
+            except Exception as e:
+                if isinstance(e, UserError):  # e.g. a disk that filled while a state ran: its one line in run.log
+                    runlog.record_failure(e)
+                else:  # a bug (ours or a plugin's): its traceback ends with the way on
+                    e.add_note(f"the finished states are saved: after the fix, continue the run with "
+                               f"cilkit run --resume {outermost_run(self.layout.root)}")
+                raise
         return self.results
 
     def context(self, b: int) -> Context:
@@ -165,14 +188,20 @@ class Run:
         precision = ("bf16 autocast" if c.amp else "fp32") + (", torch.compile" if c.compile else "")
         return (f"{self.dataset.name}: {self.dataset.num_classes} classes, images {self.channels}x{self.size}x"
                 f"{self.size}; {sc.num_states} states of {steps} classes; memory {memory}"
-                f"{f' ({m.selection})' if m.enabled else ''}; device {self.device}, threads {torch.get_num_threads()}, "
-                f"{precision}{', channels-last' if c.channels_last else ''}; seed {c.seed}")
+                f"{f' ({m.selection})' if m.enabled else ''}; device {self.device}{ranks_text()}, threads "
+                f"{torch.get_num_threads()} ({threads_source(c.threads)}), {precision}"
+                f"{', channels-last' if c.channels_last else ''}; seed {c.seed}")
 
     # ----- train -----------------------------------------------------------------------------
     def _train(self, ctx: Context) -> dict[str, Any]:
-        b = ctx.state.index
         rounds = self.method.rounds(ctx)
-        cache = self.state0_entry() if b == 0 and rounds == 1 else None
+        cache = self.state0_entry() if ctx.state.index == 0 and rounds == 1 else None
+        # runs in parallel that need the same entry take turns: one trains, the others load (rank 0 reads it)
+        with state0cache.entry_lock(cache if distributed.is_main() else None, log):
+            return self._train_or_reuse(ctx, rounds, cache)
+
+    def _train_or_reuse(self, ctx: Context, rounds: int, cache: state0cache.CacheEntry | None) -> dict[str, Any]:
+        b = ctx.state.index
         cached = distributed.from_main(lambda: state0cache.load_entry(cache, self.model, log)) if cache else None
         if cache is not None and cached is not None:
             distributed.sync_state(self.model)  # rank 0 read the entry
@@ -206,17 +235,15 @@ class Run:
         train = self.config.train
         b = ctx.state.index
         fit = self.engine.fit(ctx, self.method, indices, train.epochs_of(b), train.lr_of(b), train.schedule, desc=desc)
-        final = fit["epoch_losses"][-1] if fit["epoch_losses"] else None
-        if stalled(fit["first_loss"], final):
-            log(f"[{self.config.method}] warning: {desc} ended with loss {final:.3f}, about where it started "
-                f"({fit['first_loss']:.3f} on its first batch): the model may have learned nothing; try another "
-                "learning rate or seed (see cilkit info)")
+        losses = fit["epoch_losses"]
+        if stalled(losses):
+            log(f"[{self.config.method}] warning: {stall_message(desc, losses, self.method.name)}")
         return {
             "train_images": int(indices.numel()),
             "train_seconds": fit["train_seconds"],
             "images_per_second": fit["images_per_second"],
-            "first_loss": fit["first_loss"],
-            "final_loss": final,
+            "first_loss": losses[0] if losses else None,  # the mean loss of the first epoch
+            "final_loss": losses[-1] if losses else None,  # and of the last
         }
 
     def _record_epoch(self, ctx: Context, record: EpochRecord) -> None:

@@ -1,10 +1,15 @@
 """Several runs into one parent directory: every method of a config on the same protocol
 (``<out>/<method>/``) and ``runs: R`` seeds of each (``run_<k>/``, then ``summary.json``). The
-directory is claimed (checked, locked) here before anything runs."""
+directory is claimed (checked, locked) here before anything runs; the runs are the jobs of
+:func:`cilkit.run.jobs.plan`, executed where the :class:`~cilkit.run.execution.Execution` says."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +18,12 @@ import numpy as np
 from cilkit import distributed, io, runlog
 from cilkit.analysis.significance import mean_std
 from cilkit.config import RunConfig
-from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
+from cilkit.run.jobs import JobsFailed, RunJob, finished, plan
+from cilkit.run.execution import Execution
 from cilkit.run.layout import DirectoryLock, RunLayout, check_target, clear_run, mark_run
-from cilkit.run.loop import Run
-from cilkit.run.setup import check_protocol, with_resolved_threads
+from cilkit.run.readers import read_results
+from cilkit.run.setup import check_protocol
 from cilkit.runlog import log
 
 
@@ -28,19 +34,42 @@ def run_methods(
     progress: bool | None = None,
     overwrite: bool = False,
     dataset: Dataset | None = None,
+    execution: Execution | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every method of ``config`` on the same protocol; one sub-directory per method when
-    there are several. Returns ``{method: results}``. With ``runs: R > 1`` see
-    :func:`repeat_runs`.
+    there are several, ``run_<k>`` per seed with ``runs: R > 1`` (then ``summary.json``).
+    Returns ``{method: results}`` (``{"<method>/run_<k>": results}`` with several runs).
+    ``execution``: where the runs execute (default: one after another here; see
+    :mod:`cilkit.run.jobs`).
 
-    The directory is claimed first: a fresh run refuses one that holds another run (unless
-    ``overwrite``, which clears that run's files) or files cilkit did not write, and the run
-    holds an exclusive lock on it to the end (a second run into it fails at once)."""
+    The directory is claimed first (:func:`claimed_runs`)."""
     out = Path(out_dir)
+    execution = execution or Execution()
+    execution.check()
     if not resume:
-        config = with_resolved_threads(config)
+        config = execution.resolve_threads(config)
         distributed.from_main(lambda: check_target(out, overwrite))
         dataset = dataset if dataset is not None else check_protocol(config)
+    with claimed_runs(config, out, resume, overwrite) as claim:
+        with runlog.tee(RunLayout(out).run_log):  # a comparison's parent logs every method's lines
+            return run_claims([claim], execution, out, progress, dataset)[0]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed run directory (locked while the claim lasts) and the jobs of its plan."""
+
+    config: RunConfig
+    out: Path
+    jobs: list[RunJob]
+
+
+@contextlib.contextmanager
+def claimed_runs(config: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim]:
+    """Claim ``out`` for the runs of ``config`` (threads resolved already) and plan them: a
+    fresh run refuses a directory that holds another run (unless ``overwrite``, which clears
+    that run's files) or files cilkit did not write, marks it as a run's first, and holds an
+    exclusive lock on it while the claim lasts (a second run into it fails at once)."""
     io.make_dir(out)
     with DirectoryLock(out):
         if not resume:
@@ -48,33 +77,39 @@ def run_methods(
             if overwrite:
                 clear_run(out)
             mark_run(out, config.to_dict())  # first: the directory is a run's from now on
-        with runlog.tee(RunLayout(out).run_log):  # a comparison's parent logs every method's lines
-            return _run_claimed(config, out, resume, progress, dataset)
+        jobs = plan(config, out, resume)
+        if not resume and (not isinstance(config.method, str) or config.runs > 1):
+            io.write_yaml(RunLayout(out).config, config.to_dict())
+        yield Claim(config, out, jobs)
 
 
-def _run_claimed(
-    config: RunConfig, out: Path, resume: bool, progress: bool | None, dataset: Dataset | None
-) -> dict[str, dict[str, Any]]:
-    if config.runs > 1:
-        return repeat_runs(config, out, resume, progress, dataset)
-    if isinstance(config.method, str):
-        return {config.method: Run(config, out, progress, dataset).execute(resume=resume)}
-    if not resume:
-        io.write_yaml(RunLayout(out).config, config.to_dict())
-    results = {}
-    dataset = dataset if dataset is not None else load_dataset(config.data)  # read once, shared by every method
-    for name in config.methods:
-        sub = config.for_method(name)
-        results[name] = Run(sub, out / name, progress, dataset).execute(resume=resume and (out / name).exists())
-    return results
+def run_claims(claims: list[Claim], execution: Execution, parent: Path, progress: bool | None = None,
+               dataset: Dataset | None = None) -> list[dict[str, dict[str, Any]]]:
+    """Execute the unfinished jobs of every claim at once (``parent``: where a scheduler keeps
+    its files), then gather each claim's results (and summary.json with ``runs: R > 1``).
+    ``dataset``: the claims' data when read already (the in-process runs share it)."""
+    jobs = [dataclasses.replace(job, label=f"{claim.out.name}: {job.label}") if len(claims) > 1 else job
+            for claim in claims for job in claim.jobs]  # several claims (a tune's points): labels that tell them apart
+    todo = [j for j in jobs if not (j.resume and finished(j))]  # a resumed parent: the unfinished runs
+    if len(todo) < len(jobs):
+        log(f"[jobs] {len(jobs) - len(todo)} of {len(jobs)} runs finished already; running the other {len(todo)}")
+    if todo:
+        failures = execution.build(claims[0].config, dataset, progress, parent).execute(todo)
+        if failures:
+            raise JobsFailed(failures)
+    out = []
+    for claim in claims:
+        results = {job.label: read_results(RunLayout(job.run_dir).results) for job in claim.jobs}
+        if claim.config.runs > 1:
+            write_summary(claim.config, claim.out, results)
+        out.append(results)
+    return out
 
 
 def repeat_dirs(config: RunConfig, out_dir: str | os.PathLike) -> list[Path]:
     """The run directories of ``runs: R``: ``<out>/run_<k>`` for one method, else
     ``<out>/<method>/run_<k>``."""
-    out = Path(out_dir)
-    bases = [out] if isinstance(config.method, str) else [out / m for m in config.methods]
-    return [base / f"run_{k}" for base in bases for k in range(config.runs)]
+    return [job.run_dir for job in plan(config, Path(out_dir))]
 
 
 SUMMARY_KEYS = ("mean_incremental_top1", "mean_incremental_top1_excl_first",
@@ -91,32 +126,17 @@ def _mean_std(values: list[float | None]) -> dict[str, Any]:
             "values": values}
 
 
-def repeat_runs(
-    config: RunConfig, out: Path, resume: bool = False, progress: bool | None = None, dataset: Dataset | None = None
-) -> dict[str, dict[str, Any]]:
-    """Each method ``runs`` times with seeds ``seed, seed+1, ...`` (into :func:`repeat_dirs`),
-    then ``<out>/summary.json``: per method, mean and std (population std, numpy's default, as
-    the active-IL code reports it; ``sample_std``: ddof=1, as the report's tables) over the runs
-    of the mean incremental top-1 and balanced top-1, with and without state 0. Returns ``{"<method>/run_<k>": results}``."""
-    io.make_dir(out)
-    if not resume:
-        io.write_yaml(RunLayout(out).config, config.to_dict())
-    dataset = dataset if dataset is not None else load_dataset(config.data)
-    dirs = iter(repeat_dirs(config, out))
-    results: dict[str, dict[str, Any]] = {}
+def write_summary(config: RunConfig, out: Path, results: dict[str, dict[str, Any]]) -> None:
+    """``<out>/summary.json`` of ``runs: R`` seeds ``seed, seed+1, ...``: per method, mean and
+    std (population std, numpy's default, as the active-IL code reports it; ``sample_std``:
+    ddof=1, as the report's tables) over the runs of the mean incremental top-1 and balanced
+    top-1, with and without state 0."""
     summary: dict[str, Any] = {"runs": config.runs, "seeds": [config.seed + k for k in range(config.runs)], "methods": {}}
     for name in config.methods:
-        runs = []
-        for k in range(config.runs):
-            data = config.for_method(name).to_dict() | {"seed": config.seed + k, "runs": 1}
-            d = next(dirs)
-            r = Run(RunConfig.model_validate(data), d, progress, dataset).execute(resume=resume and d.exists())
-            results[f"{name}/run_{k}"] = r
-            runs.append(r)
+        runs = [results[f"{name}/run_{k}"] for k in range(config.runs)]
         summary["methods"][name] = {key: _mean_std([r.get(key) for r in runs]) for key in SUMMARY_KEYS}
         m = summary["methods"][name]["mean_incremental_top1_excl_first"]
         if m["sample_std"] is not None:
             log(f"[{name}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} ± "
                 f"{m['sample_std']:.2f} (sample std)")
     io.write_json(RunLayout(out).summary, summary)
-    return results

@@ -43,10 +43,34 @@ def free_cores() -> int:
     return max(1, cores // distributed.local_world_size())
 
 
+THREADS_FROM_NULL = "CILKIT_THREADS_FROM_NULL"
+# ^ set by with_resolved_threads to the cores free at the start when the config said threads:
+#   null (an environment variable: the jobs a run spawns inherit it), so that the setup line can
+#   say where its count came from although config.yaml records the number
+
+
 def with_resolved_threads(config: RunConfig) -> RunConfig:
     """``threads: null`` resolved to the cores free to this process, so that config.yaml
-    records the count the numbers depend on and a resume uses the same."""
-    return config if config.threads is not None else config.model_copy(update={"threads": free_cores()})
+    records the count the numbers depend on and a resume uses the same. Records which it was
+    for :func:`threads_source`."""
+    if config.threads is not None:
+        os.environ.pop(THREADS_FROM_NULL, None)
+        return config
+    cores = free_cores()
+    os.environ[THREADS_FROM_NULL] = str(cores)
+    return config.model_copy(update={"threads": cores})
+
+
+def threads_source(threads: int | None) -> str:
+    """Where a run's thread count comes from, for its setup line: ``from config``, or the
+    cores free at the start (all of them, or a job's share) when the config said ``threads: null``."""
+    recorded = os.environ.get(THREADS_FROM_NULL, "")
+    if threads is not None and not recorded.isdigit():
+        return "from config"
+    cores = int(recorded) if recorded.isdigit() else free_cores()
+    used = threads if threads is not None else cores
+    free = f"{cores} core{'s' if cores != 1 else ''} free at the start"
+    return f"threads: null: the {free}" if used == cores else f"threads: null: a share of the {free}"
 
 
 def normalisation(dataset: Dataset, scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +171,10 @@ def check_protocol(config: RunConfig, dataset: Dataset | None = None) -> Dataset
     run directory is created or touched. Returns the dataset."""
     if config.log.tensorboard:
         tensorboard.require()
+    if config.log.wandb:
+        from cilkit.run import wandb_log
+
+        wandb_log.require()
     resolve_device(config.device)
     dataset = dataset if dataset is not None else load_dataset(config.data)
     build_scenario(config, dataset)

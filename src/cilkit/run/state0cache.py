@@ -24,15 +24,23 @@ renamed or copied file is a miss with one warning). A cache hit and a cold run t
 same numbers (the run's later random draws have their own generators: see :mod:`cilkit.seeding`).
 An unreadable entry (truncated, garbage, foreign) is a miss with one warning naming the file;
 an unwritable cache directory is a warning: the cache never ends a run.
+
+Runs in parallel (``--jobs``, cluster jobs on a shared file system) that need the same entry
+take turns (:func:`entry_lock`, an ``flock`` on ``<entry>.lock``): the first trains state 0 and
+writes the entry, the others wait for it, then load it, so it is never trained twice at once
+and never read half-written (entries are also written atomically).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -161,6 +169,33 @@ def cache_file(root: str | os.PathLike, dataset_name: str, key: dict[str, Any]) 
     text = json.dumps({**key, "cilkit": cilkit.__version__, "torch": torch.__version__}, sort_keys=True, default=str)
     name = f"{dataset_name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.pt"
     return CacheEntry(Path(os.path.expanduser(root)) / name, text)
+
+
+@contextlib.contextmanager
+def entry_lock(cache: CacheEntry | None, warn: Callable[[str], None]) -> Iterator[None]:
+    """Hold the entry's lock (``<entry>.lock`` beside it) for the block: the state-0 training
+    or loading of a run that another run may be doing at the same time. Waits, with one line,
+    while another run holds it; no lock (and no wait) when the cache directory is not writable."""
+    if cache is None:
+        yield
+        return
+    lock_path = cache.path.with_name(cache.path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError:
+        yield  # store_entry will say the cache is not writable
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warn(f"another run is training the state-0 model of cache entry {cache.path.name}: waiting for it")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def load_entry(cache: CacheEntry, model: torch.nn.Module, warn: Callable[[str], None]) -> dict[str, Any] | None:

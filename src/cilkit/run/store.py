@@ -2,7 +2,8 @@
 
 results.json (its schema: :func:`empty_results`), the checkpoint after every state, the memory,
 scores and class statistics of each state, a method's own records, provenance, and the fan-out
-of the run's records to history.jsonl and TensorBoard. Only rank 0 writes; every rank reads a
+of the run's records to history.jsonl and its trackers (TensorBoard, Weights & Biases: a
+:class:`Tracker` each). Only rank 0 writes; every rank reads a
 checkpoint through rank 0 (:func:`cilkit.distributed.from_main`).
 """
 
@@ -13,7 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from cilkit.engine import EpochRecord
 from cilkit.errors import UserError
 from cilkit.keys import config_differences
 from cilkit.metrics import run_summary
-from cilkit.run import history, provenance, tensorboard
+from cilkit.run import history, provenance, tensorboard, wandb_log
 from cilkit.run.layout import RUN_MARKER, STATE_ENTRIES, RunLayout, clear_run, mark_run, marked_config
 from cilkit.run.readers import RESULTS_VERSION, read_stats
 from cilkit.runlog import log
@@ -53,6 +54,27 @@ def empty_results(config: RunConfig, dataset_name: str, class_names: list[str], 
     }
 
 
+class Tracker(Protocol):
+    """Where a run's history lines go besides history.jsonl, open while the states run."""
+
+    empty: bool  # holds none of the run's lines yet: the finished states are replayed into it
+
+    def epoch(self, line: dict[str, Any], step: int) -> None: ...  # the run's step-th epoch (1, 2, ...)
+
+    def state(self, line: dict[str, Any], matrix: list[list[float | None]]) -> None: ...  # matrix up to it
+
+
+def replay(tracker: Tracker, lines: list[dict[str, Any]], matrix: list[list[float | None]]) -> None:
+    """History ``lines`` (a resumed run's finished states) into ``tracker``."""
+    epochs = 0
+    for line in lines:
+        if line["kind"] == "epoch":
+            epochs += 1
+            tracker.epoch(line, epochs)
+        elif line["kind"] == "state":
+            tracker.state(line, matrix[: line["state"]])
+
+
 @dataclass
 class Restored:
     """What a checkpoint hands back to the run: the state it was written after and its parts."""
@@ -75,31 +97,47 @@ class RunStore:
         self.config = config
         self.results = results
         self.history = history.History(layout.history)
-        self.tensorboard: tensorboard.TensorBoardLog | None = None  # open while the states run
+        self.trackers: list[Tracker] = []  # open while the states run
+        self.epochs = 0  # the run's epochs so far, over every fit
 
     # ----- records as the run goes ---------------------------------------------------------------
     @contextlib.contextmanager
     def recording(self, start: int) -> Iterator[None]:
         """While the states from ``start`` on run: the history keeps the finished states only
-        (an interrupted attempt's later lines go), and with ``log.tensorboard`` fresh event files
-        replay them and stay open."""
+        (an interrupted attempt's later lines go), and the trackers asked for stay open (rank 0):
+        fresh TensorBoard event files (``log.tensorboard``) and the run's wandb run
+        (``log.wandb``), each replaying the finished states unless it holds them already."""
         kept = self.history.keep_states(start - 1)
-        if not self.config.log.tensorboard or not distributed.is_main():
+        self.epochs = sum(line["kind"] == "epoch" for line in kept)
+        if not distributed.is_main():
             yield
             return
-        self.tensorboard = tensorboard.TensorBoardLog(self.layout.tb, fresh=True)
-        try:
-            self.tensorboard.replay(kept, self.results["accuracy_matrix"])
-            yield
-        finally:
-            self.tensorboard.close()
-            self.tensorboard = None
+        with contextlib.ExitStack() as stack:
+            self.trackers = self._open_trackers(stack)
+            for tracker in self.trackers:
+                if tracker.empty:
+                    replay(tracker, kept, self.results["accuracy_matrix"])
+            try:
+                yield
+            finally:
+                self.trackers = []
+
+    def _open_trackers(self, stack: contextlib.ExitStack) -> list[Tracker]:
+        """The trackers the config asks for, each closed by ``stack``."""
+        trackers: list[Tracker] = []
+        if self.config.log.tensorboard:
+            trackers.append(stack.enter_context(contextlib.closing(
+                tensorboard.TensorBoardLog(self.layout.tb, fresh=True))))
+        if self.config.log.wandb:
+            trackers.append(stack.enter_context(wandb_log.WandbLog(self.layout.root, self.config, self.results)))
+        return trackers
 
     def record_epoch(self, state: int, round: int, record: EpochRecord) -> None:
         line = history.epoch_line(state, round, record)
         self.history.append(line)
-        if self.tensorboard is not None:
-            self.tensorboard.epoch(line)
+        self.epochs += 1
+        for tracker in self.trackers:
+            tracker.epoch(line, self.epochs)
 
     def record_state(self, entry: dict[str, Any], compiled: str) -> None:
         """A finished state into the results (and their summary), then a history line, written
@@ -115,8 +153,8 @@ class RunStore:
             r["provenance"]["compile"] = compiled
         line = history.state_line(entry["state"], entry)
         self.history.append(line)
-        if self.tensorboard is not None:
-            self.tensorboard.state(line, r["accuracy_matrix"])
+        for tracker in self.trackers:
+            tracker.state(line, r["accuracy_matrix"])
 
     # ----- per-state files -----------------------------------------------------------------------
     def write_scores(self, b: int, arrays: dict[str, np.ndarray]) -> None:

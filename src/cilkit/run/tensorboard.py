@@ -1,7 +1,8 @@
 """TensorBoard event files of a run (``log.tensorboard: true``), under ``<run>/tb/``.
 
 Written from the lines of the run's history (:mod:`cilkit.run.history`), so that a resumed run
-rebuilds exactly the events of an uninterrupted one (:meth:`TensorBoardLog.replay`):
+rebuilds exactly the events of an uninterrupted one (fresh files, into which
+:func:`cilkit.run.store.replay` writes the finished states' lines again):
 
 - per epoch, against a global epoch counter (1, 2, ... over every fit of the run):
   ``train/loss``, ``train/lr``;
@@ -44,7 +45,8 @@ class TensorBoardLog:
     """A ``SummaryWriter`` on ``log_dir``, fed with history lines."""
 
     def __init__(self, log_dir: str | os.PathLike, fresh: bool = False) -> None:
-        """``fresh``: remove earlier event files first (before a :meth:`replay`)."""
+        """``fresh``: remove earlier event files first (then the run's finished states are
+        replayed into it: :attr:`empty`)."""
         require()
         from torch.utils.tensorboard import SummaryWriter
 
@@ -52,13 +54,12 @@ class TensorBoardLog:
         if fresh and log_dir.is_dir():
             shutil.rmtree(log_dir)
         self.writer = SummaryWriter(log_dir=str(log_dir))
-        self.epochs = 0  # the global epoch counter
+        self.empty = fresh  # holds none of the run's lines yet
 
-    def epoch(self, line: dict[str, Any]) -> None:
-        """One epoch line of the history."""
-        self.epochs += 1
-        self.writer.add_scalar("train/loss", line["loss"], self.epochs)
-        self.writer.add_scalar("train/lr", line["lr"], self.epochs)
+    def epoch(self, line: dict[str, Any], step: int) -> None:
+        """One epoch line of the history, the ``step``-th epoch of the run (1, 2, ...)."""
+        self.writer.add_scalar("train/loss", line["loss"], step)
+        self.writer.add_scalar("train/lr", line["lr"], step)
 
     def state(self, line: dict[str, Any], matrix: list[list[float | None]]) -> None:
         """One state line of the history and the accuracy matrix up to that state; flushed."""
@@ -69,14 +70,6 @@ class TensorBoardLog:
         image = plots.rgb_array(plots.plot_accuracy_matrix(matrix))
         self.writer.add_image("state/accuracy_matrix", image, step, dataformats="HWC")
         self.writer.flush()
-
-    def replay(self, lines: list[dict[str, Any]], matrix: list[list[float | None]]) -> None:
-        """The events of history ``lines`` (a resumed run's finished states)."""
-        for line in lines:
-            if line["kind"] == "epoch":
-                self.epoch(line)
-            elif line["kind"] == "state":
-                self.state(line, matrix[: line["state"]])
 
     def close(self) -> None:
         self.writer.close()

@@ -20,9 +20,11 @@ another config is refused.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +38,25 @@ from cilkit.run.layout import RunLayout, enclosing_run, holds_run, is_run_dir
 from cilkit.run.readers import read_results
 from cilkit.runlog import log
 from cilkit.keys import config_differences
-from cilkit.run.multirun import repeat_dirs, run_methods
+from cilkit.metrics import mean_incremental
+from cilkit.run.execution import Execution
+from cilkit.run.multirun import claimed_runs, run_claims
 from cilkit.run.setup import check_protocol
 from cilkit.analysis.significance import mean_std
 
 Point = list[tuple[str, str]]
-METRIC = "mean incremental validation top-1 (excl. state 1), mean over seeds"
+METRICS = {"top1": "mean incremental validation top-1 (excl. state 1), mean over seeds",
+           "balanced_top1": "mean incremental validation balanced top-1 (excl. state 1), mean over seeds"}
+METRIC = METRICS["top1"]
 TUNE_MARKER = ".cilkit-tune"  # written first into a tune's --out: the config file and grid it tunes
 _TUNE_FILES = frozenset({TUNE_MARKER, "ranking.json", "ranking.md"})
 
 
-def parse_grid(items: list[str]) -> dict[str, list[str]]:
+def parse_grid(items: list[str] | None, required: bool = True) -> dict[str, list[str]]:
     """``["train.lr=0.1,0.01", "lucir.lambda_base=1,2,5"]`` -> ``{key: [values]}``; values stay
     YAML text for ``--set``; commas inside brackets do not split (``m=[30,60],[40,80]``)."""
     grid: dict[str, list[str]] = {}
-    for item in items:
+    for item in items or []:
         key, sep, values = item.partition("=")
         key = key.strip()
         if not sep or not key or not values.strip():
@@ -58,7 +64,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         if key in grid:
             raise UserError(f"--grid: '{key}' is given twice")
         grid[key] = [v.strip() for v in re.split(r",(?![^\[\]]*\])", values) if v.strip()]
-    if not grid:
+    if not grid and required:
         raise UserError("cilkit tune: give at least one --grid KEY=V1,V2,...")
     return grid
 
@@ -68,9 +74,15 @@ def grid_points(grid: dict[str, list[str]]) -> list[Point]:
     return [list(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def point_config(config_path: str | None, overrides: list[str], point: Point) -> RunConfig:
-    """The config of one grid point; it must run one method with a validation hold-out."""
-    config = load_config(config_path, overrides + [f"{k}={v}" for k, v in point])
+def point_config(config_path: str | None, overrides: list[str], point: Point,
+                 plugins: list[str] | None = None) -> RunConfig:
+    """The config of one grid point; it must run one method with a validation hold-out and
+    train (``train.epochs`` 0 would rank untrained models: chance-level ties)."""
+    config = load_config(config_path, overrides + [f"{k}={v}" for k, v in point], plugins)
+    if config.train.epochs < 1 or config.train.epochs_of(0) < 1:
+        key = "train.epochs" if config.train.epochs < 1 else "train.epochs_first"
+        raise UserError(f"cilkit tune: config key '{key}' must be >= 1: a point that trains nothing ranks a "
+                        "model at chance")
     if not isinstance(config.method, str):
         raise UserError("cilkit tune: the config must name one method (tune each method on its own)")
     if config.scenario.val_per_class < 1:
@@ -79,11 +91,23 @@ def point_config(config_path: str | None, overrides: list[str], point: Point) ->
     return config
 
 
-def validation_score(results: dict[str, Any]) -> float | None:
-    """Mean incremental validation top-1, without the first state when there are several."""
-    key = "mean_incremental_val_top1_excl_first" if len(results["states"]) > 1 else "mean_incremental_val_top1"
-    value = results.get(key)
-    return None if value is None else float(value)
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise UserError(f"--metric '{metric}': expected one of {', '.join(METRICS)}")
+
+
+def validation_score(results: dict[str, Any], metric: str = "top1") -> float | None:
+    """Mean incremental validation top-1 (``metric`` top1) or balanced top-1 (balanced_top1:
+    the mean over classes of each class's accuracy, so a minority class counts as much as a
+    majority one), without the first state when there are several."""
+    if metric == "top1":
+        key = "mean_incremental_val_top1_excl_first" if len(results["states"]) > 1 else "mean_incremental_val_top1"
+        value = results.get(key)
+        return None if value is None else float(value)
+    values = [s.get("val_balanced_top1") for s in results["states"]]
+    if not values or any(v is None for v in values):
+        return None
+    return mean_incremental([float(v) for v in values], skip_first=len(values) > 1)
 
 
 def check_reused(config: RunConfig, run_dir: Path) -> None:
@@ -102,23 +126,24 @@ def check_reused(config: RunConfig, run_dir: Path) -> None:
                         "remove it or tune into another --out")
 
 
-def _finished(run_dir: Path) -> bool:
-    results = RunLayout(run_dir).results
-    return results.is_file() and bool(read_results(results).get("complete"))
-
-
-def run_point(config: RunConfig, run_dir: Path, dataset: Dataset | None = None) -> list[dict[str, Any]]:
-    """The results of every seed of one grid point: a finished point of the same config is
-    read back, an interrupted one resumed, one of another config refused (:func:`check_reused`).
-    ``dataset``: the point's data, already loaded (else read here)."""
-    dirs = [run_dir] if config.runs == 1 else repeat_dirs(config, run_dir)
-    if not RunLayout(run_dir).config.is_file():
-        run_methods(config, run_dir, dataset=dataset)
-    else:
-        check_reused(config, run_dir)
-        if not all(_finished(d) for d in dirs):
-            run_methods(config, run_dir, resume=True, dataset=dataset)
-    return [read_results(RunLayout(d).results) for d in dirs]
+def run_points(configs: list[RunConfig], dirs: list[Path], execution: Execution, parent: Path,
+               datasets: Sequence[Dataset | None] | None = None) -> list[list[dict[str, Any]]]:
+    """The results of every seed of every point: all their runs are the jobs of one plan
+    (``--jobs N`` runs N of them at once). A point directory of the same config is reused: a
+    finished run read back, an interrupted one resumed; one of another config is refused
+    (:func:`check_reused`)."""
+    with contextlib.ExitStack() as stack:
+        claims = []
+        for config, run_dir in zip(configs, dirs):
+            resume = RunLayout(run_dir).config.is_file()
+            if resume:
+                check_reused(config, run_dir)
+            else:
+                config = execution.resolve_threads(config)
+            claims.append(stack.enter_context(claimed_runs(config, run_dir, resume)))
+        dataset = datasets[0] if datasets and len({id(d) for d in datasets}) == 1 else None
+        gathered = run_claims(claims, execution, parent, dataset=dataset)
+    return [list(results.values()) for results in gathered]
 
 
 def point_datasets(configs: list[RunConfig]) -> list[Dataset]:
@@ -167,7 +192,7 @@ def _recorded_tune(out: Path) -> dict[str, Any] | None:
             config = data["config"]
             if name != TUNE_MARKER and config != "quickstart":
                 config = str(Path(config).resolve())
-            return {"config": config, "grid": data["grid"]}
+            return {"config": config, "grid": data["grid"], **{k: data[k] for k in ("search", "ranges") if k in data}}
     return None
 
 
@@ -208,54 +233,79 @@ def check_tune_target(out: Path, identity: dict[str, Any], point_dirs: list[str]
                         "tune into another --out")
 
 
-def tune(config_path: str | None, grid_items: list[str], overrides: list[str], out: Path) -> dict[str, Any]:
-    """Run every grid point into ``out/<k>-<values>``, rank by validation score, write the
+def point_row(values: dict[str, Any], config: RunConfig, runs: list[dict[str, Any]], run_dir: Path,
+              metric: str) -> dict[str, Any]:
+    """A point's line of the ranking: its validation score over its seeds."""
+    scores = [validation_score(r, metric) for r in runs]
+    known = [s for s in scores if s is not None]
+    mean, std = mean_std(known) if known else (None, None)
+    return {"values": values, "val_score_mean": mean, "val_score_std": std,
+            "seeds": [config.seed + i for i in range(len(runs))], "val_scores": scores, "dir": str(run_dir)}
+
+
+def tune(config_path: str | None, grid_items: list[str], overrides: list[str], out: Path,
+         execution: Execution | None = None, plugins: list[str] | None = None,
+         metric: str = "top1") -> dict[str, Any]:
+    """Run every grid point into ``out/<k>-<values>`` (``execution``: where; all points' runs
+    are one plan), rank by validation score (``metric``: top1 or balanced_top1), write the
     ranking; returns the ranking record (also ``out/ranking.json``)."""
+    execution = execution or Execution()
+    execution.check()
+    check_metric(metric)
     grid = parse_grid(grid_items)
     points = grid_points(grid)
-    configs = [point_config(config_path, overrides, p) for p in points]  # every point checked first
+    configs = [point_config(config_path, overrides, p, plugins) for p in points]  # every point checked first
     identity, names = tune_identity(config_path, grid), [point_name(k, p) for k, p in enumerate(points)]
     check_tune_target(out, identity, names)
     datasets = point_datasets(configs)
     io.write_json(out / TUNE_MARKER, identity)  # first: the directory is this tune's from now on
-    rows: list[dict[str, Any]] = []
-    for k, (point, config, dataset) in enumerate(zip(points, configs, datasets)):
-        run_dir = out / names[k]
-        log(f"[tune] point {k + 1}/{len(points)}: {' '.join(f'{key}={v}' for key, v in point)}")
-        runs = run_point(config, run_dir, dataset)
-        scores = [validation_score(r) for r in runs]
-        known = [s for s in scores if s is not None]
-        mean, std = mean_std(known) if known else (None, None)
-        rows.append({
-            "values": dict(point),
-            "val_score_mean": mean,
-            "val_score_std": std,
-            "seeds": [config.seed + i for i in range(len(runs))],
-            "val_scores": scores,
-            "dir": str(run_dir),
-        })
+    log(f"[tune] {len(points)} points: " + "; ".join(" ".join(f"{key}={v}" for key, v in p) for p in points))
+    batch = run_points(configs, [out / n for n in names], execution, out, datasets)
+    rows = [point_row(dict(point), config, runs, out / name, metric)
+            for point, config, runs, name in zip(points, configs, batch, names)]
+    return write_ranking(out, rows, {"config": config_path or "quickstart", "overrides": overrides, "grid": grid},
+                         metric, "grid point")
+
+
+def write_ranking(out: Path, rows: list[dict[str, Any]], what: dict[str, Any], metric: str,
+                  unit: str) -> dict[str, Any]:
+    """Rank ``rows`` (best validation score first, unscored last), say whether the winner is a
+    tie (:func:`verdict`), write ranking.json and ranking.md; the record."""
     if all(r["val_score_mean"] is None for r in rows):
-        raise UserError(f"cilkit tune: no grid point has a score ({METRIC}): its runs under '{out}' recorded "
+        raise UserError(f"cilkit tune: no {unit} has a score ({METRICS[metric]}): its runs under '{out}' recorded "
                         "no validation top-1")
     ranking = sorted(rows, key=_ranked)
     best = ranking[0]
     record = {
-        "config": config_path or "quickstart",
-        "overrides": overrides,
-        "grid": grid,
-        "metric": METRIC,
+        **what,
+        "metric": METRICS[metric],
         "ranking": ranking,
         "chosen": best["values"],
         "set_line": " ".join(f"--set {k}={v}" for k, v in best["values"].items()),
+        "verdict": verdict(ranking),
     }
     io.write_json(out / "ranking.json", record)
-    io.write_text(out / "ranking.md", ranking_table(ranking) + "\n")
+    io.write_text(out / "ranking.md", ranking_table(ranking, METRICS[metric]) + "\n")
     return record
 
 
-def ranking_table(ranking: list[dict[str, Any]]) -> str:
+def verdict(ranking: list[dict[str, Any]]) -> str:
+    """``chosen`` when the best point is ahead of the runner-up by more than their seed noise
+    (the larger of their sample stds over seeds; with one seed, any difference), else ``tie``:
+    the validation score cannot tell them apart, and the first is only shown first."""
+    scored = [r for r in ranking if r["val_score_mean"] is not None]
+    if len(scored) < 2:
+        return "chosen"
+    a, b = scored[0], scored[1]
+    noise = max(a["val_score_std"] or 0.0, b["val_score_std"] or 0.0)
+    return "tie" if a["val_score_mean"] - b["val_score_mean"] <= noise + 1e-9 else "chosen"
+
+
+def ranking_table(ranking: list[dict[str, Any]], metric: str = METRICS["top1"]) -> str:
+    """The ranking as markdown; ``metric``: the recorded description of the score ranked."""
     keys = list(ranking[0]["values"])
-    lines = ["| rank | " + " | ".join(keys) + " | val. top-1 (mean inc., excl. 1st) | runs |",
+    score_name = "val. balanced top-1" if "balanced" in metric else "val. top-1"
+    lines = ["| rank | " + " | ".join(keys) + f" | {score_name} (mean inc., excl. 1st) | runs |",
              "|---|" + "---|" * (len(keys) + 2)]
     for i, r in enumerate(ranking, 1):
         score = "-" if r["val_score_mean"] is None else f"{r['val_score_mean']:.2f}"

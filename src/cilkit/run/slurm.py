@@ -1,0 +1,133 @@
+"""``--executor slurm``: every run of a plan as one SLURM job (a job array) through submitit,
+the scheduler interface Meta's research clusters use; the optional extra ``cilkit[slurm]``.
+
+Each job runs :func:`cilkit.run.jobs.run_job` on a node that sees the same file system (the run
+directories, the Python environment, the data, the state-0 cache). It asks for
+``--slurm-cpus-per-job`` CPUs (the run's ``threads`` when unset), ``--slurm-gpus-per-job``
+GPUs, ``--slurm-mem-gb`` and ``--slurm-time`` minutes. A job that SLURM preempts or that
+reaches its time limit is requeued by submitit (:class:`SlurmRun` is checkpointable) and
+continues from its last finished state, as ``--resume`` does. submitit's own files (the
+pickled job, its stdout/stderr) go to ``<parent>/slurm/``. This process waits for the jobs,
+prints their status lines from their run directories, and gathers them into the parent
+directory as a local run does, so ``cilkit compare`` reads it; interrupted, it cancels the jobs
+it submitted (``cilkit run --resume <parent> --executor slurm`` submits the unfinished ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from cilkit.errors import UserError, described
+from cilkit.run.execution import SlurmOptions
+from cilkit.run.jobs import RunJob, StatusBoard, run_job, status_every
+from cilkit.run.layout import RunLayout
+
+try:
+    import submitit
+except ImportError:  # pragma: no cover - the extra is not installed
+    submitit = None  # type: ignore[assignment]
+
+
+def require() -> None:
+    """One line when the extra is missing."""
+    if submitit is None:
+        raise UserError("--executor slurm needs submitit: pip install 'cilkit[slurm]' (or pip install submitit)")
+
+
+class SlurmRun:
+    """The callable a SLURM job runs: one run of the plan. Checkpointable: on preemption or
+    timeout submitit requeues it with the same job, which then continues the run directory."""
+
+    def __call__(self, job: RunJob) -> str:
+        resumable = job.resume or RunLayout(job.run_dir).config.is_file()  # a requeued attempt continues
+        run_job(dataclasses.replace(job, resume=resumable), progress=False)
+        return str(job.run_dir)
+
+    def checkpoint(self, job: RunJob) -> Any:
+        """submitit's preemption hook: resubmit the same job (it resumes from its checkpoint)."""
+        return submitit.helpers.DelayedSubmission(SlurmRun(), job)
+
+
+def submitit_parameters(options: SlurmOptions, jobs: int) -> dict[str, Any]:
+    """The executor's parameters: what every job asks for, and at most ``jobs`` at once."""
+    params: dict[str, Any] = {
+        "name": "cilkit",
+        "cpus_per_task": options.cpus_per_job,
+        "timeout_min": options.time_min,
+        "slurm_array_parallelism": jobs,
+    }
+    if options.partition:
+        params["slurm_partition"] = options.partition
+    if options.gpus_per_job:
+        params["gpus_per_node"] = options.gpus_per_job
+    if options.mem_gb is not None:
+        params["mem_gb"] = options.mem_gb
+    params.update({f"slurm_{k}": v for k, v in options.extra.items()})
+    return params
+
+
+@dataclasses.dataclass
+class SlurmExecutor:
+    """Submit the plan's jobs as one array, wait for them, report each as a local job is."""
+
+    jobs: int
+    options: SlurmOptions
+    board: StatusBoard
+    folder: Path  # submitit's files: <parent>/slurm
+
+    def execute(self, jobs: list[RunJob]) -> list[tuple[RunJob, str]]:
+        require()
+        if not jobs:
+            return []
+        executor = submitit.AutoExecutor(folder=str(self.folder), cluster="slurm")
+        try:
+            executor.update_parameters(**submitit_parameters(self.options, self.jobs))
+        except ValueError as e:  # an unknown --slurm-option
+            raise UserError(f"--slurm-option: {e}") from None
+        try:
+            submitted = executor.map_array(SlurmRun(), jobs)
+        except Exception as e:  # sbatch refused (no such partition, no scheduler here, ...)
+            raise UserError(f"--executor slurm: submitting the jobs failed: {described(e, 300)}") from None
+        for job, handle in zip(jobs, submitted):
+            self.board.start(job, f"SLURM job {handle.job_id}")
+        try:
+            return self._wait(list(zip(jobs, submitted)))
+        except BaseException:  # interrupted: cancel what was submitted (their finished states stay)
+            for _, handle in zip(jobs, submitted):
+                if not handle.done():
+                    handle.cancel(check=False)
+            raise
+
+    def _wait(self, pairs: list[tuple[RunJob, Any]]) -> list[tuple[RunJob, str]]:
+        failures: list[tuple[RunJob, str]] = []
+        waiting = list(pairs)
+        while waiting:
+            for job, handle in list(waiting):
+                if not handle.done():
+                    continue
+                waiting.remove((job, handle))
+                error = _job_error(handle)
+                if error is None:
+                    self.board.end(job)
+                else:
+                    failures.append((job, error))
+                    self.board.fail(job, error)
+            self.board.tick([j for j, _ in waiting])
+            if waiting:
+                time.sleep(min(status_every(), 2.0))
+        return failures
+
+
+def _job_error(handle: Any) -> str | None:
+    """None when the job returned; else the last line of its failure (the run's own message)."""
+    try:
+        error = handle.exception()
+    except Exception as e:  # the job vanished (cancelled, node lost): submitit cannot tell why
+        return described(e, 300)
+    if error is None:
+        return None
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
