@@ -183,3 +183,21 @@ def test_compare_out_refuses_an_existing_directory_that_is_not_a_compare_output(
     line = one_error_line(capsys)
     assert f"'{mine}'" in line and "not a cilkit compare output" in line
     assert [p.name for p in mine.iterdir()] == ["paper.tex"]
+
+
+def test_the_protocol_header_names_the_imbalance_profile():
+    """Issue 26 item 1: kind, ratio, images per class and whether the test set has it."""
+    from types import SimpleNamespace
+
+    from cilkit.analysis.report import describe_protocol
+
+    record = {"profile": "longtail", "ratio": 10.0, "apply_to_test": True,
+              "train_per_class": [500, 300, 120, 50], "test_per_class": [100, 60, 24, 10]}
+    results = {"dataset": "imagefolder", "num_states": 2, "state_ends": [2, 4], "imbalance": record}
+    text = describe_protocol(SimpleNamespace(results=results, groups=[], config=None))
+    assert "Imbalance: longtail, ratio 10.0; 500 to 50 training images per class; applied to the test set too." in text
+    balanced_test = describe_protocol(SimpleNamespace(results=results | {"imbalance": record | {"apply_to_test": False}},
+                                                      groups=[], config=None))
+    assert "the test set balanced" in balanced_test
+    none = describe_protocol(SimpleNamespace(results=results | {"imbalance": {"profile": "none"}}, groups=[], config=None))
+    assert "Imbalance" not in none

@@ -79,8 +79,24 @@ def _settings(config: Mapping[str, Any] | None) -> str:
         return ""
 
 
+def describe_imbalance(record: Mapping[str, Any] | None) -> str:
+    """The imbalance profile of results.json's ``imbalance`` record, for a protocol header:
+    kind, ratio (or counts), the range of training images per class, whether the test set has
+    it too; empty for a balanced stream (and for results without the record)."""
+    if not record or record.get("profile", "none") == "none":
+        return ""
+    kind = record["profile"]
+    shape = {"longtail": f", ratio {record.get('ratio')}",
+             "step": f", ratio {record.get('ratio')}, minority fraction {record.get('minority_fraction')}"}.get(kind, "")
+    train = [n for n in record.get("train_per_class") or [] if n is not None]
+    counts = f"; {max(train)} to {min(train)} training images per class" if train else ""
+    test = "applied to the test set too" if record.get("apply_to_test") else "the test set balanced"
+    return f" Imbalance: {kind}{shape}{counts}; {test}."
+
+
 def describe_protocol(p: Protocol) -> str:
-    """What every run of the protocol shares (dataset, states, settings), and its seeds."""
+    """What every run of the protocol shares (dataset, states, settings, imbalance profile),
+    and its seeds."""
     r = p.results
     seeds = sorted({s for g in p.groups for s in g.seeds if s is not None})
     settings = _settings(p.config)
@@ -88,7 +104,8 @@ def describe_protocol(p: Protocol) -> str:
     tail = (f"{settings}; {seed_text}." if settings and seed_text else f"{settings}." if settings
             else f" {seed_text[0].upper()}{seed_text[1:]}." if seed_text else "")
     return (f"Dataset: {r.get('dataset', '?')}. {r.get('num_states', len(r['state_ends']))} states; "
-            f"classes seen after each state: {', '.join(map(str, r['state_ends']))}." + tail)
+            f"classes seen after each state: {', '.join(map(str, r['state_ends']))}." + tail
+            + describe_imbalance(r.get("imbalance")))
 
 
 def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table]) -> str:
