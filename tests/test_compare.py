@@ -140,13 +140,16 @@ def test_a_single_run_table_is_as_before(runs, tmp_path):
     r = find_runs([run])[0].results
     compare_runs([run], tmp_path / "single", echo=False)
     md = (tmp_path / "single" / "table.md").read_text()
-    assert md.splitlines()[0] == ("| method | 4 cl. | 7 cl. | mean inc. | mean inc. (excl. 1st) | last old | "
+    assert md.splitlines()[0] == ("| method | 4 cl. | 7 cl. | mean inc. | mean inc. (excl. 1st) | bal. last | "
+                                  "bal. mean inc. | bal. mean inc. (excl. 1st) | last old | "
                                   "last new | forgetting | time (s) |")
     assert md.splitlines()[2].startswith(f"| icarl | {r['states'][0]['top1']:.1f} | {r['states'][1]['top1']:.1f} | "
                                          f"{r['mean_incremental_top1']:.2f} |")
     assert "±" not in md and "ddof" not in md
     header = (tmp_path / "single" / "table.csv").read_text().splitlines()[0]
     assert header == ("method,top1_state1,top1_state2,mean_incremental_top1,mean_incremental_top1_excl_first,"
+                      "balanced_top1_state1,balanced_top1_state2,mean_incremental_balanced_top1,"
+                      "mean_incremental_balanced_top1_excl_first,"
                       "last_top1_old,last_top1_new,average_forgetting,wall_time_s")
 
 

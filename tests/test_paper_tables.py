@@ -14,7 +14,7 @@ import yaml
 from helpers import one_error_line, snapshot, tiny_config
 
 from cilkit.analysis.report import COMPARE_MARKER, compare_runs, default_out
-from cilkit.analysis.tables import latex_escape
+from cilkit.analysis.latex import latex_escape
 from cilkit.cli import main
 from cilkit.run.loop import Run
 

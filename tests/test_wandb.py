@@ -61,7 +61,13 @@ def records(path):
 
 
 def offline_runs(root):
-    """``[(directory, records)]`` of every offline wandb run under ``<root>/wandb``, oldest first."""
+    """``[(directory, records)]`` of every offline wandb run under ``<root>/wandb``, oldest first.
+    wandb's service process may still hold a finished run's records in its write buffer (a
+    killed attempt's file was once read back holding no record yet): ``wandb.teardown()`` first, as
+    at the end of a process, so that every file is complete."""
+    import wandb
+
+    wandb.teardown()
     dirs = sorted((root / "wandb").glob("offline-run-*"))
     return [(d, records(next(d.glob("run-*.wandb")))) for d in dirs]
 

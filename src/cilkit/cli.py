@@ -15,6 +15,7 @@ from cilkit.describe import describe, overview, version_line
 from cilkit.errors import UserError
 from cilkit.plugins import import_plugins, plugin_list
 from cilkit.analysis.report import compare_runs
+from cilkit.analysis.tables import PAIRED_METRICS
 from cilkit.run.layout import RunLayout, check_target, fresh_directory, is_run_dir
 from cilkit.runlog import log
 from cilkit.run.execution import Execution, SlurmOptions
@@ -70,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     # prints the comparison table; writes run_dir/report (plots, report.html); runs: R > 1 -> every run
     report = compare_runs([run_dir] if config.runs == 1 else repeat_dirs(config, run_dir), RunLayout(run_dir).report,
-                          baseline=args.baseline)
+                          baseline=args.baseline, metric=args.metric)
     if config.log.tensorboard:  # the report's figures beside the runs' events
         add_report_figures(RunLayout(run_dir).tb / "report", report)
     if config.log.wandb:  # ... and in the wandb run "report" of the runs' protocol group
@@ -188,7 +189,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None, baseline=args.baseline)
+    compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None, baseline=args.baseline,
+                 metric=args.metric, y_range=args.y_range)
     return 0
 
 
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
     r.add_argument("--baseline", metavar="METHOD", help="also compare every other method with this one, "
                    "paired by seed (with runs: R > 1)")
+    r.add_argument("--metric", default="top1", choices=PAIRED_METRICS, help="the figure --baseline pairs: "
+                   "the mean incremental top-1 (default) or balanced top-1, excluding state 1")
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
     r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
                    help="import a .py file or module of your own methods, backbones or datasets first (repeatable)")
@@ -236,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with one DIR, DIR/report)")
     k.add_argument("--baseline", metavar="METHOD", help="paired difference of every other method from this "
                    "one over their shared seeds, with a 95%% confidence interval (paired.csv)")
+    k.add_argument("--metric", default="top1", choices=PAIRED_METRICS, help="the figure --baseline pairs: "
+                   "the mean incremental top-1 (default) or balanced top-1 (mean per-class accuracy), excl. state 1")
+    k.add_argument("--y-range", default="fit", choices=["fit", "full"], help="accuracy axes of the figures: "
+                   "fitted to the data (default) or 0-100")
     k.set_defaults(func=cmd_compare)
     i = sub.add_parser("info", help="list datasets, methods, backbones and selection strategies")
     i.add_argument("name", nargs="?", help="a method, dataset or backbone to describe")

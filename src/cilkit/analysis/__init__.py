@@ -1,5 +1,5 @@
 """Analysis of finished runs, without their models: the runs a comparison reads and how they
-group (``runsets``), tables and the HTML report (``report``), figures (``plots``), statistics
+group (``runsets``), tables (``tables``; LaTeX: ``latex``) and the HTML report (``report``), figures (``plots``), statistics
 over seeds and paired intervals (``significance``), and rectification of stored scores
 (``calibrate``).
 

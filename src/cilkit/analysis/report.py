@@ -35,6 +35,7 @@ from typing import Any
 from cilkit import io
 from cilkit.errors import UserError
 from cilkit.run.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
+from cilkit.analysis.latex import table_latex
 from cilkit.analysis.plots import figures as make_figures
 from cilkit.analysis.runsets import FoundRun, Protocol, find_runs, group_runs
 from cilkit.analysis.tables import (
@@ -47,7 +48,6 @@ from cilkit.analysis.tables import (
     state_table,
     table_csv,
     table_html,
-    table_latex,
 )
 
 STD_NOTE = ("Rows over several runs: mean ± std over their seeds (std: the sample standard deviation, "
@@ -320,7 +320,7 @@ def _check_fresh(base: Path, runs: Sequence[FoundRun]) -> list[str]:
 
 
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
-                 baseline: str | None = None) -> Path:
+                 baseline: str | None = None, metric: str = "top1", y_range: str = "fit") -> Path:
     """Write table.md, table.csv, table.tex, the figures (PNG) and report.html for the runs in
     ``dirs`` into ``out``, and with a ``baseline`` method paired.csv; print the tables when
     ``echo``. Default ``out``: a single DIR's own DIR/report, else a new :func:`default_out`
@@ -333,21 +333,21 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     out_dir = Path(out) if out is not None else default_out(dirs) if fresh else Path(dirs[0]) / "report"
     previous = _check_fresh(out_dir, runs) if fresh else report_target(out_dir, runs)
     protocols = group_runs(runs)
-    paired = paired_rows(protocols, baseline) if baseline is not None else None
+    paired = paired_rows(protocols, baseline, metric) if baseline is not None else None
     groups = [g for p in protocols for g in p.groups]
     results = {g.label: g.runs[0].results for g in groups}
     repeats = {g.label: [r.results for r in g.runs] for g in groups if g.repeated}
-    figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats)
+    figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats, y_range=y_range)
     tables = [build_table(p.groups) for p in protocols]
     text = comparison_markdown(protocols, tables)
     files: dict[str, str | bytes] = {}
     if paired is not None and baseline is not None:
-        text += "\n\n" + paired_markdown(protocols, paired, baseline)
+        text += "\n\n" + paired_markdown(protocols, paired, baseline, metric)
         files["paired.csv"] = paired_csv(paired)
     files.update({"table.md": text + "\n", "table.csv": table_csv(tables),
-                  "table.tex": table_latex(tables, paired, baseline)})
+                  "table.tex": table_latex(tables, paired, baseline, metric)})
     files.update({name: png for name, _, png in figs})
-    html_paired = paired_html(protocols, paired, baseline) if paired is not None and baseline is not None else ""
+    html_paired = paired_html(protocols, paired, baseline, metric) if paired is not None and baseline is not None else ""
     files["report.html"] = report_html(protocols, tables, figs, html_paired)
     if fresh:
         out_dir = fresh_directory(out_dir)

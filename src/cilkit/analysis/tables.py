@@ -30,6 +30,7 @@ class Column:
     title: str  # Markdown / HTML heading
     key: str  # CSV heading
     digits: int  # decimals shown in Markdown / HTML (the CSV keeps 6)
+    where: str = "all"  # "all", "csv" (CSV only: per-state balanced top-1), "shown" (not in the CSV)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Table:
     rows: list[list[Any]]
     repeated: bool  # some group has several runs: the table has runs and seeds columns
 
+    def shown(self) -> list[int]:
+        """The indices of the columns of the Markdown, HTML and LaTeX tables."""
+        return [i for i, c in enumerate(self.columns) if c.where != "csv"]
+
 
 def _state_count(results: Results) -> int:
     return max((len(r["states"]) for r in results.values()), default=0)
@@ -63,13 +68,20 @@ def _state_titles(results: Results, n: int) -> list[str]:
 
 
 def table_columns(state_titles: Sequence[str], repeated: bool = False) -> list[Column]:
-    """The table's columns: method, (runs and seeds,) top-1 after each state, the summaries."""
+    """The table's columns: method, (runs and seeds,) top-1 after each state and its means, then
+    balanced top-1 (the mean per-class accuracy, which an imbalanced test set tells apart from
+    top-1): after each state (CSV only), its means and after the last state; then old / new top-1
+    after the last state, forgetting and time."""
     return [
         Column("method", "method", 0),
         *([Column("runs", "runs", 0), Column("seeds", "seeds", 0)] if repeated else []),
         *[Column(t, f"top1_state{b + 1}", 1) for b, t in enumerate(state_titles)],
         Column("mean inc.", "mean_incremental_top1", 2),
         Column("mean inc. (excl. 1st)", "mean_incremental_top1_excl_first", 2),
+        *[Column(f"bal. {t}", f"balanced_top1_state{b + 1}", 1, "csv") for b, t in enumerate(state_titles)],
+        Column("bal. last", "last_balanced_top1", 1, "shown"),
+        Column("bal. mean inc.", "mean_incremental_balanced_top1", 2),
+        Column("bal. mean inc. (excl. 1st)", "mean_incremental_balanced_top1_excl_first", 2),
         Column("last old", "last_top1_old", 1),
         Column("last new", "last_top1_new", 1),
         Column("forgetting", "average_forgetting", 1),
@@ -81,26 +93,33 @@ def _padded(values: list[float | None], n: int) -> list[float | None]:
     return values + [None] * (n - len(values))
 
 
-def _variant_row(label: str, variant: str, r: Mapping[str, Any], n: int) -> list[Any]:
-    accs = [s.get("variants", {}).get(variant, {}) for s in r["states"]]
-    tops = [a.get("top1") for a in accs]
-    known = [t for t in tops if t is not None]
-    complete = len(known) == len(tops)
-    return [
-        f"{label} [{variant}]", *_padded(tops, n),
-        mean_incremental(known) if complete else None,
-        mean_incremental(known, skip_first=True) if complete else None,
-        accs[-1].get("top1_old"), accs[-1].get("top1_new"), None, None,
-    ]
+def _means(values: list[float | None]) -> list[float | None]:
+    """The mean incremental value with and without the first state; None unless every state has one."""
+    if not values or any(v is None for v in values):
+        return [None, None]
+    known = [v for v in values if v is not None]
+    return [mean_incremental(known), mean_incremental(known, skip_first=True)]
+
+
+def _score_row(label: str, accs: list[Mapping[str, Any]], n: int, mean_top1: list[float | None],
+               forgetting: float | None, wall: float | None) -> list[Any]:
+    """A row of :func:`table_columns` from a score set's per-state figures ``accs``."""
+    last = accs[-1] if accs else {}
+    balanced = [a.get("balanced_top1") for a in accs]
+    return [label, *_padded([a.get("top1") for a in accs], n), *mean_top1,
+            *_padded(balanced, n), last.get("balanced_top1"), *_means(balanced),
+            last.get("top1_old"), last.get("top1_new"), forgetting, wall]
 
 
 def run_rows(label: str, r: Mapping[str, Any], n: int) -> list[list[Any]]:
     """One run's rows (label, then floats or None): its primary scores, then each score set."""
-    last = r["states"][-1] if r["states"] else {}
-    row = [label, *_padded([s["top1"] for s in r["states"]], n),
-           r.get("mean_incremental_top1"), r.get("mean_incremental_top1_excl_first"),
-           last.get("top1_old"), last.get("top1_new"), r.get("average_forgetting"), r.get("wall_time_s")]
-    return [row] + ([_variant_row(label, v, r, n) for v in variant_names(r)] if r["states"] else [])
+    states = r["states"]
+    rows = [_score_row(label, states, n, [r.get("mean_incremental_top1"), r.get("mean_incremental_top1_excl_first")],
+                       r.get("average_forgetting"), r.get("wall_time_s"))]
+    for v in variant_names(r) if states else []:
+        accs = [s.get("variants", {}).get(v, {}) for s in states]
+        rows.append(_score_row(f"{label} [{v}]", accs, n, _means([a.get("top1") for a in accs]), None, None))
+    return rows
 
 
 def _aggregate(values: Sequence[float | None]) -> Spread | None:
@@ -144,14 +163,19 @@ def build_table(groups: Sequence[RunGroup]) -> Table:
     return Table(table_columns(_state_titles(results, n), repeated), rows, repeated)
 
 
-def _cell(value: Any, digits: int) -> str:
+def cell_text(value: Any, digits: int) -> str:
+    """A cell as the tables show it: ``mean ± std`` for a :class:`Spread`, ``-`` for None."""
     if isinstance(value, Spread):
         return f"{value.mean:.{digits}f} ± {value.std:.{digits}f}"
     return str(value) if isinstance(value, int) and digits == 0 else fmt(value, digits)
 
 
 def _formatted(table: Table) -> list[list[str]]:
-    return [[_cell(v, c.digits) for v, c in zip(row, table.columns)] for row in table.rows]
+    return [[cell_text(row[i], table.columns[i].digits) for i in table.shown()] for row in table.rows]
+
+
+def _titles(table: Table) -> list[str]:
+    return [table.columns[i].title for i in table.shown()]
 
 
 def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -173,12 +197,12 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def state_table(table: Table) -> str:
     """A Markdown table: one row per group (and extra score set), top-1 after each state, then
     the summaries."""
-    return _markdown([c.title for c in table.columns], _formatted(table)) if table.rows else ""
+    return _markdown(_titles(table), _formatted(table)) if table.rows else ""
 
 
 def table_html(table: Table) -> str:
     """The same table as an HTML ``<table>`` (numbers right-aligned)."""
-    return _html_table([c.title for c in table.columns], _formatted(table))
+    return _html_table(_titles(table), _formatted(table))
 
 
 def _csv_number(v: Any) -> Any:
@@ -189,14 +213,16 @@ def _csv_number(v: Any) -> Any:
 
 def table_csv(tables: Sequence[Table]) -> str:
     """Every protocol's table as one CSV, floats to 6 decimals, empty cells for undefined values. With
-    several protocols a first column ``protocol`` numbers them; with repeated runs each figure
+    several protocols a first column ``protocol`` numbers them; balanced top-1 after each state
+    is here (``balanced_top1_state<b>``) and not in the other tables; with repeated runs each figure
     ``key`` (the mean) has a ``key_std`` column (sample std) beside it, plus ``runs``, ``seeds``."""
     repeated = any(t.repeated for t in tables)
     n = max((sum(c.key.startswith("top1_state") for c in t.columns) for t in tables), default=0)
     columns = table_columns([""] * n, repeated)
     keys = ["protocol"] if len(tables) > 1 else []
     for c in columns:
-        keys += [c.key, f"{c.key}_std"] if repeated and c.digits > 0 else [c.key]
+        if c.where != "shown":
+            keys += [c.key, f"{c.key}_std"] if repeated and c.digits > 0 else [c.key]
     buf = _text_io.StringIO()
     w = csv.DictWriter(buf, keys, restval="", lineterminator="\n")
     w.writeheader()
@@ -204,6 +230,8 @@ def table_csv(tables: Sequence[Table]) -> str:
         for row in t.rows:
             out: dict[str, Any] = {"protocol": number} if len(tables) > 1 else {}
             for c, v in zip(t.columns, row):
+                if c.where == "shown":
+                    continue
                 if isinstance(v, Spread):
                     out[c.key], out[f"{c.key}_std"] = _csv_number(v.mean), _csv_number(v.std)
                 elif v is not None:
@@ -213,7 +241,9 @@ def table_csv(tables: Sequence[Table]) -> str:
 
 
 # ----- paired comparison with a baseline -------------------------------------------------------
-PAIRED_KEY = "mean_incremental_top1_excl_first"
+PAIRED_METRICS = {"top1": "mean_incremental_top1_excl_first",
+                  "balanced_top1": "mean_incremental_balanced_top1_excl_first"}  # --metric -> results.json key
+_METRIC_WORDS = {"top1": "top-1", "balanced_top1": "balanced top-1 (mean per-class accuracy)"}
 
 
 @dataclass(frozen=True)
@@ -225,21 +255,25 @@ class PairedRow:
     baseline: str
     seeds: tuple[int, ...]
     interval: PairedInterval
+    metric: str = "top1"  # a key of PAIRED_METRICS
 
 
-def _by_seed(group: RunGroup) -> dict[int, float]:
-    """The group's :data:`PAIRED_KEY` per known seed."""
-    return {s: v for r, s in zip(group.runs, group.seeds) if s is not None and (v := r.results.get(PAIRED_KEY)) is not None}
+def _by_seed(group: RunGroup, key: str) -> dict[int, float]:
+    """The group's figure ``key`` of results.json per known seed."""
+    return {s: v for r, s in zip(group.runs, group.seeds) if s is not None and (v := r.results.get(key)) is not None}
 
 
-def paired_rows(protocols: Sequence[Protocol], baseline: str) -> list[PairedRow]:
+def paired_rows(protocols: Sequence[Protocol], baseline: str, metric: str = "top1") -> list[PairedRow]:
     """For each protocol holding a group of method ``baseline``: every other group's paired
-    difference (method - baseline) of :data:`PAIRED_KEY` over the seeds both ran, with its
+    difference (method - baseline) of the mean incremental ``metric`` (top1 or balanced_top1)
+    excluding state 1, over the seeds both ran, with its
     :data:`~cilkit.analysis.significance.LEVEL` interval (paired t)."""
+    if metric not in PAIRED_METRICS:
+        raise UserError(f"--metric '{metric}': expected one of {', '.join(PAIRED_METRICS)}")
     methods = sorted({g.method for p in protocols for g in p.groups})
     if baseline not in methods:
         raise UserError(f"--baseline '{baseline}': no compared run is of that method (methods: {', '.join(methods)})")
-    rows = []
+    key, rows = PAIRED_METRICS[metric], []
     for p in protocols:
         bases = [g for g in p.groups if g.method == baseline]
         if len(bases) > 1:
@@ -247,14 +281,14 @@ def paired_rows(protocols: Sequence[Protocol], baseline: str) -> list[PairedRow]
                             f"({'; '.join(g.label for g in bases)}): compare them separately")
         if not bases:
             continue
-        base = _by_seed(bases[0])
+        base = _by_seed(bases[0], key)
         for g in p.groups:
             if g is bases[0]:
                 continue
-            mine = _by_seed(g)
+            mine = _by_seed(g, key)
             shared = tuple(sorted(set(mine) & set(base)))
             rows.append(PairedRow(p.number, g.label, bases[0].label, shared,
-                                  paired_interval([mine[s] for s in shared], [base[s] for s in shared])))
+                                  paired_interval([mine[s] for s in shared], [base[s] for s in shared]), metric))
     return rows
 
 
@@ -268,16 +302,17 @@ def _paired_cells(row: PairedRow, baseline: str) -> list[str]:
     return [row.label, str(i.pairs), _seeds_text(row.seeds) or "-", mean, ci, i.verdict(baseline)]
 
 
-def paired_note(baseline: str) -> str:
-    return (f"Paired difference from {baseline} (method − {baseline}) of the mean incremental top-1 "
+def paired_note(baseline: str, metric: str = "top1") -> str:
+    return (f"Paired difference from {baseline} (method − {baseline}) of the mean incremental {_METRIC_WORDS[metric]} "
             f"excluding state 1, over the seeds both ran; {LEVEL:.0%} confidence interval of the mean "
             "difference from Student's t with pairs − 1 degrees of freedom. Verdict: better / worse when "
             "the interval excludes 0.")
 
 
-def paired_markdown(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str) -> str:
+def paired_markdown(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str,
+                    metric: str = "top1") -> str:
     """The paired comparison in Markdown: a note, then a table per protocol."""
-    parts = [paired_note(baseline)]
+    parts = [paired_note(baseline, metric)]
     for p in protocols:
         mine = [_paired_cells(r, baseline) for r in rows if r.protocol == p.number]
         head = f"Protocol {p.number}:" if len(protocols) > 1 else ""
@@ -289,7 +324,7 @@ def paired_markdown(protocols: Sequence[Protocol], rows: Sequence[PairedRow], ba
     return "\n\n".join(parts)
 
 
-def paired_html(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str) -> str:
+def paired_html(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str, metric: str = "top1") -> str:
     """The paired comparison in HTML: a table per protocol, then the note."""
     parts = []
     for p in protocols:
@@ -298,7 +333,7 @@ def paired_html(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseli
             parts.append(f"<h3>Protocol {p.number}</h3>")
         parts.append(_html_table(_PAIRED_HEADERS, mine) if mine else
                      f"<p>No paired comparison (no run of {html.escape(baseline)} or no other method).</p>")
-    return "\n".join(parts) + f'\n<p class="note">{html.escape(paired_note(baseline))}</p>'
+    return "\n".join(parts) + f'\n<p class="note">{html.escape(paired_note(baseline, metric))}</p>'
 
 
 def paired_csv(rows: Sequence[PairedRow]) -> str:
@@ -309,85 +344,6 @@ def paired_csv(rows: Sequence[PairedRow]) -> str:
                 f"ci{LEVEL * 100:.0f}_low", f"ci{LEVEL * 100:.0f}_high", "verdict"])
     for r in rows:
         i = r.interval
-        w.writerow([r.protocol, r.label, r.baseline, PAIRED_KEY, i.pairs, " ".join(map(str, r.seeds)),
+        w.writerow([r.protocol, r.label, r.baseline, PAIRED_METRICS[r.metric], i.pairs, " ".join(map(str, r.seeds)),
                     *("" if v is None else v for v in (i.mean, i.low, i.high)), i.verdict(r.baseline)])
     return buf.getvalue()
-
-
-# ----- LaTeX (booktabs) ------------------------------------------------------------------------
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "−": "-", "≥": r"$\geq$"}
-HIGHER_BETTER = ("top1_state", "mean_incremental_top1", "last_top1_old", "last_top1_new")  # key prefixes
-LOWER_BETTER = ("average_forgetting",)
-
-
-def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped (``_`` -> ``\\_``, ``%`` -> ``\\%``, ...);
-    a leading ``[`` is guarded so that it is never read as the optional argument of ``\\\\``."""
-    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
-    return "{}" + out if out.startswith("[") else out
-
-
-def _mean(value: Any) -> float | None:
-    return value.mean if isinstance(value, Spread) else value if isinstance(value, float) else None
-
-
-def _best(table: Table, i: int) -> float | None:
-    """The best shown value of column ``i`` (rounded as shown), or None where the column gets no
-    bold: not an accuracy or forgetting column, or fewer than two rows with a value."""
-    c = table.columns[i]
-    better = max if c.key.startswith(HIGHER_BETTER) else min if c.key.startswith(LOWER_BETTER) else None
-    shown = [round(m, c.digits) for row in table.rows if (m := _mean(row[i])) is not None]
-    return better(shown) if better is not None and len(shown) > 1 else None
-
-
-def _latex_cell(value: Any, c: Column, best: float | None) -> str:
-    text = latex_escape(_cell(value, c.digits))
-    m = _mean(value)
-    return rf"\textbf{{{text}}}" if best is not None and m is not None and round(m, c.digits) == best else text
-
-
-def _verdict_cell(row: PairedRow | None, is_base: bool, baseline: str) -> str:
-    """A row's verdict against the baseline with the mean difference, ``baseline`` for its own row."""
-    if row is None:
-        return "baseline" if is_base else "--"
-    i = row.interval
-    verdict = i.verdict(baseline).replace(f" from {baseline}", "")
-    return latex_escape(verdict if i.mean is None else f"{verdict} ({i.mean:+.2f})")
-
-
-def _tabular(table: Table, verdicts: Mapping[str, PairedRow] | None, baseline: str | None) -> str:
-    """One protocol's ``tabular``: booktabs rules, the bold best per column, the verdict column."""
-    spec = "".join("l" if c.key in ("method", "seeds") else "r" for c in table.columns)
-    heads = [latex_escape(c.title) for c in table.columns]
-    if verdicts is not None and baseline is not None:
-        spec += "l"
-        heads.append(latex_escape(f"vs. {baseline}"))
-    best = [_best(table, i) for i in range(len(table.columns))]
-    bases = {baseline, *(r.baseline for r in (verdicts or {}).values())}
-    body = []
-    for row in table.rows:
-        cells = [_latex_cell(v, c, b) for v, c, b in zip(row, table.columns, best)]
-        if verdicts is not None and baseline is not None:
-            cells.append(_verdict_cell(verdicts.get(row[0]), row[0] in bases, baseline))
-        body.append(" & ".join(cells) + r" \\")
-    return "\n".join([rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(heads) + r" \\", r"\midrule",
-                      *body, r"\bottomrule", r"\end{tabular}"])
-
-
-def table_latex(tables: Sequence[Table], paired: Sequence[PairedRow] | None = None,
-                baseline: str | None = None) -> str:
-    """Every protocol's table as a booktabs ``tabular`` to ``\\input`` (needs ``\\usepackage{booktabs}``):
-    the cells of :func:`state_table` (``mean $\\pm$ std`` over several seeds), the best accuracy
-    per column in bold (highest; forgetting: lowest; time: none) and, with a ``baseline``, a column
-    with each group's paired verdict and mean difference (:func:`paired_rows`)."""
-    lines = [r"% Written by cilkit compare. Needs \usepackage{booktabs} in the preamble.",
-             "% Bold: the best value per column (accuracy: highest; forgetting: lowest).",
-             *([f"% {latex_escape(paired_note(baseline))}"] if paired is not None and baseline is not None else [])]
-    parts = []
-    for number, t in enumerate(tables, 1):
-        verdicts = None if paired is None else {r.label: r for r in paired if r.protocol == number}
-        head = [f"% Protocol {number}"] if len(tables) > 1 else []
-        parts.append("\n".join(head + [_tabular(t, verdicts, baseline)]))
-    return "\n".join(lines) + "\n" + "\n\\par\\medskip\n".join(parts) + "\n"
