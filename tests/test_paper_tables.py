@@ -146,14 +146,17 @@ def test_latex_escape_handles_the_special_characters():
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
 def test_table_tex_compiles(finished, tmp_path):
-    a = make_run(finished, tmp_path / "a")
-    b = make_run(finished, tmp_path / "b", OTHER, shift=3.0)
-    compare_runs([a, b], tmp_path / "cmp", echo=False)
+    """Two methods of two seeds each (mean $\\pm$ std cells, bold best, the verdict column)."""
+    runs = [make_run(finished, tmp_path / f"{m}-{s}", m, shift=3.0 * (m == OTHER) + s, seed=s)
+            for m in ("finetune", OTHER) for s in (3, 4)]
+    compare_runs(runs, tmp_path / "cmp", echo=False, baseline="finetune")
+    assert r"\pm" in (tmp_path / "cmp" / "table.tex").read_text()
     doc = tmp_path / "doc.tex"
     doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
                    f"\\input{{{tmp_path / 'cmp' / 'table.tex'}}}\n\\end{{document}}\n")
     subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                    check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "doc.pdf").read_bytes().startswith(b"%PDF")
 
 
 # ----- where compare writes --------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _colours(rgb):
     return len(np.unique(packed))
 
 
-PLOTS = ["top1_curve.png", "old_new.png", "confusion_last_state.png", "new_class_share.png"]
+PLOTS = ["top1_curve.png", "balanced_top1_curve.png", "old_new.png", "confusion_last_state.png", "new_class_share.png"]
 ANNOTATIONS = {1: {"0": 7, "3": 2, "5": 4}, 2: {"8": 1, "9": 6, "1": 3}}  # state -> class -> count
 
 
@@ -196,7 +196,8 @@ def test_cilkit_run_prints_the_table_and_writes_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| finetune |" in out and "| icarl [cnn] |" in out
     report = tmp_path / "q" / "report"
-    assert {p.name for p in report.iterdir()} == {"table.md", "table.csv", "table.tex", "report.html", *PLOTS}
+    assert {p.name for p in report.iterdir()} == {"table.md", "table.csv", "table.tex", "report.html", *PLOTS,
+                                                  *(p.replace(".png", ".pdf") for p in PLOTS)}
 
 
 def _screenshot(html_file, png, profile):

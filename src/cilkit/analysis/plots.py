@@ -1,172 +1,110 @@
-"""Figures comparing runs: accuracy curves, old/new accuracy, confusion, new-class share, annotations.
+"""Figures comparing runs: accuracy curves (top-1 and balanced top-1), old/new accuracy,
+confusion, new-class share, annotations.
 
-Every figure has two halves: a ``*_data`` function that pulls the plotted numbers out of
-results.json (or the stored scores) and returns them as plain lists, and a ``plot_*`` function
-that draws exactly that data. Tests check the first against results.json; the second only draws.
-
-Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no display, and no
-change to the caller's matplotlib backend) and returned as PNG bytes.
+The numbers come from :mod:`cilkit.analysis.figure_data`; this module only draws them, in one
+style (:data:`STYLE`, applied by :func:`styled` to every figure), with matplotlib's object API on
+an Agg canvas (no pyplot, no display, no change to the caller's matplotlib backend). Each figure
+is returned as PNG (for report.html, TensorBoard, wandb) and PDF (vector, for a paper) bytes, both
+free of timestamps so that the same data gives the same files. Accuracy axes are fitted to the
+data (``y_range="fit"``) or span 0-100 (``"full"``); a line equal to an earlier one is drawn
+hollow and dotted on top of it and named in the caption.
 """
 
 from __future__ import annotations
 
+import functools
 import io as _bytes_io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
+import matplotlib.style
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cilkit.metrics import Results, variant_names
-from cilkit.run.layout import RunLayout
-from cilkit.run.readers import read_scores
-from cilkit.analysis.significance import mean_std
+from cilkit.metrics import Results
+from cilkit.analysis.figure_data import (  # re-exported: tests and callers import them from here
+    Repeats,
+    Y_RANGES,
+    annotation_data,
+    as_floats as _nan,
+    band_edges,
+    confusion_data,
+    curve_data,
+    identical_lines,
+    identical_note,
+    new_share_data,
+    old_new_data,
+    row_percent,
+    seeds_note,
+    true_new_share,
+    y_limits,
+)
 
-DPI = 100
-PALETTE = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-]
+__all__ = ["FigureFile", "STYLE", "Y_RANGES", "annotation_data", "confusion_data", "curve_data", "figures",
+           "identical_lines", "new_share_data", "old_new_data", "png_bytes", "pdf_bytes", "plot_accuracy_matrix",
+           "plot_annotations", "plot_confusion", "plot_curves", "plot_new_share", "plot_old_new", "rgb_array",
+           "row_percent", "true_new_share", "y_limits"]
 
-
-
-# ----- data ------------------------------------------------------------------------------------
-def _curve(classes: list[int], series: list[list[float | None]], base: str) -> dict[str, Any]:
-    """One line of :func:`curve_data`: a run's top-1 per state, or for several runs their mean,
-    with ``std`` (sample std, ddof=1) and ``runs``; a state some run lacks is None."""
-    if len(series) == 1:
-        return {"classes": classes, "top1": series[0], "base": base}
-    stats = [mean_std(list(v)) if all(x is not None for x in v) else (None, None) for v in zip(*series)]
-    return {"classes": classes, "top1": [m for m, _ in stats], "std": [s for _, s in stats], "runs": len(series),
-            "base": base}
-
-
-def curve_data(results: Results, repeats: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
-               ) -> dict[str, dict[str, Any]]:
-    """Top-1 after each state against the number of classes seen: one line per method, plus a
-    dashed line per extra score set (``"icarl [cnn]"``) whose ``base`` is the method's label.
-    A label of ``repeats`` (its runs, one per seed) gets the mean over them and their std."""
-    data: dict[str, dict[str, Any]] = {}
-    for label, r in results.items():
-        runs = list((repeats or {}).get(label, [r]))
-        classes = [s["classes_seen"] for s in r["states"]]
-        data[label] = _curve(classes, [[s["top1"] for s in x["states"]] for x in runs], label)
-        for v in variant_names(r):
-            data[f"{label} [{v}]"] = _curve(
-                classes, [[s.get("variants", {}).get(v, {}).get("top1") for s in x["states"]] for x in runs], label)
-    return data
-
-
-def old_new_data(results: Results) -> dict[str, dict[str, Any]]:
-    """Per method and state: top-1 on the old classes (None in state 0) and on the new ones."""
-    return {
-        label: {
-            "classes": [s["classes_seen"] for s in r["states"]],
-            "old": [s["top1_old"] for s in r["states"]],
-            "new": [s["top1_new"] for s in r["states"]],
-        }
-        for label, r in results.items()
-    }
+# ----- the one style of every figure ------------------------------------------------------------
+STYLE: dict[str, Any] = {
+    "dpi": 100,
+    "curve_size": (8.4, 4.2),        # one-panel per-state plots (inches): room for the legend beside
+    "panel_size": (3.6, 3.0),        # one panel of a per-method grid
+    "panels_per_row": 3,
+    "palette": ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"],
+    "markers": ["o", "s", "^", "D", "v", "P", "X"],  # one per round of the palette
+    "line_width": 2.0, "variant_line_width": 1.2, "marker_size": 4.0,
+    "band_alpha": 0.2, "variant_band_alpha": 0.08,
+    "identical": {"linestyle": ":", "marker": "o", "markersize": 9.0, "markerfacecolor": "none",
+                  "markeredgewidth": 1.4},     # a line equal to an earlier one: hollow rings on top of it
+    "legend": {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0},  # right of the axes
+    "legend_rows": 16,
+    "min_span": 5.0,                 # a fitted accuracy axis is at least this many points tall
+    "rc": {                          # over matplotlib's defaults (not the user's matplotlibrc)
+        "font.size": 9.0, "axes.titlesize": 10.0, "axes.labelsize": 9.0, "legend.fontsize": "small",
+        "xtick.labelsize": 8.0, "ytick.labelsize": 8.0, "lines.linewidth": 2.0, "lines.markersize": 4.0,
+        "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.6, "image.cmap": "viridis",
+        "pdf.fonttype": 42,          # TrueType in the PDF: text stays text in a paper's editor
+    },
+}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def new_share_data(results: Results) -> dict[str, dict[str, Any]]:
-    """Per method and state: the share (%) of test predictions falling into the newest classes."""
-    return {
-        label: {
-            "classes": [s["classes_seen"] for s in r["states"]],
-            "share": [s["new_class_share"] for s in r["states"]],
-        }
-        for label, r in results.items()
-    }
+def styled(function: F) -> F:
+    """Run ``function`` under :data:`STYLE`'s rc settings on top of matplotlib's defaults: the
+    same look whatever the user's matplotlibrc says."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.style.context(["default", STYLE["rc"]]):
+            return function(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
-def true_new_share(run_dir: Path, results: Mapping[str, Any]) -> list[float]:
-    """Share (%) of the test images that belong to the newest classes, per state: what an
-    unbiased classifier's ``new_class_share`` would be (from the stored labels)."""
-    shares = []
-    for s in results["states"]:
-        (labels,) = read_scores(RunLayout(run_dir).scores(s["state"]), "labels")
-        n_old = s["classes_seen"] - len(s["new_classes"])
-        shares.append(100.0 * float((labels >= n_old).mean()) if labels.size else 0.0)
-    return shares
-
-
-def confusion_data(run_dirs: Mapping[str, Path], results: Results) -> dict[str, dict[str, Any]]:
-    """The last state's confusion matrix per method: ``matrix[i][j]`` counts the test images of
-    class position i whose ``scores`` argmax is j. ``classes`` are the original class ids in the
-    run's order; ``state_ends`` mark where each state's classes begin."""
-    data = {}
-    for label, r in results.items():
-        if not r["states"]:
-            continue
-        last = r["states"][-1]
-        n = last["classes_seen"]
-        scores, labels = read_scores(RunLayout(run_dirs[label]).scores(last["state"]), "scores", "labels")
-        pred = scores.argmax(axis=1) if scores.size else np.zeros(0, dtype=np.int64)
-        counts = np.bincount(labels.astype(np.int64) * n + pred, minlength=n * n).reshape(n, n)
-        names = r.get("class_names") or [str(c) for c in r["class_order"]]  # runs before names were kept
-        data[label] = {
-            "matrix": counts.tolist(),
-            "classes": list(r["class_order"][:n]),
-            "names": [_short(str(x)) for x in names[:n]],
-            "state_ends": [e for e in r["state_ends"] if e <= n],
-        }
-    return data
-
-
-def _short(name: str, width: int = 14) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
-
-
-def _annotation_row(value: Any) -> dict[str, float]:
-    """One state's ``annotations_per_class``: a ``{class: count}`` mapping or a list by class."""
-    items = value.items() if isinstance(value, Mapping) else enumerate(value)
-    return {str(k): v for k, v in items}
-
-
-def _class_key(name: str) -> tuple[int, Any]:
-    return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
-
-
-def _annotations(state: Mapping[str, Any], method: Any) -> Any:
-    """A state's ``annotations_per_class``: among the method's own results (``states[b][<method>]``),
-    or at the state's top level (results of cilkit 0.1.0, results version 1)."""
-    own = state.get(str(method))
-    return own.get("annotations_per_class") if isinstance(own, Mapping) else state.get("annotations_per_class")
-
-
-def annotation_data(results: Results) -> dict[str, dict[str, Any]]:
-    """Annotations per class, for the runs whose states carry ``annotations_per_class`` (active
-    learning). ``counts[i][j]`` is the count of ``classes[j]`` in ``states[i]`` (None if absent)."""
-    data = {}
-    for label, r in results.items():
-        rows = {s["state"]: _annotation_row(_annotations(s, r.get("method")))
-                for s in r["states"] if _annotations(s, r.get("method")) is not None}
-        if not rows:
-            continue
-        classes = sorted({c for row in rows.values() for c in row}, key=_class_key)
-        data[label] = {
-            "states": list(rows),
-            "classes": classes,
-            "counts": [[row.get(c) for c in classes] for row in rows.values()],
-        }
-    return data
-
-
-# ----- drawing ---------------------------------------------------------------------------------
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=STYLE["dpi"], layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
+@styled
 def png_bytes(fig: Figure) -> bytes:
     """The figure as PNG (no timestamp metadata, so the same data gives the same file)."""
     buf = _bytes_io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=STYLE["dpi"], metadata={"Software": None})
+    return buf.getvalue()
+
+
+@styled
+def pdf_bytes(fig: Figure) -> bytes:
+    """The figure as a vector PDF without creation date or producer: the same data gives the
+    same bytes."""
+    buf = _bytes_io.BytesIO()
+    fig.savefig(buf, format="pdf", metadata={"CreationDate": None, "ModDate": None, "Producer": None,
+                                             "Creator": None})
     return buf.getvalue()
 
 
@@ -178,87 +116,108 @@ def rgb_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def _nan(values: list[float | None]) -> list[float]:
-    return [math.nan if v is None else v for v in values]
+def _colours(labels: Sequence[str]) -> dict[str, str]:
+    palette = STYLE["palette"]
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
 
-MARKERS = ["o", "s", "^", "D", "v", "P", "X"]  # one per round of the palette
+def _markers(labels: Sequence[str]) -> dict[str, str]:
+    """A marker per label that changes with each round of the palette, so that the 11th run
+    (colour of the 1st) still has a style of its own."""
+    n, markers = len(STYLE["palette"]), STYLE["markers"]
+    return {label: markers[(i // n) % len(markers)] for i, label in enumerate(labels)}
 
 
-def _colours(labels: list[str]) -> dict[str, str]:
-    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
-
-
-def _markers(labels: list[str]) -> dict[str, str]:
-    """A marker per label that changes with each round of :data:`PALETTE`, so that the 11th
-    run (colour of the 1st) still has a style of its own."""
-    return {label: MARKERS[(i // len(PALETTE)) % len(MARKERS)] for i, label in enumerate(labels)}
-
-
-def _grid(n: int, per_row: int = 3) -> tuple[int, int]:
-    cols = min(n, per_row)
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, STYLE["panels_per_row"])
     return math.ceil(n / cols), cols
 
 
-def _state_axis(ax: Any, classes: list[int]) -> None:
-    ax.set_xticks(classes)
+def _state_axis(ax: Any, classes: Sequence[int]) -> None:
+    ax.set_xticks(list(classes))
     ax.set_xlabel("classes seen")
-    ax.grid(alpha=0.3)
-
-
-def _label_state_plot(ax: Any, data: Mapping[str, Mapping[str, Any]], ylabel: str, ymax: float, title: str) -> None:
-    """Axes, labels and legend of a one-panel plot of a per-state value of every method."""
-    _state_axis(ax, sorted({c for d in data.values() for c in d["classes"]}))
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, ymax)
-    ax.set_title(title)
-    outside_legend(ax)
 
 
 def outside_legend(ax: Any) -> None:
-    """The legend to the right of the axes, in columns of at most 16 entries: however many
-    runs are compared, it never covers a curve."""
+    """The legend to the right of the axes, in columns of at most ``legend_rows`` entries:
+    however many runs are compared, it never covers a curve."""
     n = len(ax.get_legend_handles_labels()[1])
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-              ncols=max(1, math.ceil(n / 16)))
+    ax.legend(ncols=max(1, math.ceil(n / STYLE["legend_rows"])), **STYLE["legend"])
 
 
-def plot_curves(data: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """Top-1 vs classes seen (``curve_data``); extra score sets dashed in their method's colour;
-    a line over several runs is their mean, in a shaded band of ± one std."""
-    fig = _figure(8.4, 4.2)
+def _band(ax: Any, classes: Sequence[int], mean: Sequence[float | None], std: Sequence[float | None] | None,
+          colour: str, alpha: float) -> None:
+    if std is not None:
+        m, s = _nan(mean), _nan(std)
+        ax.fill_between(classes, m - s, m + s, color=colour, alpha=alpha, linewidth=0)
+
+
+def _runs_label(label: str, d: Mapping[str, Any], spread: bool = True) -> str:
+    """A label as legend or title: with the number of runs its line is the mean of."""
+    if "runs" not in d:
+        return label
+    return f"{label} (mean ± std, {d['runs']} runs)" if spread else f"{label} (mean of {d['runs']} runs)"
+
+
+def _line_style(primary: bool, marker: str | None) -> dict[str, Any]:
+    return {"marker": marker if primary else None, "linestyle": "-" if primary else "--", "clip_on": False,
+            "linewidth": STYLE["line_width"] if primary else STYLE["variant_line_width"],
+            "markersize": STYLE["marker_size"]}
+
+
+@styled
+def plot_curves(data: Mapping[str, Mapping[str, Any]], y_range: str = "fit", key: str = "top1",
+                title: str = "Top-1 on all classes seen", ylabel: str = "top-1 accuracy (%)") -> Figure:
+    """``key`` vs classes seen (``curve_data``); extra score sets dashed in their method's colour;
+    a line over several runs is their mean, in a shaded band of ± one std; a line equal to an
+    earlier one is drawn as hollow rings on top of it (else it would hide under it)."""
+    fig = _figure(*STYLE["curve_size"])
     ax = fig.add_subplot()
     bases = [label for label, d in data.items() if d["base"] == label]
     colours, markers = _colours(bases), _markers(bases)
+    hidden = {later: earlier for earlier, later in identical_lines(data, key)}
+    shown: list[float | None] = []
     for label, d in data.items():
-        primary = d["base"] == label
-        colour = colours.get(d["base"], "black")
-        if "std" in d:
-            mean, std = np.array(_nan(d["top1"])), np.array(_nan(d["std"]))
-            ax.fill_between(d["classes"], mean - std, mean + std, color=colour, alpha=0.2 if primary else 0.08,
-                            linewidth=0)
-        shown = f"{label} (mean ± std, {d['runs']} runs)" if "std" in d else label
-        ax.plot(d["classes"], _nan(d["top1"]), color=colour, marker=markers.get(d["base"], "o") if primary else None,
-                linestyle="-" if primary else "--", linewidth=2 if primary else 1.2, markersize=4, label=shown)
-    _label_state_plot(ax, data, "top-1 accuracy (%)", 100, "Top-1 on all classes seen")
+        primary, colour = d["base"] == label, colours.get(d["base"], "black")
+        _band(ax, d["classes"], d[key], d.get("std"), colour,
+              STYLE["band_alpha"] if primary else STYLE["variant_band_alpha"])
+        style, name = _line_style(primary, markers.get(d["base"], "o")), _runs_label(label, d)
+        if label in hidden:
+            style.update(STYLE["identical"])
+            name += f" (= {hidden[label]})"
+        ax.plot(d["classes"], _nan(d[key]), color=colour, label=name, **style)
+        shown += band_edges(d[key], d.get("std"))
+    _state_axis(ax, sorted({c for d in data.values() for c in d["classes"]}))
+    ax.set_ylim(*y_limits(shown, y_range, min_span=STYLE["min_span"]))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    outside_legend(ax)
     return fig
 
 
-def plot_old_new(data: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """One panel per method: top-1 on old and on new classes per state (``old_new_data``)."""
+@styled
+def plot_old_new(data: Mapping[str, Mapping[str, Any]], y_range: str = "fit") -> Figure:
+    """One panel per method: top-1 on old and on new classes per state (``old_new_data``),
+    over several runs their means with ± one std bands; one fitted y-axis for all panels."""
     rows, cols = _grid(len(data))
-    fig = _figure(3.6 * cols, 3.0 * rows)
+    width, height = STYLE["panel_size"]
+    fig = _figure(width * cols, height * rows)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
     colours = _colours(list(data))
+    shown: list[float | None] = []
     for ax, (label, d) in zip(axes, data.items()):
-        ax.plot(d["classes"], _nan(d["old"]), color=colours[label], marker="o", markersize=4, label="old classes")
-        ax.plot(d["classes"], _nan(d["new"]), color=colours[label], marker="s", markersize=4, linestyle="--",
-                alpha=0.7, label="new classes")
+        for part, marker, linestyle, alpha in (("old", "o", "-", 1.0), ("new", "s", "--", 0.7)):
+            std = d.get(f"{part}_std")
+            _band(ax, d["classes"], d[part], std, colours[label], STYLE["band_alpha"])
+            ax.plot(d["classes"], _nan(d[part]), color=colours[label], marker=marker, linestyle=linestyle, alpha=alpha,
+                    linewidth=STYLE["variant_line_width"], markersize=STYLE["marker_size"], clip_on=False,
+                    label=f"{part} classes")
+            shown += band_edges(d[part], std)
         _state_axis(ax, d["classes"])
-        ax.set_ylim(-2, 102)  # a curve at 0% or 100% stays visible above/below the axis line
-        ax.set_title(label)
+        ax.set_title(_runs_label(label, d, spread=False))
+    axes[0].set_ylim(*y_limits(shown, y_range, min_span=STYLE["min_span"]))  # shared by every panel
     if data:  # one legend for all panels, above them: never over a curve at 0% or 100%
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize="small")
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2)
     for ax in axes[: len(data): cols]:
         ax.set_ylabel("top-1 (%)")
     for ax in axes[len(data):]:
@@ -266,28 +225,30 @@ def plot_old_new(data: Mapping[str, Mapping[str, Any]]) -> Figure:
     return fig
 
 
+@styled
 def plot_confusion(data: Mapping[str, Mapping[str, Any]]) -> Figure:
     """One panel per method: the last state's confusion matrix (``confusion_data``), each row
-    normalised to the % of that true class's test images; white lines separate the states."""
+    normalised to the % of that true class's test images (over several runs: the mean of each
+    run's row percentages); white lines separate the states."""
     rows, cols = _grid(len(data))
-    fig = _figure(3.6 * cols + 0.8, 3.8 * rows)
+    width, height = STYLE["panel_size"]
+    fig = _figure(width * cols + 0.8, (height + 0.8) * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     image = None
     for ax, (label, d) in zip(axes, data.items()):
-        m = np.asarray(d["matrix"], dtype=float)
-        m = 100.0 * m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
-        image = ax.imshow(m, cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+        image = ax.imshow(row_percent(np.asarray(d["matrix"], dtype=float)), vmin=0, vmax=100, interpolation="nearest")
         for end in d["state_ends"][:-1]:
             ax.axhline(end - 0.5, color="white", linewidth=0.8)
             ax.axvline(end - 0.5, color="white", linewidth=0.8)
         n = len(d["classes"])
-        ticks = range(n) if n <= 20 else [e - 1 for e in d["state_ends"]]
+        ticks = list(range(n)) if n <= 20 else [e - 1 for e in d["state_ends"]]
         names = d.get("names") or [str(c) for c in d["classes"]]
-        ax.set_xticks(list(ticks), [names[t] for t in ticks], fontsize="x-small", rotation=90)
-        ax.set_yticks(list(ticks), [names[t] for t in ticks], fontsize="x-small")
+        ax.set_xticks(ticks, [names[t] for t in ticks], fontsize="x-small", rotation=90)
+        ax.set_yticks(ticks, [names[t] for t in ticks], fontsize="x-small")
+        ax.grid(False)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title(label)
+        ax.set_title(_runs_label(label, d, spread=False))
     for ax in axes[len(data):]:
         ax.set_visible(False)
     if image is not None:
@@ -295,29 +256,44 @@ def plot_confusion(data: Mapping[str, Mapping[str, Any]]) -> Figure:
     return fig
 
 
+@styled
 def plot_new_share(data: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Any] | None = None) -> Figure:
-    """Share of test predictions in the newest classes per state (``new_share_data``); the
-    dotted ``reference`` is the share of test images that truly belong to them."""
-    fig = _figure(8.4, 4.2)
+    """Share of test predictions in the newest classes per state (``new_share_data``; over
+    several runs the mean ± one std); the dotted ``reference`` is the share of test images that
+    truly belong to them. A share, not an accuracy: the axis spans 0-105 whatever ``y_range``."""
+    fig = _figure(*STYLE["curve_size"])
     ax = fig.add_subplot()
     colours, markers = _colours(list(data)), _markers(list(data))
+    hidden = {later: earlier for earlier, later in identical_lines(data, "share")}
     for label, d in data.items():
-        ax.plot(d["classes"], _nan(d["share"]), color=colours[label], marker=markers[label], markersize=4, label=label)
+        _band(ax, d["classes"], d["share"], d.get("std"), colours[label], STYLE["band_alpha"])
+        style, name = _line_style(True, markers[label]), _runs_label(label, d)
+        if label in hidden:
+            style.update(STYLE["identical"])
+            name += f" (= {hidden[label]})"
+        ax.plot(d["classes"], _nan(d["share"]), color=colours[label], label=name, **style)
     if reference is not None:
         ax.plot(reference["classes"], reference["share"], color="black", linestyle=":", linewidth=1.5,
                 label="true share of new-class images")
-    _label_state_plot(ax, data, "predictions in the new classes (%)", 105, "Bias towards the newest classes")
+    _state_axis(ax, sorted({c for d in data.values() for c in d["classes"]}))
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("predictions in the new classes (%)")
+    ax.set_title("Bias towards the newest classes")
+    outside_legend(ax)
     return fig
 
 
+@styled
 def plot_annotations(data: Mapping[str, Mapping[str, Any]]) -> Figure:
     """One panel per active run (``annotation_data``): images annotated per class, one bar
-    colour per state; a class counted in several states gets side-by-side bars."""
+    colour per state (over several runs: the mean); a class counted in several states gets
+    side-by-side bars."""
     width = max(6.4, min(16.0, 0.25 * max(len(d["classes"]) for d in data.values()) + 2.0))
-    fig = _figure(width, 3.2 * len(data))
+    fig = _figure(width, (STYLE["panel_size"][1] + 0.2) * len(data))
     axes = fig.subplots(len(data), 1, squeeze=False).ravel()
+    palette = STYLE["palette"]
     for ax, (label, d) in zip(axes, data.items()):
-        counts = np.array(_nan_rows(d["counts"]), dtype=float)  # (states, classes)
+        counts = np.array([_nan(r) for r in d["counts"]], dtype=float).reshape(len(d["states"]), len(d["classes"]))
         present = ~np.isnan(counts)
         per_class = np.maximum(present.sum(axis=0), 1)
         rank = np.cumsum(present, axis=0) - 1  # a state's slot among the bars of its class
@@ -325,7 +301,7 @@ def plot_annotations(data: Mapping[str, Mapping[str, Any]]) -> Figure:
         x = np.arange(len(d["classes"])) - 0.4 + bar_width * (rank + 0.5)
         for i, state in enumerate(d["states"]):
             row = present[i]
-            ax.bar(x[i][row], counts[i][row], width=bar_width[row], color=PALETTE[i % len(PALETTE)],
+            ax.bar(x[i][row], counts[i][row], width=bar_width[row], color=palette[i % len(palette)],
                    label=f"state {state + 1}")
         k = len(d["classes"])
         step = max(1, k // 40)
@@ -333,12 +309,13 @@ def plot_annotations(data: Mapping[str, Mapping[str, Any]]) -> Figure:
         ax.set_xlim(-0.6, k - 0.4)
         ax.set_xlabel("class (as keyed in results.json: a position in the run's class order)")
         ax.set_ylabel("annotated images")
-        ax.set_title(f"{label}: annotations per class")
-        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"{_runs_label(label, d, spread=False)}: annotations per class")
+        ax.grid(axis="x", visible=False)
         ax.legend(fontsize="x-small", ncols=min(len(d["states"]), 5))
     return fig
 
 
+@styled
 def plot_accuracy_matrix(matrix: list[list[float | None]]) -> Figure:
     """One run's accuracy matrix so far: row i = after state i, column j = top-1 (%) on state
     j's classes (results.json ``accuracy_matrix``), each cell labelled."""
@@ -348,55 +325,77 @@ def plot_accuracy_matrix(matrix: list[list[float | None]]) -> Figure:
         m[i, : len(row)] = _nan(row)
     fig = _figure(1.2 + 0.55 * n, 0.9 + 0.5 * n)
     ax = fig.add_subplot()
-    ax.imshow(m, cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+    ax.imshow(m, vmin=0, vmax=100, interpolation="nearest")
     for (i, j), v in np.ndenumerate(m):
         if not math.isnan(v):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize="x-small", color="white" if v < 60 else "black")
     ticks = list(range(n))
     ax.set_xticks(ticks, [str(t + 1) for t in ticks], fontsize="x-small")
     ax.set_yticks(ticks, [str(t + 1) for t in ticks], fontsize="x-small")
+    ax.grid(False)
     ax.set_xlabel("classes of state")
     ax.set_ylabel("after state")
     return fig
 
 
-def _nan_rows(rows: list[list[float | None]]) -> list[list[float]]:
-    return [_nan(r) for r in rows]
-
-
 # ----- all figures of a comparison ----------------------------------------------------------
-def figures(run_dirs: Mapping[str, Path], results: Results,
-            repeats: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[tuple[str, str, bytes]]:
-    """``(file name, caption, PNG)`` for every figure of a comparison; the annotation figure
-    only when some run is an active-learning run. A label of ``repeats`` (several runs, one per
-    seed; ``results`` and ``run_dirs`` give the first) is drawn as their mean ± std in the top-1
-    curve and by its first run, so labelled, in the other figures."""
-    repeats = repeats or {}
-    band = " Shaded: ± one sample std over the seeds of repeated runs." if repeats else ""
-    firsts = " Repeated runs are shown by their first run." if repeats else ""
-    shown = {k: f"{k} (1st of {len(repeats[k])} runs)" if k in repeats else k for k in results}
-    single = {shown[k]: r for k, r in results.items()}
-    dirs = {shown[k]: run_dirs[k] for k in results}
-    out = [
-        ("top1_curve.png", "Top-1 accuracy on all classes seen so far, after each state "
-         f"(dashed: other score sets of the same run, e.g. iCaRL's CNN beside NME).{band}",
-         png_bytes(plot_curves(curve_data(results, repeats)))),
-        ("old_new.png", f"Top-1 on the old and on the new classes after each state.{firsts}",
-         png_bytes(plot_old_new(old_new_data(single)))),
-        ("confusion_last_state.png", "Confusion matrix after the last state (rows: true class in the "
-         f"run's class order; % of that class's test images); lines separate the states.{firsts}",
-         png_bytes(plot_confusion(confusion_data(dirs, single)))),
-    ]
-    first = next(iter(single))
-    first_r = single[first]
-    reference = {"classes": [s["classes_seen"] for s in first_r["states"]],
-                 "share": true_new_share(dirs[first], first_r)}
-    out.append(("new_class_share.png", "Share of test predictions that fall into the classes new in "
-                f"each state (the bias towards new classes); dotted: the true share of the new classes' test "
-                f"images (in the first run's test set).{firsts}",
-                png_bytes(plot_new_share(new_share_data(single), reference))))
-    active = annotation_data(single)
+class FigureFile(NamedTuple):
+    """One figure of a report: written as ``name`` (PNG) and :attr:`pdf_name` (PDF)."""
+
+    name: str        # "top1_curve.png"
+    caption: str
+    png: bytes
+    pdf: bytes
+    figure: Figure   # the drawn figure (its axes, limits and lines), for callers that look closer
+
+    @property
+    def pdf_name(self) -> str:
+        return self.name.removesuffix(".png") + ".pdf"
+
+
+def _file(stem: str, caption: str, fig: Figure) -> FigureFile:
+    return FigureFile(f"{stem}.png", caption, png_bytes(fig), pdf_bytes(fig), fig)
+
+
+def figures(run_dirs: Mapping[str, Path], results: Results, repeats: Repeats | None = None, y_range: str = "fit",
+            repeat_dirs: Mapping[str, Sequence[Path]] | None = None) -> list[FigureFile]:
+    """Every figure of a comparison (PNG and PDF, with its caption); the balanced top-1 curve
+    when some run recorded it, the annotation figure when some run is an active-learning run.
+    A label of ``repeats`` (its runs' results, one per seed; ``results`` and ``run_dirs`` give
+    the first) is drawn as the mean over its runs in every figure, its confusion matrix from
+    the runs of ``repeat_dirs`` (else its first run's). ``y_range``: "fit" (accuracy axes fitted
+    to the data) or "full" (0-100); anything else is a :class:`UserError`."""
+    y_limits([], y_range)  # the one check, before anything is drawn
+    top1 = curve_data(results, repeats)
+    out = [_file("top1_curve", "Top-1 accuracy on all classes seen so far, after each state (dashed: other "
+                 "score sets of the same run, e.g. iCaRL's CNN beside NME)." + seeds_note(top1)
+                 + identical_note(top1, "top1"), plot_curves(top1, y_range))]
+    balanced = curve_data(results, repeats, key="balanced_top1")
+    if balanced:
+        out.append(_file("balanced_top1_curve", "Balanced top-1 (the mean of the per-class accuracies) on all "
+                         "classes seen so far, after each state (dashed: other score sets of the same run)."
+                         + seeds_note(balanced) + identical_note(balanced, "balanced_top1"),
+                         plot_curves(balanced, y_range, "balanced_top1", "Balanced top-1 on all classes seen",
+                                     "balanced top-1 accuracy (%)")))
+    old_new = old_new_data(results, repeats)
+    out.append(_file("old_new", "Top-1 on the old and on the new classes after each state." + seeds_note(old_new),
+                     plot_old_new(old_new, y_range)))
+    confusion = confusion_data(run_dirs, results, repeat_dirs)
+    firsts = [k for k in (repeats or {}) if k in confusion and "runs" not in confusion[k]]
+    out.append(_file("confusion_last_state", "Confusion matrix after the last state (rows: true class in the run's "
+                     "class order; % of that class's test images); lines separate the states."
+                     + seeds_note(confusion, "the mean of each seed's row percentages")
+                     + (f" First run only: {', '.join(firsts)}." if firsts else ""), plot_confusion(confusion)))
+    first = next(iter(results))
+    reference = {"classes": [s["classes_seen"] for s in results[first]["states"]],
+                 "share": true_new_share(run_dirs[first], results[first])}
+    share = new_share_data(results, repeats)
+    out.append(_file("new_class_share", "Share of test predictions that fall into the classes new in each state "
+                     "(the bias towards new classes); dotted: the true share of the new classes' test images (in "
+                     "the first run's test set)." + seeds_note(share) + identical_note(share, "share"),
+                     plot_new_share(share, reference)))
+    active = annotation_data(results, repeats)
     if active:
-        out.append(("annotations_per_class.png", f"Active learning: images annotated per class in each state.{firsts}",
-                    png_bytes(plot_annotations(active))))
+        out.append(_file("annotations_per_class", "Active learning: images annotated per class in each state."
+                         + seeds_note(active, "the mean"), plot_annotations(active)))
     return out

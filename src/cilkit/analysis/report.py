@@ -321,7 +321,7 @@ def _check_fresh(base: Path, runs: Sequence[FoundRun]) -> list[str]:
 
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
                  baseline: str | None = None, metric: str = "top1", y_range: str = "fit") -> Path:
-    """Write table.md, table.csv, table.tex, the figures (PNG) and report.html for the runs in
+    """Write table.md, table.csv, table.tex, the figures (PNG, PDF) and report.html for the runs in
     ``dirs`` into ``out``, and with a ``baseline`` method paired.csv; print the tables when
     ``echo``. Default ``out``: a single DIR's own DIR/report, else a new :func:`default_out`
     directory (no run's file is touched). ``out`` must be compare's to write (:func:`report_target`);
@@ -337,7 +337,8 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     groups = [g for p in protocols for g in p.groups]
     results = {g.label: g.runs[0].results for g in groups}
     repeats = {g.label: [r.results for r in g.runs] for g in groups if g.repeated}
-    figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats, y_range=y_range)
+    figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats, y_range=y_range,
+                        repeat_dirs={g.label: [r.path for r in g.runs] for g in groups if g.repeated})
     tables = [build_table(p.groups) for p in protocols]
     text = comparison_markdown(protocols, tables)
     files: dict[str, str | bytes] = {}
@@ -346,14 +347,16 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
         files["paired.csv"] = paired_csv(paired)
     files.update({"table.md": text + "\n", "table.csv": table_csv(tables),
                   "table.tex": table_latex(tables, paired, baseline, metric)})
-    files.update({name: png for name, _, png in figs})
+    for f in figs:  # each figure as PNG (also in report.html) and as vector PDF
+        files.update({f.name: f.png, f.pdf_name: f.pdf})
     html_paired = paired_html(protocols, paired, baseline, metric) if paired is not None and baseline is not None else ""
-    files["report.html"] = report_html(protocols, tables, figs, html_paired)
+    files["report.html"] = report_html(protocols, tables, [(f.name, f.caption, f.png) for f in figs], html_paired)
     if fresh:
         out_dir = fresh_directory(out_dir)
     write_report(out_dir, files, previous)
     if echo:
         print(text)
         extra = ", paired.csv" if paired is not None else ""
-        print(f"\nreport: {out_dir / 'report.html'} (table.md, table.csv, table.tex{extra}, {len(figs)} figures)")
+        print(f"\nreport: {out_dir / 'report.html'} (table.md, table.csv, table.tex{extra}, "
+              f"{len(figs)} figures as PNG and PDF)")
     return out_dir
