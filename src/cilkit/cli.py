@@ -1,4 +1,4 @@
-"""Command line: ``cilkit run | calibrate | compare | info``."""
+"""Command line: ``cilkit run | tune | calibrate | compare | info | configs``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cilkit import distributed
 from cilkit.analysis.calibrate import calibrate_run
 from cilkit.config import RunConfig, load_config, read_yaml, validate
 from cilkit.describe import describe, overview, version_line
-from cilkit.errors import UserError
+from cilkit.errors import UserError, did_you_mean
 from cilkit.plugins import import_plugins, plugin_list
 from cilkit.analysis.report import compare_runs
 from cilkit.analysis.tables import PAIRED_METRICS
@@ -117,7 +117,9 @@ def add_execution_options(p: argparse.ArgumentParser) -> None:
 
 def _check_baseline(baseline: str | None, config: RunConfig) -> None:
     if baseline is not None and baseline not in config.methods:
-        raise UserError(f"--baseline '{baseline}' is not among the run's methods ({', '.join(config.methods)})")
+        hint = did_you_mean(baseline, config.methods)
+        raise UserError(f"--baseline '{baseline}' is not among the run's methods ({', '.join(config.methods)})"
+                        + (f": {hint}" if hint else ""))
 
 
 def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str]) -> tuple[Path, RunConfig]:
@@ -145,6 +147,17 @@ def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str
     else:
         config = validate(data, source=str(cfg_file))
     return run_dir, config
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    """The packaged configs, each with its one line: what ``cilkit run NAME`` can run."""
+    from cilkit.packaged import packaged_configs
+
+    found = packaged_configs()
+    width = max(map(len, found), default=0)
+    print("\n".join(f"{name:<{width}}  {text}" for name, text in found.items()))
+    print("\ncilkit run NAME runs one (a file of that name in the working directory comes first)")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -250,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
                    help="import a .py file or module of your own first, to list its entries (repeatable)")
     i.set_defaults(func=cmd_info)
+    g = sub.add_parser("configs", help="list the packaged configs (cilkit run NAME runs one)")
+    g.set_defaults(func=cmd_configs)
     return p
 
 

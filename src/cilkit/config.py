@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -27,11 +26,14 @@ from pydantic import (
     model_validator,
 )
 
-from cilkit.errors import UserError
+from cilkit.errors import UserError, did_you_mean, first_error, unknown_name
+from cilkit.packaged import quickstart_dict, resolve_config
 from cilkit.plugins import import_plugins, plugin_list
 from cilkit.registry import BACKBONES, METHODS, SOURCE_OPTIONS, SOURCES
 
 OptionsModel = TypeVar("OptionsModel", bound=BaseModel)
+DEFAULT_TEST_FRACTION = 0.2
+VALUE_KINDS = {"memory.selection": "selection strategy"}  # what a Literal key's values are called, in errors
 
 
 class Strict(BaseModel):
@@ -51,7 +53,8 @@ class DataConfig(Strict):
 
     name: str = "digits"
     root: str | None = None  # folder of the files (idx, cifar, imagefolder, listfile)
-    # listfile: "path label" per line, labels 0..C-1 with every class in both lists. A relative
+    # listfile: "path label" per line, with every class in both lists; the labels are all class
+    # ids 0..C-1 or all class names (class k: the k-th name in sorted order). A relative
     # list path is read from data.root when root is set (else from the working directory); the
     # image paths inside are relative to data.root, else to the list file's folder.
     train_list: str | None = None
@@ -68,7 +71,9 @@ class DataConfig(Strict):
     check: Literal["full", "quick"] = "full"
     in_memory: bool = False  # file images: decode once into memory at image_size
     workers: int = Field(2, ge=0)  # file images: DataLoader workers
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # digits: stratified, fixed test split
+    # the share of each class split off, stratified and fixed, as the test set of a source without
+    # one: digits (default 0.2) and an imagefolder without val/ or test/ (only when set)
+    test_fraction: float | None = Field(None, gt=0, lt=1)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     mean: list[float] | None = None  # override the known / computed statistics
     std: list[float] | None = None
@@ -78,11 +83,20 @@ class DataConfig(Strict):
     # (stored with their defaults filled in); see source_options
     options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_test_fraction(cls, data: Any) -> Any:
+        """Unset means 0.2 for every source but imagefolder (which splits only when asked): the
+        value recorded, compared and keyed for state 0 stays the one cilkit always wrote."""
+        if isinstance(data, dict) and data.get("test_fraction") is None and data.get("name") != "imagefolder":
+            return {**data, "test_fraction": DEFAULT_TEST_FRACTION}
+        return data
+
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         if v not in SOURCES:
-            raise ValueError(f"unknown dataset '{v}' (known: {', '.join(sorted(SOURCES))})")
+            raise ValueError(unknown_name("dataset", v, SOURCES, plugin=True))
         return v
 
     @field_validator("options", mode="before")
@@ -99,7 +113,7 @@ class DataConfig(Strict):
         try:
             return model.model_validate(v if v is not None else {}).model_dump(mode="json")
         except ValidationError as e:
-            raise ValueError(_first_error(e, prefix="data.options")) from None
+            raise ValueError(first_error(e, prefix="data.options", model=model)) from None
 
     def source_options(self, model: type[OptionsModel]) -> OptionsModel:
         """``data.options`` as the reader's options model (validated with the config)."""
@@ -186,8 +200,7 @@ class ModelConfig(Strict):
     @classmethod
     def _known_backbone(cls, v: str) -> str:
         if v not in BACKBONES:
-            known = ", ".join(sorted(BACKBONES))
-            raise ValueError(f"config key 'model.backbone': unknown backbone '{v}' (known: {known})")
+            raise ValueError(f"config key 'model.backbone': {unknown_name('backbone', v, BACKBONES, plugin=True)}")
         return v
 
     @field_validator("weights")
@@ -264,7 +277,7 @@ class RunConfig(BaseModel):
     def _known_methods(cls, v: str | list[str]) -> str | list[str]:
         for name in [v] if isinstance(v, str) else v:
             if name not in METHODS:
-                raise ValueError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+                raise ValueError(unknown_name("method", name, METHODS, plugin=True))
         if isinstance(v, list) and not v:
             raise ValueError("the list of methods is empty")
         return v
@@ -281,11 +294,12 @@ class RunConfig(BaseModel):
         extra = self.model_extra if self.model_extra is not None else {}
         for key, value in extra.items():
             if key not in METHODS:
-                raise ValueError(f"unknown key '{key}'")
+                hint = did_you_mean(key, [*RunConfig.model_fields, *METHODS])
+                raise ValueError(f"unknown key '{key}'" + (f": {hint}" if hint else ""))
             try:
                 validated = METHODS[key].Config.model_validate(value or {})
             except ValidationError as e:
-                raise ValueError(_first_error(e, prefix=key)) from None
+                raise ValueError(first_error(e, prefix=key, model=METHODS[key].Config)) from None
             extra[key] = validated.model_dump()
         return self
 
@@ -305,22 +319,6 @@ class RunConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def _first_error(e: ValidationError, prefix: str = "") -> str:
-    """The first validation error as one line naming the key."""
-    err = e.errors()[0]
-    key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if err["type"] == "missing":
-        return f"missing key '{key}'"
-    if not key or msg.startswith(("unknown key", "missing key", "config key")):
-        return msg
-    got = err.get("input")
-    suffix = "" if got is None or isinstance(got, (dict, list)) else f" (got {got!r})"
-    return f"config key '{key}': {msg}{suffix}"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -378,12 +376,6 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def quickstart_dict() -> dict[str, Any]:
-    """The embedded default protocol (digits, 5 states of 2 classes, finetune vs icarl)."""
-    text = resources.files("cilkit").joinpath("configs/quickstart.yaml").read_text()
-    return yaml.safe_load(text)
-
-
 def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Import the config's plugins (relative files from the working directory; load_config
     resolves a file's own against its folder first), then validate it; the first error is one
@@ -398,15 +390,16 @@ def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(f"{source}: {_first_error(e)}") from None
+        raise UserError(f"{source}: {first_error(e, model=RunConfig, kinds=VALUE_KINDS)}") from None
 
 
 def load_config(
     path: str | os.PathLike | None, overrides: list[str] | None = None, plugins: list[str] | None = None
 ) -> RunConfig:
-    """Read a YAML file (or the embedded quickstart when ``path`` is None), apply ``--set``,
-    add the ``--plugin`` values (relative to the working directory) to the file's ``plugins``
-    (relative to its folder), import them all and validate."""
+    """Read a YAML file (a bare name not a file: the packaged config; the embedded quickstart
+    when ``path`` is None), apply ``--set``, add the ``--plugin`` values (relative to the working
+    directory) to the file's ``plugins`` (relative to its folder), import them all and validate."""
+    path = resolve_config(path) if path is not None else None
     data = quickstart_dict() if path is None else read_yaml(path)
     data = apply_overrides(data, overrides or [])
     source = str(path) if path else "quickstart config"

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pydantic import BaseModel
 
-from cilkit.errors import UserError
+from cilkit.errors import UserError, unknown_name
 from cilkit.rectify import RECTIFIERS
 from cilkit.registry import BACKBONE_DESCRIPTIONS, METHODS, SOURCE_DESCRIPTIONS, SOURCE_OPTIONS
 
@@ -63,8 +63,8 @@ def describe(name: str) -> str:
     for table in (SOURCE_DESCRIPTIONS, BACKBONE_DESCRIPTIONS, SELECTION_DESCRIPTIONS, RECTIFIER_DESCRIPTIONS):
         if name in table:
             return f"{name}: {table[name]}"
-    known = sorted({*METHODS, *SOURCE_DESCRIPTIONS, *BACKBONE_DESCRIPTIONS, *RECTIFIER_DESCRIPTIONS})
-    raise UserError(f"cilkit info: unknown name '{name}' (known: {', '.join(known)})")
+    known = {*METHODS, *SOURCE_DESCRIPTIONS, *BACKBONE_DESCRIPTIONS, *SELECTION_DESCRIPTIONS, *RECTIFIER_DESCRIPTIONS}
+    raise UserError(f"cilkit info: {unknown_name('name', name, known, plugin=True)}")
 
 
 def option_lines(prefix: str, config: type[BaseModel]) -> list[str]:

@@ -1,4 +1,18 @@
-"""User-caused errors: one clear line, exit status 2, no traceback."""
+"""User-caused errors: one clear line, exit status 2, no traceback.
+
+Also the text every "unknown name" error shares (:func:`did_you_mean`, :func:`unknown_name`:
+the closest known names, and for the registries' names the plugin hint) and the one line of a
+pydantic validation error (:func:`first_error`), so that a typo reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+PLUGIN_HINT = "is it in a plugin? pass --plugin FILE"
 
 
 class UserError(Exception):
@@ -19,3 +33,54 @@ def reason(e: BaseException, limit: int = 200) -> str:
 def described(e: BaseException, limit: int = 200) -> str:
     """``Type: message`` on one line, for causes whose type tells the user something."""
     return f"{type(e).__name__}: {reason(e, limit)}"
+
+
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """``did you mean 'icarl'?`` naming the known names closest to ``name`` (difflib; each
+    written after ``prefix``), or '' when none is close: a typo is one look away from its fix."""
+    close = difflib.get_close_matches(name, sorted(set(known)), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str], plugin: bool = False) -> str:
+    """The one line of a name no table holds: ``unknown method 'icrl': did you mean 'icarl'?
+    (known: ...; is it in a plugin? pass --plugin FILE)``. ``plugin``: the name could come from
+    a plugin (a registry's methods, datasets, backbones)."""
+    names = sorted(set(known))
+    hint = did_you_mean(name, names)
+    listed = f"known: {', '.join(names)}" + (f"; {PLUGIN_HINT}" if plugin else "")
+    return f"unknown {kind} {name!r}" + (f": {hint}" if hint else "") + f" ({listed})"
+
+
+def first_error(e: Any, prefix: str = "", model: Any = None, kinds: dict[str, str] | None = None) -> str:
+    """The first error of a pydantic ``ValidationError`` as one line naming the dotted key.
+    ``model``: the model validated, whose fields name the keys an unknown key may be a typo of;
+    ``kinds``: what a dotted key's allowed values are called (``memory.selection``: a selection
+    strategy), for the line of a value outside them."""
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent = key[: -len(str(err["loc"][-1]))]  # "memory." of "memory.totl"
+        hint = did_you_mean(str(err["loc"][-1]), _fields_at(model, err["loc"][:-1]), prefix=parent)
+        return f"unknown key '{key}'" + (f": {hint}" if hint else "")
+    if err["type"] == "missing":
+        return f"missing key '{key}'"
+    if not key or msg.startswith(("unknown key", "missing key", "config key")):
+        return msg
+    got = err.get("input")
+    allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+    if err["type"] == "literal_error" and isinstance(got, str) and allowed:
+        return f"config key '{key}': {unknown_name((kinds or {}).get(key, 'value'), got, allowed)}"
+    said = got is None or isinstance(got, (dict, list)) or repr(got) in msg  # "unknown method 'x'" names it
+    suffix = "" if said else f" (got {got!r})"
+    return f"config key '{key}': {msg}{suffix}"
+
+
+def _fields_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (sub-)model of ``model`` at ``loc`` ([] where there is none)."""
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    fields = getattr(model, "model_fields", None)
+    return list(fields) if isinstance(fields, dict) else []

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cilkit.errors import UserError
+from cilkit.errors import UserError, unknown_name
 
 RECTIFIERS = ("il2m", "scaling", "scail", "none")
 ClassStatistics = dict[str, Any]  # a state's class statistics (cilkit.class_statistics)
@@ -190,7 +190,7 @@ def scail_scores(
 
 def check_rectifier(rectifier: str) -> None:
     if rectifier not in RECTIFIERS:
-        raise UserError(f"calibrate --with: unknown rectifier '{rectifier}' (choose one of {', '.join(RECTIFIERS)})")
+        raise UserError(f"calibrate --with: {unknown_name('rectifier', rectifier, RECTIFIERS)}")
 
 
 def rectify(rectifier: str, logits: torch.Tensor, stats: ClassStatistics | None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import dataclasses
 from cilkit.config import DataConfig
 from cilkit.data import cifar, files, folders, sources  # the readers register themselves
 from cilkit.data.base import Dataset
-from cilkit.errors import UserError
+from cilkit.errors import UserError, unknown_name
 from cilkit.registry import SOURCE_DESCRIPTIONS, SOURCES, call_plugin, register_source
 
 
@@ -26,7 +26,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Read the dataset named by ``cfg.name``, apply the overrides of ``cfg``, check its labels."""
     reader = SOURCES.get(cfg.name)
     if reader is None:
-        raise UserError(f"unknown dataset '{cfg.name}' (known: {', '.join(sorted(SOURCES))})")
+        raise UserError(f"config key 'data.name': {unknown_name('dataset', cfg.name, SOURCES, plugin=True)}")
     dataset = call_plugin(reader, f"config key 'data.name': dataset '{cfg.name}'", cfg)
     channels = dataset.train.geometry[0]
     if cfg.mean is not None:

@@ -7,6 +7,9 @@ train and test sets; with ``data.in_memory`` the images are decoded once, at ``i
 into a :class:`TensorImages` and trained with the small-image augmentation (pad-crop and
 flip). The images keep their own size unless ``data.image_size`` is set, and the channel count
 is decided from all checked images (or ``data.channels``); the decisions are in ``Dataset.notes``.
+A list file's labels are class ids 0..C-1 or class names (class k: the k-th name in sorted
+order); an imagefolder without ``val/`` or ``test/`` splits its test set off ``train/`` when
+``data.test_fraction`` is set (fixed and stratified, as digits' split).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from cilkit.registry import register_source
 from cilkit.data.base import Dataset, ImageSet, TensorImages
 from cilkit.data.checks import ImageFacts, check_images, choose_mode, native_size
 from cilkit.data.files import FileImages
+from cilkit.data.sources import stratified_split
 from cilkit.data.transforms import Augment
-from cilkit.errors import UserError, reason
+from cilkit.errors import UserError, did_you_mean, reason
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -156,7 +160,8 @@ def _scan_folder(folder: Path, split: str, classes: list[str] | None) -> tuple[I
     return ImageList(paths, labels, str(folder)), classes, skipped
 
 
-@register_source("imagefolder", "image files in data.root/train/<class>/ and data.root/val/ (or test/)")
+@register_source("imagefolder", "image files in data.root/train/<class>/ and data.root/val/ (or test/), or a "
+                 "data.test_fraction of train/ split off")
 def read_imagefolder(cfg: DataConfig) -> Dataset:
     if cfg.root is None:
         raise UserError("data.root is required for imagefolder")
@@ -164,23 +169,56 @@ def read_imagefolder(cfg: DataConfig) -> Dataset:
     if not (root / "train").is_dir():
         raise UserError(f"data.root '{cfg.root}': folder '{root / 'train'}' not found")
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if test_dir is None:
-        raise UserError(f"data.root '{cfg.root}': neither 'val/' nor 'test/' found")
+    if test_dir is None and cfg.test_fraction is None:
+        raise UserError(f"data.root '{cfg.root}': neither 'val/' nor 'test/' found (set data.test_fraction, "
+                        "e.g. 0.2, to split a fixed, stratified test set off train/)")
     train, names, skipped = _scan_folder(root / "train", "training", None)
-    test, _, skipped_test = _scan_folder(test_dir, "test", names)
-    skipped += skipped_test
     notes = []
+    if test_dir is not None:
+        test, _, skipped_test = _scan_folder(test_dir, "test", names)
+        skipped += skipped_test
+        if cfg.test_fraction is not None:  # (a run of cilkit <= 0.1.0 recorded 0.2 for every source)
+            notes.append(f"data.test_fraction unused: the test images are those of '{test_dir}'")
+    else:
+        assert cfg.test_fraction is not None
+        train, test = _split_off_test(train, names, cfg.test_fraction)
+        notes.append(f"test set: {len(test.paths)} images split off train/ (data.test_fraction {cfg.test_fraction}, "
+                     "stratified, the same for every seed)")
     if skipped:
         notes.append(f"skipped {len(skipped)} file(s) without an image extension, e.g. '{skipped[0]}'")
     return _file_dataset(cfg, train, test, names, notes)
 
 
-def _label(parts: list[str]) -> int | None:
-    """The class id of a split list line, or None when the line is not 'path label'. Only ASCII
-    decimal digits: ``int()`` would also read '0_3' as 3, '+3', and other scripts' digits."""
-    if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+def _split_off_test(train: ImageList, names: list[str], fraction: float) -> tuple[ImageList, ImageList]:
+    """The fixed, stratified split of digits (:func:`cilkit.data.sources.stratified_split`)
+    of a training folder: every class needs two images, one on each side."""
+    labels = np.asarray(train.labels)
+    counts = np.bincount(labels, minlength=len(names))
+    if counts.min() < 2:
+        name = names[int(counts.argmin())]
+        raise UserError(f"config key 'data.test_fraction': class '{name}' has {counts.min()} image in "
+                        f"'{Path(train.source) / name}', too few to split off a test image (2 at least)")
+    source = f"{train.source} (data.test_fraction {fraction})"
+
+    def part(indices: np.ndarray) -> ImageList:
+        return ImageList([train.paths[i] for i in indices], [train.labels[i] for i in indices], source)
+
+    kept, held = stratified_split(labels, fraction)
+    return part(kept), part(held)
+
+
+def _token(parts: list[str]) -> str | None:
+    """The label of a split list line, or None when the line is not 'path label' (a last word
+    that looks like an image file is a path with a space and no label, not a class name)."""
+    if len(parts) != 2 or parts[1].lower().endswith(IMAGE_EXTENSIONS):
         return None
-    return int(parts[1])
+    return parts[1]
+
+
+def _is_id(token: str) -> bool:
+    """Only ASCII decimal digits are a class id: ``int()`` would also read '0_3' as 3, '+3', and
+    other scripts' digits."""
+    return token.isascii() and token.isdigit()
 
 
 def list_path(value: str, root: str | None) -> Path:
@@ -192,38 +230,58 @@ def list_path(value: str, root: str | None) -> Path:
     return Path(os.path.expanduser(root)) / path
 
 
-def parse_list_file(list_file: Path, root: str | None, num_classes: int | None = None) -> ImageList:
+def parse_list_file(
+    list_file: Path, root: str | None, num_classes: int | None = None, classes: list[str] | None = None
+) -> tuple[ImageList, list[str] | None]:
     """Read ``path label`` lines (blank lines skipped). Image paths are relative to ``root`` or,
-    when it is None, to the list file's folder; each must exist. Labels must be in
-    0..num_classes-1 when that is given."""
+    when it is None, to the list file's folder; each must exist. A label is a class id (ASCII
+    digits) or a class name, one kind per file: the first line's, or for a test list the
+    training list's (``classes``: its sorted names, None when it gives ids). Ids must be in
+    0..num_classes-1 and names among ``classes`` when those are given. Returns the images, names
+    mapped to their index in the sorted names (``classes``, or this list's own), and those
+    names (None for a list of ids)."""
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read list file '{list_file}': {reason(e)}") from None
     base = Path(os.path.expanduser(root)) if root is not None else list_file.parent
+    named = None if num_classes is None and classes is None else classes is not None
+    like = "as in the training list"  # the label kind the lines must have, for the message
     paths: list[str] = []
-    labels: list[int] = []
+    tokens: list[str] = []
     numbers: list[int] = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=1)
-        label = _label(parts)
-        if label is None:
-            raise UserError(
-                f"{list_file} line {n}: expected 'path label' (a path and a class id >= 0), got {line.strip()!r}"
-            )
-        if num_classes is not None and label >= num_classes:
-            raise UserError(f"{list_file} line {n}: label {label} is not a training class (0..{num_classes - 1})")
+        token = _token(parts)
+        if token is None:
+            raise UserError(f"{list_file} line {n}: expected 'path label' (a path and a class id >= 0 or a "
+                            f"class name), got {line.strip()!r}")
+        if named is None:
+            named, like = not _is_id(token), f"as on line {n} ({token!r})"
+        elif named == _is_id(token):
+            raise UserError(f"{list_file} line {n}: expected 'path label' with a class {'name' if named else 'id'} "
+                            f"{like}, got {line.strip()!r} (the labels are all class ids 0..C-1 or all class names)")
+        if not named and num_classes is not None and int(token) >= num_classes:
+            raise UserError(f"{list_file} line {n}: label {token} is not a training class (0..{num_classes - 1})")
+        if named and classes is not None and token not in classes:
+            hint = did_you_mean(token, classes)
+            raise UserError(f"{list_file} line {n}: class '{token}' is not a training class"
+                            + (f": {hint}" if hint else "") + f" (the training list names {len(classes)})")
         image = base / parts[0]
         if not image.is_file():
             raise UserError(f"{list_file} line {n}: image '{image}' not found")
         paths.append(str(image))
-        labels.append(label)
+        tokens.append(token)
         numbers.append(n)
     if not paths:
         raise UserError(f"list file '{list_file}' lists no images")
-    return ImageList(paths, labels, str(list_file), numbers)
+    if not named:
+        return ImageList(paths, [int(t) for t in tokens], str(list_file), numbers), None
+    names = classes if classes is not None else sorted(set(tokens))
+    index = {name: i for i, name in enumerate(names)}
+    return ImageList(paths, [index[t] for t in tokens], str(list_file), numbers), names
 
 
 def _class_list(ids: np.ndarray) -> str:
@@ -256,18 +314,19 @@ def _training_classes(train: ImageList) -> int:
     return num_classes
 
 
-def _check_test_classes(test: ImageList, train_list: Path, num_classes: int) -> None:
+def _check_test_classes(test: ImageList, train_list: Path, num_classes: int, names: list[str] | None) -> None:
     counts = np.bincount(np.asarray(test.labels), minlength=num_classes)
     missing = np.flatnonzero(counts == 0)
     if missing.size:
         verb = "has" if missing.size == 1 else "have"
-        raise UserError(
-            f"{test.source}: {_class_list(missing)} of '{train_list}' {verb} no test images "
-            "(every class needs some)"
-        )
+        which = _class_list(missing) if names is None else (
+            ("class " if missing.size == 1 else "classes ") + ", ".join(repr(names[i]) for i in missing[:10])
+            + (", ..." if missing.size > 10 else ""))
+        raise UserError(f"{test.source}: {which} of '{train_list}' {verb} no test images (every class needs some)")
 
 
-@register_source("listfile", "images named in data.train_list / data.test_list ('path label' per line)")
+@register_source("listfile", "images named in data.train_list / data.test_list ('path label' per line, a class id "
+                 "or name)")
 def read_listfile(cfg: DataConfig) -> Dataset:
     if cfg.train_list is None or cfg.test_list is None:
         key = "train_list" if cfg.train_list is None else "test_list"
@@ -283,8 +342,8 @@ def read_listfile(cfg: DataConfig) -> Dataset:
                 hint = f"; a relative list is read from data.root, give '{Path(value).resolve()}' to use the one here"
             raise UserError(f"config key 'data.{key}': list file '{path}' not found{hint}")
         files[key] = path
-    train = parse_list_file(files["train_list"], cfg.root)
-    num_classes = _training_classes(train)
-    test = parse_list_file(files["test_list"], cfg.root, num_classes)
-    _check_test_classes(test, files["train_list"], num_classes)
-    return _file_dataset(cfg, train, test, [str(i) for i in range(num_classes)], [])
+    train, names = parse_list_file(files["train_list"], cfg.root)
+    num_classes = _training_classes(train)  # names: their indices, 0..C-1 by construction
+    test, _ = parse_list_file(files["test_list"], cfg.root, num_classes, names)
+    _check_test_classes(test, files["train_list"], num_classes, names)
+    return _file_dataset(cfg, train, test, names or [str(i) for i in range(num_classes)], [])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cilkit.config import DataConfig, SyntheticConfig
+from cilkit.config import DEFAULT_TEST_FRACTION, DataConfig, SyntheticConfig
 from cilkit.registry import register_source
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.data.transforms import Augment
@@ -88,7 +88,7 @@ def read_digits(cfg: DataConfig) -> Dataset:
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
     labels = bunch.target.astype(np.int64)
-    train, test = stratified_split(labels, cfg.test_fraction)
+    train, test = stratified_split(labels, cfg.test_fraction if cfg.test_fraction is not None else DEFAULT_TEST_FRACTION)
     return Dataset(
         name="digits",
         train=_tensor_set(images[train], labels[train]),

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilkit.errors import UserError
+from cilkit.errors import UserError, unknown_name
 from cilkit.registry import (
     BACKBONE_OPTIONAL_ARGS,
     BACKBONES,
@@ -265,8 +265,7 @@ def build_backbone(
     its factory gets ``in_channels`` and ``last_relu``, and ``image_size`` and ``width`` when
     it names them. Raises ``UserError`` for an unknown name or a module without ``out_dim``."""
     if name not in BACKBONES:
-        known = ", ".join(sorted(BACKBONES))
-        raise UserError(f"config key 'model.backbone': unknown backbone '{name}' (known: {known})")
+        raise UserError(f"config key 'model.backbone': {unknown_name('backbone', name, BACKBONES, plugin=True)}")
     factory = BACKBONES[name]
     params = inspect.signature(factory).parameters
     optional = dict(zip(BACKBONE_OPTIONAL_ARGS, (image_size, width)))

@@ -15,7 +15,6 @@ through :mod:`cilkit.run.readers`, which turn a missing, foreign or newer-versio
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 
-from cilkit import distributed
+from cilkit import distributed, locks
 from cilkit.errors import UserError
 from cilkit.io import make_dir
 
@@ -245,7 +244,8 @@ def _check_removable(path: Path) -> None:
 
 class DirectoryLock:
     """An exclusive lock on a run directory for the lifetime of a run (``flock`` on
-    ``.cilkit.lock`` inside it): a second run into the same directory fails at once."""
+    ``.cilkit.lock`` inside it, removed when the run lets go: :mod:`cilkit.locks`): a second
+    run into the same directory fails at once."""
 
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / LOCK_NAME
@@ -256,21 +256,18 @@ class DirectoryLock:
             return self
         make_dir(self.path.parent)
         try:
-            self._file = open(self.path, "a")
+            self._file = locks.acquire(self.path, wait=False)
+        except BlockingIOError:
+            raise UserError(f"'{self.path.parent}' is in use by another cilkit run (locked: {self.path})") from None
         except OSError as e:
             raise UserError(f"cannot write '{self.path}': {e.strerror or e}") from None
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise UserError(f"'{self.path.parent}' is in use by another cilkit run (locked: {self.path})") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._file is None:
             return
-        fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        self._file.close()
+        locks.release(self._file, self.path)
+        self._file = None
 
 
 def fresh_directory(base: Path) -> Path:

@@ -104,21 +104,29 @@ def build_scenario(config: RunConfig, dataset: Dataset) -> Scenario:
 
 
 def memory_covers_old_data(config: RunConfig, scenario: Scenario) -> str | None:
-    """A warning when the memory can keep every training image of the old classes in some
-    state: the run is then joint training under another name. None otherwise."""
+    """A warning when the memory (``memory.total`` or ``memory.per_class``) can keep every
+    training image of the old classes in some state: there the protocol is not incremental
+    (joint training under another name). It names the states, since a fixed total may cover
+    the first few only. None otherwise."""
     if not config.memory.enabled:
         return None
+    covered: list[tuple[int, int, int]] = []  # (state, old images, old classes), 1-based states
     for b in range(1, scenario.num_states):
         n_old = scenario.ends[b - 1]
         per_class = scenario.train_pos[scenario.train_indices_of(range(n_old))].bincount(minlength=n_old)
         quotas = torch.tensor(class_quotas(config.memory.total, config.memory.per_class, n_old))
         if bool((quotas >= per_class).all()):
-            key = "memory.total" if config.memory.total is not None else "memory.per_class"
-            value = config.memory.total if config.memory.total is not None else config.memory.per_class
-            return (f"config key '{key}': {value} keeps every old training image from state {b + 1} on "
-                    f"({int(per_class.sum())} images of {n_old} classes there): the run is joint training, "
-                    "not class-incremental learning with a bounded memory")
-    return None
+            covered.append((b + 1, int(per_class.sum()), n_old))
+    if not covered:
+        return None
+    key = "memory.total" if config.memory.total is not None else "memory.per_class"
+    value = config.memory.total if config.memory.total is not None else config.memory.per_class
+    states = [c[0] for c in covered]
+    where = (f"from state {states[0]} on" if states[-1] == scenario.num_states and len(states) == states[-1] - states[0] + 1
+             else f"in state{'s' if len(states) > 1 else ''} {', '.join(map(str, states))}")
+    _, images, classes = covered[0]
+    return (f"config key '{key}': {value} keeps every old training image {where} ({images} images of {classes} "
+            f"classes in state {states[0]}): the protocol is not incremental there, it is joint training on all old data")
 
 
 def idle_milestones(config: RunConfig, scenario: Scenario) -> str | None:

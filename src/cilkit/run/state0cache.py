@@ -26,15 +26,15 @@ An unreadable entry (truncated, garbage, foreign) is a miss with one warning nam
 an unwritable cache directory is a warning: the cache never ends a run.
 
 Runs in parallel (``--jobs``, cluster jobs on a shared file system) that need the same entry
-take turns (:func:`entry_lock`, an ``flock`` on ``<entry>.lock``): the first trains state 0 and
-writes the entry, the others wait for it, then load it, so it is never trained twice at once
-and never read half-written (entries are also written atomically).
+take turns (:func:`entry_lock`, an ``flock`` on ``<entry>.lock``, removed with the lock:
+:mod:`cilkit.locks`): the first trains state 0 and writes the entry, the others wait for it,
+then load it, so it is never trained twice at once and never read half-written (entries are
+also written atomically).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 import cilkit
-from cilkit import distributed, io, plugins
+from cilkit import distributed, io, locks, plugins
 from cilkit.config import RunConfig
 from cilkit.errors import UserError, described
 from cilkit.keys import state0_settings
@@ -180,22 +180,17 @@ def entry_lock(cache: CacheEntry | None, warn: Callable[[str], None]) -> Iterato
         yield
         return
     lock_path = cache.path.with_name(cache.path.name + ".lock")
+    waiting = f"another run is training the state-0 model of cache entry {cache.path.name}: waiting for it"
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a")
+        f = locks.acquire(lock_path, on_wait=lambda: warn(waiting))
     except OSError:
         yield  # store_entry will say the cache is not writable
         return
-    with f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            warn(f"another run is training the state-0 model of cache entry {cache.path.name}: waiting for it")
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        locks.release(f, lock_path)  # the lock file goes with the lock
 
 
 def load_entry(cache: CacheEntry, model: torch.nn.Module, warn: Callable[[str], None]) -> dict[str, Any] | None:
