@@ -70,6 +70,7 @@ def test_single_run_tables_show_balanced_top1_beside_top1(runs, tmp_path):
     assert "bal. last" not in line  # the CSV has the per-state columns instead
     html = (out / "report.html").read_text()
     assert "<th>bal. mean inc.</th>" in html and "<th>bal. last</th>" in html
+    assert "<em>bal.</em>: balanced top-1, the mean of the per-class accuracies" in html  # the legend says so
     tex = (out / "table.tex").read_text()
     assert r"bal. mean inc. (excl. 1st)" in tex and "balanced\\_top1\\_state" not in tex
 

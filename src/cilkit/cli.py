@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a protocol (default: the embedded digits quickstart)")
-    r.add_argument("config", nargs="?", help="YAML config (default: the embedded quickstart)")
+    r.add_argument("config", nargs="?", help="YAML config file, or a packaged config's name (cilkit configs "
+                   "lists them; default: the embedded quickstart)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--methods", help="comma-separated methods to compare on the same protocol")
     r.add_argument("--out", help="run directory (default: runs/<name>)")
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_execution_options(r)
     r.set_defaults(func=cmd_run)
     t = sub.add_parser("tune", help="rank a grid of settings by validation accuracy (never the test set)")
-    t.add_argument("config", help="YAML config (one method, scenario.val_per_class >= 1)")
+    t.add_argument("config", help="YAML config file or a packaged config's name (one method, "
+                   "scenario.val_per_class >= 1)")
     t.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="values to try (repeatable: all combinations)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every point")
     t.add_argument("--out", help="where the runs and the ranking go (default: runs/tune-<config>)")

@@ -135,8 +135,9 @@ figcaption, .note { color: #555; font-size: 13px; max-width: 900px; }
 
 _TABLE_NOTE = (
     "Top-1 accuracy (%) on the test images of all classes seen, after each state. "
-    "<em>mean inc.</em>: mean over all states; <em>excl. 1st</em>: without state 0 (as IL2M and "
-    "active IL report it). <em>last old / new</em>: top-1 on the old and the new classes after "
+    "<em>mean inc.</em>: mean over all states; <em>excl. 1st</em>: without the first state (as IL2M and "
+    "active IL report it). <em>bal.</em>: balanced top-1, the mean of the per-class accuracies (what an "
+    "imbalanced test set tells apart from top-1). <em>last old / new</em>: top-1 on the old and the new classes after "
     "the last state. <em>forgetting</em>: average forgetting (Chaudhry et al., 2018). "
     "Rows <em>method [x]</em> are other score sets of the same run."
 )
