@@ -9,6 +9,7 @@ import pytest
 from cilkit.cli import main
 from cilkit.config import apply_overrides, load_config, validate
 from cilkit.errors import UserError
+from helpers import one_error_line
 
 
 def write(tmp_path, text):
@@ -154,3 +155,23 @@ def test_a_run_with_an_idle_milestone_says_so(tmp_path, capsys):
                       "state0_cache=null")
     Run(cfg, tmp_path / "r", progress=False).execute()
     assert "warning: config key 'train.schedule.milestones': [4] at or past the last epoch" in capsys.readouterr().out
+
+
+NEEDS_ROOT = [p for p in SHIPPED if load_config(p).data.root is None and load_config(p).data.name in ("cifar100", "imagefolder")]
+
+
+def test_no_shipped_config_points_at_a_made_up_folder():
+    """The paper configs leave data.root unset (the user's folder), never a fake path."""
+    assert len(NEEDS_ROOT) >= 15
+    assert not [p.name for p in SHIPPED if "/path/to" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", NEEDS_ROOT, ids=[p.name for p in NEEDS_ROOT])
+def test_a_paper_config_without_its_data_root_says_how_to_set_it(path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    line = one_error_line(capsys)
+    name = load_config(path).data.name
+    assert line.startswith(f"error: data.root is required for {name}: pass --set data.root=DIR")
+    assert ("cifar-100-python/" if name == "cifar100" else "train/<class>/") in line
+    assert not out.exists()  # nothing written before the data was found

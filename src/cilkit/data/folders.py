@@ -26,7 +26,7 @@ from cilkit.registry import register_source
 from cilkit.data.base import Dataset, ImageSet, TensorImages
 from cilkit.data.checks import ImageFacts, check_images, choose_mode, native_size
 from cilkit.data.files import FileImages
-from cilkit.data.sources import stratified_split
+from cilkit.data.sources import _root_folder, stratified_split
 from cilkit.data.transforms import Augment
 from cilkit.errors import UserError, did_you_mean, reason
 
@@ -163,9 +163,7 @@ def _scan_folder(folder: Path, split: str, classes: list[str] | None) -> tuple[I
 @register_source("imagefolder", "image files in data.root/train/<class>/ and data.root/val/ (or test/), or a "
                  "data.test_fraction of train/ split off")
 def read_imagefolder(cfg: DataConfig) -> Dataset:
-    if cfg.root is None:
-        raise UserError("data.root is required for imagefolder")
-    root = Path(os.path.expanduser(cfg.root))
+    root = _root_folder(cfg)
     if not (root / "train").is_dir():
         raise UserError(f"data.root '{cfg.root}': folder '{root / 'train'}' not found")
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)

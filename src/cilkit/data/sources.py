@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cilkit.config import DEFAULT_TEST_FRACTION, DataConfig, SyntheticConfig
-from cilkit.registry import register_source
+from cilkit.registry import SOURCE_DESCRIPTIONS, register_source
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.data.transforms import Augment
 from cilkit.errors import UserError, reason
@@ -54,10 +54,14 @@ def _tensor_set(images: np.ndarray, labels: np.ndarray) -> TensorImages:
 
 
 def _root_folder(cfg: DataConfig, default: str | None = None) -> Path:
-    """``cfg.root`` (or ``default`` when unset) as an existing folder, else a UserError."""
+    """``cfg.root`` (or ``default`` when unset) as an existing folder, else a UserError; unset,
+    it says how to set it and what the folder holds (the reader's registered description): the
+    paper configs leave ``data.root`` to the user."""
     root = cfg.root if cfg.root is not None else default
     if root is None:
-        raise UserError(f"data.root is required for {cfg.name}")
+        reads = SOURCE_DESCRIPTIONS.get(cfg.name)
+        raise UserError(f"data.root is required for {cfg.name}: pass --set data.root=DIR or set it in the config"
+                        + (f"; {cfg.name} reads {reads}" if reads else ""))
     path = Path(os.path.expanduser(root))
     if not path.is_dir():
         raise UserError(f"data.root '{root}': folder not found")
