@@ -52,11 +52,24 @@ def same_numbers(a: Path, b: Path) -> None:
             assert all(np.array_equal(x[k], y[k]) for k in x.files), f.name
 
 
+def exit_marker_env(folder: Path) -> dict[str, str]:
+    """An environment whose workers register an atexit handler (through sitecustomize) that
+    writes ``atexit-rank<R>`` into ``folder``: what a user's own logger at exit would do."""
+    site = folder / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import atexit, os, pathlib
+        if "RANK" in os.environ:
+            atexit.register(pathlib.Path({str(folder)!r}, "atexit-rank" + os.environ["RANK"]).write_text, "ran")
+    """))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.fixture(scope="module")
 def all_methods(tmp_path_factory) -> Path:
     """Every method of the quickstart in one 2-process run (sync_bn on)."""
     out = tmp_path_factory.mktemp("ddp") / "all"
-    done = torchrun("--out", str(out), "--methods", ",".join(METHODS), *QUICK)
+    done = torchrun("--out", str(out), "--methods", ",".join(METHODS), *QUICK, env=exit_marker_env(out.parent))
     assert done.returncode == 0, done.stderr[-3000:]
     (out.parent / "stdout.txt").write_text(done.stdout)
     return out
@@ -74,6 +87,11 @@ def test_every_method_completes_one_run_directory_written_by_rank_0(all_methods)
     printed = (all_methods.parent / "stdout.txt").read_text()
     assert printed.count("| method |") == 1 and printed.count("[lucir] state 3:") == 1
     assert not [p for p in all_methods.rglob("*.tmp")]
+
+
+def test_every_rank_leaves_through_its_atexit_handlers(all_methods):
+    # the workers skip the interpreter's teardown (gloo aborts there now and then) but not atexit
+    assert [(all_methods.parent / f"atexit-rank{r}").read_text() for r in (0, 1)] == ["ran", "ran"]
 
 
 def test_two_identical_distributed_runs_give_identical_results(all_methods, tmp_path):

@@ -273,9 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run_command(args)
+        code = _run_command(args)
     finally:
-        distributed.stop()
+        joined = distributed.stop()
+    if joined:  # a torchrun worker: leave before the interpreter's teardown (see exit_process)
+        distributed.exit_process(code)
+    return code
 
 
 def _run_command(args: argparse.Namespace) -> int:
