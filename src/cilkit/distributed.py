@@ -34,7 +34,7 @@ import signal
 import warnings
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -122,20 +122,18 @@ def stop() -> bool:
     return False
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int) -> NoReturn:
     """End a torchrun worker with ``code`` once its process group is destroyed: run the atexit
-    handlers (logging, wandb, a plugin's own) while the interpreter is whole, flush, and leave
+    handlers (logging's shutdown, wandb, a plugin's own) while the interpreter is whole, flush, and leave
     without the interpreter's teardown. In that teardown gloo's C++ objects that outlive
-    ``destroy_process_group`` (held by DDP modules, autograd state) are freed after Python is
+    ``destroy_process_group`` (the DDP modules still hold the group) are freed after Python is
     gone, and now and then a worker dies there with SIGABRT ("terminate called without an
     active exception", the failure described in pytorch/pytorch PR 179291); torchrun then stops
     the other ranks and reports a run that finished as failed. Skipping the teardown loses
     nothing: every file of the run is written and closed before this point."""
     import atexit
-    import logging
 
     atexit._run_exitfuncs()
-    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
