@@ -35,7 +35,7 @@ from typing import Any
 
 from cilkit.config import load_config, validate
 from cilkit.errors import UserError
-from cilkit.run.layout import RunLayout
+from cilkit.rundir.layout import RunLayout
 from cilkit.run.loop import Run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lucir-cifar100-b50-5steps.yaml"

@@ -62,6 +62,7 @@ from cilkit.config import RunConfig, validate
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.engine import make_optimizer
+from cilkit.protocol import FitSpec
 from cilkit.run.loop import Run
 from cilkit.run.setup import build_method_and_model, free_cores
 
@@ -278,8 +279,8 @@ def measure_per_sample(case: Case, args: argparse.Namespace, config: RunConfig, 
     model.to(device)
     if setting.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}], config.train,
-                         config.train.lr)
+    opt = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}],
+                         FitSpec.of_state(config.train, 0))
     forward, notes = _compiled_or_eager(model, setting.compile)
     prepare: Callable[[torch.Tensor], torch.Tensor] = (
         (lambda x: x.contiguous(memory_format=torch.channels_last)) if setting.channels_last else (lambda x: x))

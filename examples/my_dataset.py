@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from cilkit.config import DataConfig
 from cilkit.data.base import Dataset, TensorImages
@@ -21,7 +21,7 @@ from cilkit.registry import register_source
 
 class NpzOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    file: str  # the .npz file (a relative path is read from the working directory)
+    file: str = Field(description="the .npz file (a relative path is read from the working directory)")
 
 
 def _split(arrays: dict[str, np.ndarray], split: str) -> TensorImages:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,36 @@ def tiny_dict(tmp_path) -> dict[str, Any]:
         "state0_cache": str(tmp_path / "cache"),
         "threads": 2,
     }
+
+
+def registered_methods() -> list[str]:
+    """Every method of the registry (:data:`cilkit.registry.METHODS`) as the tests are collected:
+    the package's, and the one-file methods conftest.py registers (tests/methods/, examples/);
+    not those a test module registers for its own use. The tests parametrised over the registry
+    take their names from here, so a method is covered the day it is registered."""
+    from cilkit.registry import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if not cls.__module__.rpartition(".")[2].startswith("test_"))
+
+
+def quick_overrides(name: str) -> list[str]:
+    """The ``quick`` settings a method's config declares (:func:`cilkit.options.quick`), as
+    ``--set`` items."""
+    from cilkit.options import quick
+    from cilkit.registry import METHODS
+
+    return [f"{key}={json.dumps(value)}" for key, value in quick(METHODS[name].Config).items()]
+
+
+def method_cases(variants: dict[str, tuple[str, list[str]]] | None = None) -> list[Any]:
+    """``pytest.param(name, overrides)`` for every registered method with its quick settings,
+    then each variant (``{id: (method, more overrides)}``: a path the defaults do not take)."""
+    import pytest
+
+    cases = [pytest.param(name, quick_overrides(name), id=name) for name in registered_methods()]
+    cases += [pytest.param(name, quick_overrides(name) + extra, id=label)
+              for label, (name, extra) in (variants or {}).items()]
+    return cases
 
 
 def strip_timings(obj: Any) -> Any:
@@ -79,3 +110,10 @@ def assert_value_and_gradient(ours: Any, z: Any, reference: Any, atol: float = 1
     ours.backward()
     ref.backward()
     assert torch.allclose(z.grad, ref_z.grad, atol=atol)
+
+
+def total(terms: Any) -> Any:
+    """A loss's named terms summed as the engine sums them (in order): the loss it trains on."""
+    from cilkit.engine import summed_terms
+
+    return summed_terms(terms)[0]

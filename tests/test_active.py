@@ -12,13 +12,12 @@ from helpers import strip_timings, tiny_config
 
 from cilkit.methods.active import acquisition as af
 from cilkit.methods.active.oracle import Oracle
-from cilkit.rectify import prediction_scaling
 from cilkit.config import ImbalanceConfig, ScenarioConfig, load_config
 from cilkit.engine import Engine
 from cilkit.errors import UserError
 from cilkit.methods.active import annotation_budget, cycle_budgets
 from cilkit.run.loop import Run
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 from cilkit.scenario import Scenario, imbalance_counts
 
 
@@ -282,8 +281,14 @@ def test_active_run_trains_only_on_annotated_images_and_resumes(tmp_path, monkey
         prev = json.loads((tmp_path / "full" / "memory" / f"state_{b - 1:02d}.json").read_text())["exemplars"]
         counts = [len(prev[str(run.scenario.order[c])]) for c in range(n_old)]
         counts += [s["annotations_per_class"][str(c)] for c in state["new_classes"]]
-        expected = prediction_scaling(torch.from_numpy(npz["logits"]), counts)
-        assert np.allclose(npz["scores"], expected.numpy(), atol=1e-6)
+        # written out here (Belouadah et al. 2020): p = softmax(z), p'_j = p_j * N / n_j, N = sum_j n_j
+        z = npz["logits"].astype(np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        n = np.array(counts, dtype=np.float64)
+        assert len(set(counts)) > 1  # the classes were not trained on equally: the scaling acts
+        expected = p * np.array([n.sum() / c if c > 0 else 1.0 for c in counts])[None, :]  # n_j = 0: p_j kept
+        assert np.allclose(npz["scores"], expected, rtol=1e-5, atol=1e-6)
     # killed after state 1, resumed: the same numbers
     Run(cfg, tmp_path / "cut", progress=False).execute(until_state=0)
     resumed = Run(cfg, tmp_path / "cut", progress=False).execute(resume=True)

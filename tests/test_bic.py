@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import tiny_config, total
 
-from cilkit.config import ScenarioConfig
+from cilkit.config import ScenarioConfig, ScheduleConfig
 from cilkit.errors import UserError
 from cilkit.io import load_torch, write_torch
-from cilkit.methods.base import Batch, distillation_kl
+from cilkit.methods.base import Batch, FitSpec, distillation_kl
 from cilkit.engine import Engine
 from cilkit.methods.bic import BiC, fit_bias_layer, holdout_sizes, validation_sizes
 from cilkit.models import BiasLayer
@@ -44,8 +44,36 @@ def _biased_logits(n=4000, classes=6, new=(4, 6), scale=0.5, shift=-1.5, seed=0)
 
 
 def _fit(z, y, beta_l2, epochs=60):
-    return fit_bias_layer(z, y, BiasLayer(4, 6), epochs=epochs, lr=0.1, milestones=[40], gamma=0.1,
-                          momentum=0.9, beta_l2=beta_l2, batch_size=256, generator=torch.Generator().manual_seed(1))
+    """Stage 2 through the engine (a fit over the logits as rows), labels as class positions."""
+    engine = Engine(dataset=None, eval_batch_size=256, device=torch.device("cpu"),  # type: ignore[arg-type]
+                    mean=torch.zeros(1), std=torch.ones(1), progress=False)
+    ctx = SimpleNamespace(engine=engine, state=SimpleNamespace(index=1), targets=lambda labels: labels,
+                          generator=torch.Generator())
+    spec = FitSpec(epochs=epochs, lr=0.1, momentum=0.9, weight_decay=0.0, batch_size=256,
+                   schedule=ScheduleConfig(type="multistep", milestones=[40], gamma=0.1))
+    return fit_bias_layer(ctx, z, y, BiasLayer(4, 6), spec, beta_l2, torch.Generator().manual_seed(1))
+
+
+def test_stage2_through_the_engine_is_the_originals_sgd_loop():
+    """The engine's fit over rows takes the steps of BiC's stage-2 loop as written by hand
+    (shuffled mini-batches from the generator, SGD with momentum, MultiStepLR)."""
+    z, y = _biased_logits(n=600)
+    got = _fit(z, y, beta_l2=0.1, epochs=5)
+    layer = BiasLayer(4, 6)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[40], gamma=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        order = torch.randperm(600, generator=g)
+        for start in range(0, 600, 256):
+            idx = order[start:start + 256]
+            loss = F.cross_entropy(layer(z[idx]), y[idx]) + 0.1 * layer.beta**2 / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    assert got.alpha.item() == pytest.approx(layer.alpha.item(), abs=1e-6)
+    assert got.beta.item() == pytest.approx(layer.beta.item(), abs=1e-6)
 
 
 def test_stage2_recovers_a_known_scale_and_shift():
@@ -63,8 +91,7 @@ def test_stage2_recovers_a_known_scale_and_shift():
 
 def _state_ctx(scenario, state, teacher_logits):
     """The parts of a Context that BiC's stage-1 loss reads."""
-    teacher = lambda x: {"logits": teacher_logits}  # noqa: E731
-    return SimpleNamespace(state=scenario.state(state), scenario=scenario, teacher=teacher)
+    return SimpleNamespace(state=scenario.state(state), scenario=scenario)
 
 
 def test_the_teacher_of_distillation_carries_the_previous_bias_correction(tmp_path):
@@ -76,16 +103,16 @@ def test_the_teacher_of_distillation_carries_the_previous_bias_correction(tmp_pa
     student_z = torch.randn(5, 6, generator=g)
     y = torch.tensor([0, 3, 4, 5, 5])
     ctx = _state_ctx(scenario, 2, teacher_z)
-    batch = Batch(x=torch.zeros(5, 1), y=y, idx=torch.arange(5))
+    batch = Batch(x=torch.zeros(5, 1), y=y, idx=torch.arange(5), teacher={"logits": teacher_z})
 
     bic.bias = {1: (1.0, 0.0)}  # identity correction
-    plain = bic.loss(ctx, batch, {"logits": student_z})
+    plain = total(bic.loss(ctx, batch, {"logits": student_z}))
     bic.bias = {1: (2.0, -1.0), 2: (7.0, 7.0)}
-    target = bic.teacher_logits(ctx, batch.x)
+    target = bic.teacher_logits(ctx, batch)
     # the layer of state 1 acts on state 1's classes (2, 3) only; state 2's layer not at all
     assert torch.equal(target[:, :2], teacher_z[:, :2])
     assert torch.allclose(target[:, 2:], 2.0 * teacher_z[:, 2:] - 1.0)
-    corrected = bic.loss(ctx, batch, {"logits": student_z})
+    corrected = total(bic.loss(ctx, batch, {"logits": student_z}))
     assert corrected.item() != pytest.approx(plain.item())
     lam = 4 / 6  # n_old / n_seen
     expected = lam * distillation_kl(student_z[:, :4], target, 2.0) + (1 - lam) * F.cross_entropy(student_z, y)
@@ -138,7 +165,8 @@ def test_no_validation_image_is_ever_trained_on_or_stored_as_an_exemplar(tmp_pat
     fit = Engine.fit
 
     def recording_fit(self, ctx, method, indices, *args, **kwargs):
-        trained[ctx.state.index] = indices.clone()
+        if kwargs.get("data") is None:  # a fit over training images (not stage 2's over logits)
+            trained[ctx.state.index] = indices.clone()
         return fit(self, ctx, method, indices, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "fit", recording_fit)
@@ -194,7 +222,7 @@ def test_state_weight_decay_follows_the_original_schedule(tmp_path):
     model = torch.nn.Linear(2, 2)
     for b in range(3):  # 1e-3 * 3 states / (b + 1)
         ctx = SimpleNamespace(config=cfg, scenario=scenario, state=scenario.state(b), model=model)
-        assert bic.param_groups(ctx)[0]["weight_decay"] == pytest.approx(0.003 / (b + 1))
+        assert bic.fit_spec(ctx, FitSpec.of_state(cfg.train, b)).weight_decay == pytest.approx(0.003 / (b + 1))
     # a different state-0 model: not the cached fine-tuning one
     assert bic.state0_signature() != BiC(tiny_config(tmp_path, "method=bic")).state0_signature()
 

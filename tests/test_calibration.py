@@ -16,7 +16,7 @@ from cilkit.cli import main
 from cilkit.metrics import run_summary
 from cilkit.analysis.report import compare_runs
 from cilkit.run.loop import Run
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 
 STATE_KEYS = ("top1", "top5", "top1_old", "top1_new", "balanced_top1", "new_class_share")
 SUMMARY_KEYS = (

@@ -13,7 +13,7 @@ from helpers import tiny_config
 from cilkit.cli import main
 from cilkit.analysis.plots import curve_data
 from cilkit.analysis.report import compare_runs, find_runs
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 
 SEEDS = [3, 4, 5]
 T_975_DF2 = 4.302652729749  # Student's t, 97.5% quantile, 2 degrees of freedom (tables: 4.3027)

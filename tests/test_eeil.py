@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_value_and_gradient, state_context, tiny_config
+from helpers import assert_value_and_gradient, state_context, tiny_config, total
 
 from cilkit.engine import Batch
 from cilkit.errors import UserError
@@ -80,24 +80,28 @@ def test_the_balanced_stage_loss_adds_the_temporary_distillation_of_the_new_clas
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
     idx = ctx.state.train[:16]
     x, labels, _ = next(iter(ctx.dataset.train.batches(idx, 16, mean=ctx.mean, std=ctx.std, device=ctx.device)))
-    batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
-    out = ctx.model(batch.x)
-    ours = BalancedStage(method, stage_teacher).loss(ctx, batch, out).double()
-    z = out["logits"].detach().double()
     with torch.no_grad():
-        old, first = ctx.teacher(x)["logits"].double(), stage_teacher(x)["logits"].double()
+        old_out, first_out = ctx.teacher(x), stage_teacher(x)
+    stage = BalancedStage(method, stage_teacher)
+    assert stage.teacher(ctx) is stage_teacher and method.teacher(ctx) is ctx.teacher  # what the engine runs
+    batch = Batch(x=x, y=ctx.targets(labels), idx=idx, teacher=first_out)
+    out = ctx.model(batch.x)
+    ours = total(stage.loss(ctx, batch, out)).double()
+    z = out["logits"].detach().double()
+    old, first = old_out["logits"].double(), first_out["logits"].double()
     n_old, n_seen = ctx.state.n_old, ctx.state.n_seen
     ref = (ce_by_hand(z, batch.y) + soft_ce_by_hand(z, first, list(range(n_old)), 2.0)
            + soft_ce_by_hand(z, first, list(range(n_old, n_seen)), 2.0))
     assert torch.allclose(ours, ref, atol=1e-4)
     method.cfg = method.cfg.model_copy(update={"temporary_distillation": False})
     try:
-        without = BalancedStage(method, stage_teacher).loss(ctx, batch, out).double()
+        without = total(BalancedStage(method, stage_teacher).loss(ctx, batch, out)).double()
     finally:
         method.cfg = method.cfg.model_copy(update={"temporary_distillation": True})
     assert torch.allclose(without, ce_by_hand(z, batch.y) + soft_ce_by_hand(z, first, list(range(n_old)), 2.0),
                           atol=1e-4)
-    first_stage = method.loss(ctx, batch, out).double()  # no temporary term outside the balanced stage
+    first_batch = Batch(x=x, y=batch.y, idx=idx, teacher=old_out)
+    first_stage = total(method.loss(ctx, first_batch, out)).double()  # no temporary term outside the balanced stage
     assert torch.allclose(first_stage, ce_by_hand(z, batch.y) + soft_ce_by_hand(z, old, list(range(n_old)), 2.0),
                           atol=1e-4)
 

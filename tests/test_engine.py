@@ -5,6 +5,7 @@ from helpers import tiny_config
 from cilkit.config import DataConfig, ScenarioConfig, TrainConfig
 from cilkit.data import load_dataset
 from cilkit.engine import make_optimizer, make_scheduler
+from cilkit.protocol import FitSpec
 from cilkit.run.loop import Run
 from cilkit.run.setup import normalisation
 from cilkit.scenario import Scenario
@@ -13,7 +14,7 @@ from cilkit.scenario import Scenario
 def lrs(schedule, epochs=10, losses=None):
     cfg = TrainConfig(lr=0.1, schedule=schedule)
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = make_optimizer([{"params": [p]}], cfg, cfg.lr)
+    opt = make_optimizer([{"params": [p]}], FitSpec.of_state(cfg, 0))
     sched = make_scheduler(opt, cfg.schedule, epochs)
     out = []
     for e in range(epochs):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, total
 from PIL import Image
 
 from cilkit.cli import main
@@ -56,7 +56,7 @@ def _icarl_ctx(tmp_path, teacher_logits, n_old, n_classes=10, *options):
     method = ICaRL(tiny_config(tmp_path, "method=icarl", *options))
     state = scenario.state(n_old - 1 if n_old > 0 else 0)
     ctx = SimpleNamespace(state=state, scenario=scenario,
-                          teacher=(lambda x: {"logits": teacher_logits}) if n_old else None)
+                          teacher_out={"logits": teacher_logits} if n_old else None)  # what the engine hands the loss
     return method, ctx
 
 
@@ -71,17 +71,17 @@ def test_icarl_bce_sums_over_the_seen_classes_with_sigmoid_targets_from_the_teac
     expected = sum(per_image) / 2  # summed over the seen classes, averaged over the batch
     method, ctx = _icarl_ctx(tmp_path, torch.tensor(teacher), n_old=2)
     assert ctx.state.n_old == 2 and ctx.state.n_seen == 3
-    batch = Batch(x=torch.zeros(2, 1), y=torch.tensor(y), idx=torch.arange(2))
-    got = method.loss(ctx, batch, {"logits": torch.tensor(z)})
+    batch = Batch(x=torch.zeros(2, 1), y=torch.tensor(y), idx=torch.arange(2), teacher=ctx.teacher_out)
+    got = total(method.loss(ctx, batch, {"logits": torch.tensor(z)}))
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # the original code's reduction: the mean over the batch and the run's 10 output units
     mean_method, _ = _icarl_ctx(tmp_path, torch.tensor(teacher), 2, 10, "icarl.bce_reduction=mean")
-    assert mean_method.loss(ctx, batch, {"logits": torch.tensor(z)}).item() == pytest.approx(expected / 10, rel=1e-6)
+    assert total(mean_method.loss(ctx, batch, {"logits": torch.tensor(z)})).item() == pytest.approx(expected / 10, rel=1e-6)
     # state 0 (no teacher): one-hot targets only
     z0 = [[0.4, -0.3]]
     method0, ctx0 = _icarl_ctx(tmp_path, None, n_old=0)
     b0 = Batch(x=torch.zeros(1, 1), y=torch.tensor([1]), idx=torch.arange(1))
-    assert method0.loss(ctx0, b0, {"logits": torch.tensor(z0)}).item() == pytest.approx(
+    assert total(method0.loss(ctx0, b0, {"logits": torch.tensor(z0)})).item() == pytest.approx(
         bce(0.4, 0.0) + bce(-0.3, 1.0), rel=1e-6)
     assert icarl_bce(torch.tensor(z0), torch.tensor([[0.0, 1.0]]), divisor=4).item() == pytest.approx(
         (bce(0.4, 0.0) + bce(-0.3, 1.0)) / 4, rel=1e-6)
@@ -95,8 +95,8 @@ def test_icarl_ce_kd_is_cross_entropy_plus_distillation_of_the_old_logits(tmp_pa
     student = log_softmax([z[0][0] / 2, z[0][1] / 2])
     kd = -(target[0] * student[0] + target[1] * student[1])
     method, ctx = _icarl_ctx(tmp_path, torch.tensor(teacher), 2, 10, "icarl.loss=ce_kd")
-    batch = Batch(x=torch.zeros(1, 1), y=torch.tensor([2]), idx=torch.arange(1))
-    assert method.loss(ctx, batch, {"logits": torch.tensor(z)}).item() == pytest.approx(ce + kd, rel=1e-6)
+    batch = Batch(x=torch.zeros(1, 1), y=torch.tensor([2]), idx=torch.arange(1), teacher=ctx.teacher_out)
+    assert total(method.loss(ctx, batch, {"logits": torch.tensor(z)})).item() == pytest.approx(ce + kd, rel=1e-6)
 
 
 # ----- nearest mean of exemplars -------------------------------------------------------------------

@@ -14,7 +14,7 @@ from cilkit.analysis.plots import confusion_data, curve_data, figures, new_share
 from cilkit.analysis.report import compare_runs, find_runs
 from cilkit.cli import main
 from cilkit.errors import UserError
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 
 FIGURES = ["balanced_top1_curve", "confusion_last_state", "new_class_share", "old_new", "top1_curve"]
 METHODS = ("finetune", "icarl")

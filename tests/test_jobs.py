@@ -1,6 +1,6 @@
 """``--jobs N``: runs in processes of their own give the serial run's numbers, overlap in time,
 share the state-0 cache safely, report a failed job in one line and resume only the unfinished
-ones (cilkit.run.jobs, cilkit.run.execution)."""
+ones (cilkit.runs.jobs, cilkit.runs.execution)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import yaml
 from cilkit.cli import main
 from cilkit.config import validate
 from cilkit.errors import UserError
-from cilkit.run.execution import Execution
-from cilkit.run.jobs import (JobProgress, cpu_threads_per_job, gpus_for_jobs, plan, read_progress, status_line)
-from cilkit.run.multirun import run_methods
+from cilkit.runs.execution import Execution
+from cilkit.runs.jobs import (JobProgress, cpu_threads_per_job, gpus_for_jobs, plan, read_progress, status_line)
+from cilkit.runs.multirun import run_methods
 from helpers import strip_timings, tiny_config, tiny_dict
 
 pytestmark = pytest.mark.slow

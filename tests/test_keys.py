@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from helpers import tiny_config
-from pydantic import Field
+from helpers import registered_methods, tiny_config
+from pydantic import BaseModel, Field
 
 from cilkit.analysis.runsets import FoundRun, group_runs
 from cilkit.config import RunConfig, TrainConfig
 from cilkit.errors import UserError
-from cilkit.keys import KEYS, Role, config_differences, leaf_keys, protocol_settings, resume_warnings, state0_settings
-from cilkit.run.layout import RunLayout
+from cilkit.keys import (KEYS, METHOD_OPTIONS, Key, Role, config_differences, option_key, protocol_settings,
+                         resume_warnings, stale_keys, state0_settings, undeclared_keys)
+from cilkit.methods.base import MethodConfig
+from cilkit.options import is_declared, option
+from cilkit.registry import METHODS
+from cilkit.rundir.layout import RunLayout
 from cilkit.run.loop import Run
 
 
 def test_every_config_key_is_declared_once():
-    leaves = leaf_keys(RunConfig)
-    assert sorted(leaves) == sorted(KEYS)  # nothing undeclared, nothing declared that is gone
+    assert undeclared_keys(RunConfig) == []  # every leaf of RunConfig has its declaration
+    assert stale_keys(RunConfig) == []  # and nothing is declared that is gone
 
 
 def test_a_new_config_key_without_a_declaration_is_caught():
@@ -28,7 +32,46 @@ def test_a_new_config_key_without_a_declaration_is_caught():
     class NewConfig(RunConfig):
         train: NewTrain = Field(default_factory=NewTrain)
 
-    assert "train.warmup_epochs" in set(leaf_keys(NewConfig)) - set(KEYS)
+    assert undeclared_keys(NewConfig) == ["train.warmup_epochs"]
+
+    class Small(BaseModel):
+        seed: int = 0
+
+    assert "train.lr" in stale_keys(Small) and "seed" not in stale_keys(Small)
+
+
+def test_every_method_option_is_declared_on_its_field():
+    for name in registered_methods():
+        for key, field in METHODS[name].Config.model_fields.items():
+            assert is_declared(field) and field.description, f"{name}.{key}: declare it with cilkit.options.option"
+
+
+@pytest.fixture
+def keys_method():
+    """A method registered for one test: a plain field ``a`` and a declared one ``b``."""
+
+    class Cfg(MethodConfig):
+        a: float = Field(1.0)
+        b: float = option(1.0, help="free to change", state0=False, resume="free")
+
+    class KeysMethod(METHODS["finetune"]):  # type: ignore[misc,valid-type]
+        Config = Cfg
+
+    METHODS["keys_test"] = KeysMethod
+    yield "keys_test"
+    del METHODS["keys_test"]
+
+
+def test_a_method_option_key_is_its_fields_declaration(keys_method):
+    assert option_key("lucir.lambda_base") == Key(Role.IDENTITY, False, "keep")
+    assert option_key("bic.val_ratio") == Key(Role.IDENTITY, True, "keep")
+    assert option_key("keys_test.b") == Key(Role.IDENTITY, False, "free")
+    assert option_key("keys_test.a") == Key(Role.IDENTITY, True, "keep")  # a plain field: the safe default
+    assert option_key("keys_test.nope") is METHOD_OPTIONS and option_key("nosuch.x") is METHOD_OPTIONS
+    then = RunConfig.model_validate({"method": "keys_test"}).to_dict()
+    now = {**then, "keys_test": {"a": 2.0, "b": 3.0}}
+    assert config_differences(now, then) == ["keys_test.a"]  # b declares that a resume may change it
+    assert not {k for k in state0_settings(now, "keys_test") if k.startswith("keys_test")}  # the method's signature keys them
 
 
 def test_the_declaration_by_hand():

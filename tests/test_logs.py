@@ -9,7 +9,7 @@ from helpers import tiny_config
 from cilkit.cli import main
 from cilkit.memory import Memory
 from cilkit.run.loop import Run
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 
 TIMINGS = {"seconds", "images_per_second"}
 
@@ -126,10 +126,11 @@ def test_tensorboard_events_per_epoch_and_per_state_survive_a_resume(tmp_path, m
     Run(cfg, tmp_path / "r", progress=False).execute(resume=True)
     acc = _events(tmp_path / "r" / "tb")
     tags = acc.Tags()
-    assert set(tags["scalars"]) == {"train/loss", "train/lr", "state/top1", "state/top1_old", "state/top1_new",
-                                    "state/balanced_top1"}
+    assert set(tags["scalars"]) == {"train/loss", "train/lr", "train/term/ce", "state/top1", "state/top1_old",
+                                    "state/top1_new", "state/balanced_top1"}  # fine-tuning's one loss term, ce
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]  # 2 epochs x 3 states, once each
     assert [e.step for e in acc.Scalars("train/lr")] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in acc.Scalars("train/term/ce")] == pytest.approx([e.value for e in acc.Scalars("train/loss")])
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert [e.step for e in acc.Scalars("state/top1")] == [4, 7, 10]  # against the classes seen
     assert [e.value for e in acc.Scalars("state/top1")] == pytest.approx([s["top1"] for s in results["states"]])

@@ -1,5 +1,6 @@
 """LUCIR (Hou et al., CVPR 2019): the formulas, the split cosine head, and runs on digits."""
 
+import json
 import math
 
 import numpy as np
@@ -152,8 +153,10 @@ def test_sigma_is_learned_and_lambda_follows_the_schedule(lucir_run):
     assert "lambda" not in own[0]
     assert own[1]["lambda"] == pytest.approx(5 * math.sqrt(4 / 3))
     assert own[2]["lambda"] == pytest.approx(5 * math.sqrt(7 / 3))
-    terms = own[1]["loss_terms"]
-    assert terms["ce"] > 0 and 0 <= terms["less_forget"] <= 2 and terms["margin_ranking"] >= 0
+    history = [json.loads(s) for s in (lucir_run[0] / "run" / "history.jsonl").read_text().splitlines()]
+    terms = [h["terms"] for h in history if h["kind"] == "epoch" and h["state"] == 2 and h["stage"] == "train"]
+    lam = 5 * math.sqrt(4 / 3)  # the less-forget term enters the sum weighted by lambda (0 <= L_lf <= 2)
+    assert terms and all(t["ce"] > 0 and 0 <= t["less_forget"] <= 2 * lam and t["margin_ranking"] >= 0 for t in terms)
 
 
 def test_lucir_backbone_has_no_last_relu_and_its_own_state0_cache(lucir_run):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_value_and_gradient, tiny_config
+from helpers import assert_value_and_gradient, tiny_config, total
 
 from cilkit.methods.lwf import LwFConfig, lwf_loss
 from cilkit.run.loop import Run
@@ -53,19 +53,19 @@ def _batch(seed: int = 0, n: int = 5, classes: int = 6, n_old: int = 4):
 @pytest.mark.parametrize("reduction,divisor", [("sum", 1), ("mean", 10)])
 def test_lwf_mc_loss_and_gradient_match_the_transcription(reduction, divisor):
     z, y, old = _batch()
-    ours = lwf_loss(z, y, old, LwFConfig(loss="bce", bce_reduction=reduction), divisor)
+    ours = total(lwf_loss(z, y, old, LwFConfig(loss="bce", bce_reduction=reduction), divisor))
     assert_value_and_gradient(ours, z, lambda ref_z: lwf_mc_by_hand(ref_z, y, old, divisor))
 
 
 def test_lwf_mc_without_teacher_is_binary_cross_entropy_on_one_hot_targets():
     z, y, _ = _batch(1)
-    assert torch.allclose(lwf_loss(z, y, None, LwFConfig()), lwf_mc_by_hand(z, y, None, 1), atol=1e-10)
+    assert torch.allclose(total(lwf_loss(z, y, None, LwFConfig())), lwf_mc_by_hand(z, y, None, 1), atol=1e-10)
 
 
 @pytest.mark.parametrize("T,lam", [(2.0, 1.0), (3.0, 0.5)])
 def test_ce_kd_loss_and_gradient_match_the_transcription(T, lam):
     z, y, old = _batch(2)
-    ours = lwf_loss(z, y, old, LwFConfig(loss="ce_kd", temperature=T, lambda_kd=lam))
+    ours = total(lwf_loss(z, y, old, LwFConfig(loss="ce_kd", temperature=T, lambda_kd=lam)))
     assert_value_and_gradient(ours, z, lambda ref_z: ce_kd_by_hand(ref_z, y, old, T, lam))
 
 

@@ -30,9 +30,9 @@ from cilkit.errors import UserError, did_you_mean, unknown_name
 from cilkit.models.backbones import build_backbone
 from cilkit.packaged import packaged_configs, resolve_config
 from cilkit.run import setup
-from cilkit.run.layout import LOCK_NAME, DirectoryLock
+from cilkit.rundir.layout import LOCK_NAME, DirectoryLock
 from cilkit.run.loop import Run
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 from cilkit.run.state0cache import CacheEntry, entry_lock
 
 ROOT = Path(__file__).resolve().parents[1]

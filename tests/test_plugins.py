@@ -129,7 +129,7 @@ def test_a_broken_plugin_is_one_line_naming_it(tmp_path, capsys, registries):
              ("no_such_module_xyz", "plugin 'no_such_module_xyz' failed to import (ModuleNotFoundError"),
              (str(raising), f"plugin '{raising}' failed to import (RuntimeError: no GPU here)"),
              (str(twice), "(ValueError: method 'finetune' is registered twice)"),
-             (str(factory), "must take in_channels and last_relu")]
+             (str(factory), "must take in_channels (missing in_channels)")]
     for plugin, expected in cases:
         assert main(["run", cfg, "--plugin", plugin, "--out", str(tmp_path / "r")]) == 2, plugin
         assert expected in one_error_line(capsys)
@@ -186,6 +186,25 @@ def test_weights_start_the_backbone_and_key_the_state0_cache(tmp_path, capsys, m
     assert main([*args[:-1], "model.weights=absent.pt", "--out", str(tmp_path / "d")]) == 2
     assert "file not found" in one_error_line(capsys)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_backbone_without_last_relu_serves_every_method_but_those_that_drop_it(tmp_path, capsys, registries):
+    """The backbone contract is in_channels alone; LUCIR's cosine classifier asks for features
+    without the last ReLU, which a factory without ``last_relu`` cannot give: one line."""
+    plugin = tmp_path / "plain.py"
+    plugin.write_text("import torch\nfrom cilkit.registry import register_backbone\n"
+                      "class Flat(torch.nn.Module):\n"
+                      "    def __init__(self, c):\n        super().__init__()\n        self.out_dim = 8\n"
+                      "        self.fc = torch.nn.Linear(c * 64, 8)\n"
+                      "    def forward(self, x):\n        return torch.relu(self.fc(x.flatten(1)))\n"
+                      "@register_backbone('plain', 'in_channels only')\n"
+                      "def plain(in_channels):\n    return Flat(in_channels)\n")
+    cfg = str(tiny_yaml(tmp_path))
+    common = ["--plugin", str(plugin), "--set", "model.backbone=plain", "--set", "scenario.states=2"]
+    assert main(["run", cfg, *common, "--out", str(tmp_path / "ft")]) == 0
+    capsys.readouterr()
+    assert main(["run", cfg, *common, "--set", "method=lucir", "--out", str(tmp_path / "lucir")]) == 2
+    assert "backbone 'plain' cannot drop its last ReLU" in one_error_line(capsys)
 
 
 def test_a_plugin_backbone_or_reader_that_raises_when_called_is_one_line(tmp_path, capsys, registries):

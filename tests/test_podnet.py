@@ -4,6 +4,7 @@ step trains exactly what the original trains."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -194,5 +195,7 @@ def test_state_1_trains_what_the_original_trains(tmp_path, finetune):
     assert after["head.scale"].item() != before["head.scale"].item()  # eta is learned
     own = results["states"][1]["podnet"]
     assert own["factor"] == pytest.approx(math.sqrt(7 / 3))
-    assert set(own["loss_terms"]) == {"nca", "flat", "spatial"} and own["loss_terms"]["spatial"] >= 0
+    history = [json.loads(s) for s in (tmp_path / "r2" / "history.jsonl").read_text().splitlines()]
+    terms = [h["terms"] for h in history if h["kind"] == "epoch" and h["state"] == 2 and h["stage"] == "train"]
+    assert terms and all(set(t) == {"nca", "pod"} and t["pod"] >= 0 for t in terms)
     assert ("finetune" in own) == finetune

@@ -23,7 +23,7 @@ from cilkit.data.files import FileImages
 from cilkit.errors import UserError
 from cilkit.methods import register
 from cilkit.methods.finetune import Finetune
-from cilkit.run.layout import DirectoryLock, fresh_directory
+from cilkit.rundir.layout import DirectoryLock, fresh_directory
 from cilkit.run.loop import Run
 
 

@@ -16,7 +16,7 @@ from helpers import one_error_line, snapshot, tiny_config
 
 from cilkit.analysis.report import compare_runs
 from cilkit.cli import main
-from cilkit.run import tune as tune_module
+from cilkit.runs import tune as tune_module
 from cilkit.run.loop import Run
 
 MARKER = ".cilkit-compare"

@@ -19,7 +19,7 @@ from helpers import strip_timings, tiny_config, tiny_dict
 import cilkit
 from cilkit.cli import main
 from cilkit.errors import UserError
-from cilkit.run.layout import RUN_MARKER, RunLayout
+from cilkit.rundir.layout import RUN_MARKER, RunLayout
 from cilkit.run.loop import Run
 from cilkit.run.state0cache import cache_file
 
@@ -228,7 +228,7 @@ def test_a_failed_start_leaves_a_directory_a_run_may_take(tmp_path):
     (out / ".cilkit.lock").write_text("")
     (out / "run.log").write_text("")
     cfg = tiny_config(tmp_path, "threads=1", "train.epochs=1", "scenario.states=2")
-    from cilkit.run.multirun import run_methods
+    from cilkit.runs.multirun import run_methods
 
     run_methods(cfg, out)
     assert json.loads((out / "results.json").read_text())["complete"]

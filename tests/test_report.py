@@ -24,7 +24,7 @@ from cilkit.analysis.plots import (
     true_new_share,
 )
 from cilkit.analysis.report import compare_runs, describe_memory, find_runs
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 
 
 def _colours(rgb):

@@ -1,28 +1,27 @@
 """A run killed after state 2 or 3 (not only 1) and resumed gives exactly the numbers, scores and
-memory of an uninterrupted run, for every method."""
+memory of an uninterrupted run, for every registered method (with its quick settings) and a few
+option variants."""
 
 import json
 
 import numpy as np
 import pytest
-from helpers import strip_timings, tiny_config
+from helpers import method_cases, strip_timings, tiny_config
 
 from cilkit.run.loop import Run
 
-METHODS = ["finetune", "icarl", "joint", "lucir", "bic", "il2m", "sir", "active", "podnet", "sir-podnet", "lwf", "eeil", "scail", "wa", "ssil", "gdumb"]
-EXTRA = {
-    "podnet": ["podnet.proxies_per_class=3", "podnet.finetune_epochs=1"],
-    "sir-podnet": ["sir.base=podnet", "podnet.proxies_per_class=3", "podnet.finetune_epochs=1"],
-    "active": ["active.budget=0.2", "active.cycles=2", "active.classical=margin", "active.balancing=poor"],
-    "finetune": ["finetune.reinit_classifier=true"],
-    "lwf": ["memory.total=0"],
-    "eeil": ["eeil.finetune_epochs=2"],
+# paths the defaults do not take, beside every registered method with its quick settings
+VARIANTS = {
+    "sir-podnet": ("sir", ["sir.base=podnet", "podnet.proxies_per_class=3", "podnet.finetune_epochs=1"]),
+    "active-margin": ("active", ["active.classical=margin"]),
+    "finetune-reinit": ("finetune", ["finetune.reinit_classifier=true"]),
 }
+CASES = method_cases(VARIANTS)
 
 
-def four_states(tmp_path, method):
-    return tiny_config(tmp_path, f"method={method.split('-')[0]}", "scenario.increment=2", "scenario.states=4", "train.epochs=1",
-                       "state0_cache=null", "memory.total=80", "threads=1", *EXTRA.get(method, []))
+def four_states(tmp_path, name, options):
+    return tiny_config(tmp_path, f"method={name}", "scenario.increment=2", "scenario.states=4", "train.epochs=1",
+                       "state0_cache=null", "memory.total=80", "threads=1", *options)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +29,12 @@ def uninterrupted(tmp_path_factory):
     """One uninterrupted 4-state run per method, made on first use."""
     done = {}
 
-    def get(method):
-        if method not in done:
-            d = tmp_path_factory.mktemp(f"full-{method}")
-            done[method] = (Run(four_states(d, method), d / "run", progress=False).execute(), d / "run")
-        return done[method]
+    def get(name, options):
+        key = (name, *options)
+        if key not in done:
+            d = tmp_path_factory.mktemp(f"full-{name}")
+            done[key] = (Run(four_states(d, name, options), d / "run", progress=False).execute(), d / "run")
+        return done[key]
 
     return get
 
@@ -43,11 +43,12 @@ def _files(run_dir, pattern):
     return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob(pattern))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name, options", CASES)
 @pytest.mark.parametrize("cut", [1, 2])  # killed after state 2 / state 3 (0-based 1 / 2)
-def test_a_run_cut_after_a_later_state_resumes_to_the_uninterrupted_results(tmp_path, uninterrupted, method, cut):
-    full, full_dir = uninterrupted(method)
-    cfg = four_states(tmp_path, method)
+def test_a_run_cut_after_a_later_state_resumes_to_the_uninterrupted_results(tmp_path, uninterrupted, name, options,
+                                                                             cut):
+    full, full_dir = uninterrupted(name, options)
+    cfg = four_states(tmp_path, name, options)
     cut_dir = tmp_path / "cut"
     partial = Run(cfg, cut_dir, progress=False).execute(until_state=cut)
     assert len(partial["states"]) == cut + 1 and not partial["complete"]

@@ -40,7 +40,9 @@ def test_run_directory_and_results(tmp_path):
     assert not list(d.rglob("*.tmp")), "no temporary file left behind"
     # the checkpoint loads without executing code and holds what a resume needs
     ckpt = load_torch(sorted((d / "checkpoints").glob("*.pt"))[-1])
-    assert set(ckpt) == {"state", "num_classes", "model", "method", "memory", "statistics", "results", "config", "data"}
+    assert set(ckpt) == {"state", "num_classes", "architecture", "model", "method", "memory", "statistics", "results",
+                         "config", "data"}
+    assert ckpt["architecture"] == {"num_classes": 10}  # the model's shape: a plain backbone, no auxiliary head
     assert len(list((d / "checkpoints").glob("*.pt"))) == 1  # keep_checkpoints: last
 
 

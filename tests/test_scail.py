@@ -15,7 +15,7 @@ from sklearn import preprocessing
 from cilkit.analysis.calibrate import calibrate_run
 from cilkit.cli import main
 from cilkit.rectify import scail_classifier, scail_scores
-from cilkit.run.multirun import run_methods
+from cilkit.runs.multirun import run_methods
 
 
 def authors_loop(heads, ends, features, top_rewinded):

@@ -12,9 +12,9 @@ import yaml
 from helpers import tiny_config
 
 from cilkit.cli import main
-from cilkit.run import search as search_module
-from cilkit.run import tune as tune_module
-from cilkit.run.tune import validation_score
+from cilkit.runs import search as search_module
+from cilkit.runs import tune as tune_module
+from cilkit.runs.tune import validation_score
 
 pytest.importorskip("optuna")
 

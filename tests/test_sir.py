@@ -1,11 +1,13 @@
 """SIR (reconstruction): each component on hand-made inputs, the switches, and an end-to-end run."""
 
+import dataclasses
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config
+from helpers import tiny_config, total
 
 from cilkit.classwise import normalised_class_means as class_prototypes
 from cilkit.config import ScenarioConfig
@@ -199,7 +201,11 @@ def _state1(tmp_path, *sets):
     run.method.begin_round(ctx)
     idx = ctx.state.train[:16]
     x, labels, _ = next(run.dataset.train.batches(idx, 16, mean=run.mean, std=run.std))
-    batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
+    teacher = None
+    if ctx.teacher is not None:  # what the engine hands the loss: the teacher's outputs, no gradient
+        with torch.no_grad():
+            teacher = ctx.teacher(x, stages=run.method.needs_stages)
+    batch = Batch(x=x, y=ctx.targets(labels), idx=idx, teacher=teacher)
     return run, ctx, batch
 
 
@@ -209,20 +215,102 @@ def test_sir_on_lucir_with_every_component_off_is_lucirs_loss(tmp_path):
     lucir = sir_run.method.base  # the same model and teacher, LUCIR's own loss
     out = ctx.model(batch.x)
     assert isinstance(ctx.model.head, SplitCosineLinear) and ctx.teacher is not None
-    expected = lucir.loss(ctx, batch, out)  # CE(sigma cos) + lambda L_lf + L_mr
-    assert sir_run.method.loss(ctx, batch, out).item() == pytest.approx(expected.item(), rel=1e-6)
+    expected = total(lucir.loss(ctx, batch, out))  # CE(sigma cos) + lambda L_lf + L_mr
+    got = sir_run.method.loss(ctx, batch, out)
+    assert list(got) == ["sir", "less_forget", "margin_ranking"]  # SIR's term in place of LUCIR's CE
+    assert total(got).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _sir_on_podnet_by_hand(ctx, images, teacher, batch_y, out, old, tau, gamma, w, temperature, lam_f, lam_c):
+    """SIR's state-1 loss on PODNet written out from docs/sir.md and the PODNet paper (Eq. 2-5),
+    in float64, sharing no code with the method: SIR's cross-entropy over the class logits in
+    place of NCA, plus ``r (lambda_f L_flat + lambda_c L_spatial)``."""
+    st = ctx.state
+    # 1. frequency compensation: n_j over the round's training set (the new images and the old
+    #    classes' exemplars), tau_j = tau * gamma ** age_j (the old classes were learned one state ago)
+    trained = torch.cat([st.train, ctx.memory.indices(st.old)])
+    n = torch.bincount(ctx.scenario.train_pos[trained], minlength=st.n_seen).double()
+    age = torch.tensor([1.0 if c < st.n_old else 0.0 for c in range(st.n_seen)], dtype=torch.float64)
+    offsets = tau * gamma**age * torch.log(n / n.max())
+    # 2. inheritance transfer: class prototypes under the previous model (mean of the unit
+    #    features, made unit), q_n = softmax over the old classes of cos(mu_n, mu_o) / T
+    protos = []
+    for c in range(st.n_seen):
+        idx = trained[ctx.scenario.train_pos[trained] == c]
+        with torch.no_grad():
+            f = torch.cat([teacher(x)["features"] for x, _, _ in images(idx)]).double()
+        m = (f / f.norm(dim=1, keepdim=True)).mean(dim=0)
+        protos.append(m / m.norm())
+    mu = torch.stack(protos)
+    cos = mu[st.n_old:] @ mu[: st.n_old].T
+    q = torch.exp(cos / temperature) / torch.exp(cos / temperature).sum(dim=1, keepdim=True)
+    z = out["logits"].detach().double()
+    z_comp = z + offsets
+    total = 0.0
+    for i, y in enumerate(batch_y.tolist()):
+        t = torch.zeros(st.n_seen, dtype=torch.float64)
+        t[y] = 1.0
+        if y >= st.n_old:  # a new class: (1 - w) onehot + w q_y over the old classes
+            t = (1 - w) * t
+            t[: st.n_old] = w * q[y - st.n_old]
+        log_p_comp = z_comp[i] - torch.logsumexp(z_comp[i], dim=0)
+        log_p = z[i] - torch.logsumexp(z[i], dim=0)
+        total += -t[y] * log_p_comp[y] - sum(t[o] * log_p[o] for o in range(st.n_seen) if o != y)
+    classification = total / len(batch_y)
+    # PODNet's distillation: POD-flat, 1 - cos of the final embeddings; POD-spatial, per stage the
+    # squared map summed over the width and over the height, unit, Euclidean distance
+    h_old, h_new = old["features"].double(), out["features"].detach().double()
+    flat = (1 - (h_old * h_new).sum(dim=1) / (h_old.norm(dim=1) * h_new.norm(dim=1))).mean()
+    spatial = 0.0
+    for a_old, a_new in zip(old["stages"], out["stages"], strict=True):
+        def pooled(a):
+            a = a.detach().double() ** 2
+            v = torch.cat([a.sum(dim=3).flatten(1), a.sum(dim=2).flatten(1)], dim=1)
+            return v / v.norm(dim=1, keepdim=True)
+        spatial += (pooled(a_old) - pooled(a_new)).norm(dim=1).mean() / len(out["stages"])
+    r = math.sqrt(st.n_seen / st.n_new)
+    return float(classification + r * (lam_f * flat + lam_c * spatial)), offsets
 
 
 def test_sir_on_podnet_replaces_nca_and_keeps_the_pod_terms(tmp_path):
-    run, ctx, batch = _state1(tmp_path, "method=sir", "sir.base=podnet", "podnet.proxies_per_class=2")
-    podnet, sir = run.method.base, run.method
-    out = ctx.model(batch.x, stages=True)
+    tau, gamma, w, temperature, lam_f, lam_c = 0.8, 0.5, 0.3, 0.5, 2.0, 0.5  # all off their defaults
+    run, ctx, _ = _state1(tmp_path, "method=sir", "sir.base=podnet", "podnet.proxies_per_class=2",
+                          f"sir.tau={tau}", f"sir.attenuation={gamma}", f"sir.transfer_weight={w}",
+                          f"sir.transfer_temperature={temperature}", f"podnet.lambda_flat={lam_f}",
+                          f"podnet.lambda_spatial={lam_c}")
+    from cilkit.methods.base import Batch
+
+    sir, st = run.method, ctx.state
     assert sir.needs_stages and isinstance(ctx.model.head, LocalSimilarityClassifier)
-    logits = ctx.model.head(out["features"])
-    targets = inheritance_targets(batch.y, ctx.state.n_seen, ctx.state.n_old, sir.transfer, sir.cfg.transfer_weight)
-    expected = sir_loss(logits, batch.y, sir.offsets, targets) + podnet.regularisation_loss(ctx, batch, out)
-    assert sir.loss(ctx, batch, out).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert sir.offsets is not None and (sir.offsets[: ctx.state.n_old] < 0).all()  # old classes compensated
+    idx = torch.cat([ctx.memory.indices(st.old)[::8], st.train[:12]])  # old exemplars and new images
+
+    def images(indices):
+        return run.dataset.train.batches(indices, 512, mean=run.mean, std=run.std)
+
+    x, labels, _ = next(images(idx))
+    batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
+    assert (batch.y < st.n_old).any() and (batch.y >= st.n_old).any()
+    teacher = ctx.teacher  # the model before this state, frozen
+    with torch.no_grad():  # a student that has moved away from its teacher, as in training: POD terms > 0
+        g = torch.Generator().manual_seed(0)
+        for p in ctx.model.backbone.parameters():
+            p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    out = ctx.model(batch.x, stages=True)
+    with torch.no_grad():
+        old = teacher(batch.x, stages=True)
+    if any(f.name == "teacher" for f in dataclasses.fields(batch)):  # the engine hands the teacher's outputs over
+        batch = dataclasses.replace(batch, teacher=old)
+    got = sir.loss(ctx, batch, out)
+    got = sum(got.values()) if isinstance(got, dict) else got  # named terms: the engine sums them
+    expected, offsets = _sir_on_podnet_by_hand(ctx, images, teacher, batch.y, out, old, tau, gamma, w,
+                                               temperature, lam_f, lam_c)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert (offsets[: st.n_old] < 0).all()  # the old classes are the rare ones: compensated
+    no_pod, _ = _sir_on_podnet_by_hand(ctx, images, teacher, batch.y, out, old, tau, gamma, w, temperature, 0.0, 0.0)
+    assert expected - no_pod > 1e-3  # the distillation terms weigh in the comparison
     results = Run(run.config, tmp_path / "full", progress=False).execute()
     own = results["states"][1]["sir"]
-    assert {"train_counts", "tau", "factor", "scale", "loss_terms"} <= set(own)  # SIR's and PODNet's records
+    assert {"train_counts", "tau", "factor", "scale"} <= set(own)  # SIR's and PODNet's records
+    history = [json.loads(line) for line in (tmp_path / "full" / "history.jsonl").read_text().splitlines()]
+    assert {tuple(h["terms"]) for h in history if h["kind"] == "epoch" and h["state"] == 2
+            and h["stage"] == "train"} == {("sir", "pod")}  # SIR's term in place of NCA, PODNet's kept

@@ -10,13 +10,13 @@ import torch
 import yaml
 from helpers import tiny_config
 
-from cilkit.run import tune as tune_module
+from cilkit.runs import tune as tune_module
 from cilkit.cli import main
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.registry import register_source
 from cilkit.run.loop import Run
-from cilkit.run.tune import grid_points, parse_grid
+from cilkit.runs.tune import grid_points, parse_grid
 
 
 @register_source("digits_test_labels_permuted", "test only: digits with the test labels shuffled")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import assert_value_and_gradient, strip_timings, tiny_config
+from helpers import assert_value_and_gradient, strip_timings, tiny_config, total
 
 from cilkit.methods.wa import WA, WAConfig, aligned_weights, wa_loss
 from cilkit.models import IncrementalLinear
@@ -69,13 +69,13 @@ def _batch(seed: int = 0, n: int = 6, classes: int = 7, n_old: int = 4):
 @pytest.mark.parametrize("T,fixed", [(2.0, None), (3.0, None), (2.0, 2.0)])
 def test_loss_and_gradient_match_the_transcription(T, fixed):
     z, y, old = _batch()
-    ours = wa_loss(z, y, old, T, fixed)
+    ours = total(wa_loss(z, y, old, T, fixed))
     assert_value_and_gradient(ours, z, lambda ref_z: loss_by_hand(ref_z, y, old, T, fixed))
 
 
 def test_state0_loss_is_cross_entropy():
     z, y, _ = _batch(seed=1)
-    assert torch.allclose(wa_loss(z, y, None, 2.0), loss_by_hand(z, y, None, 2.0, None), atol=1e-12)
+    assert torch.allclose(total(wa_loss(z, y, None, 2.0)), loss_by_hand(z, y, None, 2.0, None), atol=1e-12)
 
 
 @pytest.mark.parametrize("n_old", [1, 4, 6])

@@ -204,7 +204,7 @@ def test_cilkit_run_logs_the_report_figures_in_the_protocol_group_and_wandb_mode
 
 def test_the_wandb_folder_is_the_runs_own_and_goes_with_an_overwrite(tmp_path):
     pytest.importorskip("wandb")
-    from cilkit.run.multirun import run_methods
+    from cilkit.runs.multirun import run_methods
 
     cfg = tiny_config(tmp_path, "log.wandb=true", "state0_cache=null", "threads=1", "train.epochs=1",
                       "scenario.states=2")

@@ -16,14 +16,15 @@ from cilkit.errors import UserError, did_you_mean
 from cilkit.plugins import import_plugins, plugin_list
 from cilkit.analysis.report import compare_runs
 from cilkit.analysis.tables import PAIRED_METRICS
-from cilkit.run.layout import RunLayout, check_target, fresh_directory, is_run_dir
+from cilkit.rundir.layout import RunLayout, check_target, fresh_directory, is_run_dir
 from cilkit.runlog import log
-from cilkit.run.execution import Execution, SlurmOptions
-from cilkit.run.jobs import JobsFailed
-from cilkit.run.multirun import repeat_dirs, run_methods
+from cilkit.runs.execution import Execution
+from cilkit.runs.jobs import JobsFailed
+from cilkit.runs.multirun import repeat_dirs, run_methods
+from cilkit.runs.slurm import SlurmOptions
 from cilkit.run.setup import check_protocol, with_resolved_threads
 from cilkit.run.tensorboard import add_report_figures
-from cilkit.run.tune import parse_grid, ranking_table, tune
+from cilkit.runs.tune import parse_grid, ranking_table, tune
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -170,7 +171,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else fresh_directory(Path("runs") / f"tune-{Path(args.config).stem}")
     execution, overrides = execution_of(args), list(args.set or [])
     if args.search:
-        from cilkit.run.search import search
+        from cilkit.runs.search import search
 
         record = search(args.config, parse_grid(args.grid, required=False), args.range or [], overrides, out,
                         args.search, args.trials, execution, args.plugin, args.metric)

@@ -222,8 +222,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
     lr_first: float | None = Field(None, gt=0)  # state 0 (default: lr)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # sgd: with momentum (the papers'); adam/adamw ignore momentum
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(5e-4, ge=0)
+    clip_grad_norm: float | None = Field(None, gt=0)  # clip the gradients' global L2 norm to this after each backward
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval_batch_size: int = Field(1024, ge=1)
     # under torchrun: BatchNorm statistics of the global batch (all ranks), not of each rank's slice

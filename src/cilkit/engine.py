@@ -1,93 +1,38 @@
-"""The one training loop and the batched evaluation, shared by every method.
+"""The one training step and the batched evaluation, shared by every method.
 
-Data stays on the training device; what is trained supplies the training indices and the
-:class:`FitHooks`: parameter groups, loss, train mode, per-epoch hooks and the order of the
-epoch's images (see ``cilkit.methods.base``).
+The engine owns the step: the optimiser and schedule of the :class:`~cilkit.protocol.FitSpec`,
+the teacher's forward (once per batch, without gradients, under the student's autocast, memory
+format and compiled graph), the sum of the loss's named terms and their epoch means, gradient
+clipping or clamping, the optimiser step. What is trained supplies the training indices and the
+:class:`~cilkit.protocol.FitHooks`: parameter groups, teacher, loss, train mode, per-epoch hooks
+and the order of the epoch's images (see :mod:`cilkit.protocol`). Data stays on the training
+device; a fit may also run over rows of cached features or logits (:class:`~cilkit.data.base.Rows`:
+BiC's bias layer).
 """
 
 from __future__ import annotations
 
-import abc
-
 import contextlib
+import functools
+import operator
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from cilkit import distributed
-from cilkit.config import ScheduleConfig, TrainConfig
-from cilkit.data.base import Dataset, ImageSet, batch_sizes, shuffled
+from cilkit.config import ScheduleConfig
+from cilkit.data.base import Dataset, ImageSet, Rows, batch_sizes, shuffled
 from cilkit.errors import described
+from cilkit.protocol import Batch, Context, EpochRecord, FitHooks, FitSpec, LossTerms
 from cilkit.runlog import log
 
-if TYPE_CHECKING:
-    from cilkit.methods.base import Context
+__all__ = ["Batch", "Engine", "EpochRecord", "FitHooks", "FitSpec", "make_optimizer", "make_scheduler",
+           "replay_order", "summed_terms"]
 
-
-@dataclass
-class Batch:
-    x: torch.Tensor  # normalised images on the device
-    y: torch.Tensor  # class positions (0..n_seen-1) on the device
-    idx: torch.Tensor  # indices into the training set
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One epoch of a fit, as the run's history records it."""
-
-    stage: str  # "train", or a method's own stage (e.g. "balanced finetuning")
-    epoch: int  # 1-based, within the fit
-    loss: float  # mean training loss over the epoch's images
-    lr: float  # of the first parameter group, before the scheduler stepped
-    images_per_second: float | None
-    seconds: float
-
-
-EpochCallback = Callable[["Context", EpochRecord], None]
-
-
-class FitHooks(abc.ABC):
-    """What :meth:`Engine.fit` asks of the thing it trains for: a method, or a stage of one
-    (LUCIR's class-balanced finetuning). Override what differs from the defaults."""
-
-    needs_stages: bool = False  # the loss reads out["stages"], the backbone's stage maps (PODNet)
-
-    def param_groups(self, ctx: "Context") -> list[dict[str, Any]]:
-        """What the optimiser updates (default: every parameter that requires a gradient)."""
-        return [{"params": [p for p in ctx.model.parameters() if p.requires_grad]}]
-
-    @abc.abstractmethod
-    def loss(self, ctx: "Context", batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's training loss (every method and stage states its own: the interface's one
-        required hook; ``Method`` gives cross-entropy)."""
-
-    def train_mode(self, ctx: "Context", model: torch.nn.Module) -> None:
-        """Put ``model`` in the mode an epoch trains in, at the start of every epoch (default:
-        ``model.train()``; LUCIR's balanced finetuning keeps the backbone in eval)."""
-        model.train()
-
-    def begin_epoch(self, ctx: "Context", epoch: int) -> None:
-        """Before epoch ``epoch`` (1-based) of the fit."""
-
-    def after_step(self, ctx: "Context") -> None:
-        """After every optimiser step (WA clips its classifier's weights here); in place on
-        the parameters, never a host sync."""
-
-    def end_epoch(self, ctx: "Context", record: EpochRecord) -> None:
-        """After an epoch, with what the history records of it."""
-
-    def batch_order(
-        self, ctx: "Context", indices: torch.Tensor, batch_size: int, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """The epoch's training images in the order they are used, cut into consecutive batches
-        of ``batch_size`` (default: a shuffle drawn from the state's generator). Composing
-        batches (a fixed ratio of replayed to new images in each) is a reordering:
-        :func:`replay_order`."""
-        return shuffled(indices, generator)
+EpochCallback = Callable[[Context, EpochRecord], None]
 
 
 def replay_order(
@@ -110,9 +55,26 @@ def replay_order(
     return torch.cat([body.flatten(), new[full * n_new:]])
 
 
-def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD with momentum and weight decay; a group may set its own ``lr`` / ``weight_decay``."""
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(groups: list[dict[str, Any]], spec: FitSpec) -> torch.optim.Optimizer:
+    """The fit's optimiser over ``groups`` (a group may set its own ``lr`` / ``weight_decay``):
+    SGD with momentum (the default, the papers'), Adam or AdamW."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r} (sgd, adam, adamw)")
+
+
+def summed_terms(terms: LossTerms | torch.Tensor) -> tuple[torch.Tensor, LossTerms]:
+    """(the loss, its named terms): the terms summed in their order, left to right (a bare
+    tensor is one term, ``"loss"``)."""
+    if isinstance(terms, torch.Tensor):
+        terms = {"loss": terms}
+    if not terms:
+        raise ValueError("a loss returned no term")
+    return functools.reduce(operator.add, terms.values()), terms
 
 
 def make_scheduler(opt: torch.optim.Optimizer, s: ScheduleConfig, epochs: int) -> Any:
@@ -131,7 +93,7 @@ class Engine:
     def __init__(
         self,
         dataset: Dataset,
-        train_cfg: TrainConfig,
+        eval_batch_size: int,
         device: torch.device,
         mean: torch.Tensor,
         std: torch.Tensor,
@@ -142,7 +104,7 @@ class Engine:
         compile: bool = False,
     ) -> None:
         self.dataset = dataset
-        self.cfg = train_cfg
+        self.eval_batch_size = eval_batch_size
         self.device = device
         self.mean, self.std = mean, std
         self.amp = amp
@@ -158,41 +120,53 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def fit(
         self,
-        ctx: "Context",
+        ctx: Context,
         hooks: FitHooks,
         indices: torch.Tensor,
-        epochs: int,
-        lr: float,
-        schedule: ScheduleConfig,
+        spec: FitSpec,
         desc: str = "train",
         stage: str = "train",
+        *,
+        model: torch.nn.Module | None = None,
+        data: ImageSet | Rows | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, Any]:
-        """Train ``ctx.model`` on ``indices`` of the training set with ``hooks.loss``: a fresh
-        SGD over ``hooks.param_groups`` at ``lr`` for ``epochs`` epochs, under ``schedule``
-        (the run's momentum, weight decay and batch size), the images of each epoch in
-        ``hooks.batch_order``, the model in ``hooks.train_mode``. ``desc`` labels the progress bar;
-        ``stage`` names the fit in the history: every epoch's :class:`EpochRecord` goes to
-        ``on_epoch`` and is returned under ``"epochs"``."""
-        model = ctx.model
-        if self.channels_last:
+        """Train ``model`` (default ``ctx.model``) on ``indices`` of ``data`` (default the
+        training set) with ``hooks``: a fresh optimiser of ``spec`` over ``hooks.param_groups``
+        for ``spec.epochs`` epochs under ``spec.schedule``, the images of each epoch in
+        ``hooks.batch_order`` drawn from ``generator`` (default the state's), the model in
+        ``hooks.train_mode``; the teacher's outputs (``hooks.teacher``) in ``batch.teacher``.
+        ``desc`` labels the progress bar; ``stage`` names the fit in the history: every epoch's
+        :class:`EpochRecord` (with each loss term's mean) goes to ``on_epoch`` and is returned
+        under ``"epochs"``."""
+        model = ctx.model if model is None else model
+        data = self.dataset.train if data is None else data
+        rows = isinstance(data, Rows)  # cached features: the same rows on every rank, no DDP
+        if self.channels_last and not rows:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        opt = make_optimizer(hooks.param_groups(ctx), self.cfg, lr)
-        sched = make_scheduler(opt, schedule, epochs)
-        net = self._forward(distributed.wrap(model, self.device), keep=not distributed.active())  # DDP under torchrun
-        shard = (distributed.rank(), distributed.world_size()) if distributed.active() else None
+        params = hooks.param_groups(ctx)
+        opt = make_optimizer(params, spec)
+        sched = make_scheduler(opt, spec.schedule, spec.epochs)
+        step_params = [p for g in params for p in g["params"]]
+        parallel = distributed.active() and not rows
+        # cached rows: a small model (a bias layer) trained eagerly, the same on every rank
+        net = model if rows else self._forward(distributed.wrap(model, self.device), keep=not parallel)
+        teacher_model = hooks.teacher(ctx)
+        teacher = self._forward(teacher_model, keep=False) if teacher_model is not None else None
+        shard = (distributed.rank(), distributed.world_size()) if parallel else None
         records: list[EpochRecord] = []
         start, seen = time.perf_counter(), 0
-        bar = tqdm(range(epochs), desc=desc, leave=False, disable=self._bar_disabled())
-        batch_size = self.cfg.batch_size
+        bar = tqdm(range(spec.epochs), desc=desc, leave=False, disable=self._bar_disabled())
+        batch_size = spec.batch_size
 
         epoch_sizes: list[int] = []  # the global batch sizes of the epoch's order (DDP's loss weights)
 
-        def order(idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-            ordered = hooks.batch_order(ctx, idx, batch_size, generator)
+        def order(idx: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+            ordered = hooks.batch_order(ctx, idx, batch_size, gen)
             epoch_sizes[:] = batch_sizes(ordered.numel(), batch_size)
             return ordered
 
@@ -201,35 +175,44 @@ class Engine:
             hooks.begin_epoch(ctx, e + 1)
             epoch_start, lr_now = time.perf_counter(), float(opt.param_groups[0]["lr"])
             total, count = torch.zeros((), device=self.device), 0
-            for k, (x, labels, idx) in enumerate(self.dataset.train.batches(
+            term_sums: dict[str, torch.Tensor] = {}
+            for k, (x, labels, idx) in enumerate(data.batches(
                 indices,
                 batch_size,
                 mean=self.mean,
                 std=self.std,
-                augment=self.dataset.augment,
+                augment=self.dataset.augment if not rows else None,
                 order=order,
-                generator=ctx.generator,
+                generator=ctx.generator if generator is None else generator,
                 device=self.device,
                 shard=shard,
             )):
-                batch = Batch(x=x, y=ctx.targets(labels), idx=idx)
+                x = self._prepare(x)
+                batch = Batch(x=x, y=ctx.targets(labels), idx=idx,
+                              teacher=self._teacher_outputs(teacher, x, hooks.needs_stages))
                 with self._autocast():
-                    out = net(self._prepare(batch.x), stages=True) if hooks.needs_stages else net(self._prepare(batch.x))
-                out = {k: [m.float() for m in v] if isinstance(v, list) else v.float() for k, v in out.items()}
-                loss = hooks.loss(ctx, batch, out) if x.shape[0] else _no_loss(out)
+                    out = _as_outputs(net(x, stages=True) if hooks.needs_stages else net(x))
+                out = _floated(out)
+                if x.shape[0]:
+                    loss, terms = summed_terms(hooks.loss(ctx, batch, out))
+                else:
+                    loss, terms = _no_loss(out), {}
                 opt.zero_grad(set_to_none=True)
                 # a rank's mean loss over its slice, weighted so that DDP's average over the
                 # ranks is the mean over the global batch (slices may differ by one image)
                 (loss * (x.shape[0] * distributed.world_size() / epoch_sizes[k]) if shard else loss).backward()
+                _limit_gradients(step_params, spec)
                 opt.step()
                 hooks.after_step(ctx)
                 total += loss.detach() * x.shape[0]
                 count += x.shape[0]
-            if shard is not None:  # the global batch's loss: the same plateau decision on every rank
-                total, count = _summed(total, count)
-            epoch_loss = (total / max(count, 1)).item()  # the epoch's one sync
+                for name, t in terms.items():
+                    term = t.detach().float() * x.shape[0]
+                    term_sums[name] = term_sums[name] + term if name in term_sums else term
+            epoch_loss, term_means = self._epoch_means(total, count, term_sums, shard is not None)
             seen += count
-            records.append(_epoch_record(stage, e + 1, epoch_loss, lr_now, count, time.perf_counter() - epoch_start))
+            records.append(_epoch_record(stage, e + 1, epoch_loss, lr_now, count, time.perf_counter() - epoch_start,
+                                         term_means))
             hooks.end_epoch(ctx, records[-1])
             if self.on_epoch is not None:
                 self.on_epoch(ctx, records[-1])
@@ -238,7 +221,8 @@ class Engine:
                 sched.step(epoch_loss)
             elif sched is not None:
                 sched.step()
-        distributed.sync_state(model)  # rank 0's BatchNorm statistics on every rank
+        if not rows:
+            distributed.sync_state(model)  # rank 0's BatchNorm statistics on every rank
         seconds = time.perf_counter() - start
         return {
             "epochs": records,
@@ -246,6 +230,30 @@ class Engine:
             "train_seconds": seconds,
             "images_per_second": seen / seconds if seconds else None,
         }
+
+    def _teacher_outputs(self, teacher: Callable[..., Any] | None, x: torch.Tensor, stages: bool
+                         ) -> dict[str, Any] | None:
+        """The teacher's outputs on ``x`` (float32, no gradient), under the student's autocast."""
+        if teacher is None:
+            return None
+        with torch.no_grad(), self._autocast():
+            out = _as_outputs(teacher(x, stages=True) if stages else teacher(x))
+        return _floated(out)
+
+    @staticmethod
+    def _epoch_means(total: torch.Tensor, count: int, term_sums: dict[str, torch.Tensor], parallel: bool
+                     ) -> tuple[float, dict[str, float]]:
+        """The epoch's mean loss and mean of each term over its images: the epoch's one host
+        sync (under torchrun, the global batch's: the same plateau decision on every rank)."""
+        names = list(term_sums)
+        sums = [term_sums[n] for n in names]
+        if parallel:
+            total, count = _summed(total, count)
+            if sums:
+                sums = list(distributed.all_sum(torch.stack(sums).double()).float().unbind())
+        n = max(count, 1)
+        means = torch.stack([total / n, *(t / n for t in sums)]).tolist()
+        return means[0], dict(zip(names, means[1:]))
 
     def _bar_disabled(self) -> bool | None:
         return None if self.progress is None else not self.progress
@@ -269,7 +277,7 @@ class Engine:
             indices = indices[lo:hi]
         logits, feats, labels = [], [], []
         for x, y, _ in images.batches(
-            indices, self.cfg.eval_batch_size, mean=self.mean, std=self.std, device=self.device
+            indices, self.eval_batch_size, mean=self.mean, std=self.std, device=self.device
         ):
             if hflip:
                 x = x.flip(3)
@@ -316,15 +324,48 @@ class Engine:
         return self.infer(model, self.dataset.train, indices, hflip=hflip)["features"]
 
 
-def _epoch_record(stage: str, epoch: int, loss: float, lr: float, images: int, seconds: float) -> EpochRecord:
+def _epoch_record(stage: str, epoch: int, loss: float, lr: float, images: int, seconds: float,
+                  terms: dict[str, float]) -> EpochRecord:
     return EpochRecord(stage=stage, epoch=epoch, loss=loss, lr=lr,
-                       images_per_second=images / seconds if seconds > 0 else None, seconds=seconds)
+                       images_per_second=images / seconds if seconds > 0 else None, seconds=seconds, terms=terms)
+
+
+def _as_outputs(out: Any) -> dict[str, Any]:
+    """A model's outputs as a dict (a model over cached rows may return its logits alone)."""
+    return {"logits": out} if isinstance(out, torch.Tensor) else out
+
+
+def _floated(out: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor of ``out`` (also in lists and dicts: stage maps, auxiliary heads) in float32."""
+    def floated(v: Any) -> Any:
+        if isinstance(v, list):
+            return [m.float() for m in v]
+        if isinstance(v, dict):
+            return {k: m.float() for k, m in v.items()}
+        return v.float()
+
+    return {k: floated(v) for k, v in out.items()}
+
+
+def _limit_gradients(params: list[torch.Tensor], spec: FitSpec) -> None:
+    """Clamp every gradient element to ``[-clamp_grad, clamp_grad]`` (PODNet's original; on the
+    whole gradient of each parameter, as a hook on it would) and clip the global L2 norm to
+    ``clip_grad_norm``; on the device, no host sync."""
+    if spec.clamp_grad is None and spec.clip_grad_norm is None:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if spec.clamp_grad is not None and grads:
+        torch._foreach_clamp_min_(grads, -spec.clamp_grad)
+        torch._foreach_clamp_max_(grads, spec.clamp_grad)
+    if spec.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, spec.clip_grad_norm, foreach=True)
 
 
 def _no_loss(out: dict[str, Any]) -> torch.Tensor:
     """A zero loss joined to the outputs' graph, for a rank whose slice of the last batch is
     empty: it still takes part in the gradient all-reduce."""
-    tensors = [t for v in out.values() for t in (v if isinstance(v, list) else [v])]
+    tensors = [t for v in out.values()
+               for t in (v if isinstance(v, list) else list(v.values()) if isinstance(v, dict) else [v])]
     return sum((t.sum() for t in tensors), torch.zeros((), device=out["logits"].device)) * 0.0
 
 

@@ -10,9 +10,10 @@ Three consumers derive their rules from :data:`KEYS` and nothing else:
   values it derives itself (the data's content, the class order of state 0, the model's
   shapes, the code; see :mod:`cilkit.run.state0cache`).
 
-A method's own options (the top-level key named after it) are :attr:`Role.IDENTITY`; which of
-them state 0 reads the method declares (``Method.state0_free_options``). A key missing here is
-a test failure (``tests/test_keys.py`` walks :class:`~cilkit.config.RunConfig`).
+A method's own options (the top-level key named after it) are declared on their fields, with
+:func:`cilkit.options.option` (by default :attr:`Role.IDENTITY`, read in state 0, kept on
+resume); :func:`option_key` reads that declaration. A key of :class:`~cilkit.config.RunConfig`
+missing here is a test failure (``tests/test_keys.py``, with :func:`undeclared_keys`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
+
+from cilkit.options import Resume, declaration
 
 
 class Role(enum.Enum):
@@ -30,9 +33,6 @@ class Role(enum.Enum):
     IDENTITY = "identity"  # which run of a protocol: the seed, the method and its options
     EXECUTION = "execution"  # how it ran: can move the last digits, is no part of the protocol
     NONE = "none"  # changes no number
-
-
-Resume = Literal["keep", "warn", "free"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ DERIVED = _protocol(state0=False)
 # ^ a protocol key whose effect on state 0 the cache key holds as a derived value instead (the
 #   data's content digest for paths, the class order of state 0 for the scenario's shape, the
 #   epochs and learning rate of state 0 for the schedule's two values)
-METHOD_OPTIONS = Key(Role.IDENTITY, True, "keep")  # the section named after the run's method
+METHOD_OPTIONS = Key(Role.IDENTITY, True, "keep")  # an option no method's config declares (safe)
 
 KEYS: dict[str, Key] = {
     "name": NO_NUMBER,
@@ -116,8 +116,10 @@ KEYS: dict[str, Key] = {
     "train.batch_size": _protocol(),
     "train.lr": DERIVED,
     "train.lr_first": DERIVED,
+    "train.optimizer": _protocol(),
     "train.momentum": _protocol(),
     "train.weight_decay": _protocol(),
+    "train.clip_grad_norm": _protocol(),
     "train.schedule.type": _protocol(),
     "train.schedule.milestones": _protocol(),
     "train.schedule.gamma": _protocol(),
@@ -155,6 +157,32 @@ def leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 UNDECLARED = Key(Role.PROTOCOL, True, "keep")  # safe by default: refused on resume, a cache miss
 
 
+def undeclared_keys(model: type[BaseModel]) -> list[str]:
+    """The leaf keys of a config model (:func:`leaf_keys`) that :data:`KEYS` does not declare."""
+    return [k for k in leaf_keys(model) if k not in KEYS]
+
+
+def stale_keys(model: type[BaseModel]) -> list[str]:
+    """The keys :data:`KEYS` declares that are no leaf key of the config model."""
+    leaves = set(leaf_keys(model))
+    return [k for k in KEYS if k not in leaves]
+
+
+def option_key(dotted: str) -> Key:
+    """The declaration of a method's option ``<method>.<option>``, from its config field
+    (:func:`cilkit.options.option`); :data:`METHOD_OPTIONS` for a method not registered or an
+    option its config does not name."""
+    from cilkit.registry import METHODS
+
+    method, _, name = dotted.partition(".")
+    cls = METHODS.get(method)
+    field = cls.Config.model_fields.get(name.split(".")[0]) if cls is not None else None
+    if field is None:
+        return METHOD_OPTIONS
+    found = declaration(field)
+    return Key(Role(found.role), found.state0, found.resume)
+
+
 def declared(dotted: str) -> Key | None:
     """The declaration of a dotted config key: its own or its nearest declared parent's (a dict
     field such as ``data.options``); None for a key :data:`KEYS` does not name."""
@@ -167,12 +195,12 @@ def declared(dotted: str) -> Key | None:
 
 
 def key_of(dotted: str, methods: frozenset[str] | set[str] = frozenset()) -> Key:
-    """:func:`declared`, else a method's options (a top-level key in ``methods``), else
-    :data:`UNDECLARED`."""
+    """:func:`declared`, else a method's option (a top-level key in ``methods``: :func:`option_key`),
+    else :data:`UNDECLARED`."""
     found = declared(dotted)
     if found is not None:
         return found
-    return METHOD_OPTIONS if dotted.split(".")[0] in methods else UNDECLARED
+    return option_key(dotted) if dotted.split(".")[0] in methods else UNDECLARED
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -213,13 +241,15 @@ def protocol_settings(config: Mapping[str, Any], defaults: Mapping[str, Any]) ->
     """The config's protocol keys (dotted), with ``defaults`` for keys an older cilkit did not
     write (a run recorded before a key existed ran as its default)."""
     given, base = flatten(config), flatten(defaults)
+    methods = _methods_in(config, defaults)
     return {k: given.get(k, base.get(k)) for k in sorted(given.keys() | base.keys())
-            if (key := declared(k)) is not None and key.role is Role.PROTOCOL}
+            if (key := declared(k) or (option_key(k) if k.split(".")[0] in methods else None)) is not None
+            and key.role is Role.PROTOCOL}
 
 
 def state0_settings(config: Mapping[str, Any], method: str) -> dict[str, Any]:
     """The config values the state-0 cache keys on: every key marked ``state0`` but the
-    methods' options (the run's method gives its own, less ``state0_free_options``)."""
+    methods' options (the run's method gives its own, but those declared ``state0=False``:
+    :func:`cilkit.run.state0cache.method_signature`)."""
     methods = _methods_in(config) | {method}
-    return {k: v for k, v in flatten(config).items()
-            if (key := key_of(k, methods)) is not METHOD_OPTIONS and key.state0}
+    return {k: v for k, v in flatten(config).items() if k.split(".")[0] not in methods and key_of(k, methods).state0}

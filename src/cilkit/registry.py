@@ -19,28 +19,34 @@ from cilkit.errors import UserError, described
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from cilkit.methods.base import Method
 
-METHODS: dict[str, type["Method"]] = {}
+# name -> a cilkit.protocol.Method subclass (typed loosely: the protocol imports the config,
+# which imports this module, so this module names no cilkit type)
+METHODS: dict[str, Any] = {}
 SOURCES: dict[str, Callable[[Any], Any]] = {}  # data.name -> reader(DataConfig) -> Dataset
 SOURCE_DESCRIPTIONS: dict[str, str] = {}
 SOURCE_OPTIONS: dict[str, type["BaseModel"]] = {}  # data.name -> the model of its data.options
-BACKBONES: dict[str, Callable[..., Any]] = {}  # model.backbone -> factory(in_channels=, last_relu=, ...)
+BACKBONES: dict[str, Callable[..., Any]] = {}  # model.backbone -> factory(in_channels=, ...)
 BACKBONE_DESCRIPTIONS: dict[str, str] = {}
 
 R = Callable[[Any], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
-BACKBONE_ARGS = ("in_channels", "last_relu")  # every backbone factory takes these
-BACKBONE_OPTIONAL_ARGS = ("image_size", "width")  # passed when the factory names them
+BACKBONE_ARGS = ("in_channels",)  # every backbone factory takes these
+# passed when the factory names them; last_relu=False (features that can be negative, what
+# LUCIR's cosine and PODNet's classifiers ask for) is refused by a factory without it
+BACKBONE_OPTIONAL_ARGS = ("image_size", "width", "last_relu")
 
 
-def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
-    """Decorator: register a :class:`~cilkit.methods.base.Method` subclass under ``name``."""
+MethodT = TypeVar("MethodT", bound=type)
 
-    def wrap(cls: type["Method"]) -> type["Method"]:
+
+def register_method(name: str) -> Callable[[MethodT], MethodT]:
+    """Decorator: register a :class:`~cilkit.protocol.Method` subclass under ``name``."""
+
+    def wrap(cls: MethodT) -> MethodT:
         _check_free(name, METHODS, "method")
-        cls.name = name
+        setattr(cls, "name", name)
         METHODS[name] = cls
         return cls
 
@@ -66,8 +72,9 @@ def register_source(name: str, description: str, options: type["BaseModel"] | No
 
 def register_backbone(name: str, description: str) -> Callable[[F], F]:
     """Decorator: register a backbone factory under ``name`` (with a one-line description for
-    ``cilkit info``). The factory is called with the keywords ``in_channels`` and ``last_relu``,
-    plus ``image_size`` (the side of the images the model sees) and ``width`` (``model.width``)
+    ``cilkit info``). The factory is called with the keyword ``in_channels``, plus
+    ``image_size`` (the side of the images the model sees), ``width`` (``model.width``) and
+    ``last_relu`` (False: no ReLU after the last block, for LUCIR's and PODNet's classifiers)
     when its signature names them, and returns an ``nn.Module`` mapping ``(N, C, H, W)`` images
     to ``(N, out_dim)`` features, with an int attribute ``out_dim``."""
 

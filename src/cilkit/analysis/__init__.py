@@ -4,5 +4,6 @@ over seeds and paired intervals (``significance``), and rectification of stored 
 (``calibrate``).
 
 May import: the top-level modules (config, keys, metrics, rectify, io, errors ...) and
-``cilkit.run.layout`` and ``cilkit.run.readers`` (the files it reads); never a method, the engine or a model.
+:mod:`cilkit.rundir` (the names and readers of the files it reads); never ``cilkit.run`` or
+``cilkit.runs`` (which import its figures and summaries), a method, the engine or a model.
 """

@@ -1,7 +1,7 @@
 """``cilkit calibrate``: rectify the stored test logits of finished runs, without their model.
 
 Reads ``scores/state_XX.npz`` and ``stats/state_XX.json`` of each run (see
-:mod:`cilkit.run.layout`), applies a rectifier of :mod:`cilkit.rectify` state by state and writes a
+:mod:`cilkit.rundir.layout`), applies a rectifier of :mod:`cilkit.rectify` state by state and writes a
 results.json built with :mod:`cilkit.metrics`, as the runner builds its own.
 """
 
@@ -18,8 +18,8 @@ from cilkit import io
 from cilkit.errors import UserError
 from cilkit.metrics import fmt, run_summary, score_metrics, state_accuracies
 from cilkit.rectify import check_rectifier, rectify, scail_classifier, scail_scores
-from cilkit.run.layout import RunLayout
-from cilkit.run.readers import RESULTS_VERSION, read_state_classifier, read_state_scores, read_stats
+from cilkit.rundir.layout import RunLayout
+from cilkit.rundir.readers import RESULTS_VERSION, read_state_classifier, read_state_scores, read_stats
 from cilkit.analysis.runsets import FoundRun, find_runs
 
 # run-level keys of the source's results.json that describe the source run itself, not its
@@ -31,7 +31,7 @@ _SOURCE_ONLY = ("states", "accuracy_matrix", "average_forgetting", "wall_time_s"
 def calibrated_results(
     run_dir: Path, source: dict[str, Any], rectifier: str
 ) -> tuple[dict[str, Any], dict[int, dict[str, np.ndarray]]]:
-    """The results.json of ``source`` (a run's results, as :func:`~cilkit.run.readers.read_results`
+    """The results.json of ``source`` (a run's results, as :func:`~cilkit.rundir.readers.read_results`
     checked them) with every state's test logits rectified, and the arrays to store per state.
     Reads (each scores and statistics file checked against the state: a damaged one is a
     ``UserError`` naming it), writes nothing."""

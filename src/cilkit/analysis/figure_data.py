@@ -19,8 +19,8 @@ import numpy as np
 
 from cilkit.errors import UserError
 from cilkit.metrics import Results, variant_names
-from cilkit.run.layout import RunLayout
-from cilkit.run.readers import read_scores
+from cilkit.rundir.layout import RunLayout
+from cilkit.rundir.readers import read_scores
 from cilkit.analysis.significance import mean_std
 
 Repeats = Mapping[str, Sequence[Mapping[str, Any]]]

@@ -34,7 +34,7 @@ from typing import Any
 
 from cilkit import io
 from cilkit.errors import UserError
-from cilkit.run.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
+from cilkit.rundir.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
 from cilkit.analysis.latex import table_latex
 from cilkit.analysis.plots import figures as make_figures
 from cilkit.analysis.runsets import FoundRun, Protocol, find_runs, group_runs

@@ -22,8 +22,8 @@ import yaml
 from cilkit.config import RunConfig
 from cilkit.keys import protocol_settings
 from cilkit.errors import UserError
-from cilkit.run.layout import RunLayout
-from cilkit.run.readers import read_results
+from cilkit.rundir.layout import RunLayout
+from cilkit.rundir.readers import read_results
 
 
 # ----- finding the runs ------------------------------------------------------------------------

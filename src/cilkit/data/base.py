@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import torch
 
 from cilkit.data.transforms import Augment, augment_batch, draw_epoch, normalise, to_device
@@ -89,6 +91,30 @@ class ImageSet(ABC):
     def content_digest(self, indices: torch.Tensor) -> str:
         """A digest that changes when an image or a label at ``indices`` changes (part of the
         state-0 cache key: a cached model is reused only for the same data)."""
+
+
+class Rows:
+    """Rows of cached inputs (features, logits) with their labels (original class ids), batched
+    like an image set, for a fit over them (:meth:`cilkit.engine.Engine.fit` with ``data=``:
+    BiC's bias layer over the validation logits). No augmentation, no normalisation, no shard:
+    every process holds the same rows."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        if inputs.shape[0] != labels.shape[0]:
+            raise ValueError(f"{inputs.shape[0]} rows but {labels.shape[0]} labels")
+        self.inputs, self.labels = inputs, labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def batches(self, indices: torch.Tensor, batch_size: int, *, order: Order | None = None,
+                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                **_: Any) -> Iterator[ImageBatch]:
+        """``(rows, labels, idx)`` over ``indices`` in ``order(indices, generator)`` (as given without one)."""
+        ordered = order(indices, generator) if order is not None else indices
+        for start in range(0, ordered.numel(), batch_size):
+            idx = ordered[start: start + batch_size]
+            yield self.inputs[idx].to(device), self.labels[idx].to(device), idx
 
 
 class TensorImages(ImageSet):

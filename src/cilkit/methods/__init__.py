@@ -1,13 +1,19 @@
 """Method registry: ``@register("name")`` on a :class:`~cilkit.methods.base.Method` subclass.
 
-Importing this package imports every built-in method file, so that its ``@register`` line runs.
+Importing this package imports every module and sub-package of it (found with :mod:`pkgutil`,
+in name order), so that each ``@register`` line runs: a new method is one new file here, listed
+nowhere else.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from cilkit.registry import METHODS
 from cilkit.registry import register_method as register
 
-from cilkit.methods import active, bic, eeil, finetune, gdumb, icarl, il2m, joint, lucir, lwf, podnet, scail, sir, ssil, wa  # isort: skip
+__all__ = ["METHODS", "register"]
 
-__all__ = ["METHODS", "register", "active", "bic", "eeil", "finetune", "gdumb", "icarl", "il2m", "joint", "lucir", "lwf", "podnet", "scail", "sir", "ssil", "wa"]
+for _found in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    importlib.import_module(f"{__name__}.{_found.name}")

@@ -55,70 +55,69 @@ accuracy "before bias correction"). ``alpha`` and ``beta`` of each state go to r
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
+from cilkit.config import ScheduleConfig
+from cilkit.data.base import Rows
 from cilkit.errors import UserError
 from cilkit.memory import class_quotas
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl
+from cilkit.registry import register_method as register
+from cilkit.methods.base import Batch, Context, FitHooks, FitSpec, LossTerms, Method, MethodConfig, distillation_kl
 from cilkit.models.bias import BiasLayer, correct_logits
 from cilkit.scenario import Scenario
+from cilkit.options import option
 from cilkit.seeding import seeded_generator
 
 
 class BiCConfig(MethodConfig):
-    # Sec. 6.1: "the ratio of train/validation split on the exemplars is 9:1".
-    val_ratio: float = Field(0.1, gt=0, lt=1)
-    # Sec. 6.2: "The temperature scalar T in Eq. 1 is set to 2".
-    temperature: float = Field(2.0, gt=0)
-    # Stage 2, the original code (imagenet_main.py / resnet.py): 200 epochs, lr 0.1 decayed x0.1
-    # at 60/120/160/180, momentum 0.9, L2 of 0.1 on beta (its "gamma").
-    bias_epochs: int = Field(200, ge=1)
-    bias_lr: float = Field(0.1, gt=0)  # stage 2 (bias layer) learning rate
-    bias_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160, 180])  # stage 2 epochs where the lr is multiplied by bias_gamma
-    bias_gamma: float = Field(0.1, gt=0)  # stage 2 lr decay factor
-    bias_momentum: float = Field(0.9, ge=0)  # stage 2 SGD momentum
-    beta_l2: float = Field(0.1, ge=0)  # stage 2: L2 penalty on beta (the original's gamma)
-    bias_batch_size: int | None = Field(None, ge=1)  # default: train.batch_size (the original's)
-    # The original's weight decay of state b: train.weight_decay * states / (b + 1)
-    # (imagenet_model_fn: 1e-4 * nb_groups / (itera + 1)); off = train.weight_decay throughout.
-    state_weight_decay: bool = False
+    # distillation and the bias stage act from state 1 on (the hold-out, val_ratio, in state 0 too).
+    # Stage 2 as the original code trains it (imagenet_main.py / resnet.py): 200 epochs, lr 0.1
+    # decayed x0.1 at 60/120/160/180, momentum 0.9, L2 of 0.1 on beta (its "gamma").
+    val_ratio: float = option(
+        0.1, gt=0, lt=1,
+        help="validation images per class = floor(val_ratio * m_b) (Sec. 6.1: a 9:1 train/validation split)")
+    temperature: float = option(2.0, gt=0, state0=False, help="T of the distillation loss (Sec. 6.2: 2)")
+    bias_epochs: int = option(200, ge=1, state0=False, help="stage-2 epochs")
+    bias_lr: float = option(0.1, gt=0, state0=False, help="stage-2 learning rate")
+    bias_milestones: list[int] = option(default_factory=lambda: [60, 120, 160, 180], state0=False,
+                                        help="stage-2 epochs where the lr is multiplied by bias_gamma")
+    bias_gamma: float = option(0.1, gt=0, state0=False, help="stage-2 lr decay factor")
+    bias_momentum: float = option(0.9, ge=0, state0=False, help="stage-2 SGD momentum")
+    beta_l2: float = option(0.1, ge=0, state0=False, help="L2 penalty on beta (the original's gamma)")
+    bias_batch_size: int | None = option(None, ge=1, state0=False,
+                                         help="stage-2 batch size; null: train.batch_size (the original's)")
+    state_weight_decay: bool = option(
+        False, help="weight decay train.weight_decay * S / (b + 1) in state b (the original's imagenet_model_fn: "
+                    "1e-4 * nb_groups / (itera + 1)); false: train.weight_decay throughout")
+    quick: ClassVar[dict[str, Any]] = {"bic.bias_epochs": 2}
 
 
-def fit_bias_layer(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    layer: BiasLayer,
-    *,
-    epochs: int,
-    lr: float,
-    milestones: list[int],
-    gamma: float,
-    momentum: float,
-    beta_l2: float,
-    batch_size: int,
-    generator: torch.Generator,
-) -> BiasLayer:
-    """BiC stage 2 (Sec. 4.2, Eq. 5) over stored logits: minimise
-    ``CE(layer(z), y) + beta_l2 * beta^2 / 2`` in ``alpha`` and ``beta`` only, with SGD over
-    shuffled mini-batches of the (frozen) logits, lr x``gamma`` at each milestone epoch."""
-    logits, labels = logits.detach().float(), labels.long()
-    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=momentum)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=gamma)
-    n = labels.numel()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(layer(logits[idx]), labels[idx]) + beta_l2 * layer.beta**2 / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
+class BiasStage(FitHooks):
+    """BiC stage 2 (Sec. 4.2, Eq. 5) as the engine's fit over the validation logits:
+    ``CE(layer(z), y) + beta_l2 * beta^2 / 2`` in ``alpha`` and ``beta`` only."""
+
+    def __init__(self, layer: BiasLayer, beta_l2: float) -> None:
+        self.layer, self.beta_l2 = layer, beta_l2
+
+    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
+        return [{"params": list(self.layer.parameters())}]
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
+        return {"ce": F.cross_entropy(out["logits"], batch.y), "beta_l2": self.beta_l2 * self.layer.beta**2 / 2}
+
+
+def fit_bias_layer(ctx: Context, logits: torch.Tensor, labels: torch.Tensor, layer: BiasLayer, spec: FitSpec,
+                   beta_l2: float, generator: torch.Generator) -> BiasLayer:
+    """Fit ``layer`` on the (frozen) ``logits`` of images of original class ids ``labels``
+    through the engine (:class:`BiasStage`): SGD over mini-batches shuffled from
+    ``generator``, under ``spec`` (BiC's: lr x``gamma`` at each milestone epoch)."""
+    rows = Rows(logits.detach().float(), labels)
+    ctx.engine.fit(ctx, BiasStage(layer, beta_l2), torch.arange(len(rows)), spec,
+                   desc=f"state {ctx.state.index + 1} bias layer", stage="bias layer",
+                   model=layer, data=rows, generator=generator)
     return layer
 
 
@@ -159,9 +158,6 @@ class BiC(Method):
     cfg: BiCConfig
     needs_teacher = True
     primary_scores = "bic"
-    # distillation and the bias stage act from state 1 on (the hold-out, val_ratio, in state 0 too)
-    state0_free_options = ("temperature", "bias_epochs", "bias_lr", "bias_milestones", "bias_gamma",
-                           "bias_momentum", "beta_l2", "bias_batch_size")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -186,13 +182,12 @@ class BiC(Method):
         sig["bic_holdout"] = self._holdout_sizes([sc.initial])[0]
         return sig
 
-    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
-        groups = super().param_groups(ctx)
-        if self.cfg.state_weight_decay:
-            wd = ctx.config.train.weight_decay * ctx.scenario.num_states / (ctx.state.index + 1)
-            for g in groups:
-                g["weight_decay"] = wd
-        return groups
+    def fit_spec(self, ctx: Context, spec: FitSpec) -> FitSpec:
+        """With ``state_weight_decay``: the original's weight decay of state b,
+        ``train.weight_decay * states / (b + 1)``."""
+        if not self.cfg.state_weight_decay:
+            return spec
+        return spec.replace(weight_decay=spec.weight_decay * ctx.scenario.num_states / (ctx.state.index + 1))
 
     # ----- validation hold-out -----------------------------------------------------------------
     def begin_round(self, ctx: Context) -> None:
@@ -273,23 +268,22 @@ class BiC(Method):
         cols = scenario.state_range(state)
         return correct_logits(logits, cols.start, cols.stop, alpha, beta)
 
-    @torch.no_grad()
-    def teacher_logits(self, ctx: Context, x: torch.Tensor) -> torch.Tensor:
-        """The previous model's logits (old classes) with the previous state's bias correction."""
-        assert ctx.teacher is not None
-        z = ctx.teacher(x)["logits"].float()
-        return self.corrected(z, ctx.state.index - 1, ctx.scenario)
+    def teacher_logits(self, ctx: Context, batch: Batch) -> torch.Tensor:
+        """The previous model's logits (old classes) on the batch with the previous state's
+        bias correction."""
+        assert batch.teacher is not None
+        return self.corrected(batch.teacher["logits"], ctx.state.index - 1, ctx.scenario)
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
         """Eq. 3: ``lambda * L_d + (1 - lambda) * L_c``, ``lambda = n_old / n_seen``."""
         logits = out["logits"]
         ce = F.cross_entropy(logits, batch.y)
         n_old = ctx.state.n_old
-        if ctx.teacher is None or n_old == 0:
-            return ce
+        if batch.teacher is None or n_old == 0:
+            return {"ce": ce}
         lam = n_old / ctx.state.n_seen
-        kd = distillation_kl(logits[:, :n_old], self.teacher_logits(ctx, batch.x), self.cfg.temperature)
-        return lam * kd + (1 - lam) * ce
+        kd = distillation_kl(logits[:, :n_old], self.teacher_logits(ctx, batch), self.cfg.temperature)
+        return {"kd": lam * kd, "ce": (1 - lam) * ce}
 
     # ----- stage 2 -----------------------------------------------------------------------------
     def after_state(self, ctx: Context) -> None:
@@ -302,13 +296,11 @@ class BiC(Method):
         out = ctx.engine.infer(ctx.model, ctx.dataset.train, val, want_features=False)
         logits, labels = out["logits"], ctx.targets(out["labels"])
         cfg = self.cfg
-        layer = fit_bias_layer(
-            logits, labels, BiasLayer(ctx.state.new.start, ctx.state.new.stop),
-            epochs=cfg.bias_epochs, lr=cfg.bias_lr, milestones=cfg.bias_milestones, gamma=cfg.bias_gamma,
-            momentum=cfg.bias_momentum, beta_l2=cfg.beta_l2,
-            batch_size=cfg.bias_batch_size or ctx.config.train.batch_size,
-            generator=seeded_generator(ctx.config.seed, "bic-bias", b),
-        )
+        spec = FitSpec(epochs=cfg.bias_epochs, lr=cfg.bias_lr, optimizer="sgd", momentum=cfg.bias_momentum,
+                       weight_decay=0.0, batch_size=cfg.bias_batch_size or ctx.fit.batch_size,
+                       schedule=ScheduleConfig(type="multistep", milestones=cfg.bias_milestones, gamma=cfg.bias_gamma))
+        layer = fit_bias_layer(ctx, logits, out["labels"], BiasLayer(ctx.state.new.start, ctx.state.new.stop).to(ctx.device),
+                               spec, cfg.beta_l2, seeded_generator(ctx.config.seed, "bic-bias", b))
         self.bias[b] = (float(layer.alpha.item()), float(layer.beta.item()))
         after = self.corrected(logits, b, ctx.scenario)
         n_train = self._trained_exemplars(ctx)

@@ -48,30 +48,37 @@ loss and time.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from cilkit.config import ScheduleConfig
-from cilkit.engine import FitHooks
 from cilkit.errors import UserError
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl, freeze, stage_record
+from cilkit.registry import register_method as register
+from cilkit.methods.base import (Batch, Context, FitHooks, LossTerms, Method, MethodConfig, distillation_kl, freeze,
+                                 stage_record)
 from cilkit.methods.finetune import Finetune
 from cilkit.models import IncrementalNet
+from cilkit.options import option
 
 
 class EEILConfig(MethodConfig):
-    temperature: float = Field(2.0, gt=0)  # Sec. 4: "we set T to 2 for all our experiments"
-    lambda_kd: float = Field(1.0, ge=0)  # weight of the distillation sum (Eq. 1 has none: 1)
-    finetune_epochs: int = Field(30, ge=0)  # balanced finetuning epochs (the authors' 30; 0: no such stage)
-    finetune_lr: float = Field(0.01, gt=0)  # its starting learning rate (the authors' 0.01)
-    # epochs after which its lr is divided by 10 (the authors': every 10 epochs)
-    finetune_milestones: list[int] = Field(default_factory=lambda: [10, 20])
-    # the balanced stage also distils the new classes' group (Sec. 4's temporary distillation)
-    temporary_distillation: bool = True
+    # state 0 is plain cross-entropy training: every option acts from state 1 on
+    temperature: float = option(
+        2.0, gt=0, state0=False, help="T of every distillation (Sec. 4: \"we set T to 2 for all our experiments\")")
+    lambda_kd: float = option(1.0, ge=0, state0=False,
+                              help="weight of the distillation sum (Eq. 1 has none: 1)")
+    finetune_epochs: int = option(30, ge=0, state0=False,
+                                  help="balanced finetuning epochs (the authors' 30; 0: no such stage)")
+    finetune_lr: float = option(0.01, gt=0, state0=False,
+                                help="its starting learning rate (the authors' 0.01)")
+    finetune_milestones: list[int] = option(
+        default_factory=lambda: [10, 20], state0=False,
+        help="epochs after which its lr is divided by 10 (the authors': every 10 epochs)")
+    temporary_distillation: bool = option(
+        True, state0=False, help="the balanced stage also distils the new classes' group (Sec. 4)")
+    quick: ClassVar[dict[str, Any]] = {"eeil.finetune_epochs": 1}
 
 
 def cross_distillation(
@@ -93,8 +100,6 @@ class EEIL(Method):
     Config = EEILConfig
     cfg: EEILConfig
     needs_teacher = True
-    state0_free_options = ("temperature", "lambda_kd", "finetune_epochs", "finetune_lr", "finetune_milestones",
-                           "temporary_distillation")  # state 0 is plain cross-entropy training
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -106,20 +111,18 @@ class EEIL(Method):
         """State 0 is fine-tuning (cross-entropy; nothing to distil, no balanced stage)."""
         return Finetune
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
         logits = out["logits"]
-        loss = F.cross_entropy(logits, batch.y)
-        if ctx.teacher is not None and ctx.state.n_old > 0:
-            loss = loss + self.cfg.lambda_kd * self.old_distillation(ctx, batch, logits)
-        return loss
+        terms = {"ce": F.cross_entropy(logits, batch.y)}
+        if batch.teacher is not None and ctx.state.n_old > 0:
+            terms["kd"] = self.cfg.lambda_kd * self.old_distillation(ctx, batch, logits)
+        return terms
 
     def old_distillation(self, ctx: Context, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """The distillation of every earlier state's classes from the previous model."""
-        assert ctx.teacher is not None
-        with torch.no_grad():
-            old = ctx.teacher(batch.x)["logits"].float()
+        assert batch.teacher is not None
         groups = [ctx.scenario.state_range(s) for s in range(ctx.state.index)]
-        return cross_distillation(logits, old, groups, self.cfg.temperature)
+        return cross_distillation(logits, batch.teacher["logits"], groups, self.cfg.temperature)
 
     def after_state(self, ctx: Context) -> None:
         if ctx.state.index > 0 and self.cfg.finetune_epochs > 0:
@@ -131,9 +134,9 @@ class EEIL(Method):
         indices = ctx.memory.indices(ctx.state.seen)
         stage_teacher = freeze(copy.deepcopy(ctx.model))
         schedule = ScheduleConfig(type="multistep", milestones=self.cfg.finetune_milestones, gamma=0.1)
-        fit = ctx.engine.fit(ctx, BalancedStage(self, stage_teacher), indices, self.cfg.finetune_epochs,
-                             self.cfg.finetune_lr, schedule, desc=f"state {ctx.state.index + 1} balanced finetuning",
-                             stage="balanced finetuning")
+        spec = ctx.fit.replace(epochs=self.cfg.finetune_epochs, lr=self.cfg.finetune_lr, schedule=schedule)
+        fit = ctx.engine.fit(ctx, BalancedStage(self, stage_teacher), indices, spec,
+                             desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning")
         ctx.record.results["finetune"] = stage_record(indices, fit)
 
 
@@ -145,11 +148,14 @@ class BalancedStage(FitHooks):
     def __init__(self, method: EEIL, stage_teacher: IncrementalNet) -> None:
         self.method, self.stage_teacher = method, stage_teacher
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def teacher(self, ctx: Context) -> torch.nn.Module:
+        """The model as it left the first stage."""
+        return self.stage_teacher
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
         cfg, b = self.method.cfg, ctx.state.index
         logits = out["logits"]
-        with torch.no_grad():
-            after_first = self.stage_teacher(batch.x)["logits"].float()
+        assert batch.teacher is not None
         groups = [ctx.scenario.state_range(s) for s in range(b + 1 if cfg.temporary_distillation else b)]
-        return F.cross_entropy(logits, batch.y) + cfg.lambda_kd * cross_distillation(logits, after_first, groups,
-                                                                                      cfg.temperature)
+        return {"ce": F.cross_entropy(logits, batch.y),
+                "kd": cfg.lambda_kd * cross_distillation(logits, batch.teacher["logits"], groups, cfg.temperature)}

@@ -6,15 +6,15 @@ cross-entropy on the new data plus the exemplars, without distillation (docs/met
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from cilkit.methods import register
+from cilkit.registry import register_method as register
 from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
+from cilkit.options import option
 
 
 class FinetuneConfig(MethodConfig):
-    # IL2M's original code re-initialises the whole classifier layer at each state.
-    reinit_classifier: bool = False
+    reinit_classifier: bool = option(
+        False, state0=False,
+        help="re-initialise every row of the linear head (old and new) at each state b >= 1 (IL2M's original code)")
 
 
 @register("finetune")
@@ -22,7 +22,6 @@ class Finetune(Method):
     description = "fine-tuning with memory: cross-entropy on new data + exemplars, no distillation"
     Config = FinetuneConfig
     cfg: FinetuneConfig
-    state0_free_options: ClassVar[tuple[str, ...]] = ("reinit_classifier",)  # acts from state 1 on
     stores_features = True  # ScaIL rectifies any fine-tuning run (cilkit calibrate --with scail)
 
     def before_state(self, ctx: Context) -> None:

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from cilkit.errors import UserError
-from cilkit.methods import register
+from cilkit.registry import register_method as register
 from cilkit.methods.base import Context, Method, MethodConfig
 from cilkit.models import IncrementalNet, load_backbone_weights
 from cilkit.seeding import derive_seed, seeded_generator

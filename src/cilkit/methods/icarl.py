@@ -42,17 +42,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, MethodConfig, distillation_kl, teacher_old_logits
+from cilkit.registry import register_method as register
+from cilkit.methods.base import Batch, Context, LossTerms, MethodConfig, distillation_kl, teacher_old_logits
 from cilkit.methods.nme import WithClassMeans
+from cilkit.options import option
 
 
 class ICaRLConfig(MethodConfig):
-    loss: Literal["bce", "ce_kd"] = "bce"  # bce: the paper's sigmoid BCE with distillation targets; ce_kd: cross-entropy + KD
-    # bce only: "sum" over the seen classes, mean over the batch (the paper's Alg. 3 sum, per
-    # image); "mean": the original code's mean over the batch and the run's classes (see above)
-    bce_reduction: Literal["sum", "mean"] = "sum"
-    temperature: float = 2.0  # ce_kd only
+    loss: Literal["bce", "ce_kd"] = option(
+        "bce", help="bce: the paper's sigmoid BCE with distillation targets; ce_kd: cross-entropy + KD")
+    bce_reduction: Literal["sum", "mean"] = option(
+        "sum", help="bce only: sum over the seen classes, mean over the batch (the paper's Alg. 3 sum, per image); "
+                    "mean: the original code's mean over the batch and the run's classes")
+    temperature: float = option(2.0, help="ce_kd only: the temperature of the distillation")
 
 
 def icarl_bce(logits: torch.Tensor, target: torch.Tensor, divisor: int = 1) -> torch.Tensor:
@@ -72,7 +74,7 @@ def bce_divisor(reduction: str, n_classes: int) -> int:
 def distilled_loss(
     logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor | None, loss: str, divisor: int,
     temperature: float, lambda_kd: float = 1.0,
-) -> torch.Tensor:
+) -> LossTerms:
     """iCaRL's loss (``loss="bce"``: :func:`icarl_bce` with the teacher's sigmoids as the old
     classes' targets, the one-hot labels as the new ones') or ``ce_kd``: cross-entropy plus
     ``lambda_kd`` times the softmax distillation of the old classes at ``temperature``.
@@ -81,11 +83,11 @@ def distilled_loss(
         target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
         if old_logits is not None:
             target[:, : old_logits.shape[1]] = torch.sigmoid(old_logits)
-        return icarl_bce(logits, target, divisor)
-    total = F.cross_entropy(logits, labels)
+        return {"bce": icarl_bce(logits, target, divisor)}
+    terms = {"ce": F.cross_entropy(logits, labels)}
     if old_logits is not None:
-        total = total + lambda_kd * distillation_kl(logits[:, : old_logits.shape[1]], old_logits, temperature)
-    return total
+        terms["kd"] = lambda_kd * distillation_kl(logits[:, : old_logits.shape[1]], old_logits, temperature)
+    return terms
 
 
 @register("icarl")
@@ -98,9 +100,9 @@ class ICaRL(WithClassMeans):
     needs_teacher = True
     primary_scores = "nme"
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
         divisor = bce_divisor(self.cfg.bce_reduction, ctx.scenario.ends[-1])
-        return distilled_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch.x), self.cfg.loss, divisor,
+        return distilled_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch), self.cfg.loss, divisor,
                               self.cfg.temperature)
 
     def after_state(self, ctx: Context) -> None:

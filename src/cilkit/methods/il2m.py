@@ -26,15 +26,16 @@ from typing import Any
 
 import torch
 
-from cilkit.methods import register
+from cilkit.registry import register_method as register
 from cilkit.methods.base import Context
 from cilkit.methods.finetune import Finetune, FinetuneConfig
+from cilkit.options import option
 from cilkit.rectify import il2m_from_stats
 
 
 class IL2MConfig(FinetuneConfig):
-    # Not in the paper: leave classes whose current mean score is <= 0 unrectified.
-    guard_nonpositive: bool = False
+    guard_nonpositive: bool = option(
+        False, state0=False, help="leave classes with cur_mean <= 0 unrectified (not in the paper)")
 
 
 @register("il2m")
@@ -43,7 +44,6 @@ class IL2M(Finetune):
     Config = IL2MConfig
     cfg: IL2MConfig
     primary_scores = "il2m"
-    state0_free_options = ("reinit_classifier", "guard_nonpositive")  # only from state 1 on
 
     def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """The logits rectified with this state's class statistics (the same the run saves, so

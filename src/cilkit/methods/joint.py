@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cilkit.methods import register
+from cilkit.registry import register_method as register
 from cilkit.methods.base import Context, Method
 
 

@@ -33,9 +33,9 @@ Written from the paper (Sec. 3 and 4.1) and checked against the authors' code
 - Evaluation: the network's logits (``predict``, primary) and nearest-mean-of-exemplars
   (``nme``, :mod:`cilkit.methods.nme`).
 
-Per state, ``results.json`` records under ``lucir``: ``lambda``, ``sigma`` (after the state),
-``loss_terms`` (the mean of the unweighted CE, L_lf and L_mr over the state's batches) and, with
-``cbf``, the finetuning's ``cbf`` facts.
+Per state, ``results.json`` records under ``lucir``: ``lambda``, ``sigma`` (after the state) and,
+with ``cbf``, the finetuning's ``cbf`` facts. The loss terms ``ce``, ``less_forget`` (``lambda *
+L_lf``) and ``margin_ranking`` (``mr_weight * L_mr``) are in every epoch's line of history.jsonl.
 """
 
 from __future__ import annotations
@@ -47,34 +47,37 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from cilkit.classwise import normalised_class_means
 from cilkit.config import ScheduleConfig
 from cilkit.errors import UserError
-from cilkit.methods import register
-from cilkit.engine import FitHooks
-from cilkit.methods.base import Batch, Context, MethodConfig, head_of, stage_record
+from cilkit.registry import register_method as register
+from cilkit.methods.base import Batch, Context, FitHooks, LossTerms, MethodConfig, head_of, stage_record
 from cilkit.methods.nme import WithClassMeans
 from cilkit.models import IncrementalNet, SplitCosineLinear, build_model
+from cilkit.options import option
 
 
 class LUCIRConfig(MethodConfig):
-    # Sec. 4.1 (implementation details): lambda_base = 5 on CIFAR-100, 10 on ImageNet.
-    lambda_base: float = Field(5.0, ge=0)
-    # Sec. 3.3: lambda = lambda_base * sqrt(n_old / n_new); false: lambda = lambda_base.
-    adaptive_lambda: bool = True
-    # Sec. 3.4 / 4.1: margin m = 0.5, K = 2 hardest new classes; weight 1 (original lw_mr).
-    margin: float = Field(0.5, ge=0)
-    top_k: int = Field(2, ge=1)  # K: hardest new classes per old-class anchor in the margin ranking loss
-    mr_weight: float = Field(1.0, ge=0)  # weight of the margin ranking loss
-    # Imprint the new classes' weights before training a state (original --imprint_weights).
-    imprint: bool = True
-    # Class-balanced finetuning (Sec. 4.1, ImageNet): 20 epochs, lr 0.01, x0.1 at epoch 10.
-    cbf: bool = False
-    cbf_epochs: int = Field(20, ge=0)  # class-balanced finetuning epochs
-    cbf_lr: float = Field(0.01, gt=0)  # class-balanced finetuning learning rate
-    cbf_milestones: list[int] = Field(default_factory=lambda: [10])  # epochs where the finetuning lr is divided by 10
+    # state 0 is cross-entropy on the cosine head; the rest acts from state 1 on (cbf: after training)
+    lambda_base: float = option(
+        5.0, ge=0, state0=False,
+        help="base weight of the less-forget constraint (Sec. 4.1: 5 on CIFAR-100, 10 on ImageNet)")
+    adaptive_lambda: bool = option(
+        True, state0=False, help="lambda = lambda_base * sqrt(n_old / n_new) (Sec. 3.3); false: lambda = lambda_base")
+    margin: float = option(0.5, ge=0, state0=False, help="margin m of the ranking loss (Sec. 3.4 / 4.1)")
+    top_k: int = option(2, ge=1, state0=False,
+                        help="K: hardest new classes per old-class sample in the margin ranking loss")
+    mr_weight: float = option(1.0, ge=0, state0=False,
+                              help="weight of the margin ranking loss (the original's lw_mr)")
+    imprint: bool = option(True, state0=False,
+                           help="imprint the new rows before each state (the original's --imprint_weights)")
+    cbf: bool = option(False, state0=False,
+                       help="class-balanced finetuning after each state b >= 1 (Sec. 4.1, ImageNet)")
+    cbf_epochs: int = option(20, ge=0, state0=False, help="its epochs")
+    cbf_lr: float = option(0.01, gt=0, state0=False, help="its learning rate")
+    cbf_milestones: list[int] = option(default_factory=lambda: [10], state0=False,
+                                       help="its epochs where the lr is divided by 10")
 
 
 # ----- the formulas ---------------------------------------------------------------------------
@@ -160,9 +163,9 @@ class BalancedFinetune(FitHooks):
         head = _cosine_head(ctx)
         return [{"params": [head.weight_old, head.weight_new]}]
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
         ce, mr = self.method.classification_terms(ctx, batch, out["features"])
-        return ce + self.method.cfg.mr_weight * mr
+        return {"ce": ce, "margin_ranking": self.method.cfg.mr_weight * mr}
 
 
 def _cosine_head(ctx: Context) -> SplitCosineLinear:
@@ -179,17 +182,12 @@ class LUCIR(WithClassMeans):
     Config = LUCIRConfig
     cfg: LUCIRConfig
     needs_teacher = True
-    # state 0 is cross-entropy on the cosine head; these act from state 1 on (cbf: after training)
-    state0_free_options = ("lambda_base", "adaptive_lambda", "margin", "top_k", "mr_weight", "imprint",
-                           "cbf", "cbf_epochs", "cbf_lr", "cbf_milestones")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.cfg.cbf and not self.run_config.memory.enabled:
             raise UserError("config key 'lucir.cbf': class-balanced finetuning needs an exemplar memory "
                             "(set memory.total or memory.per_class)")
-        self.lambda_ = self.cfg.lambda_base
-        self._terms: torch.Tensor | None = None  # running sums of (CE, L_lf, L_mr, batches)
 
     # ----- model -------------------------------------------------------------------------------
     def build_model(self, in_channels: int, image_size: int) -> IncrementalNet:
@@ -201,14 +199,10 @@ class LUCIR(WithClassMeans):
 
     # ----- hooks -------------------------------------------------------------------------------
     def before_state(self, ctx: Context) -> None:
-        super().before_state(ctx)  # frozen teacher, then the head grows (old rows frozen)
-        self._terms = None
+        super().before_state(ctx)  # the head grows (old rows frozen)
         if ctx.state.index == 0:
             return
-        self.lambda_ = less_forget_weight(
-            self.cfg.lambda_base, ctx.state.n_old, ctx.state.n_new, self.cfg.adaptive_lambda
-        )
-        ctx.record.results["lambda"] = self.lambda_
+        ctx.record.results["lambda"] = self.less_forget_weight(ctx)
         if self.cfg.imprint:
             self.imprint(ctx)
 
@@ -239,39 +233,24 @@ class LUCIR(WithClassMeans):
         mr = margin_ranking_loss(cosines, batch.y, ctx.state.n_old, self.cfg.top_k, self.cfg.margin)
         return ce, mr
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        if ctx.teacher is None:  # state 0: cross-entropy on sigma * cos
-            return F.cross_entropy(out["logits"], batch.y)
+    def less_forget_weight(self, ctx: Context) -> float:
+        """The state's ``lambda`` (Eq. 7 with the adaptive weight; see :func:`less_forget_weight`)."""
+        return less_forget_weight(self.cfg.lambda_base, ctx.state.n_old, ctx.state.n_new, self.cfg.adaptive_lambda)
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
+        """State 0: cross-entropy on ``sigma * cos``. Later: that, ``lambda * L_lf`` against the
+        previous model's features and ``mr_weight * L_mr``."""
+        if batch.teacher is None:
+            return {"ce": F.cross_entropy(out["logits"], batch.y)}
         ce, mr = self.classification_terms(ctx, batch, out["features"])
-        with torch.no_grad():
-            previous = ctx.teacher.features(batch.x).float()
-        lf = less_forget_loss(out["features"], previous)
-        self._record(ce, lf, mr)
-        return ce + self.lambda_ * lf + self.cfg.mr_weight * mr
+        lf = less_forget_loss(out["features"], batch.teacher["features"])
+        return {"ce": ce, "less_forget": self.less_forget_weight(ctx) * lf, "margin_ranking": self.cfg.mr_weight * mr}
 
     def class_logits(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sigma * cos``, what the cross-entropy term reads."""
         return out["logits"]
 
-    def regularisation_loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``lambda * L_lf + mr_weight * L_mr`` (0 in state 0), for SIR on LUCIR."""
-        if ctx.teacher is None:
-            return out["logits"].new_zeros(())
-        cosines = _cosine_head(ctx).cosine(out["features"])
-        mr = margin_ranking_loss(cosines, batch.y, ctx.state.n_old, self.cfg.top_k, self.cfg.margin)
-        with torch.no_grad():
-            previous = ctx.teacher.features(batch.x).float()
-        return self.lambda_ * less_forget_loss(out["features"], previous) + self.cfg.mr_weight * mr
-
-    def _record(self, ce: torch.Tensor, lf: torch.Tensor, mr: torch.Tensor) -> None:
-        """Accumulate the loss terms on the device (no synchronisation per batch)."""
-        terms = torch.stack([ce.detach(), lf.detach(), mr.detach(), torch.ones_like(ce)])
-        self._terms = terms if self._terms is None else self._terms + terms
-
     def after_state(self, ctx: Context) -> None:
-        if self._terms is not None:
-            ce, lf, mr, n = self._terms.tolist()
-            ctx.record.results["loss_terms"] = {"ce": ce / n, "less_forget": lf / n, "margin_ranking": mr / n}
         if self.cfg.cbf and ctx.state.index > 0:
             self.balanced_finetune(ctx)
         ctx.record.results["sigma"] = float(_cosine_head(ctx).sigma.detach())
@@ -285,8 +264,7 @@ class LUCIR(WithClassMeans):
         head = _cosine_head(ctx)
         frozen, rows = frozen_feature_extractor(ctx.model), trainable(head.weight_old)
         with frozen, rows:
-            fit = ctx.engine.fit(
-                ctx, BalancedFinetune(self), indices, self.cfg.cbf_epochs, self.cfg.cbf_lr, schedule,
-                desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning",
-            )  # fmt: skip
+            spec = ctx.fit.replace(epochs=self.cfg.cbf_epochs, lr=self.cfg.cbf_lr, schedule=schedule)
+            fit = ctx.engine.fit(ctx, BalancedFinetune(self), indices, spec,
+                                 desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning")
         ctx.record.results["cbf"] = stage_record(indices, fit)

@@ -24,31 +24,34 @@ classifier, iCaRL's ``cnn`` scores). Scores: the logits.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
 
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig, teacher_old_logits
+from cilkit.registry import register_method as register
+from cilkit.methods.base import Batch, Context, LossTerms, Method, MethodConfig, teacher_old_logits
 from cilkit.methods.finetune import Finetune
 from cilkit.methods.icarl import bce_divisor, distilled_loss
+from cilkit.options import option
 
 
 class LwFConfig(MethodConfig):
-    # bce: LwF-MC (iCaRL's sigmoid BCE with the teacher's sigmoids as old-class targets);
-    # ce_kd: cross-entropy + lambda_kd * softmax distillation at `temperature` (FACIL's reading)
-    loss: Literal["bce", "ce_kd"] = "bce"
-    # bce only: "sum" over the seen classes, mean over the batch; "mean": also divided by the
-    # run's number of classes (iCaRL's original code; see `cilkit info icarl`)
-    bce_reduction: Literal["sum", "mean"] = "sum"
-    temperature: float = Field(2.0, gt=0)  # ce_kd only: Li & Hoiem's T = 2
-    lambda_kd: float = Field(1.0, ge=0)  # ce_kd only: Li & Hoiem's lambda_o = 1
+    # state 0 has no teacher, so only the loss form and its scale shape the state-0 model
+    loss: Literal["bce", "ce_kd"] = option(
+        "bce", help="bce: LwF-MC (iCaRL's sigmoid BCE with the teacher's sigmoids as old-class targets); "
+                    "ce_kd: cross-entropy + lambda_kd * softmax distillation at temperature (FACIL's reading)")
+    bce_reduction: Literal["sum", "mean"] = option(
+        "sum", help="bce only: sum over the seen classes (the paper's Alg. 3), mean over the batch; mean: also "
+                    "divided by the run's number of classes (iCaRL's original code and its lr 2.0)")
+    temperature: float = option(2.0, gt=0, state0=False, help="ce_kd only: T of the distillation (Li & Hoiem's 2)")
+    lambda_kd: float = option(1.0, ge=0, state0=False,
+                              help="ce_kd only: weight of the distillation (Li & Hoiem's lambda_o = 1)")
+    quick: ClassVar[dict[str, Any]] = {"memory.total": 0}  # LwF keeps no memory
 
 
 def lwf_loss(
     logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor | None, cfg: LwFConfig, divisor: int = 1
-) -> torch.Tensor:
+) -> LossTerms:
     """The loss of one batch: ``logits`` over the seen classes, ``old_logits`` the teacher's over
     the old ones (None in state 0), ``divisor`` the BCE's (1, or the run's class count): iCaRL's
     loss function (:func:`~cilkit.methods.icarl.distilled_loss`) with LwF's options."""
@@ -62,13 +65,11 @@ class LwF(Method):
     Config = LwFConfig
     cfg: LwFConfig
     needs_teacher = True
-    # state 0 has no teacher, so only the loss form and its scale shape the state-0 model
-    state0_free_options = ("temperature", "lambda_kd")
 
     def state0_like(self) -> type[Method] | None:
         """With ``ce_kd``, state 0 (no teacher) is fine-tuning's cross-entropy; ``bce`` is not."""
         return Finetune if self.cfg.loss == "ce_kd" else None
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
         divisor = bce_divisor(self.cfg.bce_reduction, ctx.scenario.ends[-1])
-        return lwf_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch.x), self.cfg, divisor)
+        return lwf_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch), self.cfg, divisor)

@@ -32,7 +32,9 @@ classifiers.py`` ``CosineClassifier``; options ``options/podnet/podnet_cnn_cifar
     the sum, as ``exp(0) = 1``, which bounds the loss below (the paper's pure NCA is unbounded as
     ``s_y`` grows).
 - Every gradient is clamped element-wise to ``[-5, 5]`` (the original registers this hook on
-  every parameter; ``grad_clip``).
+  every parameter; ``grad_clip``): the engine clamps each trained parameter's gradient after
+  the backward pass (the fit's ``clamp_grad``), the same numbers in one process; under
+  torchrun it clamps the gradient averaged over the ranks (the hooks clamped each rank's).
 - New proxies (states >= 1; the original's ``weight_generation: imprinted, multi_class_diff:
   kmeans``): per new class, k-means with K clusters over the L2-normalised features of its
   training images under the previous model; the centres (not renormalised, as the original)
@@ -48,42 +50,47 @@ classifiers.py`` ``CosineClassifier``; options ``options/podnet/podnet_cnn_cifar
 Not reproduced: the original's colour jitter on CIFAR (cilkit has crop and flip only), and the
 last block of its CIFAR ResNet distilled as a fourth map (cilkit's resnet32 has three stages;
 the output of the last one, before the removed ReLU, is distilled).
-``results.json`` records under ``podnet``: ``factor`` (r), ``scale`` (eta after the state),
-``loss_terms`` (mean NCA, flat and spatial terms over the state's batches) and ``finetune``.
+``results.json`` records under ``podnet``: ``factor`` (r), ``scale`` (eta after the state) and
+``finetune``; the loss terms ``nca`` and ``pod`` (``r (lambda_f L_flat + lambda_c L_spatial)``)
+are in every epoch's line of history.jsonl.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from sklearn.cluster import KMeans
 
 from cilkit.config import ScheduleConfig
-from cilkit.engine import FitHooks
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, MethodConfig, head_of, stage_record
+from cilkit.registry import register_method as register
+from cilkit.methods.base import Batch, Context, FitHooks, FitSpec, LossTerms, MethodConfig, head_of, stage_record
 from cilkit.methods.nme import WithClassMeans
 from cilkit.models import IncrementalNet, build_backbone
 from cilkit.models.lsc import LocalSimilarityClassifier
+from cilkit.options import option
 from cilkit.seeding import derive_seed
 
 
 class PODNetConfig(MethodConfig):
-    proxies_per_class: int = Field(10, ge=1)  # K proxies per class (the original's CIFAR and ImageNet option)
-    gamma: float = Field(1.0, gt=0)  # softmax temperature of the proxies' merge (Eq. 6; original 1)
-    lambda_spatial: float = Field(3.0, ge=0)  # lambda_c of POD-spatial (CIFAR-100 3; ImageNet 8)
-    lambda_flat: float = Field(1.0, ge=0)  # lambda_f of POD-flat (CIFAR-100 1; ImageNet 10)
-    nca_margin: float = Field(0.0, ge=0)  # delta on the ground-truth similarity; 0 as the original trains (0.6: the paper's Eq. 8)
-    imprint: Literal["kmeans", "none"] = "kmeans"  # new proxies from k-means of the new classes' features
-    grad_clip: float | None = Field(5.0, gt=0)  # element-wise clamp of every gradient (null: off)
-    finetune: bool = True  # class-balanced finetuning of the proxies after each state >= 1
-    finetune_epochs: int = Field(20, ge=0)  # its epochs
-    finetune_lr: float = Field(0.05, gt=0)  # its constant learning rate (CIFAR-100 0.05; ImageNet 0.01)
+    # state 0 trains the classifier with NCA; the distillation, imprinting and finetuning act from state 1 on
+    proxies_per_class: int = option(10, ge=1, help="K proxies per class (the original's CIFAR and ImageNet option)")
+    gamma: float = option(1.0, gt=0, help="softmax temperature of the proxies' merge (Eq. 6; the original's 1)")
+    lambda_spatial: float = option(3.0, ge=0, state0=False, help="lambda_c of POD-spatial (CIFAR-100 3; ImageNet 8)")
+    lambda_flat: float = option(1.0, ge=0, state0=False, help="lambda_f of POD-flat (CIFAR-100 1; ImageNet 10)")
+    nca_margin: float = option(
+        0.0, ge=0, help="delta on the ground-truth similarity; 0 as the original's code trains (0.6: the paper's Eq. 8)")
+    imprint: Literal["kmeans", "none"] = option(
+        "kmeans", state0=False, help="new proxies from k-means of the new classes' features (none: Kaiming normal)")
+    grad_clip: float | None = option(5.0, gt=0, help="element-wise clamp of every gradient (null: off)")
+    finetune: bool = option(True, state0=False,
+                            help="class-balanced finetuning of the proxies after each state b >= 1")
+    finetune_epochs: int = option(20, ge=0, state0=False, help="its epochs")
+    finetune_lr: float = option(0.05, gt=0, state0=False,
+                                help="its constant learning rate (CIFAR-100 0.05; ImageNet 0.01)")
+    quick: ClassVar[dict[str, Any]] = {"podnet.proxies_per_class": 3, "podnet.finetune_epochs": 1}
 
 
 # ----- the formulas -------------------------------------------------------------------------------
@@ -144,12 +151,8 @@ class BalancedFinetune(FitHooks):
         head = _lsc(ctx)
         return [{"params": [head.weight_old, head.weight_new]}]
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> torch.Tensor:
-        return self.method.classification_loss(ctx, batch, out)
-
-
-def _clamped(grad: torch.Tensor, bound: float) -> torch.Tensor:
-    return grad.clamp(-bound, bound)
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> LossTerms:
+        return {"nca": self.method.classification_loss(ctx, batch, out)}
 
 
 def _lsc(ctx: Context) -> LocalSimilarityClassifier:
@@ -165,13 +168,6 @@ class PODNet(WithClassMeans):
     cfg: PODNetConfig
     needs_teacher = True
     needs_stages = True
-    # state 0 trains the classifier with NCA; the rest acts from state 1 on
-    state0_free_options = ("lambda_spatial", "lambda_flat", "imprint", "finetune", "finetune_epochs", "finetune_lr")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._terms: torch.Tensor | None = None  # running sums of the loss terms (see _record)
-        self._clamps: list[Any] = []
 
     def build_model(self, in_channels: int, image_size: int) -> IncrementalNet:
         m = self.run_config.model
@@ -182,8 +178,7 @@ class PODNet(WithClassMeans):
 
     # ----- hooks ----------------------------------------------------------------------------------
     def before_state(self, ctx: Context) -> None:
-        super().before_state(ctx)  # frozen teacher, then K fresh proxies per new class (old frozen)
-        self._terms = None
+        super().before_state(ctx)  # K fresh proxies per new class (old frozen)
         if ctx.state.index > 0 and self.cfg.imprint == "kmeans":
             self.imprint(ctx)
 
@@ -197,17 +192,11 @@ class PODNet(WithClassMeans):
         centres = [kmeans_proxies(features[classes == c], head.proxies, seed + c) for c in st.new]
         head.set_new_proxies(torch.cat(centres) * norm)
 
-    def begin_round(self, ctx: Context) -> None:
-        """The original's element-wise gradient clamp, on every trainable parameter."""
-        self._remove_clamps()
-        if self.cfg.grad_clip is not None:
-            clamp = functools.partial(_clamped, bound=self.cfg.grad_clip)
-            self._clamps = [p.register_hook(clamp) for p in ctx.model.parameters() if p.requires_grad]
+    def fit_spec(self, ctx: Context, spec: FitSpec) -> FitSpec:
+        """The original's element-wise gradient clamp (``grad_clip``), on every trained parameter."""
+        return spec.replace(clamp_grad=self.cfg.grad_clip)
 
-    def _remove_clamps(self) -> None:
-        for handle in self._clamps:
-            handle.remove()
-        self._clamps = []
+    classification_term = "nca"
 
     def class_logits(self, ctx: Context, out: dict[str, Any]) -> torch.Tensor:
         """The scaled class similarities ``eta * s`` the classification loss reads."""
@@ -217,44 +206,24 @@ class PODNet(WithClassMeans):
         head = _lsc(ctx)
         return nca_loss(head.similarities(out["features"]), batch.y, head.scale, self.cfg.nca_margin)
 
-    def regularisation_loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> torch.Tensor:
-        """``r (lambda_f L_flat + lambda_c L_spatial)`` (0 in state 0); the terms are recorded."""
-        if ctx.teacher is None:
-            return out["features"].new_zeros(())
-        with torch.no_grad():
-            old = ctx.teacher(batch.x, stages=True)
-        flat = pod_flat_loss(old["features"].float(), out["features"])
-        spatial = pod_spatial_loss([m.float() for m in old["stages"]], out["stages"])
-        self._record(2, flat)
-        self._record(3, spatial)
-        self._record(4, torch.ones_like(flat))
-        r = adaptive_factor(ctx.state.n_seen, ctx.state.n_new)
-        return r * (self.cfg.lambda_flat * flat + self.cfg.lambda_spatial * spatial)
-
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> torch.Tensor:
-        nca = self.classification_loss(ctx, batch, out)
-        self._record(0, nca)
-        self._record(1, torch.ones_like(nca))
-        return nca + self.regularisation_loss(ctx, batch, out)
-
-    def _record(self, k: int, term: torch.Tensor) -> None:
-        """Accumulate (NCA, its batches, flat, spatial, their batches) on the device (no
-        synchronisation per batch)."""
-        if self._terms is None:
-            self._terms = torch.zeros(5, device=term.device)
-        self._terms[k] += term.detach()
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> LossTerms:
+        """``L_NCA``; from state 1 on also ``pod``: ``r (lambda_f L_flat + lambda_c L_spatial)``
+        against the previous model's features and stage maps."""
+        terms = {"nca": self.classification_loss(ctx, batch, out)}
+        if batch.teacher is not None:
+            old = batch.teacher
+            flat = pod_flat_loss(old["features"], out["features"])
+            spatial = pod_spatial_loss(old["stages"], out["stages"])
+            r = adaptive_factor(ctx.state.n_seen, ctx.state.n_new)
+            terms["pod"] = r * (self.cfg.lambda_flat * flat + self.cfg.lambda_spatial * spatial)
+        return terms
 
     def after_state(self, ctx: Context) -> None:
         b = ctx.state.index
-        if self._terms is not None:
-            nca, n_nca, flat, spatial, n = self._terms.tolist()
-            ctx.record.results["loss_terms"] = {**({"nca": nca / n_nca} if n_nca else {}),
-                                                **({"flat": flat / n, "spatial": spatial / n} if n else {})}
         if b > 0:
             ctx.record.results["factor"] = adaptive_factor(ctx.state.n_seen, ctx.state.n_new)
             if self.cfg.finetune and self.cfg.finetune_epochs > 0 and ctx.memory.indices(ctx.state.seen).numel():
                 self.balanced_finetune(ctx)
-        self._remove_clamps()
         ctx.record.results["scale"] = float(_lsc(ctx).scale.detach())
         self.update_class_means(ctx)
 
@@ -263,11 +232,11 @@ class PODNet(WithClassMeans):
         head = _lsc(ctx)
         indices = ctx.memory.indices(ctx.state.seen)
         head.weight_old.requires_grad_(True)
-        self.begin_round(ctx)  # the gradient clamp on the old proxies too
+        spec = ctx.fit.replace(epochs=self.cfg.finetune_epochs, lr=self.cfg.finetune_lr,
+                               schedule=ScheduleConfig(type="constant"))  # the clamp on the old proxies too
         try:
-            fit = ctx.engine.fit(ctx, BalancedFinetune(self), indices, self.cfg.finetune_epochs, self.cfg.finetune_lr,
-                                 ScheduleConfig(type="constant"), desc=f"state {ctx.state.index + 1} balanced finetuning",
-                                 stage="balanced finetuning")
+            fit = ctx.engine.fit(ctx, BalancedFinetune(self), indices, spec,
+                                 desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning")
         finally:
             head.weight_old.requires_grad_(False)
         ctx.record.results["finetune"] = stage_record(indices, fit)

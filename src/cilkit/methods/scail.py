@@ -28,20 +28,23 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
 
-from cilkit.methods import register
+from cilkit.registry import register_method as register
 from cilkit.methods.base import Context, head_of
 from cilkit.methods.finetune import Finetune, FinetuneConfig
 from cilkit.models import IncrementalLinear
+from cilkit.options import option
 from cilkit.rectify import scail_classifier, scail_scores
 
 
 class ScaILConfig(FinetuneConfig):
-    # code: the authors' loop (factor indexed by argsort(-w)[d]); rank: the k-th largest |w| times the k-th factor
-    reading: Literal["code", "rank"] = "code"
-    # old classes that keep a score: the current classifier's top ones per image (the authors: 10)
-    top_rewinded: int = Field(10, ge=1)
+    # read from state 1 on only (as reinit_classifier)
+    reading: Literal["code", "rank"] = option(
+        "code", state0=False, help="code: the authors' loop (factor indexed by argsort(-w)[d]); "
+                                   "rank: the k-th largest weight times the k-th factor")
+    top_rewinded: int = option(
+        10, ge=1, state0=False,
+        help="old classes that keep a score per image: the current classifier's top ones (the authors: 10)")
 
 
 @register("scail")
@@ -51,7 +54,6 @@ class ScaIL(Finetune):
     Config = ScaILConfig
     cfg: ScaILConfig
     primary_scores = "scail"
-    state0_free_options = ("reinit_classifier", "reading", "top_rewinded")  # only read from state 1 on
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

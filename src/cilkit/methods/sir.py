@@ -62,31 +62,30 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from cilkit.classwise import class_counts, normalised_class_means
-from cilkit.engine import EpochRecord
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig
-from cilkit.models import IncrementalNet
+from cilkit.registry import METHODS, register_method as register
+from cilkit.methods.base import Batch, BuildsOn, Context, LossTerms, MethodConfig
+from cilkit.options import option
 from cilkit.scenario import Scenario
 
 
 class SIRConfig(MethodConfig):
-    # 1. frequency compensation; tau = 1 is the Bayes-consistent logit adjustment (Menon et al.)
-    frequency_compensation: bool = True
-    tau: float = Field(1.0, ge=0)  # tau: strength of the compensation, offset tau * log(n_j / n_max)
-    # 2. inheritance transfer: weight w of the old-class similarity in a new sample's target,
-    #    temperature T of the softmax over cosine similarities (our defaults)
-    inheritance_transfer: bool = True
-    transfer_weight: float = Field(0.1, ge=0, le=1)  # w: share of a new sample's target given to similar old classes
-    transfer_temperature: float = Field(0.1, gt=0)  # T: temperature of the softmax over cosine similarities
-    # 3. chronological attenuation: tau_j = tau * gamma ** age_j (our default gamma)
-    chronological_attenuation: bool = True
-    attenuation: float = Field(0.9, gt=0, le=1)  # gamma: tau_j = tau * gamma ** age_j
-    # the method SIR acts on: its model, hooks and regularisation; SIR's loss takes the place of
-    # its classification term from state 1 on (docs/sir.md, "SIR on a base")
-    base: Literal["finetune", "lucir", "podnet"] = "finetune"
+    frequency_compensation: bool = option(True, help="component 1: frequency compensation")
+    tau: float = option(
+        1.0, ge=0, help="strength of the compensation, offset tau * log(n_j / n_max) (1: the Bayes-consistent logit "
+                        "adjustment of Menon et al.)")
+    inheritance_transfer: bool = option(True, help="component 2: inheritance transfer")
+    transfer_weight: float = option(
+        0.1, ge=0, le=1, help="w: share of a new sample's target given to similar old classes (our default)")
+    transfer_temperature: float = option(
+        0.1, gt=0, help="T of the softmax over cosine similarities (our default)")
+    chronological_attenuation: bool = option(True, help="component 3: chronological attenuation")
+    attenuation: float = option(0.9, gt=0, le=1, help="gamma in tau_j = tau * gamma ** age_j (our default)")
+    base: Literal["finetune", "lucir", "podnet"] = option(
+        "finetune", help="the method SIR acts on (its model, hooks and regularisation; its options under its own "
+                         "name): SIR's loss takes the place of its classification term from state 1 on (docs/sir.md)")
 
     @model_validator(mode="after")
     def _attenuation_needs_compensation(self) -> "SIRConfig":
@@ -173,33 +172,31 @@ def sir_loss(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor |
 
 # ----- the method --------------------------------------------------------------------------------
 @register("sir")
-class SIR(Method):
+class SIR(BuildsOn):
+    """SIR on its base method (``sir.base``): every hook is the base's (:class:`BuildsOn`) but
+    these: the state's set-up around the base's (inheritance targets, per-round offsets), the
+    loss (SIR's in place of the base's classification term, the base's other terms kept) and
+    what results.json keeps. ``offsets`` and ``transfer`` are the state's loss parameters, set
+    before its training and read by every batch."""
+
     description = ("SIR (reconstruction from the abstract): frequency compensation, inheritance transfer, "
                    "chronological attenuation on top of a base method (fine-tuning with memory, LUCIR or PODNet)")
     Config = SIRConfig
     cfg: SIRConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        from cilkit.methods import METHODS
-
-        self.base: Method = METHODS[self.cfg.base](self.run_config)  # with its own options (e.g. ``podnet:``)
-        self.needs_stages = self.base.needs_stages
-        self.primary_scores = self.base.primary_scores  # type: ignore[misc]
-        self.offsets: torch.Tensor | None = None  # this state's logit adjustment
+    def __init__(self, config: Any, options: MethodConfig | None = None) -> None:
+        cfg = options if options is not None else SIRConfig.model_validate(config.method_options(self.name))
+        assert isinstance(cfg, SIRConfig)
+        super().__init__(config, cfg, base=METHODS[cfg.base](config))  # the base with its own options (``podnet:``)
+        self.offsets: torch.Tensor | None = None  # this round's logit adjustment
         self.transfer: torch.Tensor | None = None  # this state's (n_new, n_old) similarity targets
-        self.counts = torch.zeros(0, dtype=torch.int64)  # this state's n_j
 
     def state0_signature(self) -> dict[str, Any]:
         return {"base": self.cfg.base, "base_options": self.base.cfg.model_dump(mode="json"),
                 **self.base.state0_signature()}
 
-    # ----- the base method's hooks, with SIR's own around them -------------------------------------
-    def build_model(self, in_channels: int, image_size: int) -> IncrementalNet:
-        return self.base.build_model(in_channels, image_size)
-
     def before_state(self, ctx: Context) -> None:
-        self.base.before_state(ctx)  # the base's teacher, head growth, imprinting ...
+        self.base.before_state(ctx)  # the base's head growth, imprinting ...
         self.offsets, self.transfer = None, None
         if ctx.state.index > 0 and self.cfg.inheritance_transfer:
             # ctx.model has not trained in this state yet: its backbone is the previous model's.
@@ -213,39 +210,17 @@ class SIR(Method):
         new_protos, old_protos = protos[st.new.start : st.new.stop], protos[: st.n_old]
         return transfer_distribution(new_protos, old_protos, self.cfg.transfer_temperature)
 
-    def rounds(self, ctx: Context) -> int:
-        return self.base.rounds(ctx)
-
     def begin_round(self, ctx: Context) -> None:
-        """The base's set-up, then the round's class counts ``n_j`` and, with frequency
-        compensation, its logit offsets."""
+        """The base's set-up, then, with frequency compensation, the logit offsets of the
+        round's class counts ``n_j``."""
         self.base.begin_round(ctx)
-        if ctx.state.index > 0:
-            self.counts = class_counts(ctx.scenario.train_pos[self.train_set(ctx)], ctx.state.n_seen)
-            if self.cfg.frequency_compensation:
-                self.offsets = frequency_offsets(self.counts, self.strengths(ctx)).to(ctx.device)
+        if ctx.state.index > 0 and self.cfg.frequency_compensation:
+            self.offsets = frequency_offsets(self.round_counts(ctx, self.train_set(ctx)), self.strengths(ctx)).to(ctx.device)
 
-    def train_set(self, ctx: Context) -> torch.Tensor:
-        return self.base.train_set(ctx)
-
-    def memory_candidates(self, ctx: Context) -> torch.Tensor:
-        return self.base.memory_candidates(ctx)
-
-    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
-        return self.base.param_groups(ctx)
-
-    def train_mode(self, ctx: Context, model: torch.nn.Module) -> None:
-        self.base.train_mode(ctx, model)
-
-    def begin_epoch(self, ctx: Context, epoch: int) -> None:
-        self.base.begin_epoch(ctx, epoch)
-
-    def end_epoch(self, ctx: Context, record: EpochRecord) -> None:
-        self.base.end_epoch(ctx, record)
-
-    def batch_order(self, ctx: Context, indices: torch.Tensor, batch_size: int,
-                    generator: torch.Generator | None) -> torch.Tensor:
-        return self.base.batch_order(ctx, indices, batch_size, generator)
+    @staticmethod
+    def round_counts(ctx: Context, indices: torch.Tensor) -> torch.Tensor:
+        """(n_seen,) ``n_j``: the training images of each seen class in ``indices``."""
+        return class_counts(ctx.scenario.train_pos[indices], ctx.state.n_seen)
 
     def strengths(self, ctx: Context) -> torch.Tensor:
         """(n_seen,) ``tau_j`` of this state (attenuated by age when that component is on)."""
@@ -258,11 +233,12 @@ class SIR(Method):
             ctx.record.results.update(self._record(ctx))
 
     def _record(self, ctx: Context) -> dict[str, Any]:
-        """What results.json keeps of the state: per class its training count and ``tau_j``
-        (null with frequency compensation off), and for each new class its most similar old class
-        and that class's weight in the transfer distribution."""
+        """What results.json keeps of the state: per class its training count (in the last
+        round) and ``tau_j`` (null with frequency compensation off), and for each new class its
+        most similar old class and that class's weight in the transfer distribution."""
+        assert ctx.trained is not None and ctx.trained.rounds
         taus = self.strengths(ctx).tolist() if self.cfg.frequency_compensation else None
-        rec: dict[str, Any] = {"train_counts": self.counts.tolist(),
+        rec: dict[str, Any] = {"train_counts": self.round_counts(ctx, ctx.trained.rounds[-1]).tolist(),
                                "tau": [round(t, 6) for t in taus] if taus is not None else None}
         if self.transfer is not None and self.transfer.numel():
             w, o = self.transfer.max(dim=1)
@@ -270,30 +246,17 @@ class SIR(Method):
                                         for n, c, x in zip(ctx.state.new, o.tolist(), w.tolist())}
         return rec
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """State 0: the base's loss. Later: SIR's loss on the base's class logits (in place of
-        the base's classification term), plus the base's regularisation (LUCIR's less-forget
-        and margin ranking terms, PODNet's POD distillation; none for fine-tuning)."""
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
+        """State 0: the base's loss. Later: the base's terms with SIR's loss (``sir``) on the
+        base's class logits in place of its classification term (LUCIR's less-forget and margin
+        ranking terms, PODNet's POD distillation kept; fine-tuning has no other)."""
+        terms = self.base.loss(ctx, batch, out)
         if ctx.state.index == 0:
-            return self.base.loss(ctx, batch, out)
+            return terms
         targets = None
         if self.transfer is not None and ctx.state.n_old > 0:
             targets = inheritance_targets(batch.y, ctx.state.n_seen, ctx.state.n_old, self.transfer,
                                           self.cfg.transfer_weight)
-        logits = self.base.class_logits(ctx, out)
-        return sir_loss(logits, batch.y, self.offsets, targets) + self.base.regularisation_loss(ctx, batch, out)
-
-    def statistics_warnings(self, ctx: Context, stats: dict[str, Any]) -> list[str]:
-        return self.base.statistics_warnings(ctx, stats)
-
-    def predict(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.base.predict(ctx, out)
-
-    def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.base.extra_scores(ctx, out)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.base.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state)
+        sir = sir_loss(self.base.class_logits(ctx, out), batch.y, self.offsets, targets)
+        return {("sir" if name == self.classification_term else name): (sir if name == self.classification_term else t)
+                for name, t in terms.items()}

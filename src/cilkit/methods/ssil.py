@@ -9,7 +9,7 @@ below were not checked against the PDF; the formulas are the code's.
 
 - State 0 trains like fine-tuning: cross-entropy over all the state's classes, the default
   shuffled batches, the run's learning rate; the state-0 model is fine-tuning's, bit for bit
-  (``tests/test_ssil.py``). Every option is unread in state 0 (``state0_free_options``): SS-IL
+  (``tests/test_ssil.py``). Every option is unread in state 0 (declared ``state0=False``): SS-IL
   runs that differ only in them share one state-0 cache entry, and SS-IL declares its state 0
   fine-tuning's (``state0_like``), so it shares fine-tuning's entries too
   (``tests/test_state0_sharing.py`` trains both to check it).
@@ -39,8 +39,8 @@ below were not checked against the PDF; the formulas are the code's.
   shuffles many copies of the memory, cilkit cycles through shuffled passes (every exemplar once
   before any repeats).
 - Learning rate (``lr_by_state``): the original's ``main.py`` trains state ``t`` (0-based) at
-  ``lr / (t + 1)`` for ``ssil`` (and ``ft``); on by default, set through the optimiser's
-  parameter groups, so the run's schedule scales it as usual.
+  ``lr / (t + 1)`` for ``ssil`` (and ``ft``); on by default, set as the state's fit
+  (``fit_spec``), so the run's schedule scales it as usual.
 - Memory: the original keeps a fixed total (``--memory-budget``), class-balanced (``ceil(K /
   seen)`` per class, then the largest classes give one back until the total fits) and picks
   each class's first images in the data's order: no herding, an arbitrary (random-like) choice.
@@ -48,9 +48,10 @@ below were not checked against the PDF; the formulas are the code's.
   linear layer with its bias (``nn.Linear`` in the original's ResNet-18), cilkit's default
   head. Test scores are the logits over all seen classes (one softmax), as the original evaluates.
 
-Per state >= 1, ``results.json`` records under ``ssil``: ``loss_terms`` (the mean of
-``L_CE-SS`` and ``L_TKD`` over the state's batches), ``replay_share`` (replayed images / images
-trained on), ``replay_per_batch``, ``tasks_distilled`` and ``lr``.
+Per state >= 1, ``results.json`` records under ``ssil``: ``replay_share`` (replayed images /
+images trained on), ``replay_per_batch``, ``tasks_distilled`` and ``lr``; the loss terms
+``separated_ce`` and ``task_kd`` (``kd_weight * L_TKD``) are in every epoch's line of
+history.jsonl.
 """
 
 from __future__ import annotations
@@ -59,25 +60,28 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from cilkit.engine import replay_order
 from cilkit.errors import UserError
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig
+from cilkit.registry import register_method as register
+from cilkit.methods.base import Batch, Context, FitSpec, LossTerms, Method, MethodConfig
 from cilkit.methods.finetune import Finetune
+from cilkit.options import option
 
 
 class SSILConfig(MethodConfig):
-    # temperature T of the task-wise distillation (the original's T=2)
-    temperature: float = Field(2.0, gt=0)
-    # weight of L_TKD beside L_CE-SS (the original adds them unweighted)
-    kd_weight: float = Field(1.0, ge=0)
-    # replayed exemplars in every full batch of train.batch_size images;
-    # null: train.batch_size // 5 (the original's 32 replayed beside 128 new, a batch of 160)
-    replay_per_batch: int | None = Field(None, ge=1)
-    # true: state b (0-based) trains at train.lr / (b + 1), as the original's main.py; false: train.lr
-    lr_by_state: bool = True
+    # state 0 is fine-tuning: plain cross-entropy, shuffled batches, the run's lr (lr / 1)
+    temperature: float = option(2.0, gt=0, state0=False,
+                                help="T of the task-wise distillation (the original's T = 2)")
+    kd_weight: float = option(1.0, ge=0, state0=False,
+                              help="weight of L_TKD beside L_CE-SS (the original adds them unweighted)")
+    replay_per_batch: int | None = option(
+        None, ge=1, state0=False,
+        help="replayed exemplars in every full batch of train.batch_size images; null: train.batch_size // 5 "
+             "(the original's 32 replayed beside 128 new, a batch of 160)")
+    lr_by_state: bool = option(
+        True, state0=False,
+        help="true: state b (0-based) trains at train.lr / (b + 1), as the original's main.py; false: train.lr")
 
 
 # ----- the formulas ---------------------------------------------------------------------------
@@ -115,8 +119,6 @@ class SSIL(Method):
     Config = SSILConfig
     cfg: SSILConfig
     needs_teacher = True
-    # state 0 is fine-tuning: plain cross-entropy, shuffled batches, the run's lr (lr / 1)
-    state0_free_options = ("temperature", "kd_weight", "replay_per_batch", "lr_by_state")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -125,27 +127,15 @@ class SSIL(Method):
         if self.replay_per_batch >= batch_size:
             raise UserError(f"config key 'ssil.replay_per_batch' ({self.replay_per_batch}) must be below "
                             f"train.batch_size ({batch_size}): a batch needs new images too")
-        self._sums: torch.Tensor | None = None  # (L_CE-SS, L_TKD, replayed images, images, batches)
 
     def state0_like(self) -> type[Method]:
         """State 0 is fine-tuning (plain cross-entropy, shuffled batches, the run's lr)."""
         return Finetune
 
-    def before_state(self, ctx: Context) -> None:
-        super().before_state(ctx)  # frozen teacher from state 1 on, then the head grows
-        self._sums = None
-
-    def state_lr(self, ctx: Context) -> float:
-        """The learning rate the state trains at (``train.lr / (b + 1)`` with ``lr_by_state``)."""
+    def fit_spec(self, ctx: Context, spec: FitSpec) -> FitSpec:
+        """The state's learning rate: ``train.lr / (b + 1)`` with ``lr_by_state``."""
         b = ctx.state.index
-        lr = self.run_config.train.lr_of(b)
-        return lr / (b + 1) if self.cfg.lr_by_state else lr
-
-    def param_groups(self, ctx: Context) -> list[dict[str, Any]]:
-        groups = super().param_groups(ctx)
-        if ctx.state.index > 0 and self.cfg.lr_by_state:
-            groups = [{**g, "lr": self.state_lr(ctx)} for g in groups]
-        return groups
+        return spec.replace(lr=spec.lr / (b + 1)) if b > 0 and self.cfg.lr_by_state else spec
 
     def batch_order(
         self, ctx: Context, indices: torch.Tensor, batch_size: int, generator: torch.Generator | None
@@ -159,46 +149,31 @@ class SSIL(Method):
     def _tasks(self, ctx: Context) -> list[range]:
         return [ctx.scenario.state_range(t) for t in range(ctx.state.index)]
 
-    def _kd(self, ctx: Context, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        assert ctx.teacher is not None
-        with torch.no_grad():
-            teacher = ctx.teacher(batch.x)["logits"].to(logits.dtype)[:, : ctx.state.n_old]
-        return task_wise_kd(logits, teacher, self._tasks(ctx), self.cfg.temperature)
-
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
         logits = out["logits"]
         n_old = ctx.state.n_old
-        if ctx.teacher is None or n_old == 0:  # state 0: fine-tuning's cross-entropy
-            return F.cross_entropy(logits, batch.y)
+        if batch.teacher is None or n_old == 0:  # state 0: fine-tuning's cross-entropy
+            return {"ce": F.cross_entropy(logits, batch.y)}
         ce = separated_softmax_ce(logits, batch.y, n_old)
-        kd = self._kd(ctx, batch, logits)
-        self._record(ce, kd, batch.y < n_old)
-        return ce + self.cfg.kd_weight * kd
+        kd = task_wise_kd(logits, batch.teacher["logits"][:, :n_old], self._tasks(ctx), self.cfg.temperature)
+        return {"separated_ce": ce, "task_kd": self.cfg.kd_weight * kd}
 
-    def class_logits(self, ctx: Context, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The logits (the separated softmax reads them by class group)."""
-        return out["logits"]
-
-    def regularisation_loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``kd_weight * L_TKD`` (0 in state 0)."""
-        if ctx.teacher is None or ctx.state.n_old == 0:
-            return out["logits"].new_zeros(())
-        return self.cfg.kd_weight * self._kd(ctx, batch, out["logits"])
-
-    def _record(self, ce: torch.Tensor, kd: torch.Tensor, replayed: torch.Tensor) -> None:
-        """Accumulate the loss terms and the replay count on the device (no synchronisation per batch)."""
-        one = torch.ones_like(ce)
-        terms = torch.stack([ce.detach(), kd.detach(), replayed.sum().to(ce.dtype), one * replayed.numel(), one])
-        self._sums = terms if self._sums is None else self._sums + terms
+    def replayed_images(self, ctx: Context, indices: torch.Tensor) -> int:
+        """How many of an epoch's images over ``indices`` are replayed exemplars: ``replay_per_batch``
+        in each full batch of :func:`~cilkit.engine.replay_order` (none without a full batch)."""
+        n_new = int(torch.isin(indices, ctx.state.train).sum())
+        full = n_new // (ctx.fit.batch_size - self.replay_per_batch)
+        return full * self.replay_per_batch if full and n_new < indices.numel() else 0
 
     def after_state(self, ctx: Context) -> None:
-        if self._sums is None:
+        if ctx.state.index == 0 or ctx.trained is None or not ctx.trained.rounds:
             return
-        ce, kd, replayed, images, batches = self._sums.tolist()  # the state's one read
+        indices = ctx.trained.rounds[-1]
+        n_new = int(torch.isin(indices, ctx.state.train).sum())
+        replayed = self.replayed_images(ctx, indices)
         ctx.record.results.update({
-            "loss_terms": {"separated_ce": ce / batches, "task_kd": kd / batches},
-            "replay_share": replayed / images,
+            "replay_share": replayed / (n_new + replayed),
             "replay_per_batch": self.replay_per_batch,
             "tasks_distilled": ctx.state.index,
-            "lr": self.state_lr(ctx),
+            "lr": ctx.fit.lr,
         })  # fmt: skip

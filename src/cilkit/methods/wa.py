@@ -57,48 +57,50 @@ after training (never negative when the state clipped). Scores: the logits.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from cilkit.methods import register
-from cilkit.methods.base import Batch, Context, Method, MethodConfig, distillation_kl, head_of, teacher_old_logits
+from cilkit.registry import register_method as register
+from cilkit.methods.base import Batch, Context, LossTerms, Method, MethodConfig, distillation_kl, head_of, teacher_old_logits
 from cilkit.methods.finetune import Finetune
 from cilkit.models import IncrementalLinear
+from cilkit.options import option
 
 
 class WAConfig(MethodConfig):
-    temperature: float = Field(2.0, gt=0)  # T of the distillation (the paper and PyCIL: 2)
-    # null: the paper's (1 - lambda) CE + lambda KD with lambda = n_old / n_seen (PyCIL since
-    # 2023-02); a number w: CE + w * KD with a fixed weight (PyCIL before: w = 2)
-    lambda_kd: float | None = Field(None, ge=0)
-    align: bool = True  # Weight Aligning (Eq. 6-7) after each incremental state's training
-    # weight clipping (classifier weights >= 0 after every optimiser step): always (the paper,
-    # the DER code), incremental (from state 1 on), never (PyCIL)
-    clip: Literal["always", "incremental", "never"] = "always"
-    # train the classifier's bias (PyCIL; neither aligned nor clipped); false: the paper's
-    # o = W^T phi(x), the bias held at 0 and out of the optimiser
-    bias: bool = False
+    # distillation and aligning act from state 1 on; clip is read in state 0 (always clips there)
+    temperature: float = option(2.0, gt=0, state0=False, help="T of the distillation (the paper and PyCIL: 2)")
+    lambda_kd: float | None = option(
+        None, ge=0, state0=False,
+        help="null: the paper's (1 - lambda) CE + lambda KD with lambda = n_old / n_seen (PyCIL since 2023-02); "
+             "a number w: CE + w KD with a fixed weight (PyCIL before: w = 2)")
+    align: bool = option(True, state0=False,
+                         help="Weight Aligning (Eq. 6-7) after each incremental state's training (b >= 1)")
+    clip: Literal["always", "incremental", "never"] = option(
+        "always", help="classifier weights >= 0 after every optimiser step: always (the paper, the DER code), "
+                       "incremental (states b >= 1), never (PyCIL)")
+    bias: bool = option(False, help="train the classifier's bias (PyCIL; neither aligned nor clipped); false: the "
+                                    "paper's o = W^T phi(x), the bias held at 0 and out of the optimiser")
 
 
 # ----- the formulas ---------------------------------------------------------------------------
 def wa_loss(
     logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor | None, temperature: float,
     lambda_kd: float | None = None,
-) -> torch.Tensor:
+) -> LossTerms:
     """The training loss of one batch: ``logits`` over the seen classes, ``old_logits``
     the previous model's over the old ones (None in state 0: plain cross-entropy). With
     ``lambda_kd`` None, ``(1 - l) CE + l KD``, ``l = n_old / n_seen``; else ``CE + lambda_kd KD``."""
     ce = F.cross_entropy(logits, labels)
     if old_logits is None or old_logits.shape[1] == 0:
-        return ce
+        return {"ce": ce}
     kd = distillation_kl(logits[:, : old_logits.shape[1]], old_logits, temperature)
     if lambda_kd is None:
         lam = kd_weight(old_logits.shape[1], logits.shape[1])
-        return (1.0 - lam) * ce + lam * kd
-    return ce + lambda_kd * kd
+        return {"ce": (1.0 - lam) * ce, "kd": lam * kd}
+    return {"ce": ce, "kd": lambda_kd * kd}
 
 
 def kd_weight(n_old: int, n_seen: int) -> float:
@@ -122,16 +124,11 @@ class WA(Method):
     Config = WAConfig
     cfg: WAConfig
     needs_teacher = True
-    # distillation and aligning act from state 1 on; what clip does in state 0 is declared below
-    state0_free_options: ClassVar[tuple[str, ...]] = ("temperature", "lambda_kd", "align", "clip")
 
     def state0_like(self) -> type[Method] | None:
         """With a trained bias and no clipping in state 0 (PyCIL's classifier), state 0 is
         fine-tuning's cross-entropy training."""
         return Finetune if self.cfg.bias and self.cfg.clip != "always" else None
-
-    def state0_signature(self) -> dict[str, Any]:
-        return {**super().state0_signature(), "wa_clip_state0": self.cfg.clip == "always"}
 
     def _head(self, ctx: Context) -> IncrementalLinear:
         return head_of(ctx, IncrementalLinear, "WA")
@@ -152,8 +149,8 @@ class WA(Method):
         elif ctx.state.index > 0:
             ctx.record.results["lambda"] = None
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return wa_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch.x), self.cfg.temperature,
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, torch.Tensor]) -> LossTerms:
+        return wa_loss(out["logits"], batch.y, teacher_old_logits(ctx, batch), self.cfg.temperature,
                        self.cfg.lambda_kd)
 
     def after_step(self, ctx: Context) -> None:

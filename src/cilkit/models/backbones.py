@@ -3,7 +3,7 @@
 Every backbone is an ``nn.Module`` whose ``forward(x)`` returns pooled features of shape
 ``(N, out_dim)`` and which exposes the int attribute ``out_dim``. Every factory is registered
 with ``@register_backbone`` (:mod:`cilkit.registry`, where a plugin registers its own) and
-takes ``in_channels`` and ``last_relu`` (and ``image_size`` / ``width`` when it uses them).
+takes ``in_channels`` (and ``image_size`` / ``width`` / ``last_relu`` when it uses them).
 LUCIR (Hou et al., CVPR 2019, section 3.2) removes the ReLU after the last residual block so
 that the cosine classifier sees features that can be negative. With ``last_relu=False`` the last block returns ``bn(conv(...)) + shortcut``
 without the final ReLU (for the convnet, the last activation before pooling is dropped).
@@ -262,15 +262,20 @@ def build_backbone(
     last_relu: bool = True,
 ) -> nn.Module:
     """Build the backbone registered under ``name`` (:func:`cilkit.registry.register_backbone`):
-    its factory gets ``in_channels`` and ``last_relu``, and ``image_size`` and ``width`` when
-    it names them. Raises ``UserError`` for an unknown name or a module without ``out_dim``."""
+    its factory gets ``in_channels``, and ``image_size``, ``width`` and ``last_relu`` when it
+    names them; ``last_relu=False`` asked of a factory without that argument is a ``UserError``
+    (the method needs features that can be negative). Raises ``UserError`` for an unknown name
+    or a module without ``out_dim``."""
     if name not in BACKBONES:
         raise UserError(f"config key 'model.backbone': {unknown_name('backbone', name, BACKBONES, plugin=True)}")
     factory = BACKBONES[name]
     params = inspect.signature(factory).parameters
-    optional = dict(zip(BACKBONE_OPTIONAL_ARGS, (image_size, width)))
+    if not last_relu and "last_relu" not in params:
+        raise UserError(f"config key 'model.backbone': backbone '{name}' cannot drop its last ReLU (its factory "
+                        "takes no last_relu), which this method's classifier needs: choose another backbone")
+    optional = dict(zip(BACKBONE_OPTIONAL_ARGS, (image_size, width, last_relu)))
     net = call_plugin(factory, f"config key 'model.backbone': backbone '{name}'", in_channels=in_channels,
-                      last_relu=last_relu, **{k: v for k, v in optional.items() if k in params})
+                      **{k: v for k, v in optional.items() if k in params})
     if not isinstance(net, nn.Module) or not isinstance(getattr(net, "out_dim", None), int):
         raise UserError(f"config key 'model.backbone': backbone '{name}' did not return an nn.Module "
                         "with an int attribute out_dim")

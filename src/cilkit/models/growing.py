@@ -29,7 +29,8 @@ class GrowingBackbone(nn.Module):
     start a new backbone from the previous one's weights (as PyCIL's DER does), load them in
     the factory or after ``grow``. Which backbones are frozen is not in the state dict: to
     resume, build the container, ``grow`` as often as the checkpoint's state did, then load
-    it. There is no ``stages`` seam on this container.
+    it (:meth:`cilkit.models.IncrementalNet.rebuild` does, from the checkpoint's architecture).
+    There is no ``stages`` seam on this container.
     """
 
     def __init__(self, factory: Callable[[], nn.Module]) -> None:
@@ -58,13 +59,17 @@ class GrowingBackbone(nn.Module):
         if held is not None:
             net.to(held.device)  # the factory builds on the CPU; follow a model moved to a GPU
         if freeze_old:
-            for old in self.backbones:
-                old.requires_grad_(False)
-                old.eval()
-            self.num_frozen = len(self.backbones)
+            self.freeze_first(len(self.backbones))
         net.train(self.training)
         self.backbones.append(net)
         return net
+
+    def freeze_first(self, k: int) -> None:
+        """Freeze the first ``k`` backbones (``requires_grad`` False, kept in eval mode)."""
+        for old in list(self.backbones)[:k]:
+            old.requires_grad_(False)
+            old.eval()
+        self.num_frozen = max(self.num_frozen, k)
 
     def train(self, mode: bool = True) -> Self:
         """Set the mode of this module and its unfrozen backbones; frozen ones stay in eval."""

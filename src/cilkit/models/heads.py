@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cilkit.models.growing import GrowingBackbone
 from cilkit.models.lsc import LocalSimilarityClassifier
 from cilkit.models.split import SplitRows
+
+AuxSource = Literal["features", "branch"]
 
 
 def _linear_init(weight: torch.Tensor, bias: torch.Tensor, in_dim: int) -> None:
@@ -86,6 +89,29 @@ class IncrementalLinear(nn.Module):
         return f"in_dim={self.in_dim}, num_classes={self.num_classes}"
 
 
+class AuxHead(nn.Module):
+    """A named auxiliary classifier of an :class:`IncrementalNet` (DER's, over the newest
+    backbone branch's features): a linear layer over ``source``, the model's features
+    (``"features"``) or the newest branch's of a growing backbone (``"branch"``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, source: AuxSource) -> None:
+        super().__init__()
+        self.source = source
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds it (with its weights from the state dict)."""
+        return {"in_dim": self.linear.in_features, "out_dim": self.linear.out_features, "source": self.source}
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
+def _aux(module: nn.Module) -> AuxHead:
+    assert isinstance(module, AuxHead)
+    return module
+
+
 class IncrementalNet(nn.Module):
     """A backbone followed by a growable head; forward returns features and logits.
 
@@ -97,6 +123,12 @@ class IncrementalNet(nn.Module):
     Growth seam: with a :class:`~cilkit.models.growing.GrowingBackbone` (DER),
     ``grow_backbone()`` adds a backbone and widens the linear head with zero columns, so the
     logits are unchanged right after it; ``add_classes`` works as before.
+
+    The model owns its shape: named auxiliary heads (:meth:`set_aux_head`, their logits in
+    ``out["aux"][name]``) are modules of the model, so they move, train under DDP and are saved
+    with it; :meth:`architecture` records the grown shape (classes, backbone branches and the
+    frozen ones, auxiliary heads) and :meth:`rebuild` regrows a fresh model to it before a
+    checkpoint's weights load.
     """
 
     def __init__(self, backbone: nn.Module, head: IncrementalLinear | SplitCosineLinear | LocalSimilarityClassifier
@@ -104,6 +136,7 @@ class IncrementalNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.aux_heads = nn.ModuleDict()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``(N, D)``."""
@@ -120,7 +153,7 @@ class IncrementalNet(nn.Module):
         list of the backbone's stage maps, ``f`` being computed from the last of them."""
         if not stages:
             f = self.backbone(x)
-            return {"features": f, "logits": self.head(f)}
+            return self._with_aux({"features": f, "logits": self.head(f)})
         stage_fn, embed = getattr(self.backbone, "stage_outputs", None), getattr(self.backbone, "embed", None)
         if not callable(stage_fn) or not callable(embed):
             raise TypeError(f"backbone {type(self.backbone).__name__} does not expose its stages "
@@ -128,7 +161,56 @@ class IncrementalNet(nn.Module):
                             "features), so forward(x, stages=True) cannot return them")
         maps = list(stage_fn(x))
         f = embed(maps[-1])
-        return {"features": f, "logits": self.head(f), "stages": maps}
+        return self._with_aux({"features": f, "logits": self.head(f), "stages": maps})
+
+    def _with_aux(self, out: dict[str, Any]) -> dict[str, Any]:
+        """``out`` with ``"aux"``: each auxiliary head's logits (when the model has any)."""
+        if len(self.aux_heads):
+            f = out["features"]
+            out["aux"] = {name: head(f if _aux(head).source == "features" else f[:, -self._branch_dim():])
+                          for name, head in self.aux_heads.items()}
+        return out
+
+    def _branch_dim(self) -> int:
+        if not isinstance(self.backbone, GrowingBackbone):
+            raise TypeError("an auxiliary head over the newest branch needs a GrowingBackbone")
+        return int(getattr(self.backbone.backbones[-1], "out_dim"))
+
+    def set_aux_head(self, name: str, out_dim: int, source: AuxSource = "features") -> AuxHead:
+        """Add (or replace) the auxiliary head ``name``: a fresh linear layer with ``out_dim``
+        outputs over ``source``, on the model's device. Rebuild optimizers afterwards."""
+        in_dim = self._branch_dim() if source == "branch" else int(getattr(self.backbone, "out_dim"))
+        head = AuxHead(in_dim, out_dim, source)
+        held = next(self.head.parameters(), None)
+        self.aux_heads[name] = head.to(held.device) if held is not None else head
+        return head
+
+    def architecture(self) -> dict[str, Any]:
+        """The model's grown shape, what a checkpoint records for :meth:`rebuild`."""
+        arch: dict[str, Any] = {"num_classes": self.num_classes}
+        if isinstance(self.backbone, GrowingBackbone):
+            arch["branches"] = len(self.backbone.backbones)
+            arch["frozen_branches"] = self.backbone.num_frozen
+        if len(self.aux_heads):
+            arch["aux_heads"] = {name: _aux(head).spec() for name, head in self.aux_heads.items()}
+        return arch
+
+    def rebuild(self, arch: dict[str, Any]) -> None:
+        """Grow this (freshly built) model to ``arch`` (:meth:`architecture` of the model whose
+        weights will load): its backbone branches, frozen as they were, its classes, its
+        auxiliary heads."""
+        branches = int(arch.get("branches", 1))
+        if branches > 1:
+            if not isinstance(self.backbone, GrowingBackbone):
+                raise TypeError(f"the checkpoint's model has {branches} backbone branches, this one cannot grow")
+            while len(self.backbone.backbones) < branches:
+                self.grow_backbone(freeze_old=False)
+            self.backbone.freeze_first(int(arch.get("frozen_branches", 0)))
+        grow = int(arch["num_classes"]) - self.num_classes
+        if grow > 0:
+            self.add_classes(grow)
+        for name, spec in arch.get("aux_heads", {}).items():
+            self.set_aux_head(name, int(spec["out_dim"]), spec["source"])
 
     def add_classes(self, n: int) -> None:
         """Grow the head by ``n`` classes (rebuild optimizers afterwards)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cilkit import distributed, io
-from cilkit.engine import EpochRecord
+from cilkit.protocol import EpochRecord
 from cilkit.errors import UserError
 
 STATE_KEYS = ("classes_seen", "top1", "top1_old", "top1_new", "balanced_top1")
@@ -34,7 +34,7 @@ def epoch_line(state: int, round: int, record: EpochRecord) -> dict[str, Any]:
     """The line of one epoch of 0-based ``state`` and ``round``."""
     return {"kind": "epoch", "state": state + 1, "round": round + 1, "stage": record.stage, "epoch": record.epoch,
             "loss": record.loss, "lr": record.lr, "images_per_second": record.images_per_second,
-            "seconds": record.seconds}
+            "seconds": record.seconds, "terms": dict(record.terms)}
 
 
 def state_line(state: int, entry: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 The state loop is :meth:`Run.run_state`: before -> train -> memory -> after -> statistics ->
 evaluate -> record. What the run writes and reads back is the :class:`~cilkit.run.store.RunStore`'s;
 the state-0 cache key is :mod:`cilkit.run.state0cache`'s; several methods and seeds are
-:mod:`cilkit.run.multirun`'s.
+:mod:`cilkit.runs.multirun`'s.
 
 Randomness: every state draws from its own generators, seeded from ``(run seed, state)``, and
 the global torch RNG is re-seeded the same way at the start of each state. A resumed run
@@ -12,6 +12,7 @@ therefore replays exactly the random numbers an uninterrupted run would have dra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -27,15 +28,15 @@ from cilkit.class_statistics import state_statistics
 from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
-from cilkit.engine import Engine, EpochRecord
+from cilkit.engine import Engine
 from cilkit.errors import UserError
 from cilkit.memory import Memory
-from cilkit.methods.base import Context, StateRecord, TrainingRecord
+from cilkit.protocol import Context, EpochRecord, FitSpec, StateRecord, TrainingRecord, freeze
 from cilkit.metrics import score_metrics, state_accuracies
 from cilkit.models import IncrementalLinear
 from cilkit.rectify import ClassStatistics
 from cilkit.run import provenance, state0cache, tensorboard
-from cilkit.run.layout import RunLayout, outermost_run
+from cilkit.rundir.layout import RunLayout, outermost_run
 from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, idle_milestones,
                               memory_covers_old_data, normalisation, resolve_device, threads_source)
 from cilkit.run.store import RunStore, checkpoint_parts, empty_results, tensors_of
@@ -91,7 +92,8 @@ class Run:
         self.dataset.train.to(self.device)
         self.dataset.test.to(self.device)
         self.engine = Engine(
-            self.dataset, config.train, self.device, self.mean, self.std, config.amp, config.channels_last, progress,
+            self.dataset, config.train.eval_batch_size, self.device, self.mean, self.std, config.amp,
+            config.channels_last, progress,
             on_epoch=self._record_epoch, compile=config.compile,
         )
         self.method, model, self.channels, self.size = build_method_and_model(config, self.dataset)
@@ -147,12 +149,14 @@ class Run:
         return self.results
 
     def context(self, b: int) -> Context:
-        """A fresh context of state ``b`` (its generator seeded from ``(seed, "state", b)``)."""
+        """The context state ``b`` starts with (its generator seeded from ``(seed, "state", b)``,
+        the teacher a frozen copy of the model as it is now, nothing trained on yet)."""
         return Context(
             config=self.config, scenario=self.scenario, dataset=self.dataset, state=self.scenario.state(b),
             model=self.model, memory=self.memory, device=self.device,
             generator=seeded_generator(self.config.seed, "state", b), mean=self.mean, std=self.std,
-            engine=self.engine, record=StateRecord(),
+            engine=self.engine, fit=FitSpec.of_state(self.config.train, b), record=StateRecord(),
+            teacher=self._teacher(b), trained=TrainingRecord(old_exemplars=self.memory.indices(self.scenario.state(b).old)),
         )
 
     def run_state(self, b: int) -> None:
@@ -162,10 +166,11 @@ class Run:
         st = self.scenario.state(b)
         log(f"[{self.config.method}] state {b + 1}/{self.scenario.num_states}: classes {st.new.start}.."
             f"{st.new.stop - 1} new, {st.n_seen} seen")
-        ctx = dataclasses.replace(self.context(b), trained=TrainingRecord(old_exemplars=self.memory.indices(st.old)))
+        ctx = self.context(b)
         self.method.before_state(ctx)
-        train_info = self._train(ctx)
-        self._update_memory(ctx)
+        ctx = dataclasses.replace(ctx, fit=self.method.fit_spec(ctx, ctx.fit))
+        train_info, ctx = self._train(ctx)
+        ctx = self._update_memory(ctx)
         self.method.after_state(ctx)
         ctx = dataclasses.replace(ctx, statistics=self._statistics(ctx))
         entry = {**self._evaluate(ctx), **train_info, **self._method_results(ctx),
@@ -193,14 +198,22 @@ class Run:
                 f"{', channels-last' if c.channels_last else ''}; seed {c.seed}")
 
     # ----- train -----------------------------------------------------------------------------
-    def _train(self, ctx: Context) -> dict[str, Any]:
+    def _teacher(self, b: int) -> Any:
+        """A frozen copy of the model as state ``b`` starts, for a method that ``needs_teacher``
+        (none in state 0)."""
+        return freeze(copy.deepcopy(self.model)) if self.method.needs_teacher and b > 0 else None
+
+    def _train(self, ctx: Context) -> tuple[dict[str, Any], Context]:
+        """Train the state's rounds (or reuse the state-0 cache): what the state's results keep
+        of it, and the context with what it trained on."""
         rounds = self.method.rounds(ctx)
         cache = self.state0_entry() if ctx.state.index == 0 and rounds == 1 else None
         # runs in parallel that need the same entry take turns: one trains, the others load (rank 0 reads it)
         with state0cache.entry_lock(cache if distributed.is_main() else None, log):
             return self._train_or_reuse(ctx, rounds, cache)
 
-    def _train_or_reuse(self, ctx: Context, rounds: int, cache: state0cache.CacheEntry | None) -> dict[str, Any]:
+    def _train_or_reuse(self, ctx: Context, rounds: int, cache: state0cache.CacheEntry | None
+                        ) -> tuple[dict[str, Any], Context]:
         b = ctx.state.index
         cached = distributed.from_main(lambda: state0cache.load_entry(cache, self.model, log)) if cache else None
         if cache is not None and cached is not None:
@@ -208,33 +221,35 @@ class Run:
             log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
                 "(same data content, order, model, code, options, training and execution settings and seed)")
             self.method.begin_round(ctx)  # what the round sets up, but for the training itself
-            indices = self._train_set(ctx)
-            return {"train_images": int(indices.numel()), **cached, "state0_cached": True}
+            ctx = self._with_train_set(ctx)
+            return {"train_images": int(self._trained(ctx).rounds[-1].numel()), **cached, "state0_cached": True}, ctx
         info: dict[str, Any] = {}
         seconds = 0.0
         for r in range(rounds):
-            info.update(self._fit_round(dataclasses.replace(ctx, round=r),
-                                        f"state {b + 1}" + (f" round {r + 1}" if rounds > 1 else "")))
+            fit_info, ctx = self._fit_round(dataclasses.replace(ctx, round=r),
+                                            f"state {b + 1}" + (f" round {r + 1}" if rounds > 1 else ""))
+            info.update(fit_info)
             seconds += info["train_seconds"]
         info["train_seconds"] = seconds
         if cache is not None:
             state0cache.store_entry(cache, self.model, info, log)
             info["state0_cached"] = False
-        return info
+        return info, ctx
 
-    def _train_set(self, ctx: Context) -> torch.Tensor:
-        """The round's training indices from the method, recorded as trained on."""
-        indices = self.method.train_set(ctx)
-        assert ctx.trained is not None
-        ctx.trained.rounds.append(indices)
-        return indices
+    @staticmethod
+    def _trained(ctx: Context) -> TrainingRecord:
+        assert ctx.trained is not None, "the runner records what a state trains on"
+        return ctx.trained
 
-    def _fit_round(self, ctx: Context, desc: str) -> dict[str, Any]:
+    def _with_train_set(self, ctx: Context) -> Context:
+        """The context with the round's training indices (the method's) recorded as trained on."""
+        return dataclasses.replace(ctx, trained=self._trained(ctx).with_round(self.method.train_set(ctx)))
+
+    def _fit_round(self, ctx: Context, desc: str) -> tuple[dict[str, Any], Context]:
         self.method.begin_round(ctx)
-        indices = self._train_set(ctx)
-        train = self.config.train
-        b = ctx.state.index
-        fit = self.engine.fit(ctx, self.method, indices, train.epochs_of(b), train.lr_of(b), train.schedule, desc=desc)
+        ctx = self._with_train_set(ctx)
+        indices = self._trained(ctx).rounds[-1]
+        fit = self.engine.fit(ctx, self.method, indices, ctx.fit, desc=desc)
         losses = fit["epoch_losses"]
         if stalled(losses):
             log(f"[{self.config.method}] warning: {stall_message(desc, losses, self.method.name)}")
@@ -244,7 +259,7 @@ class Run:
             "images_per_second": fit["images_per_second"],
             "first_loss": losses[0] if losses else None,  # the mean loss of the first epoch
             "final_loss": losses[-1] if losses else None,  # and of the last
-        }
+        }, ctx
 
     def _record_epoch(self, ctx: Context, record: EpochRecord) -> None:
         """An epoch of any fit of the run (the engine's callback)."""
@@ -259,27 +274,28 @@ class Run:
         return state0cache.cache_file(self.config.state0_cache, self.dataset.name, key)
 
     # ----- memory, statistics, evaluation --------------------------------------------------------
-    def _update_memory(self, ctx: Context) -> None:
+    def _update_memory(self, ctx: Context) -> Context:
+        """The memory after the state (the method's candidates or its own memory); the context
+        with the candidates recorded."""
         st = ctx.state
         candidates = self.method.memory_candidates(ctx)
-        assert ctx.trained is not None
-        ctx.trained.new_images = candidates
+        ctx = dataclasses.replace(ctx, trained=self._trained(ctx).with_new_images(candidates))
         pos = self.scenario.train_pos[candidates]
         new = {c: candidates[pos == c] for c in st.new}
         own = self.method.memory_contents(ctx)
         if own is not None:
             self.memory.assign(st.n_seen, own)
-            return
+            return ctx
         self.memory.update(  # its own generator: a state-0 cache hit (no training draws) changes nothing
             st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx),
             seeded_generator(self.config.seed, "memory", st.index),
         )
+        return ctx
 
     def _statistics(self, ctx: Context) -> ClassStatistics:
         """The state's class statistics (:mod:`cilkit.class_statistics`) from what it trained
         on, written to ``stats/state_XX.json``; kept as the history of the next state."""
-        assert ctx.trained is not None
-        stats = state_statistics(ctx, ctx.trained, self.statistics)
+        stats = state_statistics(ctx, self._trained(ctx), self.statistics)
         self.store.write_statistics(ctx.state.index, stats)
         for message in self.method.statistics_warnings(ctx, stats):
             log(f"[{self.config.method}] warning: state {ctx.state.index + 1}: {message}")
@@ -336,7 +352,7 @@ class Run:
                                    *tensors_of(self.method.state_dict()), scores])
 
     def _save_state(self, ctx: Context) -> None:
-        parts = checkpoint_parts(self.model, self.model.num_classes, self.method.state_dict(),
+        parts = checkpoint_parts(self.model, self.model.architecture(), self.method.state_dict(),
                                  self.memory.state_dict(), self.statistics, self.data_digest())
         self.store.save_state(ctx.state.index, parts, self._memory_record(), self.method.name, ctx.record.files)
 
@@ -356,9 +372,7 @@ class Run:
             where = self.dataset.origin.get("train") or self.config.data.root or f"dataset '{self.dataset.name}'"
             raise UserError(f"--resume: the data in {where} is not what the finished states of {self.layout.root} "
                             "ran on (its images, labels or order changed): restore it, or start a new run")
-        grow = restored.num_classes - self.model.num_classes
-        if grow > 0:
-            self.model.add_classes(grow)
+        self.model.rebuild(restored.architecture)  # the grown shape (head, backbone branches, auxiliary heads)
         self.model.load_state_dict(restored.model)
         self.method.load_state_dict(restored.method)
         self.memory.load_state_dict(restored.memory)

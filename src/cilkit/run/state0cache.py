@@ -52,6 +52,7 @@ from cilkit import distributed, io, locks, plugins
 from cilkit.config import RunConfig
 from cilkit.errors import UserError, described
 from cilkit.keys import state0_settings
+from cilkit.options import state0_free
 
 if TYPE_CHECKING:
     from cilkit.data.base import Dataset
@@ -85,15 +86,15 @@ def _hash_code(h: Any, code: types.CodeType) -> None:
 
 
 def method_signature(method: Any) -> dict[str, Any]:
-    """Every option of the method but those it declares unread in state 0
-    (``state0_free_options``), what else it declares (:meth:`Method.state0_signature`), and the
+    """Every option of the method but those its config declares unread in state 0
+    (``option(..., state0=False)``, :func:`cilkit.options.state0_free`), what else it declares (:meth:`Method.state0_signature`), and the
     code of its state-0 hooks. A new method is safe without declaring anything: at worst it
     misses a cache entry it could have shared. A method that trains state 0 as another does
     (``state0_like``) has that method's signature under the same config."""
     like = method.state0_like()
     if like is not None:
         return method_signature(like(method.run_config))
-    free = set(getattr(method, "state0_free_options", ()))
+    free = state0_free(type(method.cfg))
     return {
         "options": {k: v for k, v in method.cfg.model_dump(mode="json").items() if k not in free},
         "declared": method.state0_signature(),

@@ -21,13 +21,13 @@ import torch
 
 from cilkit import distributed, io
 from cilkit.config import RunConfig
-from cilkit.engine import EpochRecord
+from cilkit.protocol import EpochRecord
 from cilkit.errors import UserError
 from cilkit.keys import config_differences
 from cilkit.metrics import run_summary
 from cilkit.run import history, provenance, tensorboard, wandb_log
-from cilkit.run.layout import RUN_MARKER, STATE_ENTRIES, RunLayout, clear_run, mark_run, marked_config
-from cilkit.run.readers import RESULTS_VERSION, read_stats
+from cilkit.rundir.layout import RUN_MARKER, STATE_ENTRIES, RunLayout, clear_run, mark_run, marked_config
+from cilkit.rundir.readers import RESULTS_VERSION, read_stats
 from cilkit.runlog import log
 from cilkit.scenario import Scenario
 
@@ -80,7 +80,7 @@ class Restored:
     """What a checkpoint hands back to the run: the state it was written after and its parts."""
 
     state: int
-    num_classes: int
+    architecture: dict[str, Any]  # the model's shape (IncrementalNet.architecture), rebuilt before loading
     model: dict[str, Any]
     method: dict[str, Any]
     memory: dict[str, Any]
@@ -231,7 +231,8 @@ class RunStore:
         b = int(ckpt["state"])
         statistics = (json.loads(ckpt["statistics"]) if "statistics" in ckpt  # checkpoints of cilkit <= 0.1.0:
                       else distributed.from_main(lambda: read_stats(self.layout.stats(b), b)))
-        return Restored(b, ckpt["num_classes"], ckpt["model"], ckpt["method"], ckpt["memory"], statistics, results,
+        architecture = ckpt.get("architecture", {"num_classes": ckpt["num_classes"]})  # cilkit <= 0.1: the head only
+        return Restored(b, architecture, ckpt["model"], ckpt["method"], ckpt["memory"], statistics, results,
                         ckpt.get("data"))
 
     def _read_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
@@ -263,16 +264,17 @@ def tensors_of(obj: Any) -> list[Any]:
     return [obj]
 
 
-def checkpoint_parts(model: torch.nn.Module, num_classes: int, method_state: dict[str, Any],
+def checkpoint_parts(model: torch.nn.Module, architecture: dict[str, Any], method_state: dict[str, Any],
                      memory_state: dict[str, Any], statistics: dict[str, Any] | None, data: str) -> dict[str, Any]:
     """What a resume needs after a state, besides the results and config the store adds: the
-    model, the method's and the memory's state, the class statistics (the history IL2M's next
+    model and its architecture (its shape: rebuilt before the weights load), the method's and the memory's state, the class statistics (the history IL2M's next
     state reads), and the digest of the data (a resume on other data is refused). No optimiser
     (every state, and every round, starts a fresh one) and no RNG state (every state re-seeds
     its generators from ``(seed, state)``)."""
     return {
         "data": data,
-        "num_classes": num_classes,
+        "num_classes": architecture["num_classes"],
+        "architecture": architecture,
         "model": model.state_dict(),
         "method": method_state,
         "memory": memory_state,

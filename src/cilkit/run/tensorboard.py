@@ -5,7 +5,7 @@ rebuilds exactly the events of an uninterrupted one (fresh files, into which
 :func:`cilkit.run.store.replay` writes the finished states' lines again):
 
 - per epoch, against a global epoch counter (1, 2, ... over every fit of the run):
-  ``train/loss``, ``train/lr``;
+  ``train/loss``, ``train/lr`` and each named loss term's mean, ``train/term/<name>``;
 - per state, against the number of classes seen: ``state/top1``, ``state/top1_old`` (from
   state 2 on), ``state/top1_new``, ``state/balanced_top1``, and the accuracy matrix so far
   as the image ``state/accuracy_matrix``.
@@ -60,6 +60,8 @@ class TensorBoardLog:
         """One epoch line of the history, the ``step``-th epoch of the run (1, 2, ...)."""
         self.writer.add_scalar("train/loss", line["loss"], step)
         self.writer.add_scalar("train/lr", line["lr"], step)
+        for name, value in line.get("terms", {}).items():
+            self.writer.add_scalar(f"train/term/{name}", value, step)
 
     def state(self, line: dict[str, Any], matrix: list[list[float | None]]) -> None:
         """One state line of the history and the accuracy matrix up to that state; flushed."""

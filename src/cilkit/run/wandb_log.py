@@ -3,7 +3,8 @@
 Fed with the lines of the run's history (:mod:`cilkit.run.history`), as TensorBoard is:
 
 - the run's config (``config.yaml``) as the wandb config;
-- per epoch: ``train/loss``, ``train/lr``, ``train/images_per_second`` and ``train/state``,
+- per epoch: ``train/loss``, ``train/lr``, ``train/images_per_second``, ``train/state`` and
+  each named loss term's mean ``train/term/<name>``,
   against ``train/epoch``, a global epoch counter (1, 2, ... over every fit of the run);
 - per state, against ``state/classes_seen``: ``state/top1``, ``state/top1_old`` (from state 2
   on), ``state/top1_new``, ``state/balanced_top1``, ``state/state``, and the accuracy matrix so
@@ -129,7 +130,8 @@ class WandbLog:
     def epoch(self, line: dict[str, Any], step: int) -> None:
         """One epoch line of the history, the ``step``-th epoch of the run (1, 2, ...)."""
         self.run.log({"train/epoch": step, "train/state": line["state"], "train/loss": line["loss"],
-                      "train/lr": line["lr"], "train/images_per_second": line["images_per_second"]})
+                      "train/lr": line["lr"], "train/images_per_second": line["images_per_second"],
+                      **{f"train/term/{name}": value for name, value in line.get("terms", {}).items()}})
 
     def state(self, line: dict[str, Any], matrix: list[list[float | None]]) -> None:
         """One state line of the history and the accuracy matrix up to that state."""

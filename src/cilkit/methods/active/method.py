@@ -49,35 +49,40 @@ Reading chosen where the sources leave a choice:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
 
 from cilkit.methods.active import acquisition as af
 from cilkit.methods.active.oracle import Oracle
 from cilkit.rectify import prediction_scaling
 from cilkit.classwise import class_counts
-from cilkit.methods import register
+from cilkit.registry import register_method as register
 from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
+from cilkit.options import option
 from cilkit.seeding import seeded_generator
 
 Classical = Literal["random", "entropy", "margin", "least_confidence", "kcenter"]
 
 
 class ActiveConfig(MethodConfig):
-    budget: float = Field(0.05, gt=0, le=1)  # fraction of each state's unlabelled pool
-    cycles: int = Field(4, ge=1)  # annotation / training rounds per state
-    first_share: float = Field(0.4, gt=0, le=1)  # of the budget, in the first cycle
-    classical: Classical = "random"  # first cycle, previous model
-    balancing: Literal["poor", "bcore", "none"] = "poor"  # later cycles, current model
-    scaling: bool = True  # class prediction scaling at inference and in acquisition
-    # acquisition on scaled scores: renormalised per row (cilkit) or as they are (the original)
-    renormalise: bool = True
-    margin_order: Literal["standard", "original"] = "standard"  # original: largest gaps first
-    # a new last layer (all rows re-initialised) at every incremental state, as the original
-    # (main.py: model.fc = nn.Linear(..., base + P * (b - 1)) before each state's training)
-    reinit_classifier: bool = True
+    budget: float = option(0.05, gt=0, le=1, help="fraction of each state's unlabelled pool to annotate")
+    cycles: int = option(4, ge=1, help="annotation / training rounds per state")
+    first_share: float = option(0.4, gt=0, le=1, help="share of the budget spent in the first cycle")
+    classical: Classical = option(
+        "random", help="first-cycle function, on the previous model: random, entropy, margin, least_confidence, "
+                       "kcenter")
+    balancing: Literal["poor", "bcore", "none"] = option(
+        "poor", help="later cycles' function, on the current model: poor, bcore or none")
+    scaling: bool = option(True, help="class prediction scaling at inference and in acquisition")
+    renormalise: bool = option(
+        True, help="acquisition on scaled scores renormalised per row (cilkit); false: as they are (the original)")
+    margin_order: Literal["standard", "original"] = option(
+        "standard", help="standard: smallest gaps first; original: largest first")
+    reinit_classifier: bool = option(
+        True, help="a new last layer (all rows re-initialised) at every incremental state, as the original "
+                   "(main.py: model.fc = nn.Linear(..., base + P * (b - 1)) before each state's training)")
+    quick: ClassVar[dict[str, Any]] = {"active.budget": 0.2, "active.cycles": 2}
 
 
 def annotation_budget(fraction: float, pool: int) -> int:

@@ -1,7 +1,7 @@
 """``--executor slurm``: every run of a plan as one SLURM job (a job array) through submitit,
 the scheduler interface Meta's research clusters use; the optional extra ``cilkit[slurm]``.
 
-Each job runs :func:`cilkit.run.jobs.run_job` on a node that sees the same file system (the run
+Each job runs :func:`cilkit.runs.jobs.run_job` on a node that sees the same file system (the run
 directories, the Python environment, the data, the state-0 cache). It asks for
 ``--slurm-cpus-per-job`` CPUs (the run's ``threads`` when unset), ``--slurm-gpus-per-job``
 GPUs, ``--slurm-mem-gb`` and ``--slurm-time`` minutes. A job that SLURM preempts or that
@@ -17,24 +17,35 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cilkit.errors import UserError, described
-from cilkit.run.execution import SlurmOptions
-from cilkit.run.jobs import RunJob, StatusBoard, run_job, status_every
-from cilkit.run.layout import RunLayout
-
-try:
-    import submitit
-except ImportError:  # pragma: no cover - the extra is not installed
-    submitit = None  # type: ignore[assignment]
+from cilkit.runs.jobs import RunJob, StatusBoard, run_job, status_every
+from cilkit.rundir.layout import RunLayout
 
 
-def require() -> None:
-    """One line when the extra is missing."""
-    if submitit is None:
-        raise UserError("--executor slurm needs submitit: pip install 'cilkit[slurm]' (or pip install submitit)")
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What each SLURM job asks for (``--slurm-*`` options)."""
+
+    partition: str | None = None
+    gpus_per_job: int = 0
+    cpus_per_job: int = 1
+    mem_gb: float | None = None
+    time_min: int = 24 * 60
+    extra: dict[str, Any] = field(default_factory=dict)  # more submitit slurm_* parameters
+
+
+def require() -> Any:
+    """The submitit module (the optional extra, imported only here, when a plan runs on SLURM);
+    one line when it is missing."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--executor slurm needs submitit: pip install 'cilkit[slurm]' (or pip install submitit)") from None
+    return submitit
 
 
 class SlurmRun:
@@ -48,7 +59,7 @@ class SlurmRun:
 
     def checkpoint(self, job: RunJob) -> Any:
         """submitit's preemption hook: resubmit the same job (it resumes from its checkpoint)."""
-        return submitit.helpers.DelayedSubmission(SlurmRun(), job)
+        return require().helpers.DelayedSubmission(SlurmRun(), job)
 
 
 def submitit_parameters(options: SlurmOptions, jobs: int) -> dict[str, Any]:
@@ -79,7 +90,7 @@ class SlurmExecutor:
     folder: Path  # submitit's files: <parent>/slurm
 
     def execute(self, jobs: list[RunJob]) -> list[tuple[RunJob, str]]:
-        require()
+        submitit = require()
         if not jobs:
             return []
         executor = submitit.AutoExecutor(folder=str(self.folder), cluster="slurm")

@@ -10,7 +10,7 @@ them:
   (``spawn``: no state of this process is inherited, so a job computes exactly what the serial
   run computes); on CPU each job gets its share of the cores (``threads``), on a machine with
   several GPUs each job sees one GPU of its own (``CUDA_VISIBLE_DEVICES``);
-- :class:`cilkit.run.slurm.SlurmExecutor` (``--executor slurm``): one SLURM job per run (an
+- :class:`cilkit.runs.slurm.SlurmExecutor` (``--executor slurm``): one SLURM job per run (an
   array) through submitit.
 
 A job's numbers depend only on its config and data, never on where or beside what it ran: a
@@ -47,8 +47,8 @@ from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError, described
 from cilkit.keys import config_differences
-from cilkit.run.layout import RunLayout
-from cilkit.run.readers import read_results
+from cilkit.rundir.layout import RunLayout
+from cilkit.rundir.readers import read_results
 from cilkit.runlog import log
 
 STATUS_EVERY_S = 30.0  # how often the running jobs' status lines are printed (CILKIT_STATUS_EVERY_S overrides)

@@ -9,7 +9,7 @@ calibration, the report and the methods ask a :class:`RunLayout` instead of join
 
 ``XX`` is the 0-based state index, two digits at least (``state_100`` after ``state_99``:
 :meth:`RunLayout.checkpoints` sorts by the number, not the name). Reading a run's files goes
-through :mod:`cilkit.run.readers`, which turn a missing, foreign or newer-version file into one
+through :mod:`cilkit.rundir.readers`, which turn a missing, foreign or newer-version file into one
 :class:`~cilkit.errors.UserError` naming it.
 """
 
@@ -110,7 +110,7 @@ RUN_MARKER = ".cilkit-run"  # written first into every run directory: what makes
 OWN_ENTRIES = frozenset({
     "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", LOCK_NAME, RUN_MARKER,
     "scores", "stats", "memory", "active", "bic", "checkpoints", "report", "calibrated", "tb",
-    "slurm",  # the scheduler's job files and logs of --executor slurm (cilkit.run.slurm)
+    "slurm",  # the scheduler's job files and logs of --executor slurm (cilkit.runs.slurm)
     "wandb",  # wandb's own folder of log.wandb: true (cilkit.run.wandb_log), the run's id in it
 })
 STATE_ENTRIES = frozenset({"results.json", "summary.json", "history.jsonl", "scores", "stats", "memory",

@@ -1,7 +1,7 @@
 """Several runs into one parent directory: every method of a config on the same protocol
 (``<out>/<method>/``) and ``runs: R`` seeds of each (``run_<k>/``, then ``summary.json``). The
 directory is claimed (checked, locked) here before anything runs; the runs are the jobs of
-:func:`cilkit.run.jobs.plan`, executed where the :class:`~cilkit.run.execution.Execution` says."""
+:func:`cilkit.runs.jobs.plan`, executed where the :class:`~cilkit.runs.execution.Execution` says."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from cilkit import distributed, io, runlog
 from cilkit.analysis.significance import mean_std
 from cilkit.config import RunConfig
 from cilkit.data.base import Dataset
-from cilkit.run.jobs import JobsFailed, RunJob, finished, plan
-from cilkit.run.execution import Execution
-from cilkit.run.layout import DirectoryLock, RunLayout, check_target, clear_run, mark_run
-from cilkit.run.readers import read_results
+from cilkit.runs.jobs import JobsFailed, RunJob, finished, plan
+from cilkit.runs.execution import Execution
+from cilkit.rundir.layout import DirectoryLock, RunLayout, check_target, clear_run, mark_run
+from cilkit.rundir.readers import read_results
 from cilkit.run.setup import check_protocol
 from cilkit.runlog import log
 
@@ -40,7 +40,7 @@ def run_methods(
     there are several, ``run_<k>`` per seed with ``runs: R > 1`` (then ``summary.json``).
     Returns ``{method: results}`` (``{"<method>/run_<k>": results}`` with several runs).
     ``execution``: where the runs execute (default: one after another here; see
-    :mod:`cilkit.run.jobs`).
+    :mod:`cilkit.runs.jobs`).
 
     The directory is claimed first (:func:`claimed_runs`)."""
     out = Path(out_dir)

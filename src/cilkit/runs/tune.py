@@ -34,13 +34,13 @@ from cilkit import io
 from cilkit.config import RunConfig, load_config, read_yaml
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError
-from cilkit.run.layout import RunLayout, enclosing_run, holds_run, is_run_dir
-from cilkit.run.readers import read_results
+from cilkit.rundir.layout import RunLayout, enclosing_run, holds_run, is_run_dir
+from cilkit.rundir.readers import read_results
 from cilkit.runlog import log
 from cilkit.keys import config_differences
 from cilkit.metrics import mean_incremental
-from cilkit.run.execution import Execution
-from cilkit.run.multirun import claimed_runs, run_claims
+from cilkit.runs.execution import Execution
+from cilkit.runs.multirun import claimed_runs, run_claims
 from cilkit.run.setup import check_protocol
 from cilkit.analysis.significance import mean_std
 

@@ -4,7 +4,7 @@ with Optuna (the optional extra ``cilkit[tune]``), still ranking on validation o
 The space: every ``--grid KEY=V1,V2,...`` is a categorical choice; every ``--range
 KEY=LOW:HIGH`` (``:log`` for a log scale) a number (an integer when both bounds are). The
 study lives in the tune's --out as Optuna's journal file (``study.journal``); each trial is one
-point, run into ``trial-<number>`` exactly as a grid point (:func:`cilkit.run.tune.run_points`),
+point, run into ``trial-<number>`` exactly as a grid point (:func:`cilkit.runs.tune.run_points`),
 and scored by its validation score (the mean over its seeds).
 
 Trials are asked in batches of ``--jobs`` (Optuna's ask-and-tell): a batch's runs are one plan,
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from cilkit.errors import UserError
-from cilkit.run.execution import Execution
-from cilkit.run.layout import RunLayout
-from cilkit.run.readers import read_results
-from cilkit.run.tune import (check_metric, check_tune_target, point_config, point_datasets, point_row, run_points,
+from cilkit.runs.execution import Execution
+from cilkit.rundir.layout import RunLayout
+from cilkit.rundir.readers import read_results
+from cilkit.runs.tune import (check_metric, check_tune_target, point_config, point_datasets, point_row, run_points,
                              tune_identity, write_ranking, TUNE_MARKER)
 from cilkit import io
 from cilkit.runlog import log

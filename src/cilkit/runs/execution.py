@@ -2,14 +2,13 @@
 
 :class:`Execution` resolves each job's thread count (``threads: null`` -> the run's share of
 the cores, or the CPUs a cluster job asks for) and builds the executor of
-:mod:`cilkit.run.jobs` (or :mod:`cilkit.run.slurm`) for a plan.
+:mod:`cilkit.runs.jobs` (or :mod:`cilkit.runs.slurm`) for a plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -17,23 +16,12 @@ from cilkit.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
 from cilkit.errors import UserError
-from cilkit.run.jobs import Executor, InProcess, LocalProcesses, StatusBoard, cpu_threads_per_job, gpus_for_jobs
+from cilkit.runs.jobs import Executor, InProcess, LocalProcesses, StatusBoard, cpu_threads_per_job, gpus_for_jobs
+from cilkit.runs.slurm import SlurmExecutor, SlurmOptions, require  # submitit itself only when a plan runs there
 from cilkit.run.setup import build_scenario, free_cores, with_resolved_threads
 from cilkit.runlog import log
 
 EXECUTORS = ("local", "slurm")
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    """What each SLURM job asks for (``--slurm-*`` options; see :mod:`cilkit.run.slurm`)."""
-
-    partition: str | None = None
-    gpus_per_job: int = 0
-    cpus_per_job: int = 1
-    mem_gb: float | None = None
-    time_min: int = 24 * 60
-    extra: dict[str, Any] = field(default_factory=dict)  # more submitit slurm_* parameters
 
 
 @dataclass(frozen=True)
@@ -71,9 +59,7 @@ class Execution:
     def check(self) -> None:
         """What can fail before anything runs: the scheduler's package."""
         if self.executor == "slurm":
-            from cilkit.run import slurm
-
-            slurm.require()
+            require()
 
     def build(self, config: RunConfig, dataset: Dataset | None, progress: bool | None, parent: Path) -> Executor:
         """The executor of a plan of ``config`` into ``parent`` (``dataset``: its data, when
@@ -82,8 +68,6 @@ class Execution:
             return InProcess(dataset, progress, config.data.model_dump(mode="json"))
         board = status_board(config, dataset if dataset is not None else load_dataset(config.data))
         if self.executor == "slurm":
-            from cilkit.run.slurm import SlurmExecutor  # the optional extra: only when asked for
-
             return SlurmExecutor(self.jobs, self.slurm, board, parent / "slurm")
         return LocalProcesses(self.jobs, board, gpus_for_jobs(config.device, self.jobs, torch.cuda.device_count()))
 
