@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cilkit import io
-from cilkit.config import load_config
+from cilkit.common import io
+from cilkit.settings.config import load_config
 from cilkit.run.loop import Run
 
 ROOT = Path(__file__).resolve().parents[1]

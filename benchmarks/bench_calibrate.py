@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cilkit.analysis.calibrate import calibrate_run
-from cilkit.rectify import RECTIFIERS
+from cilkit.cil.rectify import RECTIFIERS
 
 
 def time_calibration(run_dir: Path, rectifier: str, repeat: int) -> list[float]:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cilkit.config import load_config, validate
-from cilkit.errors import UserError
+from cilkit.settings.config import load_config, validate
+from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout
 from cilkit.run.loop import Run
 

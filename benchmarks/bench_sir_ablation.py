@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from cilkit import io
-from cilkit.config import apply_overrides, load_config, read_yaml, validate
-from cilkit.errors import UserError
+from cilkit.common import io
+from cilkit.settings.config import apply_overrides, load_config, read_yaml, validate
+from cilkit.common.errors import UserError
 from cilkit.analysis.tables import build_table, state_table
 from cilkit.run.loop import Run
 from cilkit.analysis.runsets import FoundRun, RunGroup

@@ -58,11 +58,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cilkit.config import RunConfig, validate
+from cilkit.settings.config import RunConfig, validate
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset, TensorImages
-from cilkit.engine import make_optimizer
-from cilkit.protocol import FitSpec
+from cilkit.training.engine import make_optimizer
+from cilkit.training.protocol import FitSpec
 from cilkit.run.loop import Run
 from cilkit.run.setup import build_method_and_model, free_cores
 

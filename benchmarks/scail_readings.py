@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from cilkit.rectify import scail_classifier, scail_scores
+from cilkit.cil.rectify import scail_classifier, scail_scores
 
 
 def main(run: str) -> None:

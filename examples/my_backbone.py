@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cilkit.registry import register_backbone
+from cilkit.settings.registry import register_backbone
 
 
 class MLP(nn.Module):

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from cilkit.config import DataConfig
+from cilkit.settings.config import DataConfig
 from cilkit.data.base import Dataset, TensorImages
-from cilkit.errors import UserError
-from cilkit.registry import register_source
+from cilkit.common.errors import UserError
+from cilkit.settings.registry import register_source
 
 
 class NpzOptions(BaseModel):

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from cilkit.methods.base import Batch, Context, LossTerms, Method, MethodConfig
-from cilkit.options import option
-from cilkit.registry import register_method
+from cilkit.settings.options import option
+from cilkit.settings.registry import register_method
 
 
 class SmoothConfig(MethodConfig):

@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from cilkit.plugins import import_plugin
+from cilkit.settings.plugins import import_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 # Methods written outside the package, each one file: the test-only ones (tests/methods/) and
 # the examples that register a method. Registered here once, so that every test parametrised
-# over the registry (cilkit.registry.METHODS) covers a new one the day its file is added.
+# over the registry (cilkit.settings.registry.METHODS) covers a new one the day its file is added.
 EXTRA_METHOD_FILES = sorted((ROOT / "tests" / "methods").glob("*.py")) + sorted(
     p for p in (ROOT / "examples").glob("*.py") if "register_method" in p.read_text())
 for _path in EXTRA_METHOD_FILES:

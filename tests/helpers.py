@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cilkit.config import RunConfig, apply_overrides, validate
+from cilkit.settings.config import RunConfig, apply_overrides, validate
 
 TIMING_KEYS = {"time_s", "train_seconds", "images_per_second", "wall_time_s", "state0_cached", "provenance"}
 
@@ -35,20 +35,20 @@ def tiny_dict(tmp_path) -> dict[str, Any]:
 
 
 def registered_methods() -> list[str]:
-    """Every method of the registry (:data:`cilkit.registry.METHODS`) as the tests are collected:
+    """Every method of the registry (:data:`cilkit.settings.registry.METHODS`) as the tests are collected:
     the package's, and the one-file methods conftest.py registers (tests/methods/, examples/);
     not those a test module registers for its own use. The tests parametrised over the registry
     take their names from here, so a method is covered the day it is registered."""
-    from cilkit.registry import METHODS
+    from cilkit.settings.registry import METHODS
 
     return sorted(name for name, cls in METHODS.items() if not cls.__module__.rpartition(".")[2].startswith("test_"))
 
 
 def quick_overrides(name: str) -> list[str]:
-    """The ``quick`` settings a method's config declares (:func:`cilkit.options.quick`), as
+    """The ``quick`` settings a method's config declares (:func:`cilkit.settings.options.quick`), as
     ``--set`` items."""
-    from cilkit.options import quick
-    from cilkit.registry import METHODS
+    from cilkit.settings.options import quick
+    from cilkit.settings.registry import METHODS
 
     return [f"{key}={json.dumps(value)}" for key, value in quick(METHODS[name].Config).items()]
 
@@ -114,6 +114,6 @@ def assert_value_and_gradient(ours: Any, z: Any, reference: Any, atol: float = 1
 
 def total(terms: Any) -> Any:
     """A loss's named terms summed as the engine sums them (in order): the loss it trains on."""
-    from cilkit.engine import summed_terms
+    from cilkit.training.engine import summed_terms
 
     return summed_terms(terms)[0]

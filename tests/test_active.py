@@ -12,13 +12,13 @@ from helpers import strip_timings, tiny_config
 
 from cilkit.methods.active import acquisition as af
 from cilkit.methods.active.oracle import Oracle
-from cilkit.config import ImbalanceConfig, ScenarioConfig, load_config
-from cilkit.engine import Engine
-from cilkit.errors import UserError
+from cilkit.settings.config import ImbalanceConfig, ScenarioConfig, load_config
+from cilkit.training.engine import Engine
+from cilkit.common.errors import UserError
 from cilkit.methods.active import annotation_budget, cycle_budgets
 from cilkit.run.loop import Run
 from cilkit.runs.multirun import run_methods
-from cilkit.scenario import Scenario, imbalance_counts
+from cilkit.cil.scenario import Scenario, imbalance_counts
 
 
 def gen(seed: int = 0) -> torch.Generator:

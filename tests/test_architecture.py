@@ -14,7 +14,7 @@ from helpers import strip_timings, tiny_config
 import cilkit
 from cilkit.cli import main
 from cilkit.methods.finetune import Finetune
-from cilkit.rectify import il2m_factors, il2m_rectify
+from cilkit.cil.rectify import il2m_factors, il2m_rectify
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import RESULTS_VERSION
 from cilkit.run.loop import Run
@@ -66,11 +66,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_rectifiers_import_nothing_of_the_run_machinery():
-    imported = _imports(SRC / "rectify.py")
-    assert {m for m in imported if m.startswith("cilkit")} <= {"cilkit.errors"}
+    imported = _imports(SRC / "cil" / "rectify.py")
+    assert {m for m in imported if m.startswith("cilkit")} <= {"cilkit.common.errors"}
     for user in ("methods/il2m.py", "methods/active/method.py", "methods/active/acquisition.py"):
         cilkit_imports = {m for m in _imports(SRC / user) if m.startswith("cilkit")}
-        assert not cilkit_imports & {"cilkit.run.loop", "cilkit.analysis.report", "cilkit.analysis.calibrate", "cilkit.class_statistics"}, user
+        assert not cilkit_imports & {"cilkit.run.loop", "cilkit.analysis.report", "cilkit.analysis.calibrate", "cilkit.training.class_statistics"}, user
 
 
 def test_no_module_is_over_about_400_lines():

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config, total
 
-from cilkit.config import ScenarioConfig, ScheduleConfig
-from cilkit.errors import UserError
-from cilkit.io import load_torch, write_torch
+from cilkit.settings.config import ScenarioConfig, ScheduleConfig
+from cilkit.common.errors import UserError
+from cilkit.common.io import load_torch, write_torch
 from cilkit.methods.base import Batch, FitSpec, distillation_kl
-from cilkit.engine import Engine
+from cilkit.training.engine import Engine
 from cilkit.methods.bic import BiC, fit_bias_layer, holdout_sizes, validation_sizes
 from cilkit.models import BiasLayer
 from cilkit.run.loop import Run
-from cilkit.scenario import Scenario
+from cilkit.cil.scenario import Scenario
 
 
 def test_bias_layer_changes_only_its_classes():

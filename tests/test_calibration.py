@@ -11,9 +11,9 @@ import yaml
 from helpers import strip_timings, tiny_config
 
 from cilkit.analysis.calibrate import calibrate_run
-from cilkit.rectify import il2m_rectify, prediction_scaling
+from cilkit.cil.rectify import il2m_rectify, prediction_scaling
 from cilkit.cli import main
-from cilkit.metrics import run_summary
+from cilkit.cil.metrics import run_summary
 from cilkit.analysis.report import compare_runs
 from cilkit.run.loop import Run
 from cilkit.runs.multirun import run_methods

@@ -2,7 +2,7 @@
 
 import torch
 
-from cilkit.classwise import class_counts, class_means, normalised_class_means
+from cilkit.cil.classwise import class_counts, class_means, normalised_class_means
 
 
 def test_counts_ignore_dropped_images_and_cover_every_class():

@@ -55,7 +55,7 @@ def test_info_of_a_method_prints_its_documentation_and_options(capsys):
 
 
 def test_every_method_option_has_a_type_a_default_and_a_description(capsys):
-    from cilkit.registry import METHODS
+    from cilkit.settings.registry import METHODS
 
     for name, cls in METHODS.items():
         if not cls.__module__.startswith("cilkit."):
@@ -71,7 +71,7 @@ def test_info_lists_rectifiers_and_version_prints(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "rectifiers (cilkit calibrate --with):" in out and "scaling" in out
-    from cilkit.rectify import RECTIFIERS
+    from cilkit.cil.rectify import RECTIFIERS
 
     listed = out.split("rectifiers (cilkit calibrate --with):")[1].splitlines()
     for name in RECTIFIERS:  # each with its line of description

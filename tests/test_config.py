@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cilkit.cli import main
-from cilkit.config import apply_overrides, load_config, validate
-from cilkit.errors import UserError
+from cilkit.settings.config import apply_overrides, load_config, validate
+from cilkit.common.errors import UserError
 from helpers import one_error_line
 
 

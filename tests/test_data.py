@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cilkit.config import DataConfig, SyntheticConfig
+from cilkit.settings.config import DataConfig, SyntheticConfig
 from cilkit.data import SOURCE_DESCRIPTIONS, SOURCES, load_dataset
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.data.files import FileImages, resized_crop_box
 from cilkit.data.transforms import Augment
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

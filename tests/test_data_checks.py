@@ -19,9 +19,9 @@ import yaml
 from PIL import Image
 
 from cilkit.cli import main
-from cilkit.config import DataConfig
+from cilkit.settings.config import DataConfig
 from cilkit.data import load_dataset
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 
 
 def write_image(path: Path, pixels: np.ndarray) -> Path:

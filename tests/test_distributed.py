@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from cilkit.distributed import shard_bounds
+from cilkit.common.distributed import shard_bounds
 from helpers import strip_timings
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -144,9 +144,9 @@ DYING_METHOD = textwrap.dedent('''
     import os
     from pathlib import Path
 
-    from cilkit import distributed
+    from cilkit.common import distributed
     from cilkit.methods.finetune import Finetune
-    from cilkit.registry import register_method
+    from cilkit.settings.registry import register_method
 
 
     @register_method("finetune_dies")
@@ -193,7 +193,7 @@ GLOBAL_BN = textwrap.dedent('''
     import json, sys
     import torch
     import torch.distributed as dist
-    from cilkit.distributed import GlobalBatchNorm, shard_bounds
+    from cilkit.common.distributed import GlobalBatchNorm, shard_bounds
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import assert_value_and_gradient, state_context, tiny_config, total
 
-from cilkit.engine import Batch
-from cilkit.errors import UserError
+from cilkit.training.engine import Batch
+from cilkit.common.errors import UserError
 from cilkit.methods.base import freeze
 from cilkit.methods.eeil import EEIL, BalancedStage, cross_distillation
 from cilkit.run.loop import Run

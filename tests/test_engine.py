@@ -2,13 +2,13 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from cilkit.config import DataConfig, ScenarioConfig, TrainConfig
+from cilkit.settings.config import DataConfig, ScenarioConfig, TrainConfig
 from cilkit.data import load_dataset
-from cilkit.engine import make_optimizer, make_scheduler
-from cilkit.protocol import FitSpec
+from cilkit.training.engine import make_optimizer, make_scheduler
+from cilkit.training.protocol import FitSpec
 from cilkit.run.loop import Run
 from cilkit.run.setup import normalisation
-from cilkit.scenario import Scenario
+from cilkit.cil.scenario import Scenario
 
 
 def lrs(schedule, epochs=10, losses=None):

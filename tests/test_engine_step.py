@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cilkit.config import ScheduleConfig, TrainConfig
+from cilkit.settings.config import ScheduleConfig, TrainConfig
 from cilkit.data.base import Rows
-from cilkit.engine import Engine, make_optimizer, summed_terms
-from cilkit.protocol import Batch, FitHooks, FitSpec
+from cilkit.training.engine import Engine, make_optimizer, summed_terms
+from cilkit.training.protocol import Batch, FitHooks, FitSpec
 from cilkit.run.loop import Run
 
 from helpers import tiny_config

@@ -12,12 +12,12 @@ from helpers import tiny_config, total
 from PIL import Image
 
 from cilkit.cli import main
-from cilkit.config import ScenarioConfig
+from cilkit.settings.config import ScenarioConfig
 from cilkit.data.base import Augment
 from cilkit.methods.base import Batch, distillation_kl
 from cilkit.methods.icarl import ICaRL, icarl_bce
 from cilkit.methods.nme import exemplar_means, nme_scores
-from cilkit.scenario import Scenario
+from cilkit.cil.scenario import Scenario
 
 
 def sigmoid(x: float) -> float:
@@ -228,7 +228,7 @@ def test_lenet_on_28_pixels_is_the_lenet5_layout():
 def test_the_papers_cifar100_configs_carry_their_settings():
     from pathlib import Path
 
-    from cilkit.config import load_config
+    from cilkit.settings.config import load_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     icarl = load_config(configs / "icarl-cifar100-b0-10.yaml")
@@ -259,7 +259,7 @@ def test_the_podnet_configs_are_the_papers_cifar_protocol(steps, increment):
     NCA margin 0 (the original's 0.6 is cancelled by its code), 20 epochs of finetuning at 0.05."""
     from pathlib import Path
 
-    from cilkit.config import load_config
+    from cilkit.settings.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"podnet-cifar100-b50-{steps}steps.yaml")
     assert (cfg.method, cfg.scenario.initial, cfg.scenario.increment, cfg.memory.per_class) == ("podnet", 50, increment, 20)
@@ -273,7 +273,7 @@ def test_il2m_maps_each_old_class_to_its_state_of_birth_with_a_large_first_state
     """First state of 5 classes, then states of 2: classes 0-4 were born in state 0, 5-6 in
     state 1, 7-8 in state 2; in state 3 (classes 9-10 new) each old class's score is scaled by
     init/cur mean times conf[3] / conf[birth], checked by hand on one row."""
-    from cilkit.rectify import born_states, il2m_from_stats
+    from cilkit.cil.rectify import born_states, il2m_from_stats
 
     ends = [5, 7, 9, 11]
     assert born_states(9, ends) == [0, 0, 0, 0, 0, 1, 1, 2, 2]

@@ -13,7 +13,7 @@ from helpers import tiny_config
 from cilkit.analysis.plots import confusion_data, curve_data, figures, new_share_data, old_new_data, plot_curves
 from cilkit.analysis.report import compare_runs, find_runs
 from cilkit.cli import main
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.runs.multirun import run_methods
 
 FIGURES = ["balanced_top1_curve", "confusion_last_state", "new_class_share", "old_new", "top1_curve"]

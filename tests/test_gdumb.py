@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import strip_timings, tiny_config
 
-from cilkit.config import load_config
-from cilkit.errors import UserError
+from cilkit.settings.config import load_config
+from cilkit.common.errors import UserError
 from cilkit.methods.gdumb import GDumb, greedy_update
 from cilkit.models import build_model
 from cilkit.run.loop import Run
-from cilkit.seeding import derive_seed, seeded_generator
+from cilkit.common.seeding import derive_seed, seeded_generator
 
 
 # ----- the sampler ------------------------------------------------------------------------------------

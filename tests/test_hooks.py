@@ -14,7 +14,7 @@ import torch
 from helpers import method_cases, registered_methods, tiny_config
 
 from cilkit.data.base import TensorImages
-from cilkit.engine import replay_order
+from cilkit.training.engine import replay_order
 from cilkit.methods import METHODS
 from cilkit.methods.finetune import Finetune
 from cilkit.rundir.layout import RunLayout

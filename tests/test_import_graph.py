@@ -24,27 +24,31 @@ DOCS = ROOT / "docs" / "architecture.md"
 # wins. A module's layer is its sub-package (``data``, ``run``, ...), ``top`` for a module of
 # the top level, ``root`` for cilkit/__init__. "may import": layers, or single modules; a layer
 # always imports itself. "never": modules a row forbids although its layers would allow them.
-TOP_LEVEL_FREE = {"top", "data", "models", "root"}
+BELOW_TRAINING = {"common", "settings", "cil", "data", "models"}
 RULES: list[tuple[str, set[str], set[str]]] = [
-    # where                  may import                                                never
-    ("cilkit.cli",           {"*"},                                                    set()),
-    ("cilkit.__main__",      {"*"},                                                    set()),
-    ("cilkit",               {"data", "methods"},                                      set()),  # fills the registries
+    # where                     may import                                                  never
+    ("cilkit.cli",              {"*"},                                                      set()),
+    ("cilkit.__main__",         {"*"},                                                      set()),
+    ("cilkit.describe",         {"*"},                                                      set()),  # cilkit info reads everything
+    ("cilkit",                  {"common", "settings", "data", "models", "methods"},       set()),  # fills the registries
+    ("common",                  set(),                                                      set()),
+    ("settings",                {"common"},                                                 set()),
+    ("cil",                     {"common", "settings"},                                     set()),
+    ("data",                    {"common", "settings"},                                     set()),
+    ("models",                  {"common", "settings"},                                     set()),
     # the hook protocol (Context, Batch, FitHooks, Method) stands below the engine and the runner
-    ("cilkit.protocol",      TOP_LEVEL_FREE,                                           {"cilkit.engine"}),
-    ("top",                  TOP_LEVEL_FREE,                                           set()),
-    ("data",                 {"top", "root"},                                          {"cilkit.engine"}),
-    ("models",               {"top", "root"},                                          {"cilkit.engine"}),
-    ("methods",              TOP_LEVEL_FREE,                                           set()),
+    ("cilkit.training.protocol", BELOW_TRAINING,                                            {"cilkit.training.engine"}),
+    ("training",                BELOW_TRAINING,                                             set()),
+    ("methods",                 BELOW_TRAINING | {"training"},                              set()),
     # the run directory's names and readers, below both the runner and the analysis
-    ("rundir",               {"top", "root"},                                          {"cilkit.engine"}),
-    ("analysis",             {"top", "root", "rundir"},                                {"cilkit.engine"}),
+    ("rundir",                  {"common", "settings"},                                     set()),
+    ("analysis",                {"common", "settings", "cil", "rundir"},                    set()),
     # one run
-    ("run",                  TOP_LEVEL_FREE | {"methods", "rundir", "cilkit.analysis.plots",
-                                               "cilkit.analysis.runsets"},             set()),
+    ("run",                     BELOW_TRAINING | {"root", "training", "methods", "rundir", "cilkit.analysis.plots",
+                                                  "cilkit.analysis.runsets"},               set()),
     # many runs: plans, executors, tuning; each run of a plan is one cilkit.run
-    ("runs",                 {"top", "root", "data", "run", "rundir",
-                              "cilkit.analysis.significance"},                         {"cilkit.engine"}),
+    ("runs",                    {"common", "settings", "cil", "data", "run", "rundir",
+                                 "cilkit.analysis.significance"},                           {"cilkit.training.engine"}),
 ]
 
 
@@ -225,20 +229,22 @@ def test_the_graph_sees_lazy_type_checking_and_relative_imports_and_catches_a_fo
     fake = tmp_path / "cilkit"
     for rel, text in {
         "__init__.py": "",
-        "engine.py": "",
-        "errors.py": "",
+        "common/__init__.py": "",
+        "common/errors.py": "",
+        "training/__init__.py": "",
+        "training/engine.py": "",
         "analysis/__init__.py": "",
-        "analysis/report.py": "from cilkit import errors\ndef f():\n    import cilkit.run.loop\n",
+        "analysis/report.py": "from cilkit.common import errors\ndef f():\n    import cilkit.run.loop\n",
         "run/__init__.py": "",
         "run/loop.py": ("from typing import TYPE_CHECKING\nfrom . import store\nif TYPE_CHECKING:\n"
-                        "    from cilkit.engine import Engine\n"),
+                        "    from cilkit.training.engine import Engine\n"),
         "run/store.py": "import importlib\ndef g():\n    importlib.import_module('cilkit.run.loop')\n",
     }.items():
         (fake / rel).parent.mkdir(parents=True, exist_ok=True)
         (fake / rel).write_text(text)
     graph = import_graph(fake)
-    assert graph["cilkit.analysis.report"] == {"cilkit.errors", "cilkit.run.loop"}
-    assert graph["cilkit.run.loop"] == {"cilkit.run.store", "cilkit.engine"}
+    assert graph["cilkit.analysis.report"] == {"cilkit.common.errors", "cilkit.run.loop"}
+    assert graph["cilkit.run.loop"] == {"cilkit.run.store", "cilkit.training.engine"}
     assert strongly_connected(graph) == [["cilkit.run.loop", "cilkit.run.store"]]
     assert shortest_cycle(graph, ["cilkit.run.loop", "cilkit.run.store"]) == \
         ["cilkit.run.loop", "cilkit.run.store", "cilkit.run.loop"]
@@ -247,15 +253,15 @@ def test_the_graph_sees_lazy_type_checking_and_relative_imports_and_catches_a_fo
 
 @pytest.mark.parametrize("module, target, allowed", [
     ("cilkit.analysis.report", "cilkit.methods.lwf", False),
-    ("cilkit.analysis.report", "cilkit.engine", False),
+    ("cilkit.analysis.report", "cilkit.training.engine", False),
     ("cilkit.analysis.report", "cilkit.models.heads", False),
     ("cilkit.analysis.report", "cilkit.run.loop", False),
     ("cilkit.analysis.report", "cilkit.rundir.layout", True),
-    ("cilkit.protocol", "cilkit.engine", False),
-    ("cilkit.protocol", "cilkit.run.loop", False),
-    ("cilkit.protocol", "cilkit.methods.lwf", False),
-    ("cilkit.protocol", "cilkit.models", True),
-    ("cilkit.engine", "cilkit.methods.base", False),
+    ("cilkit.training.protocol", "cilkit.training.engine", False),
+    ("cilkit.training.protocol", "cilkit.run.loop", False),
+    ("cilkit.training.protocol", "cilkit.methods.lwf", False),
+    ("cilkit.training.protocol", "cilkit.models", True),
+    ("cilkit.training.engine", "cilkit.methods.base", False),
     ("cilkit.methods.lwf", "cilkit.run.store", False),
     ("cilkit.rundir.layout", "cilkit.run.store", False),
     ("cilkit.run.tensorboard", "cilkit.analysis.plots", True),

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from cilkit import io
+from cilkit.common import io
 from cilkit.cli import main
 
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from cilkit.cli import main
-from cilkit.config import validate
-from cilkit.errors import UserError
+from cilkit.settings.config import validate
+from cilkit.common.errors import UserError
 from cilkit.runs.execution import Execution
 from cilkit.runs.jobs import (JobProgress, cpu_threads_per_job, gpus_for_jobs, plan, read_progress, status_line)
 from cilkit.runs.multirun import run_methods
@@ -44,7 +44,7 @@ KILLER = '''
 import os, signal
 from pathlib import Path
 from cilkit.methods.finetune import Finetune
-from cilkit.registry import register_method
+from cilkit.settings.registry import register_method
 
 @register_method("killable")
 class Killable(Finetune):

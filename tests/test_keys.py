@@ -1,4 +1,4 @@
-"""The one declaration of what shapes the numbers (cilkit.keys) drives the state-0 cache key,
+"""The one declaration of what shapes the numbers (cilkit.settings.keys) drives the state-0 cache key,
 the --resume check and compare's grouping."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from helpers import registered_methods, tiny_config
 from pydantic import BaseModel, Field
 
 from cilkit.analysis.runsets import FoundRun, group_runs
-from cilkit.config import RunConfig, TrainConfig
-from cilkit.errors import UserError
-from cilkit.keys import (KEYS, METHOD_OPTIONS, Key, Role, config_differences, option_key, protocol_settings,
+from cilkit.settings.config import RunConfig, TrainConfig
+from cilkit.common.errors import UserError
+from cilkit.settings.keys import (KEYS, METHOD_OPTIONS, Key, Role, config_differences, option_key, protocol_settings,
                          resume_warnings, stale_keys, state0_settings, undeclared_keys)
 from cilkit.methods.base import MethodConfig
-from cilkit.options import is_declared, option
-from cilkit.registry import METHODS
+from cilkit.settings.options import is_declared, option
+from cilkit.settings.registry import METHODS
 from cilkit.rundir.layout import RunLayout
 from cilkit.run.loop import Run
 
@@ -43,7 +43,7 @@ def test_a_new_config_key_without_a_declaration_is_caught():
 def test_every_method_option_is_declared_on_its_field():
     for name in registered_methods():
         for key, field in METHODS[name].Config.model_fields.items():
-            assert is_declared(field) and field.description, f"{name}.{key}: declare it with cilkit.options.option"
+            assert is_declared(field) and field.description, f"{name}.{key}: declare it with cilkit.settings.options.option"
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from helpers import tiny_config
 
 from cilkit.cli import main
-from cilkit.memory import Memory
+from cilkit.cil.memory import Memory
 from cilkit.run.loop import Run
 from cilkit.runs.multirun import run_methods
 
@@ -153,7 +153,7 @@ def test_tensorboard_asked_for_without_the_package_fails_before_training(tmp_pat
 
 
 def test_an_unknown_log_key_is_named(tmp_path):
-    from cilkit.errors import UserError
+    from cilkit.common.errors import UserError
 
     with pytest.raises(UserError, match="unknown key 'log.tensorbord'"):
         tiny_config(tmp_path, "log.tensorbord=true")

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from helpers import tiny_config
 
 from cilkit.run import state0cache
-from cilkit.config import load_config
-from cilkit.errors import UserError
-from cilkit.io import load_torch
+from cilkit.settings.config import load_config
+from cilkit.common.errors import UserError
+from cilkit.common.io import load_torch
 from cilkit.methods.lucir import (
     imprinted_weights,
     less_forget_loss,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cilkit.config import MemoryConfig
-from cilkit.memory import Memory, class_quotas, herding_order
+from cilkit.settings.config import MemoryConfig
+from cilkit.cil.memory import Memory, class_quotas, herding_order
 
 
 def brute_force_herding(f, m):

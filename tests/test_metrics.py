@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cilkit.metrics import (
+from cilkit.cil.metrics import (
     accuracy_per_state,
     average_forgetting,
     balanced_accuracy,

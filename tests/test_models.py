@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.models import (
     BACKBONE_DESCRIPTIONS,
     BACKBONES,

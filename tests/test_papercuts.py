@@ -9,7 +9,8 @@ import pytest
 import yaml
 from helpers import tiny_config, tiny_dict
 
-from cilkit import distributed, registry
+from cilkit.common import distributed
+from cilkit.settings import registry
 from cilkit.analysis.report import provenance_line
 from cilkit.cli import main
 from cilkit.run import setup
@@ -108,7 +109,7 @@ FAILING_PLUGIN = '''
 from pathlib import Path
 
 from cilkit.methods.finetune import Finetune
-from cilkit.registry import register_method
+from cilkit.settings.registry import register_method
 
 FLAG = Path({flag!r})
 
@@ -151,7 +152,7 @@ def test_a_plugin_loss_that_raises_goes_to_run_log_and_says_how_to_resume(tmp_pa
 
 def test_a_user_error_is_its_one_line_in_run_log(tmp_path, capsys):
     """An error the user can fix ends a run with its one line, on the console and in run.log."""
-    from cilkit.errors import UserError
+    from cilkit.common.errors import UserError
 
     run = Run(tiny_config(tmp_path, "threads=1", "scenario.states=2"), tmp_path / "r", progress=False)
 

@@ -20,15 +20,15 @@ import yaml
 from helpers import one_error_line, tiny_config, tiny_dict
 from PIL import Image
 
-from cilkit import locks
+from cilkit.common import locks
 from cilkit.cli import main
-from cilkit.config import DataConfig, load_config, validate
+from cilkit.settings.config import DataConfig, load_config, validate
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
 from cilkit.describe import describe
-from cilkit.errors import UserError, did_you_mean, unknown_name
+from cilkit.common.errors import UserError, did_you_mean, unknown_name
 from cilkit.models.backbones import build_backbone
-from cilkit.packaged import packaged_configs, resolve_config
+from cilkit.settings.packaged import packaged_configs, resolve_config
 from cilkit.run import setup
 from cilkit.rundir.layout import LOCK_NAME, DirectoryLock
 from cilkit.run.loop import Run

@@ -12,11 +12,11 @@ import torch
 import yaml
 from helpers import tiny_dict
 
-from cilkit import registry
+from cilkit.settings import registry
 from cilkit.cli import main
-from cilkit.engine import Engine
+from cilkit.training.engine import Engine
 from cilkit.models import build_backbone
-from cilkit.plugins import module_name
+from cilkit.settings.plugins import module_name
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -120,10 +120,10 @@ def test_a_broken_plugin_is_one_line_naming_it(tmp_path, capsys, registries):
     raising = tmp_path / "raising.py"
     raising.write_text("raise RuntimeError('no GPU here')\n")
     twice = tmp_path / "twice.py"
-    twice.write_text("from cilkit.methods.finetune import Finetune\nfrom cilkit.registry import register_method\n"
+    twice.write_text("from cilkit.methods.finetune import Finetune\nfrom cilkit.settings.registry import register_method\n"
                      "register_method('finetune')(type('Again', (Finetune,), {}))\n")
     factory = tmp_path / "factory.py"
-    factory.write_text("from cilkit.registry import register_backbone\n"
+    factory.write_text("from cilkit.settings.registry import register_backbone\n"
                        "register_backbone('odd', 'no in_channels')(lambda size: None)\n")
     cases = [("missing.py", f"plugin '{tmp_path / 'missing.py'}': file not found"),
              ("no_such_module_xyz", "plugin 'no_such_module_xyz' failed to import (ModuleNotFoundError"),
@@ -192,7 +192,7 @@ def test_a_backbone_without_last_relu_serves_every_method_but_those_that_drop_it
     """The backbone contract is in_channels alone; LUCIR's cosine classifier asks for features
     without the last ReLU, which a factory without ``last_relu`` cannot give: one line."""
     plugin = tmp_path / "plain.py"
-    plugin.write_text("import torch\nfrom cilkit.registry import register_backbone\n"
+    plugin.write_text("import torch\nfrom cilkit.settings.registry import register_backbone\n"
                       "class Flat(torch.nn.Module):\n"
                       "    def __init__(self, c):\n        super().__init__()\n        self.out_dim = 8\n"
                       "        self.fc = torch.nn.Linear(c * 64, 8)\n"
@@ -210,7 +210,7 @@ def test_a_backbone_without_last_relu_serves_every_method_but_those_that_drop_it
 def test_a_plugin_backbone_or_reader_that_raises_when_called_is_one_line(tmp_path, capsys, registries):
     plugin = tmp_path / "raising.py"
     plugin.write_text(
-        "from cilkit.registry import register_backbone, register_source\n"
+        "from cilkit.settings.registry import register_backbone, register_source\n"
         "@register_backbone('odd', 'raises')\n"
         "def odd(in_channels, last_relu, width):\n"
         "    raise ValueError('width must be odd')\n"

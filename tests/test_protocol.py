@@ -15,7 +15,7 @@ import torch
 import cilkit
 from cilkit.methods.base import FORWARDED, BuildsOn
 from cilkit.methods.sir import SIR
-from cilkit.protocol import FitHooks, Method, TrainingRecord
+from cilkit.training.protocol import FitHooks, Method, TrainingRecord
 
 from helpers import tiny_config
 

@@ -43,8 +43,8 @@ def test_every_config_key_and_method_option_is_in_the_readme_tables():
     type, default and meaning): every key keys.py declares and every option of a built-in method
     is named there, each part of a dotted key in its section's row (``data.synthetic.size``:
     `synthetic` and `size` in the `data` row)."""
-    from cilkit.keys import KEYS
-    from cilkit.registry import METHODS
+    from cilkit.settings.keys import KEYS
+    from cilkit.settings.registry import METHODS
 
     text = (ROOT / "README.md").read_text()
     config, methods = _table_rows(text, "### The config"), _table_rows(text, "## Methods")

@@ -15,12 +15,12 @@ import torch
 import yaml
 from helpers import one_error_line, snapshot, strip_timings, tiny_config
 
-from cilkit import io
+from cilkit.common import io
 from cilkit.cli import main
 from cilkit.data import load_dataset
 from cilkit.data.base import TensorImages
 from cilkit.data.files import FileImages
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.methods import register
 from cilkit.methods.finetune import Finetune
 from cilkit.rundir.layout import DirectoryLock, fresh_directory

@@ -17,10 +17,10 @@ from helpers import tiny_dict
 from PIL import Image
 
 from cilkit.cli import main
-from cilkit.config import DataConfig, SyntheticConfig
+from cilkit.settings.config import DataConfig, SyntheticConfig
 from cilkit.data import load_dataset
 from cilkit.data.files import open_image
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:

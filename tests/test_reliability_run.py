@@ -18,7 +18,7 @@ from helpers import strip_timings, tiny_config, tiny_dict
 
 import cilkit
 from cilkit.cli import main
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RUN_MARKER, RunLayout
 from cilkit.run.loop import Run
 from cilkit.run.state0cache import cache_file
@@ -262,6 +262,6 @@ def test_a_config_that_is_a_directory_or_not_utf8_is_one_line(tmp_path, capsys):
     bad.write_bytes(b"seed: 1\nname: \xff\xfe\n")
     assert "not UTF-8" in one_line_error(capsys, ["run", str(bad), "--out", str(tmp_path / "r")])
     with pytest.raises(UserError, match="not UTF-8"):
-        from cilkit.config import read_yaml
+        from cilkit.settings.config import read_yaml
 
         read_yaml(bad)

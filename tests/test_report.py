@@ -14,7 +14,7 @@ from helpers import tiny_config
 from PIL import Image
 
 from cilkit.cli import main
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.analysis.plots import (
     annotation_data,
     confusion_data,

@@ -7,7 +7,7 @@ import pytest
 from helpers import strip_timings, tiny_config
 
 from cilkit.cli import main
-from cilkit.io import load_torch
+from cilkit.common.io import load_torch
 from cilkit.run.loop import Run
 
 

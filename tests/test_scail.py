@@ -14,7 +14,7 @@ from sklearn import preprocessing
 
 from cilkit.analysis.calibrate import calibrate_run
 from cilkit.cli import main
-from cilkit.rectify import scail_classifier, scail_scores
+from cilkit.cil.rectify import scail_classifier, scail_scores
 from cilkit.runs.multirun import run_methods
 
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from cilkit.config import ScenarioConfig
-from cilkit.errors import UserError
-from cilkit.scenario import Scenario, class_order
+from cilkit.settings.config import ScenarioConfig
+from cilkit.common.errors import UserError
+from cilkit.cil.scenario import Scenario, class_order
 
 
 def make(cfg, n_classes=10, per_class=6, test_per_class=3, seed=0):

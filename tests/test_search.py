@@ -128,7 +128,7 @@ def test_tune_refuses_points_that_train_nothing(tmp_path, capsys, key):
 
 PLUGIN = '''
 from cilkit.methods.finetune import Finetune
-from cilkit.registry import register_method
+from cilkit.settings.registry import register_method
 
 
 @register_method("tune_plugin_finetune")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config, total
 
-from cilkit.classwise import normalised_class_means as class_prototypes
-from cilkit.config import ScenarioConfig
-from cilkit.errors import UserError
+from cilkit.cil.classwise import normalised_class_means as class_prototypes
+from cilkit.settings.config import ScenarioConfig
+from cilkit.common.errors import UserError
 from cilkit.methods.sir import (
     class_ages,
     compensation_strengths,
@@ -23,7 +23,7 @@ from cilkit.methods.sir import (
 from cilkit.models import SplitCosineLinear
 from cilkit.models.lsc import LocalSimilarityClassifier
 from cilkit.run.loop import Run
-from cilkit.scenario import Scenario
+from cilkit.cil.scenario import Scenario
 
 
 def _scenario():
@@ -168,7 +168,7 @@ def _ablation_module():
 
 
 def test_the_ablation_config_switches_each_component_on_and_off():
-    from cilkit.config import load_config, validate
+    from cilkit.settings.config import load_config, validate
 
     bench = _ablation_module()
     protocol, variants, memories = bench.load_ablation(bench.DEFAULT_ABLATION)

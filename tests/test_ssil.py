@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import state_context, strip_timings, tiny_config, total
 
-from cilkit.engine import Batch
-from cilkit.errors import UserError
+from cilkit.training.engine import Batch
+from cilkit.common.errors import UserError
 from cilkit.methods.ssil import SSIL, separated_softmax_ce, task_wise_kd
 from cilkit.run.loop import Run
 

@@ -15,8 +15,8 @@ import torch
 from helpers import quick_overrides, registered_methods, tiny_config
 from pydantic import BaseModel, ValidationError
 
-from cilkit.options import state0_free
-from cilkit.registry import METHODS
+from cilkit.settings.options import state0_free
+from cilkit.settings.registry import METHODS
 from cilkit.run.loop import Run
 
 COMMON = ["threads=1", "train.epochs=1", "scenario.states=2", "state0_cache=null"]

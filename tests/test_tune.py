@@ -14,7 +14,7 @@ from cilkit.runs import tune as tune_module
 from cilkit.cli import main
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset, TensorImages
-from cilkit.registry import register_source
+from cilkit.settings.registry import register_source
 from cilkit.run.loop import Run
 from cilkit.runs.tune import grid_points, parse_grid
 

@@ -158,7 +158,7 @@ def wa_run(tmp_path_factory):
 
 
 def test_a_run_records_gamma_and_leaves_no_negative_weight(wa_run):
-    from cilkit.io import load_torch
+    from cilkit.common.io import load_torch
 
     tmp, run, results = wa_run
     assert results["complete"] and len(results["states"]) == 3

@@ -10,7 +10,7 @@ import yaml
 from helpers import one_error_line, tiny_config
 
 from cilkit.cli import main
-from cilkit.memory import Memory
+from cilkit.cil.memory import Memory
 from cilkit.run.loop import Run
 
 BLOCK = 32768  # the .wandb file is a LevelDB log: 32 KiB blocks of records with a 7-byte header

@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 # effect in a process that imported torch before cilkit; a policy the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Fill the registries (cilkit.registry) with the built-in methods and data readers.
+# Fill the registries (cilkit.settings.registry) with the built-in methods and data readers.
 from cilkit import data as _data  # noqa: E402,F401
 from cilkit import methods as _methods  # noqa: E402,F401

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import yaml
 
-from cilkit import distributed
+from cilkit.common import distributed
 from cilkit.analysis.calibrate import calibrate_run
-from cilkit.config import RunConfig, load_config, read_yaml, validate
+from cilkit.settings.config import RunConfig, load_config, read_yaml, validate
 from cilkit.describe import describe, overview, version_line
-from cilkit.errors import UserError, did_you_mean
-from cilkit.plugins import import_plugins, plugin_list
+from cilkit.common.errors import UserError, did_you_mean
+from cilkit.settings.plugins import import_plugins, plugin_list
 from cilkit.analysis.report import compare_runs
 from cilkit.analysis.tables import PAIRED_METRICS
 from cilkit.rundir.layout import RunLayout, check_target, fresh_directory, is_run_dir
-from cilkit.runlog import log
+from cilkit.common.runlog import log
 from cilkit.runs.execution import Execution
 from cilkit.runs.jobs import JobsFailed
 from cilkit.runs.multirun import repeat_dirs, run_methods
@@ -152,7 +152,7 @@ def _resumed_config(run_dir: Path, args: argparse.Namespace, overrides: list[str
 
 def cmd_configs(args: argparse.Namespace) -> int:
     """The packaged configs, each with its one line: what ``cilkit run NAME`` can run."""
-    from cilkit.packaged import packaged_configs
+    from cilkit.settings.packaged import packaged_configs
 
     found = packaged_configs()
     width = max(map(len, found), default=0)

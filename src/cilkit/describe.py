@@ -1,7 +1,7 @@
 """What ``cilkit info`` prints: the registries, and one method's documentation and options.
 
 A method's options are its config class's fields, each described by its help
-(:func:`cilkit.options.option`, the field's ``description``): ``cilkit info <method>`` prints
+(:func:`cilkit.settings.options.option`, the field's ``description``): ``cilkit info <method>`` prints
 them, and ``python -m cilkit.describe --write`` regenerates the option tables of README.md and
 docs/methods.md from them (:func:`render_tables`).
 """
@@ -20,10 +20,10 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from cilkit.errors import UserError, unknown_name
-from cilkit.options import declaration
-from cilkit.rectify import RECTIFIERS
-from cilkit.registry import BACKBONE_DESCRIPTIONS, METHODS, SOURCE_DESCRIPTIONS, SOURCE_OPTIONS
+from cilkit.common.errors import UserError, unknown_name
+from cilkit.settings.options import declaration
+from cilkit.cil.rectify import RECTIFIERS
+from cilkit.settings.registry import BACKBONE_DESCRIPTIONS, METHODS, SOURCE_DESCRIPTIONS, SOURCE_OPTIONS
 
 SELECTION_DESCRIPTIONS = {
     "herding": "iCaRL herding: greedy picks keeping the exemplar mean closest to the class mean",
@@ -77,7 +77,7 @@ def describe(name: str) -> str:
 
 def option_lines(prefix: str, config: type[BaseModel]) -> list[str]:
     """``  prefix.key (type, default value[, unread in state 0]): help`` for each field of
-    ``config`` (the help is the field's description: ``option(help=...)``, :mod:`cilkit.options`)."""
+    ``config`` (the help is the field's description: ``option(help=...)``, :mod:`cilkit.settings.options`)."""
     lines = []
     for key, field in config.model_fields.items():
         text = field.description or ""

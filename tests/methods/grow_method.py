@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from cilkit.methods.base import Batch, Context, LossTerms, Method, MethodConfig
 from cilkit.models import GrowingBackbone, IncrementalLinear, IncrementalNet, build_backbone
-from cilkit.options import option
-from cilkit.registry import register_method
+from cilkit.settings.options import option
+from cilkit.settings.registry import register_method
 
 
 class GrowConfig(MethodConfig):

@@ -1,8 +1,8 @@
 """``cilkit calibrate``: rectify the stored test logits of finished runs, without their model.
 
 Reads ``scores/state_XX.npz`` and ``stats/state_XX.json`` of each run (see
-:mod:`cilkit.rundir.layout`), applies a rectifier of :mod:`cilkit.rectify` state by state and writes a
-results.json built with :mod:`cilkit.metrics`, as the runner builds its own.
+:mod:`cilkit.rundir.layout`), applies a rectifier of :mod:`cilkit.cil.rectify` state by state and writes a
+results.json built with :mod:`cilkit.cil.metrics`, as the runner builds its own.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit import io
-from cilkit.errors import UserError
-from cilkit.metrics import fmt, run_summary, score_metrics, state_accuracies
-from cilkit.rectify import check_rectifier, rectify, scail_classifier, scail_scores
+from cilkit.common import io
+from cilkit.common.errors import UserError
+from cilkit.cil.metrics import fmt, run_summary, score_metrics, state_accuracies
+from cilkit.cil.rectify import check_rectifier, rectify, scail_classifier, scail_scores
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import RESULTS_VERSION, read_state_classifier, read_state_scores, read_stats
 from cilkit.analysis.runsets import FoundRun, find_runs

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from cilkit.errors import UserError
-from cilkit.metrics import Results, variant_names
+from cilkit.common.errors import UserError
+from cilkit.cil.metrics import Results, variant_names
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_scores
 from cilkit.analysis.significance import mean_std

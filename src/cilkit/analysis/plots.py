@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cilkit.metrics import Results
+from cilkit.cil.metrics import Results
 from cilkit.analysis.figure_data import (  # re-exported: tests and callers import them from here
     Repeats,
     Y_RANGES,

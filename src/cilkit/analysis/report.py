@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cilkit import io
-from cilkit.errors import UserError
+from cilkit.common import io
+from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
 from cilkit.analysis.latex import table_latex
 from cilkit.analysis.plots import figures as make_figures

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from cilkit.config import RunConfig
-from cilkit.keys import protocol_settings
-from cilkit.errors import UserError
+from cilkit.settings.config import RunConfig
+from cilkit.settings.keys import protocol_settings
+from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_results
 
@@ -125,7 +125,7 @@ def run_config(run: FoundRun) -> dict[str, Any] | None:
 
 def protocol_key(results: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
     """What makes two runs comparable: dataset, class order and states (results.json), and every
-    config setting that :mod:`cilkit.keys` declares a protocol key (data, scenario, memory,
+    config setting that :mod:`cilkit.settings.keys` declares a protocol key (data, scenario, memory,
     model, training, precision): not the seed, the method and its options, how the run executed
     (device, threads, compile, ...) or keys that change no number."""
     settings = None if config is None else _protocol_settings(config)
@@ -134,7 +134,7 @@ def protocol_key(results: Mapping[str, Any], config: Mapping[str, Any] | None) -
 
 
 def _protocol_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config's protocol keys (:mod:`cilkit.keys`), with today's defaults for keys an
+    """The config's protocol keys (:mod:`cilkit.settings.keys`), with today's defaults for keys an
     older cilkit did not write (a run recorded before a key existed ran as its default)."""
     return protocol_settings(config, RunConfig().to_dict())
 

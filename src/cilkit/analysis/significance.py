@@ -2,7 +2,7 @@
 
 No scipy: the t distribution's CDF is written with the regularized incomplete beta function
 (a continued fraction, evaluated by the modified Lentz method) and its quantile is found by
-bisection on that CDF. (``cilkit.class_statistics`` is something else: per-class training statistics.)
+bisection on that CDF. (``cilkit.training.class_statistics`` is something else: per-class training statistics.)
 """
 
 from __future__ import annotations

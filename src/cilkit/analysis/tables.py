@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cilkit.errors import UserError
-from cilkit.metrics import Results, fmt, mean_incremental, variant_names
+from cilkit.common.errors import UserError
+from cilkit.cil.metrics import Results, fmt, mean_incremental, variant_names
 from cilkit.analysis.runsets import Protocol, RunGroup
 from cilkit.analysis.significance import LEVEL, PairedInterval, mean_std, paired_interval
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from cilkit.config import DataConfig
+from cilkit.settings.config import DataConfig
 from cilkit.data import cifar, files, folders, sources  # the readers register themselves
 from cilkit.data.base import Dataset
-from cilkit.errors import UserError, unknown_name
-from cilkit.registry import SOURCE_DESCRIPTIONS, SOURCES, call_plugin, register_source
+from cilkit.common.errors import UserError, unknown_name
+from cilkit.settings.registry import SOURCE_DESCRIPTIONS, SOURCES, call_plugin, register_source
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cilkit.data.transforms import Augment, augment_batch, draw_epoch, normalise, to_device
-from cilkit.distributed import shard_bounds
+from cilkit.common.distributed import shard_bounds
 
 ImageBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x, original labels, indices)
 Order = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]  # an epoch's order of indices
@@ -74,7 +74,7 @@ class ImageSet(ABC):
     ) -> Iterator[ImageBatch]:
         """Yield ``(x, y, idx)`` over ``indices``, in ``order(indices, generator)`` when given
         (``shuffle``: :func:`shuffled`), drawn before any augmentation draws. With
-        ``shard=(rank, world)`` each batch is that rank's slice (:func:`~cilkit.distributed.
+        ``shard=(rank, world)`` each batch is that rank's slice (:func:`~cilkit.common.distributed.
         shard_bounds`) of the batch one process would get, augmented as one process would
         augment it: a data-parallel rank's share of the global batch."""
 
@@ -95,7 +95,7 @@ class ImageSet(ABC):
 
 class Rows:
     """Rows of cached inputs (features, logits) with their labels (original class ids), batched
-    like an image set, for a fit over them (:meth:`cilkit.engine.Engine.fit` with ``data=``:
+    like an image set, for a fit over them (:meth:`cilkit.training.engine.Engine.fit` with ``data=``:
     BiC's bias layer over the validation logits). No augmentation, no normalisation, no shard:
     every process holds the same rows."""
 
@@ -218,7 +218,7 @@ class Dataset:
     def check_labels(self) -> None:
         """Raise a clear error for a label outside 0..num_classes-1 or a class without images
         in either split (a partial copy of a dataset would otherwise train on empty classes)."""
-        from cilkit.errors import UserError
+        from cilkit.common.errors import UserError
 
         for split, s in (("train", self.train), ("test", self.test)):
             where = self.origin.get(split)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cilkit.data.files import is_high_depth, to_eight_bit
-from cilkit.errors import UserError, reason
+from cilkit.common.errors import UserError, reason
 
 QUICK_EXTRA = 256
 CHUNK = 4096  # files handed to the decoding threads at a time (bounds the pending futures)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cilkit.config import DataConfig
+from cilkit.settings.config import DataConfig
 from cilkit.data.base import Dataset
 from cilkit.data.sources import _root_folder, _tensor_set
 from cilkit.data.transforms import Augment
-from cilkit.errors import UserError, reason
-from cilkit.registry import register_source
+from cilkit.common.errors import UserError, reason
+from cilkit.settings.registry import register_source
 
 
 CIFAR_PICKLE_GLOBALS = frozenset(

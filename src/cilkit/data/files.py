@@ -22,8 +22,8 @@ from PIL import Image
 
 from cilkit.data.base import ImageBatch, ImageSet, Order, batch_sizes, in_order
 from cilkit.data.transforms import Augment, Part, augment_batch, draw_epoch, normalise, to_device
-from cilkit.distributed import shard_bounds
-from cilkit.errors import UserError, reason
+from cilkit.common.distributed import shard_bounds
+from cilkit.common.errors import UserError, reason
 
 DEFAULT_IMAGE_SIZE = 224
 

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cilkit.config import DataConfig
-from cilkit.registry import register_source
+from cilkit.settings.config import DataConfig
+from cilkit.settings.registry import register_source
 from cilkit.data.base import Dataset, ImageSet, TensorImages
 from cilkit.data.checks import ImageFacts, check_images, choose_mode, native_size
 from cilkit.data.files import FileImages
 from cilkit.data.sources import _root_folder, stratified_split
 from cilkit.data.transforms import Augment
-from cilkit.errors import UserError, did_you_mean, reason
+from cilkit.common.errors import UserError, did_you_mean, reason
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 

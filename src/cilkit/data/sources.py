@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cilkit.config import DEFAULT_TEST_FRACTION, DataConfig, SyntheticConfig
-from cilkit.registry import SOURCE_DESCRIPTIONS, register_source
+from cilkit.settings.config import DEFAULT_TEST_FRACTION, DataConfig, SyntheticConfig
+from cilkit.settings.registry import SOURCE_DESCRIPTIONS, register_source
 from cilkit.data.base import Dataset, TensorImages
 from cilkit.data.transforms import Augment
-from cilkit.errors import UserError, reason
-from cilkit.machine import physical_memory
+from cilkit.common.errors import UserError, reason
+from cilkit.common.machine import physical_memory
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from cilkit.registry import METHODS
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import METHODS
+from cilkit.settings.registry import register_method as register
 
 __all__ = ["METHODS", "register"]
 

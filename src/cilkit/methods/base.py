@@ -1,4 +1,4 @@
-"""What methods share beyond the hook protocol: the protocol itself is :mod:`cilkit.protocol`
+"""What methods share beyond the hook protocol: the protocol itself is :mod:`cilkit.training.protocol`
 (re-exported here, so a method imports one module), and below are the helpers several methods
 use (the head of a kind, a stage's record, the teacher's old-class logits, softmax
 distillation) and :class:`BuildsOn`, a method built on another one (SIR on its base).
@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.models import IncrementalLinear, IncrementalNet
-from cilkit.protocol import (Batch, Context, EpochRecord, FitHooks, FitSpec, LossTerms, Method, MethodConfig,
+from cilkit.training.protocol import (Batch, Context, EpochRecord, FitHooks, FitSpec, LossTerms, Method, MethodConfig,
                              StateRecord, TrainingRecord, freeze)
 
 __all__ = ["Batch", "BuildsOn", "Context", "EpochRecord", "FitHooks", "FitSpec", "LossTerms", "Method",

@@ -60,16 +60,16 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from cilkit.config import ScheduleConfig
+from cilkit.settings.config import ScheduleConfig
 from cilkit.data.base import Rows
-from cilkit.errors import UserError
-from cilkit.memory import class_quotas
-from cilkit.registry import register_method as register
+from cilkit.common.errors import UserError
+from cilkit.cil.memory import class_quotas
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, Context, FitHooks, FitSpec, LossTerms, Method, MethodConfig, distillation_kl
 from cilkit.models.bias import BiasLayer, correct_logits
-from cilkit.scenario import Scenario
-from cilkit.options import option
-from cilkit.seeding import seeded_generator
+from cilkit.cil.scenario import Scenario
+from cilkit.settings.options import option
+from cilkit.common.seeding import seeded_generator
 
 
 class BiCConfig(MethodConfig):

@@ -53,14 +53,14 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from cilkit.config import ScheduleConfig
-from cilkit.errors import UserError
-from cilkit.registry import register_method as register
+from cilkit.settings.config import ScheduleConfig
+from cilkit.common.errors import UserError
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import (Batch, Context, FitHooks, LossTerms, Method, MethodConfig, distillation_kl, freeze,
                                  stage_record)
 from cilkit.methods.finetune import Finetune
 from cilkit.models import IncrementalNet
-from cilkit.options import option
+from cilkit.settings.options import option
 
 
 class EEILConfig(MethodConfig):

@@ -6,9 +6,9 @@ cross-entropy on the new data plus the exemplars, without distillation (docs/met
 
 from __future__ import annotations
 
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
-from cilkit.options import option
+from cilkit.settings.options import option
 
 
 class FinetuneConfig(MethodConfig):

@@ -60,11 +60,11 @@ from typing import Any
 
 import torch
 
-from cilkit.errors import UserError
-from cilkit.registry import register_method as register
+from cilkit.common.errors import UserError
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Context, Method, MethodConfig
 from cilkit.models import IncrementalNet, load_backbone_weights
-from cilkit.seeding import derive_seed, seeded_generator
+from cilkit.common.seeding import derive_seed, seeded_generator
 
 
 class GDumbConfig(MethodConfig):

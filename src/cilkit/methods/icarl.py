@@ -42,10 +42,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, Context, LossTerms, MethodConfig, distillation_kl, teacher_old_logits
 from cilkit.methods.nme import WithClassMeans
-from cilkit.options import option
+from cilkit.settings.options import option
 
 
 class ICaRLConfig(MethodConfig):

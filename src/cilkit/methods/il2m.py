@@ -2,11 +2,11 @@
 
 Training is fine-tuning with memory (:mod:`cilkit.methods.finetune`). The second, tiny memory
 holds class statistics, which the runner computes after every state of every run
-(:func:`cilkit.class_statistics.state_statistics`, saved as ``stats/state_XX.json`` and handed to the
+(:func:`cilkit.training.class_statistics.state_statistics`, saved as ``stats/state_XX.json`` and handed to the
 method as ``ctx.statistics``): the initial mean score of each class, the model confidence of
 each state and the current mean score of each old class over its exemplars. At inference, the
 old-class scores of every image whose top-1 class is new are rectified with them
-(:func:`cilkit.rectify.il2m_rectify`).
+(:func:`cilkit.cil.rectify.il2m_rectify`).
 
 ``reinit_classifier`` defaults to false, so that an ``il2m`` run trains exactly as the default
 ``finetune`` run (its ``cnn`` scores are that run's) and ``cilkit calibrate --with il2m`` of a
@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Context
 from cilkit.methods.finetune import Finetune, FinetuneConfig
-from cilkit.options import option
-from cilkit.rectify import il2m_from_stats
+from cilkit.settings.options import option
+from cilkit.cil.rectify import il2m_from_stats
 
 
 class IL2MConfig(FinetuneConfig):

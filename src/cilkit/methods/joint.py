@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Context, Method
 
 

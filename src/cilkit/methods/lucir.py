@@ -48,14 +48,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cilkit.classwise import normalised_class_means
-from cilkit.config import ScheduleConfig
-from cilkit.errors import UserError
-from cilkit.registry import register_method as register
+from cilkit.cil.classwise import normalised_class_means
+from cilkit.settings.config import ScheduleConfig
+from cilkit.common.errors import UserError
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, Context, FitHooks, LossTerms, MethodConfig, head_of, stage_record
 from cilkit.methods.nme import WithClassMeans
 from cilkit.models import IncrementalNet, SplitCosineLinear, build_model
-from cilkit.options import option
+from cilkit.settings.options import option
 
 
 class LUCIRConfig(MethodConfig):

@@ -28,11 +28,11 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, Context, LossTerms, Method, MethodConfig, teacher_old_logits
 from cilkit.methods.finetune import Finetune
 from cilkit.methods.icarl import bce_divisor, distilled_loss
-from cilkit.options import option
+from cilkit.settings.options import option
 
 
 class LwFConfig(MethodConfig):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cilkit.classwise import normalised_class_means
+from cilkit.cil.classwise import normalised_class_means
 from cilkit.methods.base import Context, Method
 
 

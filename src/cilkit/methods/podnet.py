@@ -64,14 +64,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from cilkit.config import ScheduleConfig
-from cilkit.registry import register_method as register
+from cilkit.settings.config import ScheduleConfig
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, Context, FitHooks, FitSpec, LossTerms, MethodConfig, head_of, stage_record
 from cilkit.methods.nme import WithClassMeans
 from cilkit.models import IncrementalNet, build_backbone
 from cilkit.models.lsc import LocalSimilarityClassifier
-from cilkit.options import option
-from cilkit.seeding import derive_seed
+from cilkit.settings.options import option
+from cilkit.common.seeding import derive_seed
 
 
 class PODNetConfig(MethodConfig):

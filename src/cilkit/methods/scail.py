@@ -5,9 +5,9 @@ Training is fine-tuning with memory (:mod:`cilkit.methods.finetune`). After ever
 method keeps the state's classifier (weights and biases of its linear head), and at test time
 each old class scores with its rows from the state where it was learned, when all its images
 were available, rescaled to the current state's new classes by the rank-wise weight statistics
-and the bias counts of :func:`cilkit.rectify.scail_classifier`; only the ``top_rewinded`` old
+and the bias counts of :func:`cilkit.cil.rectify.scail_classifier`; only the ``top_rewinded`` old
 classes that the current classifier ranks highest for an image keep their score
-(:func:`cilkit.rectify.scail_scores`), as the authors' ``scail/codes/scail.py`` does (10 in
+(:func:`cilkit.cil.rectify.scail_scores`), as the authors' ``scail/codes/scail.py`` does (10 in
 all its runs).
 
 Every fine-tuning run stores what ScaIL reads (each state's test features and classifier in
@@ -17,7 +17,7 @@ Every fine-tuning run stores what ScaIL reads (each state's test features and cl
 
 Readings: ``reading: code`` (default) multiplies the weight in dimension ``d`` by the factor at
 index ``argsort(-w)[d]``, as the authors' loop does; ``rank`` multiplies the ``k``-th largest
-``|w|`` by the ``k``-th factor, the rank-wise reading (see :func:`~cilkit.rectify.scail_classifier`).
+``|w|`` by the ``k``-th factor, the rank-wise reading (see :func:`~cilkit.cil.rectify.scail_classifier`).
 The bias factor is what the authors' code computes (a ratio of counts of non-zero biases, its
 ``normalize`` acting on one-element rows), not a ratio of mean biases. ``calibrate`` uses the
 defaults.
@@ -29,12 +29,12 @@ from typing import Any, Literal
 
 import torch
 
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Context, head_of
 from cilkit.methods.finetune import Finetune, FinetuneConfig
 from cilkit.models import IncrementalLinear
-from cilkit.options import option
-from cilkit.rectify import scail_classifier, scail_scores
+from cilkit.settings.options import option
+from cilkit.cil.rectify import scail_classifier, scail_scores
 
 
 class ScaILConfig(FinetuneConfig):

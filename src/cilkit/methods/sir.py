@@ -64,11 +64,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 
-from cilkit.classwise import class_counts, normalised_class_means
-from cilkit.registry import METHODS, register_method as register
+from cilkit.cil.classwise import class_counts, normalised_class_means
+from cilkit.settings.registry import METHODS, register_method as register
 from cilkit.methods.base import Batch, BuildsOn, Context, LossTerms, MethodConfig
-from cilkit.options import option
-from cilkit.scenario import Scenario
+from cilkit.settings.options import option
+from cilkit.cil.scenario import Scenario
 
 
 class SIRConfig(MethodConfig):

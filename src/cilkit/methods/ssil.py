@@ -30,7 +30,7 @@ below were not checked against the PDF; the formulas are the code's.
   they differ by the teacher's entropy, a constant, so the gradients are the same.
 - Total: ``L_CE-SS + kd_weight * L_TKD``, ``kd_weight = 1`` (the original adds them unweighted).
 - Ratio-preserving batches (``batch_order``): every full batch holds ``replay_per_batch``
-  replayed exemplars beside the new images (:func:`cilkit.engine.replay_order`). The original
+  replayed exemplars beside the new images (:func:`cilkit.training.engine.replay_order`). The original
   draws 128 new images (``--batch-size``) and 32 exemplars (``--replay-batch-size``) per step, a
   batch of 160; cilkit's ``train.batch_size`` is the whole batch, so the default is
   ``batch_size // 5`` (32 of 160; set ``train.batch_size: 160`` and ``ssil.replay_per_batch: 32``
@@ -61,12 +61,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cilkit.engine import replay_order
-from cilkit.errors import UserError
-from cilkit.registry import register_method as register
+from cilkit.training.engine import replay_order
+from cilkit.common.errors import UserError
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, Context, FitSpec, LossTerms, Method, MethodConfig
 from cilkit.methods.finetune import Finetune
-from cilkit.options import option
+from cilkit.settings.options import option
 
 
 class SSILConfig(MethodConfig):
@@ -160,7 +160,7 @@ class SSIL(Method):
 
     def replayed_images(self, ctx: Context, indices: torch.Tensor) -> int:
         """How many of an epoch's images over ``indices`` are replayed exemplars: ``replay_per_batch``
-        in each full batch of :func:`~cilkit.engine.replay_order` (none without a full batch)."""
+        in each full batch of :func:`~cilkit.training.engine.replay_order` (none without a full batch)."""
         n_new = int(torch.isin(indices, ctx.state.train).sum())
         full = n_new // (ctx.fit.batch_size - self.replay_per_batch)
         return full * self.replay_per_batch if full and n_new < indices.numel() else 0

@@ -62,11 +62,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from cilkit.registry import register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, Context, LossTerms, Method, MethodConfig, distillation_kl, head_of, teacher_old_logits
 from cilkit.methods.finetune import Finetune
 from cilkit.models import IncrementalLinear
-from cilkit.options import option
+from cilkit.settings.options import option
 
 
 class WAConfig(MethodConfig):

@@ -17,12 +17,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cilkit import io
-from cilkit.errors import UserError, described
+from cilkit.common import io
+from cilkit.common.errors import UserError, described
 from cilkit.models.backbones import build_backbone
 from cilkit.models import small  # noqa: F401  (registers convnet and lenet)
 from cilkit.models.growing import GrowingBackbone
-from cilkit.registry import BACKBONE_DESCRIPTIONS, BACKBONES
+from cilkit.settings.registry import BACKBONE_DESCRIPTIONS, BACKBONES
 from cilkit.models.bias import BiasLayer
 from cilkit.models.heads import IncrementalLinear, IncrementalNet, SplitCosineLinear
 

@@ -2,7 +2,7 @@
 
 Every backbone is an ``nn.Module`` whose ``forward(x)`` returns pooled features of shape
 ``(N, out_dim)`` and which exposes the int attribute ``out_dim``. Every factory is registered
-with ``@register_backbone`` (:mod:`cilkit.registry`, where a plugin registers its own) and
+with ``@register_backbone`` (:mod:`cilkit.settings.registry`, where a plugin registers its own) and
 takes ``in_channels`` (and ``image_size`` / ``width`` / ``last_relu`` when it uses them).
 LUCIR (Hou et al., CVPR 2019, section 3.2) removes the ReLU after the last residual block so
 that the cosine classifier sees features that can be negative. With ``last_relu=False`` the last block returns ``bn(conv(...)) + shortcut``
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilkit.errors import UserError, unknown_name
-from cilkit.registry import (
+from cilkit.common.errors import UserError, unknown_name
+from cilkit.settings.registry import (
     BACKBONE_OPTIONAL_ARGS,
     BACKBONES,
     call_plugin,
@@ -261,7 +261,7 @@ def build_backbone(
     width: int = 32,
     last_relu: bool = True,
 ) -> nn.Module:
-    """Build the backbone registered under ``name`` (:func:`cilkit.registry.register_backbone`):
+    """Build the backbone registered under ``name`` (:func:`cilkit.settings.registry.register_backbone`):
     its factory gets ``in_channels``, and ``image_size``, ``width`` and ``last_relu`` when it
     names them; ``last_relu=False`` asked of a factory without that argument is a ``UserError``
     (the method needs features that can be negative). Raises ``UserError`` for an unknown name

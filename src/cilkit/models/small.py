@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cilkit.models.backbones import StagedBackbone, _conv3x3, _init_weights
-from cilkit.registry import register_backbone
+from cilkit.settings.registry import register_backbone
 
 
 def _conv_bn_relu(

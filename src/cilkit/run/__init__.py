@@ -8,7 +8,7 @@
   (results.json, checkpoints, memory, scores, class statistics, provenance, history and
   TensorBoard fan-out), through the run directory's names and readers (:mod:`cilkit.rundir`);
 - ``history``, ``tensorboard``, ``wandb_log``, ``provenance``: the run's records;
-- ``state0cache``: the state-0 model cache, keyed on declared inputs (:mod:`cilkit.keys`).
+- ``state0cache``: the state-0 model cache, keyed on declared inputs (:mod:`cilkit.settings.keys`).
 
 May import: the top-level modules (config, keys, engine, memory, scenario, ...),
 ``cilkit.data``, ``cilkit.models``, ``cilkit.methods``, ``cilkit.rundir``, and of

@@ -22,9 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cilkit import distributed, io
-from cilkit.protocol import EpochRecord
-from cilkit.errors import UserError
+from cilkit.common import distributed, io
+from cilkit.training.protocol import EpochRecord
+from cilkit.common.errors import UserError
 
 STATE_KEYS = ("classes_seen", "top1", "top1_old", "top1_new", "balanced_top1")
 LINE_KEYS = {"epoch": ("round", "stage", "epoch", "loss", "lr"), "state": STATE_KEYS}  # what readers index

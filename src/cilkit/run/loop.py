@@ -23,25 +23,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit import distributed, io, runlog
-from cilkit.class_statistics import state_statistics
-from cilkit.config import RunConfig
+from cilkit.common import distributed, io, runlog
+from cilkit.training.class_statistics import state_statistics
+from cilkit.settings.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
-from cilkit.engine import Engine
-from cilkit.errors import UserError
-from cilkit.memory import Memory
-from cilkit.protocol import Context, EpochRecord, FitSpec, StateRecord, TrainingRecord, freeze
-from cilkit.metrics import score_metrics, state_accuracies
+from cilkit.training.engine import Engine
+from cilkit.common.errors import UserError
+from cilkit.cil.memory import Memory
+from cilkit.training.protocol import Context, EpochRecord, FitSpec, StateRecord, TrainingRecord, freeze
+from cilkit.cil.metrics import score_metrics, state_accuracies
 from cilkit.models import IncrementalLinear
-from cilkit.rectify import ClassStatistics
+from cilkit.cil.rectify import ClassStatistics
 from cilkit.run import provenance, state0cache, tensorboard
 from cilkit.rundir.layout import RunLayout, outermost_run
 from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, idle_milestones,
                               memory_covers_old_data, normalisation, resolve_device, threads_source)
 from cilkit.run.store import RunStore, checkpoint_parts, empty_results, tensors_of
-from cilkit.runlog import log
-from cilkit.seeding import derive_seed, seeded_generator
+from cilkit.common.runlog import log
+from cilkit.common.seeding import derive_seed, seeded_generator
 
 STALL_RATIO = 0.9
 
@@ -125,7 +125,7 @@ class Run:
     # ----- the states ------------------------------------------------------------------------
     def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
         """Run (or continue) the states; ``until_state`` stops after that state (for tests).
-        Every :func:`~cilkit.runlog.log` line is copied to ``run.log`` meanwhile."""
+        Every :func:`~cilkit.common.runlog.log` line is copied to ``run.log`` meanwhile."""
         io.make_dir(self.layout.root)
         with runlog.tee(self.layout.run_log):  # an error that ends the run goes to run.log too
             start = self._restore() if resume else self.store.start_fresh()
@@ -293,7 +293,7 @@ class Run:
         return ctx
 
     def _statistics(self, ctx: Context) -> ClassStatistics:
-        """The state's class statistics (:mod:`cilkit.class_statistics`) from what it trained
+        """The state's class statistics (:mod:`cilkit.training.class_statistics`) from what it trained
         on, written to ``stats/state_XX.json``; kept as the history of the next state."""
         stats = state_statistics(ctx, self._trained(ctx), self.statistics)
         self.store.write_statistics(ctx.state.index, stats)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cilkit import distributed
+from cilkit.common import distributed
 
 import cilkit
 

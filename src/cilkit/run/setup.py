@@ -8,19 +8,19 @@ from typing import Any
 
 import torch
 
-from cilkit import distributed
-from cilkit.config import RunConfig
+from cilkit.common import distributed
+from cilkit.settings.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
-from cilkit.errors import UserError
-from cilkit.machine import physical_memory
-from cilkit.memory import class_quotas
+from cilkit.common.errors import UserError
+from cilkit.common.machine import physical_memory
+from cilkit.cil.memory import class_quotas
 from cilkit.methods import METHODS
 from cilkit.methods.base import Method
 from cilkit.models import load_backbone_weights
 from cilkit.run import tensorboard
-from cilkit.scenario import Scenario
-from cilkit.seeding import derive_seed
+from cilkit.cil.scenario import Scenario
+from cilkit.common.seeding import derive_seed
 
 
 def resolve_device(name: str) -> torch.device:

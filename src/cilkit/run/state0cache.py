@@ -6,7 +6,7 @@ instance) and is the same for every method that trains it the same way, so a com
 trains it once. Reuse is only safe when everything that shapes the model is equal, so the key
 (:func:`state0_key`) holds:
 
-- every config value that :mod:`cilkit.keys` marks as read in state 0 (training, model, data
+- every config value that :mod:`cilkit.settings.keys` marks as read in state 0 (training, model, data
   and execution settings: device, threads, precision, channels-last, compile; the seed);
 - values derived from the rest: the data's *content* (a digest of the state's images and labels,
   not the config's path to them), the class order of state 0, the hold-outs, the normalisation,
@@ -21,13 +21,13 @@ trains it once. Reuse is only safe when everything that shapes the model is equa
 
 The entry stores its full key and is used only when the key it holds is the one asked for (a
 renamed or copied file is a miss with one warning). A cache hit and a cold run then give the
-same numbers (the run's later random draws have their own generators: see :mod:`cilkit.seeding`).
+same numbers (the run's later random draws have their own generators: see :mod:`cilkit.common.seeding`).
 An unreadable entry (truncated, garbage, foreign) is a miss with one warning naming the file;
 an unwritable cache directory is a warning: the cache never ends a run.
 
 Runs in parallel (``--jobs``, cluster jobs on a shared file system) that need the same entry
 take turns (:func:`entry_lock`, an ``flock`` on ``<entry>.lock``, removed with the lock:
-:mod:`cilkit.locks`): the first trains state 0 and writes the entry, the others wait for it,
+:mod:`cilkit.common.locks`): the first trains state 0 and writes the entry, the others wait for it,
 then load it, so it is never trained twice at once and never read half-written (entries are
 also written atomically).
 """
@@ -48,16 +48,17 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 import cilkit
-from cilkit import distributed, io, locks, plugins
-from cilkit.config import RunConfig
-from cilkit.errors import UserError, described
-from cilkit.keys import state0_settings
-from cilkit.options import state0_free
+from cilkit.common import distributed, io, locks
+from cilkit.settings import plugins
+from cilkit.settings.config import RunConfig
+from cilkit.common.errors import UserError, described
+from cilkit.settings.keys import state0_settings
+from cilkit.settings.options import state0_free
 
 if TYPE_CHECKING:
     from cilkit.data.base import Dataset
     from cilkit.methods.base import Method
-    from cilkit.scenario import Scenario
+    from cilkit.cil.scenario import Scenario
 
 STATE0_HOOKS = ("build_model", "before_state", "rounds", "begin_round", "train_set", "param_groups", "loss",
                 "train_mode", "begin_epoch", "end_epoch", "batch_order", "after_step")
@@ -87,7 +88,7 @@ def _hash_code(h: Any, code: types.CodeType) -> None:
 
 def method_signature(method: Any) -> dict[str, Any]:
     """Every option of the method but those its config declares unread in state 0
-    (``option(..., state0=False)``, :func:`cilkit.options.state0_free`), what else it declares (:meth:`Method.state0_signature`), and the
+    (``option(..., state0=False)``, :func:`cilkit.settings.options.state0_free`), what else it declares (:meth:`Method.state0_signature`), and the
     code of its state-0 hooks. A new method is safe without declaring anything: at worst it
     misses a cache entry it could have shared. A method that trains state 0 as another does
     (``state0_like``) has that method's signature under the same config."""

@@ -4,7 +4,7 @@ results.json (its schema: :func:`empty_results`), the checkpoint after every sta
 scores and class statistics of each state, a method's own records, provenance, and the fan-out
 of the run's records to history.jsonl and its trackers (TensorBoard, Weights & Biases: a
 :class:`Tracker` each). Only rank 0 writes; every rank reads a
-checkpoint through rank 0 (:func:`cilkit.distributed.from_main`).
+checkpoint through rank 0 (:func:`cilkit.common.distributed.from_main`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cilkit import distributed, io
-from cilkit.config import RunConfig
-from cilkit.protocol import EpochRecord
-from cilkit.errors import UserError
-from cilkit.keys import config_differences
-from cilkit.metrics import run_summary
+from cilkit.common import distributed, io
+from cilkit.settings.config import RunConfig
+from cilkit.training.protocol import EpochRecord
+from cilkit.common.errors import UserError
+from cilkit.settings.keys import config_differences
+from cilkit.cil.metrics import run_summary
 from cilkit.run import history, provenance, tensorboard, wandb_log
 from cilkit.rundir.layout import RUN_MARKER, STATE_ENTRIES, RunLayout, clear_run, mark_run, marked_config
 from cilkit.rundir.readers import RESULTS_VERSION, read_stats
-from cilkit.runlog import log
-from cilkit.scenario import Scenario
+from cilkit.common.runlog import log
+from cilkit.cil.scenario import Scenario
 
 
 def empty_results(config: RunConfig, dataset_name: str, class_names: list[str], scenario: Scenario,
@@ -247,7 +247,7 @@ class RunStore:
 
     def _check_resume_config(self, saved: dict[str, Any], path: Path) -> None:
         """Refuse to resume when the run's config.yaml no longer says what the checkpoint was
-        made with, in a key a resume must keep (:mod:`cilkit.keys`)."""
+        made with, in a key a resume must keep (:mod:`cilkit.settings.keys`)."""
         keys = config_differences(self.config.to_dict(), saved)
         if keys:
             shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cilkit.analysis import plots
-from cilkit.errors import UserError, described
+from cilkit.common.errors import UserError, described
 
 STATE_SCALARS = ("top1", "top1_old", "top1_new", "balanced_top1")
 

@@ -35,10 +35,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cilkit import io
+from cilkit.common import io
 from cilkit.analysis import runsets
-from cilkit.config import RunConfig
-from cilkit.errors import UserError, described
+from cilkit.settings.config import RunConfig
+from cilkit.common.errors import UserError, described
 from cilkit.run.tensorboard import STATE_SCALARS
 
 RUN_ID = "cilkit-run-id"  # in <dir>/wandb/: the id of the wandb run of a cilkit run

@@ -10,7 +10,7 @@ calibration, the report and the methods ask a :class:`RunLayout` instead of join
 ``XX`` is the 0-based state index, two digits at least (``state_100`` after ``state_99``:
 :meth:`RunLayout.checkpoints` sorts by the number, not the name). Reading a run's files goes
 through :mod:`cilkit.rundir.readers`, which turn a missing, foreign or newer-version file into one
-:class:`~cilkit.errors.UserError` naming it.
+:class:`~cilkit.common.errors.UserError` naming it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 
-from cilkit import distributed, locks
-from cilkit.errors import UserError
-from cilkit.io import make_dir
+from cilkit.common import distributed, locks
+from cilkit.common.errors import UserError
+from cilkit.common.io import make_dir
 
 _STATE_FILE = re.compile(r"state_(\d+)\.pt")
 
@@ -50,7 +50,7 @@ class RunLayout:
 
     @property
     def run_log(self) -> Path:
-        """Every line the run printed (:mod:`cilkit.runlog`)."""
+        """Every line the run printed (:mod:`cilkit.common.runlog`)."""
         return self.root / "run.log"
 
     @property
@@ -134,7 +134,7 @@ def is_run_dir(path: Path) -> bool:
 
 def _is_method_dir(path: Path) -> bool:
     """A method's own records (:meth:`RunLayout.method_file`), a plugin method's included."""
-    from cilkit.registry import METHODS
+    from cilkit.settings.registry import METHODS
 
     return path.is_dir() and not path.is_symlink() and path.name in METHODS
 
@@ -201,7 +201,7 @@ def check_target(root: Path, overwrite: bool) -> None:
 def mark_run(root: Path, config: dict[str, Any]) -> None:
     """Write the run marker (with the config the run starts from) into ``root`` (rank 0)."""
     if distributed.is_main():
-        from cilkit.io import write_json
+        from cilkit.common.io import write_json
 
         write_json(root / RUN_MARKER, {"config": config})
 
@@ -244,7 +244,7 @@ def _check_removable(path: Path) -> None:
 
 class DirectoryLock:
     """An exclusive lock on a run directory for the lifetime of a run (``flock`` on
-    ``.cilkit.lock`` inside it, removed when the run lets go: :mod:`cilkit.locks`): a second
+    ``.cilkit.lock`` inside it, removed when the run lets go: :mod:`cilkit.common.locks`): a second
     run into the same directory fails at once."""
 
     def __init__(self, root: Path) -> None:

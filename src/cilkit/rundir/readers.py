@@ -1,5 +1,5 @@
 """The checked readers of a run's files: a missing, foreign, damaged or newer-version file is one
-:class:`~cilkit.errors.UserError` naming it (and the field), never a traceback."""
+:class:`~cilkit.common.errors.UserError` naming it (and the field), never a traceback."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 
 RESULTS_VERSION = 2  # of results.json; a newer one is refused by read_results
 # 2: a method's own results of a state sit under its name (states[b]["lucir"], ["active"] ...)

@@ -41,15 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cilkit import io
-from cilkit.config import RunConfig, validate
+from cilkit.common import io
+from cilkit.settings.config import RunConfig, validate
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
-from cilkit.errors import UserError, described
-from cilkit.keys import config_differences
+from cilkit.common.errors import UserError, described
+from cilkit.settings.keys import config_differences
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_results
-from cilkit.runlog import log
+from cilkit.common.runlog import log
 
 STATUS_EVERY_S = 30.0  # how often the running jobs' status lines are printed (CILKIT_STATUS_EVERY_S overrides)
 

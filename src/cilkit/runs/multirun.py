@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from cilkit import distributed, io, runlog
+from cilkit.common import distributed, io, runlog
 from cilkit.analysis.significance import mean_std
-from cilkit.config import RunConfig
+from cilkit.settings.config import RunConfig
 from cilkit.data.base import Dataset
 from cilkit.runs.jobs import JobsFailed, RunJob, finished, plan
 from cilkit.runs.execution import Execution
 from cilkit.rundir.layout import DirectoryLock, RunLayout, check_target, clear_run, mark_run
 from cilkit.rundir.readers import read_results
 from cilkit.run.setup import check_protocol
-from cilkit.runlog import log
+from cilkit.common.runlog import log
 
 
 def run_methods(

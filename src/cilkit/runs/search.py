@@ -25,14 +25,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.runs.execution import Execution
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_results
 from cilkit.runs.tune import (check_metric, check_tune_target, point_config, point_datasets, point_row, run_points,
                              tune_identity, write_ranking, TUNE_MARKER)
-from cilkit import io
-from cilkit.runlog import log
+from cilkit.common import io
+from cilkit.common.runlog import log
 
 SAMPLERS = ("random", "tpe")
 JOURNAL = "study.journal"

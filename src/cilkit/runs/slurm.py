@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cilkit.errors import UserError, described
+from cilkit.common.errors import UserError, described
 from cilkit.runs.jobs import RunJob, StatusBoard, run_job, status_every
 from cilkit.rundir.layout import RunLayout
 

@@ -30,15 +30,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cilkit import io
-from cilkit.config import RunConfig, load_config, read_yaml
+from cilkit.common import io
+from cilkit.settings.config import RunConfig, load_config, read_yaml
 from cilkit.data.base import Dataset
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout, enclosing_run, holds_run, is_run_dir
 from cilkit.rundir.readers import read_results
-from cilkit.runlog import log
-from cilkit.keys import config_differences
-from cilkit.metrics import mean_incremental
+from cilkit.common.runlog import log
+from cilkit.settings.keys import config_differences
+from cilkit.cil.metrics import mean_incremental
 from cilkit.runs.execution import Execution
 from cilkit.runs.multirun import claimed_runs, run_claims
 from cilkit.run.setup import check_protocol

@@ -37,8 +37,8 @@ from typing import Literal
 
 import torch
 
-from cilkit.rectify import prediction_scaling
-from cilkit.classwise import class_counts
+from cilkit.cil.rectify import prediction_scaling
+from cilkit.cil.classwise import class_counts
 
 Annotate = Callable[[int], int]  # candidate row -> class position revealed by the oracle
 
@@ -50,7 +50,7 @@ def acquisition_probabilities(
     renormalise: bool = True,
 ) -> torch.Tensor:
     """``softmax(z)``, or with ``counts`` the class prediction scaling of the paper,
-    ``p'_j = p_j * N / n_j`` where ``n_j > 0`` (:func:`cilkit.rectify.prediction_scaling`).
+    ``p'_j = p_j * N / n_j`` where ``n_j > 0`` (:func:`cilkit.cil.rectify.prediction_scaling`).
 
     ``renormalise`` (cilkit's default): the scaled scores are divided by their row sum, so that
     entropy, margin and least confidence see a distribution. ``renormalise=False`` is the

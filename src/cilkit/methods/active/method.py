@@ -55,12 +55,12 @@ import torch
 
 from cilkit.methods.active import acquisition as af
 from cilkit.methods.active.oracle import Oracle
-from cilkit.rectify import prediction_scaling
-from cilkit.classwise import class_counts
-from cilkit.registry import register_method as register
+from cilkit.cil.rectify import prediction_scaling
+from cilkit.cil.classwise import class_counts
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
-from cilkit.options import option
-from cilkit.seeding import seeded_generator
+from cilkit.settings.options import option
+from cilkit.common.seeding import seeded_generator
 
 Classical = Literal["random", "entropy", "margin", "least_confidence", "kcenter"]
 

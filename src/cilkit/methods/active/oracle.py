@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from cilkit.classwise import class_counts
+from cilkit.cil.classwise import class_counts
 
 
 class Oracle:

@@ -16,7 +16,7 @@ them) that also carries what the rest of cilkit derives from the option:
   key (:func:`state0_free`, :mod:`cilkit.run.state0cache`), so that runs differing only in it
   share one state-0 model; ``tests/test_state0_free.py`` trains state 0 with each such option
   changed and checks that the model is the same;
-- ``role`` and ``resume``: what :mod:`cilkit.keys` says of the key ``<method>.<option>``
+- ``role`` and ``resume``: what :mod:`cilkit.settings.keys` says of the key ``<method>.<option>``
   (an identity of the run that a resume must keep, by default).
 
 A field declared without :func:`option` (a plugin's plain ``Field``) reads as the safe
@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-RoleName = Literal["protocol", "identity", "execution", "none"]  # the values of cilkit.keys.Role
+RoleName = Literal["protocol", "identity", "execution", "none"]  # the values of cilkit.settings.keys.Role
 Resume = Literal["keep", "warn", "free"]  # keep: a resume must not change it; warn: may, with a warning; free: may
 
 

@@ -3,7 +3,7 @@
 Plain dicts, filled by the ``register_*`` decorators below: by the built-in methods
 (``@register`` in :mod:`cilkit.methods`), backbones (:mod:`cilkit.models.backbones`) and
 readers (:mod:`cilkit.data`), and by a user's plugins (``cilkit run --plugin FILE``, see
-:mod:`cilkit.plugins`). This module imports nothing of cilkit, so that :mod:`cilkit.config` can
+:mod:`cilkit.settings.plugins`). This module imports nothing of cilkit, so that :mod:`cilkit.settings.config` can
 check names against them without importing the methods or readers (which import the config).
 ``import cilkit`` imports every built-in method, backbone and reader (see ``cilkit/__init__.py``).
 """
@@ -14,13 +14,13 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cilkit.errors import UserError, described
+from cilkit.common.errors import UserError, described
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
 
-# name -> a cilkit.protocol.Method subclass (typed loosely: the protocol imports the config,
+# name -> a cilkit.training.protocol.Method subclass (typed loosely: the protocol imports the config,
 # which imports this module, so this module names no cilkit type)
 METHODS: dict[str, Any] = {}
 SOURCES: dict[str, Callable[[Any], Any]] = {}  # data.name -> reader(DataConfig) -> Dataset
@@ -42,7 +42,7 @@ MethodT = TypeVar("MethodT", bound=type)
 
 
 def register_method(name: str) -> Callable[[MethodT], MethodT]:
-    """Decorator: register a :class:`~cilkit.protocol.Method` subclass under ``name``."""
+    """Decorator: register a :class:`~cilkit.training.protocol.Method` subclass under ``name``."""
 
     def wrap(cls: MethodT) -> MethodT:
         _check_free(name, METHODS, "method")

@@ -11,8 +11,8 @@ Three consumers derive their rules from :data:`KEYS` and nothing else:
   shapes, the code; see :mod:`cilkit.run.state0cache`).
 
 A method's own options (the top-level key named after it) are declared on their fields, with
-:func:`cilkit.options.option` (by default :attr:`Role.IDENTITY`, read in state 0, kept on
-resume); :func:`option_key` reads that declaration. A key of :class:`~cilkit.config.RunConfig`
+:func:`cilkit.settings.options.option` (by default :attr:`Role.IDENTITY`, read in state 0, kept on
+resume); :func:`option_key` reads that declaration. A key of :class:`~cilkit.settings.config.RunConfig`
 missing here is a test failure (``tests/test_keys.py``, with :func:`undeclared_keys`).
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cilkit.options import Resume, declaration
+from cilkit.settings.options import Resume, declaration
 
 
 class Role(enum.Enum):
@@ -170,9 +170,9 @@ def stale_keys(model: type[BaseModel]) -> list[str]:
 
 def option_key(dotted: str) -> Key:
     """The declaration of a method's option ``<method>.<option>``, from its config field
-    (:func:`cilkit.options.option`); :data:`METHOD_OPTIONS` for a method not registered or an
+    (:func:`cilkit.settings.options.option`); :data:`METHOD_OPTIONS` for a method not registered or an
     option its config does not name."""
-    from cilkit.registry import METHODS
+    from cilkit.settings.registry import METHODS
 
     method, _, name = dotted.partition(".")
     cls = METHODS.get(method)
@@ -216,7 +216,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _methods_in(*configs: Mapping[str, Any]) -> set[str]:
-    from cilkit.registry import METHODS
+    from cilkit.settings.registry import METHODS
 
     return {k for c in configs for k in c if k in METHODS}
 

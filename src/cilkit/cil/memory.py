@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cilkit.config import MemoryConfig
+from cilkit.settings.config import MemoryConfig
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from cilkit import distributed
-from cilkit.errors import UserError
+from cilkit.common import distributed
+from cilkit.common.errors import UserError
 
 _files: dict[Path, TextIO] = {}  # the log files lines are copied to, by resolved path
 

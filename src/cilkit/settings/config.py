@@ -26,10 +26,10 @@ from pydantic import (
     model_validator,
 )
 
-from cilkit.errors import UserError, did_you_mean, first_error, unknown_name
-from cilkit.packaged import quickstart_dict, resolve_config
-from cilkit.plugins import import_plugins, plugin_list
-from cilkit.registry import BACKBONES, METHODS, SOURCE_OPTIONS, SOURCES
+from cilkit.common.errors import UserError, did_you_mean, first_error, unknown_name
+from cilkit.settings.packaged import quickstart_dict, resolve_config
+from cilkit.settings.plugins import import_plugins, plugin_list
+from cilkit.settings.registry import BACKBONES, METHODS, SOURCE_OPTIONS, SOURCES
 
 OptionsModel = TypeVar("OptionsModel", bound=BaseModel)
 DEFAULT_TEST_FRACTION = 0.2
@@ -122,7 +122,7 @@ class DataConfig(Strict):
 
 class ImbalanceConfig(Strict):
     """Per-class training-set sizes, applied by the scenario before the hold-out is taken (see
-    ``cilkit.scenario.imbalance_counts``). ``longtail``: the class of rank r (0..C-1) keeps
+    ``cilkit.cil.scenario.imbalance_counts``). ``longtail``: the class of rank r (0..C-1) keeps
     ``floor(n_max * ratio^(-r/(C-1)))`` images; ``step``: the last ``minority_fraction`` of the
     ranks keep ``floor(n_max / ratio)``; ``counts``: explicit kept counts, one per class position
     in the run's order. Ranks are a seeded shuffle of the class positions (``ordering:
@@ -254,7 +254,7 @@ class RunConfig(BaseModel):
 
     name: str | None = None
     # methods, backbones and readers of the user's own: .py files (absolute once validated by
-    # load_config) or module names, imported before validation (cilkit.plugins)
+    # load_config) or module names, imported before validation (cilkit.settings.plugins)
     plugins: list[str] = Field(default_factory=list)
     seed: int = 0
     runs: int = Field(1, ge=1)  # > 1: seeds seed, seed+1, ... into run_<k>/ and a summary.json

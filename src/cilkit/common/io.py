@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import yaml
 
-from cilkit import distributed
-from cilkit.errors import UserError
+from cilkit.common import distributed
+from cilkit.common.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -25,7 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     leaves either the old file or the new one, never half of one.
     A file-system failure (read-only folder, full disk, no permission) is a ``UserError``
     naming the path and the cause; the old file, if any, is left as it was. Under torchrun only
-    rank 0 writes (:mod:`cilkit.distributed`): elsewhere this does nothing.
+    rank 0 writes (:mod:`cilkit.common.distributed`): elsewhere this does nothing.
     """
     path = Path(path)
     if not distributed.is_main():

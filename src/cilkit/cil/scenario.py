@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit.classwise import class_counts
-from cilkit.config import ImbalanceConfig, ScenarioConfig
-from cilkit.errors import UserError
-from cilkit.seeding import seeded_generator
+from cilkit.cil.classwise import class_counts
+from cilkit.settings.config import ImbalanceConfig, ScenarioConfig
+from cilkit.common.errors import UserError
+from cilkit.common.seeding import seeded_generator
 
 
 def class_order(order: int | list[int], num_classes: int) -> list[int]:

@@ -1,11 +1,11 @@
 """The one training step and the batched evaluation, shared by every method.
 
-The engine owns the step: the optimiser and schedule of the :class:`~cilkit.protocol.FitSpec`,
+The engine owns the step: the optimiser and schedule of the :class:`~cilkit.training.protocol.FitSpec`,
 the teacher's forward (once per batch, without gradients, under the student's autocast, memory
 format and compiled graph), the sum of the loss's named terms and their epoch means, gradient
 clipping or clamping, the optimiser step. What is trained supplies the training indices and the
-:class:`~cilkit.protocol.FitHooks`: parameter groups, teacher, loss, train mode, per-epoch hooks
-and the order of the epoch's images (see :mod:`cilkit.protocol`). Data stays on the training
+:class:`~cilkit.training.protocol.FitHooks`: parameter groups, teacher, loss, train mode, per-epoch hooks
+and the order of the epoch's images (see :mod:`cilkit.training.protocol`). Data stays on the training
 device; a fit may also run over rows of cached features or logits (:class:`~cilkit.data.base.Rows`:
 BiC's bias layer).
 """
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cilkit import distributed
-from cilkit.config import ScheduleConfig
+from cilkit.common import distributed
+from cilkit.settings.config import ScheduleConfig
 from cilkit.data.base import Dataset, ImageSet, Rows, batch_sizes, shuffled
-from cilkit.errors import described
-from cilkit.protocol import Batch, Context, EpochRecord, FitHooks, FitSpec, LossTerms
-from cilkit.runlog import log
+from cilkit.common.errors import described
+from cilkit.training.protocol import Batch, Context, EpochRecord, FitHooks, FitSpec, LossTerms
+from cilkit.common.runlog import log
 
 __all__ = ["Batch", "Engine", "EpochRecord", "FitHooks", "FitSpec", "make_optimizer", "make_scheduler",
            "replay_order", "summed_terms"]

@@ -3,7 +3,7 @@ embedded quickstart, ``cilkit run NAME`` and ``cilkit configs``.
 
 They are read through :mod:`importlib.resources`, so that they are there after any install
 (``pip install .`` copies no repository folder; the top-level ``configs`` of a checkout is a
-link to this one folder). This module imports nothing of cilkit but :mod:`cilkit.errors`.
+link to this one folder). This module imports nothing of cilkit but :mod:`cilkit.common.errors`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from cilkit.errors import UserError, did_you_mean
+from cilkit.common.errors import UserError, did_you_mean
 
 _SUFFIX = ".yaml"
 _opened = contextlib.ExitStack()  # files of a zipped install, extracted while the process lives

@@ -3,7 +3,7 @@
 IL2M's rectification, class prediction scaling and ScaIL's classifier, used live by the
 ``il2m``, ``active`` and ``scail`` methods and offline by ``cilkit calibrate`` (:mod:`cilkit.analysis.calibrate`). This module knows nothing
 of runs, memories or files: the statistics come in as a dict (the content of a
-``stats/state_XX.json``, see :mod:`cilkit.class_statistics`) or as plain sequences.
+``stats/state_XX.json``, see :mod:`cilkit.training.class_statistics`) or as plain sequences.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from cilkit.errors import UserError, unknown_name
+from cilkit.common.errors import UserError, unknown_name
 
 RECTIFIERS = ("il2m", "scaling", "scail", "none")
-ClassStatistics = dict[str, Any]  # a state's class statistics (cilkit.class_statistics)
+ClassStatistics = dict[str, Any]  # a state's class statistics (cilkit.training.class_statistics)
 FloatsOrNone = torch.Tensor | Sequence[float | None]
 
 

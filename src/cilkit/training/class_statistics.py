@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cilkit.classwise import class_counts, class_means
-from cilkit.rectify import ClassStatistics, nonpositive_classes
+from cilkit.cil.classwise import class_counts, class_means
+from cilkit.cil.rectify import ClassStatistics, nonpositive_classes
 
 if TYPE_CHECKING:
-    from cilkit.protocol import Context, TrainingRecord
+    from cilkit.training.protocol import Context, TrainingRecord
 
 def own_logit_means(logits: torch.Tensor, positions: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(n_classes,) mean of ``z_c(x)`` over the images ``x`` of each class ``c`` (the logit of an

@@ -4,7 +4,7 @@ may read (``docs/architecture.md`` walks through it).
 This module sits below the engine and the runner: it imports neither (a test parses the
 imports), so a method, the engine, the class statistics and the registry all read one
 definition. The runner owns the one state loop (:mod:`cilkit.run.loop`) and the engine the one
-training step (:mod:`cilkit.engine`). A method is one file that subclasses :class:`Method`,
+training step (:mod:`cilkit.training.engine`). A method is one file that subclasses :class:`Method`,
 overrides only the hooks it needs, and registers itself with ``@register_method("name")``. Per
 state the runner calls, in this order::
 
@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from cilkit.config import RunConfig, ScheduleConfig, TrainConfig
+from cilkit.settings.config import RunConfig, ScheduleConfig, TrainConfig
 from cilkit.data.base import Dataset, ImageSet, Rows, shuffled
-from cilkit.memory import Memory
+from cilkit.cil.memory import Memory
 from cilkit.models import IncrementalNet, build_model
-from cilkit.scenario import Scenario, State
+from cilkit.cil.scenario import Scenario, State
 
 __all__ = ["Batch", "Context", "EpochRecord", "FitHooks", "FitSpec", "LossTerms", "Method", "MethodConfig",
            "StateRecord", "Trainer", "TrainingRecord", "freeze"]
@@ -122,7 +122,7 @@ class FitSpec:
 
 
 class Trainer(Protocol):
-    """What a hook may ask of the engine (:class:`cilkit.engine.Engine`)."""
+    """What a hook may ask of the engine (:class:`cilkit.training.engine.Engine`)."""
 
     def fit(self, ctx: "Context", hooks: "FitHooks", indices: torch.Tensor, spec: FitSpec, desc: str = ...,
             stage: str = ..., *, model: torch.nn.Module | None = ..., data: ImageSet | Rows | None = ...,
@@ -229,7 +229,7 @@ class FitHooks(abc.ABC):
         """The epoch's training images in the order they are used, cut into consecutive batches
         of ``batch_size`` (default: a shuffle drawn from the state's generator). Composing
         batches (a fixed ratio of replayed to new images in each) is a reordering:
-        :func:`cilkit.engine.replay_order`."""
+        :func:`cilkit.training.engine.replay_order`."""
         return shuffled(indices, generator)
 
 

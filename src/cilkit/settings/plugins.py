@@ -3,7 +3,7 @@
 A plugin is a Python file (``my_method.py``; a relative path is resolved against the config
 file's folder for the ``plugins:`` key, against the working directory for ``--plugin``) or an
 importable module name (``mypackage.cil``). Importing it runs its ``register_method`` /
-``register_backbone`` / ``register_source`` decorators (:mod:`cilkit.registry`), so the
+``register_backbone`` / ``register_source`` decorators (:mod:`cilkit.settings.registry`), so the
 config's names are checked against registries that hold it. Each plugin is imported once per
 process; a run records its plugins as absolute paths in config.yaml, so ``--resume`` imports
 them again. A missing file, a failed import or a plugin that raises is one ``UserError`` line
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cilkit.errors import UserError, described
+from cilkit.common.errors import UserError, described
 
 
 def is_file(spec: str) -> bool:

@@ -3,13 +3,13 @@
 Every rank loads the same data, builds the same scenario and model from the run seed and runs
 the same states. What differs is small and lives in three places:
 
-- :meth:`cilkit.engine.Engine.fit` wraps the model in ``DistributedDataParallel``; each rank
+- :meth:`cilkit.training.engine.Engine.fit` wraps the model in ``DistributedDataParallel``; each rank
   trains on its slice of the same seeded global batch (``train.batch_size`` stays the global
   batch, so learning rates keep their meaning) and the loss is scaled so that the averaged
   gradient is that of the global batch. After a fit, every rank takes rank 0's parameters and
   buffers (:func:`sync_state`). With ``train.sync_bn`` the BatchNorm layers normalise with the
   statistics of the global batch (:class:`GlobalBatchNorm`).
-- :meth:`cilkit.engine.Engine.infer` shards its images over the ranks and gathers the outputs,
+- :meth:`cilkit.training.engine.Engine.infer` shards its images over the ranks and gathers the outputs,
   so everything computed from inference (evaluation, herding, class means, IL2M and scaling
   statistics, BiC's bias stage, active acquisition) sees the same numbers on every rank and,
   drawing from the same seeded generators, decides the same. The runner checks this after each
@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cilkit.errors import UserError
+from cilkit.common.errors import UserError
 
 T = TypeVar("T")
 

@@ -1,0 +1,7 @@
+"""The class-incremental primitives, no training: the scenario (class order, states,
+hold-outs: ``scenario``), the exemplar memory (``memory``), per-class sums and means
+(``classwise``), the accuracy measures (``metrics``) and the score rectifiers (``rectify``,
+pure functions over stored scores).
+
+May import: ``cilkit.common``, ``cilkit.settings``.
+"""
