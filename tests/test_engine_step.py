@@ -170,3 +170,22 @@ def test_every_epoch_line_of_the_history_carries_the_loss_terms(tmp_path):
     assert {tuple(h["terms"]) for h in train if h["state"] == 2} == {("ce", "less_forget", "margin_ranking")}
     for h in train:  # the terms add up to the epoch's loss
         assert sum(h["terms"].values()) == pytest.approx(h["loss"], rel=1e-5)
+
+
+def test_the_configs_optimizer_and_clipping_reach_every_fit_of_a_run(tmp_path, monkeypatch):
+    """One road from the config to the optimiser: train.optimizer and train.clip_grad_norm reach
+    the state's fits and a method's extra stage (LUCIR's balanced finetuning) alike."""
+    built = []
+    real = make_optimizer
+
+    def recording(groups, spec):
+        built.append((spec.optimizer, spec.clip_grad_norm))
+        return real(groups, spec)
+
+    monkeypatch.setattr("cilkit.training.engine.make_optimizer", recording)
+    cfg = tiny_config(tmp_path, "method=lucir", "lucir.cbf=true", "lucir.cbf_epochs=1", "train.optimizer=adamw",
+                      "train.lr=0.001", "train.clip_grad_norm=5", "threads=1", "state0_cache=null",
+                      "scenario.states=2")
+    res = Run(cfg, tmp_path / "r", progress=False).execute()
+    assert res["complete"]
+    assert built == [("adamw", 5.0)] * 3  # state 1, state 2, state 2's balanced finetuning
