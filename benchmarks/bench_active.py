@@ -8,7 +8,7 @@ scaling, over several seeds; plus the fully labelled upper bound (the ``active``
 
 Runs that cannot differ in training save time: random, k-center, poor and bcore never read the
 probabilities, so scaling only changes their test scores, and one run gives both rows (the
-scaled ``scores`` and the unscaled ``cnn`` variant). Entropy and margin select with the
+scaled ``scores`` and the ``unscaled`` variant). Entropy and margin select with the
 (scaled or not) probabilities, so they run twice. Every run goes to ``OUT/<variant>/seed_<s>``
 and is resumed (or skipped when complete) on a second call.
 
@@ -33,6 +33,7 @@ import numpy as np
 from cilkit.common import io
 from cilkit.settings.config import load_config
 from cilkit.run.loop import Run
+from cilkit.rundir.readers import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def run_one(config: Path, out: Path, seed: int, overrides: list[str]) -> dict:
     """One run (resumed if it exists, skipped if complete); returns its results."""
     done = out / "results.json"
     if done.is_file() and json.loads(done.read_text()).get("complete"):
-        return json.loads(done.read_text())
+        return read_results(done)  # checked, score sets under today's names (an older run's "cnn": "unscaled")
     cfg = load_config(config, [*overrides, f"seed={seed}", "method=active"])
     return Run(cfg, out, progress=False).execute(resume=out.exists())
 
@@ -95,9 +96,9 @@ def plan(out: Path, seeds: list[int], extra: list[str], only: set[str] | None) -
                 if v.scaling_in_acquisition:
                     d = out / f"{v.name}-{'scaled' if scaling else 'plain'}" / f"seed_{seed}"
                     runs.append((d, [*v.overrides, f"active.scaling={str(scaling).lower()}", *extra], seed, None))
-                else:  # one run with scaling on: scores = scaled, variant "cnn" = unscaled
+                else:  # one run with scaling on: scores = scaled, variant "unscaled"
                     d = out / v.name / f"seed_{seed}"
-                    runs.append((d, [*v.overrides, "active.scaling=true", *extra], seed, None if scaling else "cnn"))
+                    runs.append((d, [*v.overrides, "active.scaling=true", *extra], seed, None if scaling else "unscaled"))
             rows.append((v, scaling, runs))
     return rows
 

@@ -1,8 +1,14 @@
+import os
 from pathlib import Path
 
 import pytest
 
-from cilkit.settings.plugins import import_plugin
+# The tests' idle OpenMP threads sleep (before cilkit is imported, which would choose: spinning
+# when no other cilkit run holds the machine): the suite runs many processes side by side (its
+# --jobs and CLI tests, pytest-xdist's workers), and a spinning thread would steal their cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from cilkit.settings.plugins import import_plugin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Methods written outside the package, each one file: the test-only ones (tests/methods/) and
@@ -16,6 +22,8 @@ for _path in EXTRA_METHOD_FILES:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Keep each test's state-0 cache and run directories inside its tmp_path."""
+    """Keep each test's state-0 cache, run directories and machine markers (cilkit.common.omp)
+    inside its tmp_path."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CILKIT_MACHINE_DIR", str(tmp_path / "machine"))
     monkeypatch.chdir(tmp_path)

@@ -295,6 +295,31 @@ def test_active_run_trains_only_on_annotated_images_and_resumes(tmp_path, monkey
     assert strip_timings(resumed) == strip_timings(full)
 
 
+def test_the_raw_scores_beside_scaling_are_the_unscaled_variant_and_old_runs_read_so(tmp_path):
+    """Issue 40 item 9: with scaling on, the raw logits are the ``unscaled`` score set (once
+    ``cnn``, which names no CNN here); a results.json written under the old name reads as
+    today's, so the tables of old and new runs keep one row for it. Without scaling: ``scaled``."""
+    from cilkit.analysis.runsets import find_runs, group_runs
+    from cilkit.analysis.tables import build_table
+    from cilkit.rundir.readers import read_results
+    from cilkit.settings.config import apply_overrides, validate
+
+    def config(*overrides):
+        return validate(apply_overrides(active_config(tmp_path).to_dict(), ["threads=1", *overrides]))
+
+    on = Run(config(), tmp_path / "on", progress=False).execute()
+    assert all(set(s["variants"]) == {"unscaled"} for s in on["states"])
+    off = Run(config("active.scaling=false"), tmp_path / "off", progress=False).execute(until_state=0)
+    assert set(off["states"][0]["variants"]) == {"scaled"}
+    (protocol,) = group_runs(find_runs([tmp_path / "on"]))
+    assert [row[0] for row in build_table(protocol.groups).rows] == ["active", "active [unscaled]"]
+    old = json.loads((tmp_path / "on" / "results.json").read_text())
+    for s in old["states"]:
+        s["variants"] = {"cnn": s["variants"].pop("unscaled")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert read_results(tmp_path / "old.json") == read_results(tmp_path / "on" / "results.json")
+
+
 @pytest.mark.parametrize("renormalise", [True, False])
 def test_the_renormalise_option_reaches_the_acquisition_function(tmp_path, monkeypatch, renormalise):
     seen = []

@@ -72,7 +72,7 @@ def test_single_run_tables_show_balanced_top1_beside_top1(runs, tmp_path):
     assert "<th>bal. mean inc.</th>" in html and "<th>bal. last</th>" in html
     assert "<em>bal.</em>: balanced top-1, the mean of the per-class accuracies" in html  # the legend says so
     tex = (out / "table.tex").read_text()
-    assert r"bal. mean inc. (excl. 1st)" in tex and "balanced\\_top1\\_state" not in tex
+    assert r"bal. mean inc." in tex and "balanced\\_top1\\_state" not in tex
 
 
 def test_the_console_table_of_cilkit_run_shows_balanced_top1(tmp_path, capsys):
@@ -83,6 +83,32 @@ def test_the_console_table_of_cilkit_run_shows_balanced_top1(tmp_path, capsys):
     printed = capsys.readouterr().out
     (row,) = markdown_rows(printed[printed.index("| method"):])
     assert float(row["bal. last"]) == pytest.approx(balanced(tmp_path / "r")[-1], abs=0.05)
+
+
+def test_the_first_line_and_every_table_name_the_imbalance_profile(tmp_path, capsys):
+    """Issue 40 item 8: the run's first line, the console table and table.md name the profile
+    as report.html's protocol header does, in the one text of ``describe_imbalance``."""
+    from cilkit.cil.scenario import describe_imbalance
+
+    out = tmp_path / "r"
+    args = ["run", "--set", "method=finetune", "--set", "scenario.states=2", "--set", "train.epochs=1",
+            "--set", "threads=1", "--set", "state0_cache=null", "--out", str(out)]
+    assert main(args + [x for kv in LONGTAIL for x in ("--set", kv)]) == 0
+    printed = capsys.readouterr().out
+    record = results(out)["imbalance"]
+    text = describe_imbalance(record).strip()
+    assert text.startswith("Imbalance: longtail, ratio 10.0; ") and text.endswith("applied to the test set too.")
+    assert f"{max(record['train_per_class'])} to {min(record['train_per_class'])} training images per class" in text
+    first = printed.splitlines()[0]
+    assert first.startswith("[finetune] digits: ") and first.endswith(f"; seed 0. {text}")
+    assert text in printed[:printed.index("| method")]  # the console table's header, above the table
+    table_md = (out / "report" / "table.md").read_text()
+    assert text in table_md[:table_md.index("| method")]
+    assert text in (out / "report" / "report.html").read_text()
+    # a balanced stream: nothing said, the first line ends with the seed as before
+    assert main(args[:-2] + ["--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].endswith("; seed 0") and "Imbalance" not in printed
 
 
 def test_repeated_runs_show_mean_and_std_of_balanced_top1(runs, tmp_path):

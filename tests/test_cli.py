@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from cilkit.cli import main
+from cilkit.common import omp
 
 
 def test_info_lists_datasets_methods_backbones_and_selection(capsys):
@@ -17,6 +18,7 @@ def test_info_lists_datasets_methods_backbones_and_selection(capsys):
         assert name in out, name
 
 
+@pytest.mark.slow
 def test_progress_bars_stay_quiet_off_a_terminal(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "cilkit", "run", "--out", str(tmp_path / "r"), "--set", "method=finetune",
@@ -82,10 +84,12 @@ def test_info_lists_rectifiers_and_version_prints(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("cilkit 0.")
 
 
-def test_the_first_line_of_a_run_states_its_setup(tmp_path, capsys):
+def test_the_first_line_of_a_run_states_its_setup(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(omp, "CHOSEN", omp.WaitPolicy("PASSIVE", "set in the environment", chosen=False))
     args = ["run", "--set", "method=finetune", "--set", "scenario.states=2", "--set", "train.epochs=1",
             "--set", "model.width=8", "--set", "threads=1", "--out", str(tmp_path / "r")]
     assert main(args) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first == ("[finetune] digits: 10 classes, images 1x8x8; 2 states of 2 + 1 x 2 classes; memory 200 "
-                     "exemplars (herding); device cpu, threads 1 (from config), fp32; seed 0")
+                     "exemplars (herding); device cpu, threads 1 (from config), idle threads sleep "
+                     "(OMP_WAIT_POLICY=PASSIVE: set in the environment), fp32; seed 0")

@@ -140,10 +140,12 @@ def test_a_single_run_table_is_as_before(runs, tmp_path):
     r = find_runs([run])[0].results
     compare_runs([run], tmp_path / "single", echo=False)
     md = (tmp_path / "single" / "table.md").read_text()
-    assert md.splitlines()[0] == ("| method | 4 cl. | 7 cl. | mean inc. | mean inc. (excl. 1st) | bal. last | "
-                                  "bal. mean inc. | bal. mean inc. (excl. 1st) | last old | "
-                                  "last new | forgetting | time (s) |")
-    assert md.splitlines()[2].startswith(f"| icarl | {r['states'][0]['top1']:.1f} | {r['states'][1]['top1']:.1f} | "
+    head, blank, *table = md.splitlines()  # the protocol header (issue 40 item 8), then the table as before
+    assert head.startswith("Dataset: digits. 2 states; classes seen after each state: 4, 7.") and blank == ""
+    assert table[0] == ("| method | 4 cl. | 7 cl. | mean inc. | mean inc. (excl. 1st) | bal. last | "
+                        "bal. mean inc. | bal. mean inc. (excl. 1st) | last old | "
+                        "last new | forgetting | time (s) |")
+    assert table[2].startswith(f"| icarl | {r['states'][0]['top1']:.1f} | {r['states'][1]['top1']:.1f} | "
                                          f"{r['mean_incremental_top1']:.2f} |")
     assert "±" not in md and "ddof" not in md
     header = (tmp_path / "single" / "table.csv").read_text().splitlines()[0]

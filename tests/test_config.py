@@ -20,7 +20,7 @@ def write(tmp_path, text):
 
 def test_quickstart_is_valid_and_compares_finetune_and_icarl():
     cfg = load_config(None)
-    assert cfg.methods == ["finetune", "icarl"]
+    assert cfg.method_names == ["finetune", "icarl"]
     assert cfg.data.name == "digits"
     assert (cfg.scenario.initial, cfg.scenario.increment) == (2, 2)
 

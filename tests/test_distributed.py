@@ -75,6 +75,7 @@ def all_methods(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_every_method_completes_one_run_directory_written_by_rank_0(all_methods):
     for m in METHODS:
         r = results(all_methods / m)
@@ -94,6 +95,7 @@ def test_every_rank_leaves_through_its_atexit_handlers(all_methods):
     assert [(all_methods.parent / f"atexit-rank{r}").read_text() for r in (0, 1)] == ["ran", "ran"]
 
 
+@pytest.mark.slow
 def test_two_identical_distributed_runs_give_identical_results(all_methods, tmp_path):
     again = tmp_path / "again"
     done = torchrun("--out", str(again), "--methods", "finetune,lucir", *QUICK)
@@ -102,6 +104,7 @@ def test_two_identical_distributed_runs_give_identical_results(all_methods, tmp_
         same_numbers(all_methods / m, again / m)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_give_the_two_process_results(all_methods, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,6 +122,7 @@ def test_two_nodes_on_localhost_give_the_two_process_results(all_methods, tmp_pa
     same_numbers(all_methods / "finetune", out)
 
 
+@pytest.mark.slow
 def test_with_sync_bn_the_numbers_follow_one_process(tmp_path):
     """The same config in one process and in two: state 1 (one fit from the same start) agrees
     to float precision; after it, herding ranks near-tied exemplars by features that differ in
@@ -162,6 +166,7 @@ DYING_METHOD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_run_and_the_run_resumes_to_the_same_numbers(all_methods, tmp_path):
     plugin, marker = tmp_path / "dies.py", tmp_path / "marker"
     plugin.write_text(DYING_METHOD)
@@ -225,6 +230,7 @@ GLOBAL_BN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_global_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
     script = tmp_path / "bn.py"
     script.write_text(GLOBAL_BN)

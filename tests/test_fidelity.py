@@ -158,6 +158,7 @@ def test_nme_class_means_average_the_flips_and_fall_back_to_a_new_class_images()
 
 
 # ----- a whole run on image files --------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_run_on_an_image_folder_of_digits_end_to_end(tmp_path):
     from sklearn.datasets import load_digits
 

@@ -60,6 +60,7 @@ def _figs(dirs, **kwargs):
     return {f.name: f for f in figures({r.label: r.path for r in found}, {r.label: r.results for r in found}, **kwargs)}
 
 
+@pytest.mark.slow
 def test_every_png_has_a_vector_pdf_and_the_same_runs_give_the_same_pdfs(runs, tmp_path, capsys):
     first = runs / "report"
     assert sorted(p.stem for p in first.glob("*.png")) == FIGURES
@@ -79,6 +80,7 @@ def _set(res, top1, balanced, old, new):
         s.update(top1=t, balanced_top1=b, top1_old=o, top1_new=n)
 
 
+@pytest.mark.slow
 def test_accuracy_axes_are_fitted_to_the_data_or_span_0_to_100(runs, tmp_path):
     d = _single(runs, tmp_path, "mid", lambda r: _set(r, [88.0, 65.0], [86.0, 66.0], [None, 70.0], [85.0, 67.0]))
     fit = _figs([d])
@@ -117,6 +119,7 @@ def test_an_unknown_y_range_is_one_clear_error(runs, tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_identical_curves_are_named_in_the_caption_and_drawn_apart(runs, tmp_path):
     twin = _single(runs, tmp_path, "twin", lambda r: None)  # the same numbers as finetune's first run
     out = compare_runs([runs / "rep" / "finetune" / "run_0", twin], tmp_path / "r", echo=False)
@@ -171,6 +174,7 @@ def test_every_figure_of_two_seeds_is_their_mean(runs):
         assert "over 2 seeds" in caption, name
 
 
+@pytest.mark.slow
 def test_annotations_of_two_seeds_are_their_mean(runs):
     per = _seeds(runs, "finetune")
     per[0]["states"][1]["annotations_per_class"] = {"4": 6, "5": 2}
@@ -182,6 +186,7 @@ def test_annotations_of_two_seeds_are_their_mean(runs):
     assert bars == [1.0, 1.5, 4.0]  # class 5: (2 + 0) / 2, class 6: (0 + 3) / 2, class 4: (6 + 2) / 2
 
 
+@pytest.mark.slow
 def test_the_balanced_curve_is_balanced_top1_per_state(runs, tmp_path):
     single = find_runs([runs / "rep" / "icarl" / "run_0"])[0]
     data = curve_data({"icarl": single.results}, key="balanced_top1")

@@ -14,17 +14,16 @@ from cilkit.cli import main
 from cilkit.settings.config import validate
 from cilkit.common.errors import UserError
 from cilkit.runs.execution import Execution
-from cilkit.runs.jobs import (JobProgress, cpu_threads_per_job, gpus_for_jobs, plan, read_progress, status_line)
+from cilkit.runs.jobs import cpu_threads_per_job, gpus_for_jobs, plan
+from cilkit.runs.status import JobProgress, read_progress, status_line
 from cilkit.runs.multirun import run_methods
 from helpers import strip_timings, tiny_config, tiny_dict
-
-pytestmark = pytest.mark.slow
-
 
 def _results(root: Path) -> dict[str, object]:
     return {str(p.relative_to(root)): strip_timings(json.loads(p.read_text())) for p in sorted(root.rglob("results.json"))}
 
 
+@pytest.mark.slow
 def test_jobs_equal_the_serial_run_and_overlap_in_time(tmp_path):
     overrides = ("method=[finetune,icarl]", "runs=2", "threads=1", "train.epochs=4", "scenario.states=2")
     serial = tmp_path / "serial"
@@ -58,6 +57,7 @@ class Killable(Finetune):
 '''
 
 
+@pytest.mark.slow
 def test_a_killed_job_is_one_line_the_others_finish_and_resume_runs_it_alone(tmp_path, monkeypatch, capsys):
     plugin = tmp_path / "killer.py"
     plugin.write_text(KILLER)
@@ -85,6 +85,28 @@ def test_a_killed_job_is_one_line_the_others_finish_and_resume_runs_it_alone(tmp
     assert _results(par) == _results(serial)  # the resumed job ends as an uninterrupted one
 
 
+@pytest.mark.slow
+def test_every_warning_of_every_job_reaches_the_console_and_the_parent_log_once(tmp_path, capsys):
+    # issue 40 item 2: an lr of 1e-9 stalls every fit (a warning per state); milestones past the last epoch
+    # are a warning at the start
+    cfg = tiny_dict(tmp_path) | {"threads": 1, "state0_cache": None, "runs": 2}
+    cfg["scenario"] = {**cfg["scenario"], "states": 2}
+    cfg["train"] = {**cfg["train"], "lr": 1e-9, "schedule": {"type": "multistep", "milestones": [50]}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    par = tmp_path / "par"
+    assert main(["run", str(path), "--jobs", "2", "--out", str(par)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    parent = (par / "run.log").read_text().splitlines()
+    for k, seed in ((0, 3), (1, 4)):
+        own = [line for line in (par / f"run_{k}" / "run.log").read_text().splitlines() if "warning:" in line]
+        assert len(own) == 3 and all(line.startswith("[finetune] warning: ") for line in own)  # each once, as written
+        forwarded = [line.replace("[finetune]", f"[finetune/run_{k}, seed {seed}]", 1) for line in own]
+        assert [line for line in printed if line.startswith(f"[finetune/run_{k}, ")] == forwarded
+        assert [line for line in parent if line.startswith(f"[finetune/run_{k}, ")] == forwarded
+
+
+@pytest.mark.slow
 def test_jobs_needing_one_state0_model_train_it_once(tmp_path):
     # SS-IL trains state 0 as fine-tuning: both jobs want the same cache entry
     cfg = tiny_config(tmp_path, "method=[finetune,ssil]", "threads=1", "scenario.states=2", "train.epochs=3")

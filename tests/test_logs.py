@@ -40,6 +40,7 @@ def kill_in_state(monkeypatch, b):
     monkeypatch.setattr(Memory, "update", dying)
 
 
+@pytest.mark.slow
 def test_history_records_every_epoch_of_every_stage_and_every_state(tmp_path, capsys):
     # LUCIR's class-balanced finetuning is a second stage; milestone 1: the lr drops after epoch 1
     cfg = tiny_config(tmp_path, "method=lucir", "lucir.cbf=true", "lucir.cbf_epochs=2", "lucir.cbf_milestones=[1]",
@@ -72,6 +73,7 @@ def test_history_records_every_epoch_of_every_stage_and_every_state(tmp_path, ca
     assert any("state 3: top-1" in p for p in printed)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "state0_cache=null")
     Run(cfg, tmp_path / "full", progress=False).execute()
@@ -116,6 +118,7 @@ def _events(tb_dir):
     return acc
 
 
+@pytest.mark.slow
 def test_tensorboard_events_per_epoch_and_per_state_survive_a_resume(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     cfg = tiny_config(tmp_path, "log.tensorboard=true", "state0_cache=null")  # 3 states of 2 epochs
@@ -171,6 +174,7 @@ def test_tensorboard_switched_on_at_resume_holds_the_earlier_states(tmp_path):
     assert [e.step for e in acc.Scalars("state/top1")] == [4, 7]
 
 
+@pytest.mark.slow
 def test_cilkit_run_puts_the_report_figures_into_tensorboard(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from cilkit.cli import main
@@ -196,6 +200,7 @@ def test_a_damaged_history_does_not_stop_a_resume(tmp_path):
     assert without_timings(history(tmp_path / "r"))[: len(good)] == good  # the damaged lines are gone
 
 
+@pytest.mark.slow
 def test_a_run_log_that_cannot_be_written_is_one_line(tmp_path, capsys):
     out = tmp_path / "r"
     args = ["run", "--set", "method=finetune", "--set", "scenario.states=2", "--set", "train.epochs=1",
@@ -221,3 +226,62 @@ def test_a_broken_tensorboard_install_is_one_line(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the tensorboard package cannot be imported (TypeError: Descriptors" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def _job(run_dir, label="finetune/run_1", seed=4):
+    from cilkit.runs.jobs import RunJob
+
+    return RunJob(label, run_dir, {"method": "finetune", "seed": seed})
+
+
+def test_a_jobs_warnings_are_forwarded_once_with_its_label_and_seed_to_the_parent_log(tmp_path, capsys):
+    # issue 40 item 2: the warnings of a job in another process (--jobs, SLURM) reach the console and the
+    # parent's run.log, read off the job's own run.log as it writes it, each once
+    from cilkit.common import runlog
+    from cilkit.runs.status import WarningRelay
+
+    job_dir, parent = tmp_path / "p" / "finetune" / "run_1", tmp_path / "p"
+    job_dir.mkdir(parents=True)
+    child = job_dir / "run.log"
+    child.write_text("[finetune] warning: from an earlier attempt\n")
+
+    def write(text):
+        with open(child, "a") as f:
+            f.write(text)
+
+    relay = WarningRelay()
+    job = _job(job_dir)
+    with runlog.tee(parent / "run.log"):
+        relay.watch(job)  # before the job starts: what run.log holds already is not its news
+        write("[finetune] state 1/2: classes 0..3 new, 4 seen\n[finetune] warning: state 1: stalled\n"
+              "warning: the state-0 cache was not written (full); the run goes on\n"
+              "[finetune with memory 60] warning: tagged otherwise\n[finetune] warning: half a li")
+        relay.forward(job)
+        relay.forward(job)  # nothing new: nothing twice
+        write("ne\n[finetune] warning: the last, cut off by the end")
+        relay.forward(job)
+        relay.forward(job, final=True)  # the job ended: its last line, newline or not
+        relay.forward(job, final=True)
+    forwarded = ["[finetune/run_1, seed 4] warning: state 1: stalled",
+                 "[finetune/run_1, seed 4] warning: the state-0 cache was not written (full); the run goes on",
+                 "[finetune/run_1, seed 4] [finetune with memory 60] warning: tagged otherwise",
+                 "[finetune/run_1, seed 4] warning: half a line",
+                 "[finetune/run_1, seed 4] warning: the last, cut off by the end"]
+    assert capsys.readouterr().out.splitlines() == forwarded
+    assert (parent / "run.log").read_text().splitlines() == forwarded
+    assert "seed 4" not in child.read_text()  # the job's own run.log holds its lines once, as it wrote them
+
+
+def test_a_single_jobs_warnings_are_not_written_twice_into_its_run_log(tmp_path, capsys):
+    # one method, one seed under --jobs: the job's run directory is the parent's, one run.log for both
+    from cilkit.common import runlog
+    from cilkit.runs.status import WarningRelay
+
+    relay, job = WarningRelay(), _job(tmp_path, label="finetune", seed=3)
+    with runlog.tee(tmp_path / "run.log"):
+        relay.watch(job)
+        with open(tmp_path / "run.log", "a") as f:  # the job's process, appending to the same file
+            f.write("[finetune] warning: state 2: stalled\n")
+        relay.forward(job, final=True)
+    assert capsys.readouterr().out == "[finetune, seed 3] warning: state 2: stalled\n"
+    assert (tmp_path / "run.log").read_text() == "[finetune] warning: state 2: stalled\n"

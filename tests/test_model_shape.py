@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from cilkit.models import GrowingBackbone
@@ -39,6 +40,7 @@ def test_the_grown_branch_and_aux_head_train_and_are_checkpointed(tmp_path):
     assert all(set(h["terms"]) == {"ce"} for h in epochs1)
 
 
+@pytest.mark.slow
 def test_resume_after_the_growing_state_is_bit_exact(tmp_path):
     whole = Run(_cfg(tmp_path), tmp_path / "whole", progress=False).execute()
     Run(_cfg(tmp_path), tmp_path / "cut", progress=False).execute(until_state=1)

@@ -125,6 +125,7 @@ class FlakyFinetune(Finetune):
 '''
 
 
+@pytest.mark.slow
 def test_a_plugin_loss_that_raises_goes_to_run_log_and_says_how_to_resume(tmp_path, capsys, registries):
     flag = tmp_path / "bug"
     flag.write_text("")

@@ -208,6 +208,7 @@ def test_cilkit_configs_lists_the_packaged_configs_with_their_line(capsys):
     assert set(packaged_configs()) >= {"quickstart", "fashion-mnist", "lucir-cifar100-b50-5steps"}
 
 
+@pytest.mark.slow
 def test_the_repository_configs_are_the_package_data_one_copy(tmp_path):
     """configs/ of the checkout is the package's folder (one copy), and a wheel carries it."""
     assert (ROOT / "configs").resolve() == (ROOT / "src" / "cilkit" / "configs").resolve()
@@ -230,6 +231,7 @@ def test_the_repository_configs_are_the_package_data_one_copy(tmp_path):
 
 
 # ----- lock files go with their run -----------------------------------------------------------
+@pytest.mark.slow
 def test_no_lock_file_is_left_after_a_run_and_a_second_run_is_still_refused(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({**tiny_dict(tmp_path), "threads": 1, "scenario": {"initial": 4, "increment": 3,

@@ -52,6 +52,7 @@ def one_error_line(capsys):
     return err[0]
 
 
+@pytest.mark.slow
 def test_plugin_method_runs_is_recorded_listed_and_reimported_on_resume(tmp_path, capsys):
     plugin = str(EXAMPLES / "my_method.py")
     args = ["run", str(tiny_yaml(tmp_path)), "--plugin", plugin, "--set", "method=smooth_finetune",
@@ -74,6 +75,7 @@ def test_plugin_method_runs_is_recorded_listed_and_reimported_on_resume(tmp_path
     assert "smooth_finetune" in registry.METHODS
 
 
+@pytest.mark.slow
 def test_plugin_backbone_runs_and_is_listed(tmp_path, capsys):
     plugin = str(EXAMPLES / "my_backbone.py")
     args = ["run", str(tiny_yaml(tmp_path)), "--plugin", plugin, "--set", "model.backbone=mlp",
@@ -94,6 +96,7 @@ def _write_digits_npz(path):
     np.savez(path, x_train=x[::2], y_train=y[::2], x_test=x[1::2], y_test=y[1::2])
 
 
+@pytest.mark.slow
 def test_plugin_dataset_from_the_config_with_its_own_option(tmp_path, capsys):
     _write_digits_npz(tmp_path / "digits.npz")
     relative = os.path.relpath(EXAMPLES / "my_dataset.py", tmp_path / "cfg")  # from the config's folder
@@ -146,6 +149,7 @@ def _save_convnet_weights(path, seed, width=8):
     return net.state_dict()
 
 
+@pytest.mark.slow
 def test_weights_start_the_backbone_and_key_the_state0_cache(tmp_path, capsys, monkeypatch):
     starts = []
     fit = Engine.fit
@@ -188,6 +192,7 @@ def test_weights_start_the_backbone_and_key_the_state0_cache(tmp_path, capsys, m
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow
 def test_a_backbone_without_last_relu_serves_every_method_but_those_that_drop_it(tmp_path, capsys, registries):
     """The backbone contract is in_channels alone; LUCIR's cosine classifier asks for features
     without the last ReLU, which a factory without ``last_relu`` cannot give: one line."""

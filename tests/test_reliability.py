@@ -54,6 +54,7 @@ def finished(tmp_path, capsys) -> Path:
     ("method", "lucir", "method"),
     ("data.name", "fashion-mnist", "data.name"),
 ])
+@pytest.mark.slow
 def test_resume_refuses_an_edited_config_and_names_the_keys(finished, capsys, key, value, named):
     ckpts = sorted((finished / "checkpoints").glob("*.pt"))
     ckpts[-1].unlink()  # interrupted after state 2: a resume would train state 3
@@ -72,6 +73,7 @@ def test_resume_refuses_an_edited_config_and_names_the_keys(finished, capsys, ke
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_resume_may_change_threads_only_and_says_so(finished, capsys):
     (sorted((finished / "checkpoints").glob("*.pt"))[-1]).unlink()
     assert run_cli("--resume", str(finished), "--set", "seed=5") == 2
@@ -80,6 +82,7 @@ def test_resume_may_change_threads_only_and_says_so(finished, capsys):
     assert "resuming with threads=1 instead of the recorded 2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_resolved_thread_count_is_recorded(tmp_path, capsys):
     assert run_cli(str(write_config(tmp_path, "threads=null")), "--out", str(tmp_path / "r")) == 0
     recorded = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["threads"]
@@ -89,6 +92,7 @@ def test_the_resolved_thread_count_is_recorded(tmp_path, capsys):
 
 
 # ----- item 2: the run directory is claimed --------------------------------------------------
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_overwrite(finished, tmp_path, capsys):
     before = snapshot(finished)
     assert run_cli(str(write_config(tmp_path, "seed=9")), "--out", str(finished)) == 2
@@ -96,6 +100,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(finished, tmp_path,
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_overwrite_clears_the_old_run_including_its_later_states(finished, tmp_path, capsys):
     assert (finished / "scores" / "state_02.npz").is_file()
     cfg = write_config(tmp_path, "scenario.states=2", "scenario.initial=5", "scenario.increment=5")
@@ -130,12 +135,14 @@ def _claim(base: str) -> str:
     return str(fresh_directory(Path(base)))
 
 
+@pytest.mark.slow
 def test_runs_started_together_get_distinct_default_directories(tmp_path):
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         dirs = pool.map(_claim, [str(tmp_path / "runs" / "quickstart")] * 8)
     assert len(set(dirs)) == 8
 
 
+@pytest.mark.slow
 def test_a_failed_start_creates_and_touches_nothing(finished, tmp_path, capsys):
     assert run_cli(str(write_config(tmp_path)), "--set", "model.backbone=vgg") == 2
     assert "model.backbone" in one_error_line(capsys)
@@ -189,6 +196,7 @@ def test_file_images_digest_follows_rewritten_files_and_labels(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "missing keys"])
+@pytest.mark.slow
 def test_an_unusable_cache_entry_is_a_miss_with_one_warning(tmp_path, capsys, damage):
     cfg = tiny_config(tmp_path, "scenario.states=2")
     cold = Run(cfg, tmp_path / "cold", progress=False).execute()
@@ -251,6 +259,7 @@ def test_changed_training_images_are_a_cache_miss(tmp_path, capsys):
 
 # ----- item 8: a cache hit and a cold run are bit-identical -----------------------------------
 @pytest.mark.parametrize("selection", ["random", "herding"])
+@pytest.mark.slow
 def test_cache_hit_and_cold_run_give_identical_results(tmp_path, selection):
     cached = tiny_config(tmp_path, f"memory.selection={selection}")
     cold = tiny_config(tmp_path, f"memory.selection={selection}", "state0_cache=null")
@@ -286,6 +295,7 @@ def test_an_output_directory_that_cannot_be_created_is_one_line(tmp_path, capsys
     assert "a-file" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_calibrate_with_a_foreign_statistics_file_is_one_line(finished, capsys):
     (finished / "stats" / "state_01.json").write_text(json.dumps({"something": "else"}))
     assert main(["calibrate", str(finished), "--with", "il2m"]) == 2
@@ -325,6 +335,7 @@ def test_the_cache_key_holds_every_method_option_not_declared_free(tmp_path, cap
     assert cached("method=il2m", "il2m.guard_nonpositive=true")  # IL2M trains as fine-tuning
 
 
+@pytest.mark.slow
 def test_a_taken_out_directory_is_refused_before_the_data_is_read(finished, tmp_path, capsys, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the data was read")

@@ -56,6 +56,7 @@ def test_compare_refuses_an_out_holding_the_users_files(finished, tmp_path, caps
     assert snapshot(mine) == before
 
 
+@pytest.mark.slow
 def test_compare_refuses_a_source_run_or_a_directory_holding_runs(finished, tmp_path, capsys):
     a, b = copy_run(finished, tmp_path / "a"), copy_run(finished, tmp_path / "b")
     before = snapshot(tmp_path)
@@ -70,6 +71,7 @@ def test_compare_refuses_a_source_run_or_a_directory_holding_runs(finished, tmp_
     assert main(["run", str(cfg), "--out", str(a), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_compare_marks_its_output_and_replaces_only_its_own(finished, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", str(finished), "--out", str(out)]) == 0
@@ -82,6 +84,7 @@ def test_compare_marks_its_output_and_replaces_only_its_own(finished, tmp_path, 
     assert (out / "notes.txt").read_text() == "mine\n"
 
 
+@pytest.mark.slow
 def test_the_runs_own_report_directory_stays_writable(finished, tmp_path):
     run = copy_run(finished, tmp_path / "run")
     for _ in range(2):
@@ -174,6 +177,7 @@ def test_compare_refuses_a_damaged_results_file_naming_the_field(finished, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_sound_results_file_still_reads(finished, tmp_path, capsys):
     assert main(["compare", str(finished), "--out", str(tmp_path / "out")]) == 0
     assert "| finetune |" in capsys.readouterr().out

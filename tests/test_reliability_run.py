@@ -55,6 +55,7 @@ def _run_copy(root: Path, config: Path, out: Path) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_an_edit_anywhere_in_the_package_is_a_cache_miss(tmp_path):
     """A copy of the package with one edit (a transform, a backbone, a helper called from a
     loss) never reuses the entry the unedited code trained."""
@@ -118,6 +119,7 @@ def _list_dataset(root: Path) -> tuple[Path, Path]:
     return root / "train.txt", root / "test.txt"
 
 
+@pytest.mark.slow
 def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
     train, test = _list_dataset(tmp_path / "data")
     cfg = {**tiny_dict(tmp_path), "threads": 1, "state0_cache": None,
@@ -136,6 +138,7 @@ def test_resume_on_changed_data_is_refused_naming_the_file(tmp_path, capsys):
     assert str(train) in err and "not what the finished states" in err
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_checks_the_config_and_clears_the_old_states(tmp_path, capsys):
     cfg = tiny_config(tmp_path, "threads=1", "state0_cache=null", "train.epochs=1")
     out = tmp_path / "r"
@@ -156,6 +159,7 @@ def test_resume_without_a_checkpoint_checks_the_config_and_clears_the_old_states
     assert json.loads((out / "results.json").read_text())["num_states"] == 2
 
 
+@pytest.mark.slow
 def test_a_truncated_results_file_is_rebuilt_on_resume(tmp_path):
     cfg = tiny_config(tmp_path, "threads=1", "state0_cache=null", "train.epochs=1", "scenario.states=2")
     out = tmp_path / "r"
@@ -180,6 +184,7 @@ def test_a_users_config_yaml_is_not_a_run(tmp_path, capsys):
     assert (mine / "config.yaml").read_text() == text  # untouched
 
 
+@pytest.mark.slow
 def test_a_run_inside_another_run_is_refused(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({**tiny_dict(tmp_path), "threads": 1, "train": {"epochs": 1},
@@ -190,6 +195,7 @@ def test_a_run_inside_another_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "outer" / "inner").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_never_follows_a_symlink_out_of_the_run(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({**tiny_dict(tmp_path), "threads": 1, "train": {"epochs": 1},

@@ -59,6 +59,7 @@ def _results(base):
     return {r.label: r.results for r in find_runs([base / "cmp"])}
 
 
+@pytest.mark.slow
 def test_a_parent_directory_gives_its_methods_in_config_order(runs, tmp_path):
     assert [(r.label, r.path) for r in find_runs([runs / "cmp"])] == [
         ("finetune", runs / "cmp" / "finetune"), ("icarl", runs / "cmp" / "icarl")]
@@ -189,6 +190,7 @@ def test_missing_or_corrupt_results_are_user_errors(runs, tmp_path, capsys):
     assert not (bad / "report").exists(), "nothing written when an input is missing"
 
 
+@pytest.mark.slow
 def test_cilkit_run_prints_the_table_and_writes_the_report(tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path / "q"), "--set", "train.epochs=1", "--set", "scenario.states=2",
                  "--set", "model.width=8", "--set", "threads=1"])
@@ -341,6 +343,7 @@ def test_the_report_says_where_each_run_was_made(runs):
     assert provenance_line(None) == ""  # a run from before the record: no line
 
 
+@pytest.mark.slow
 def test_memory_is_described_as_the_run_describes_it(runs, tmp_path):
     assert describe_memory({"total": 60, "per_class": None, "selection": "herding"}) == "60 exemplars (herding)"
     assert describe_memory({"total": None, "per_class": 20, "selection": "random"}) == "20 per class (random)"

@@ -16,7 +16,9 @@ VARIANTS = {
     "active-margin": ("active", ["active.classical=margin"]),
     "finetune-reinit": ("finetune", ["finetune.reinit_classifier=true"]),
 }
-CASES = method_cases(VARIANTS)
+# fine-tuning in the fast tests (pytest -m "not slow"), every other method and variant in the full suite
+CASES = [case if case.id == "finetune" else pytest.param(*case.values, id=case.id, marks=pytest.mark.slow)
+         for case in method_cases(VARIANTS)]
 
 
 def four_states(tmp_path, name, options):

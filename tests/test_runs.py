@@ -54,6 +54,7 @@ def test_same_config_same_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["finetune", "icarl", "lucir", "bic", "sir", "joint"])
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_results(tmp_path, method):
     cfg = tiny_config(tmp_path, f"method={method}", "state0_cache=null", "memory.selection=random")
     full = Run(cfg, tmp_path / "full", progress=False).execute()
@@ -106,6 +107,7 @@ def test_no_memory_means_no_exemplars(tmp_path):
     assert all(s["memory_size"] == 0 for s in res["states"])
 
 
+@pytest.mark.slow
 def test_several_methods_share_one_parent_directory(tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path / "cmp"), "--methods", "finetune,icarl",
                  "--set", "train.epochs=1", "--set", "scenario.states=2", "--set", "model.width=8"])

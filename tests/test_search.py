@@ -37,6 +37,7 @@ def _trial_bytes(out) -> dict[str, bytes]:
     return {p.parent.name: p.read_bytes() for p in out.glob("trial-*/results.json")}
 
 
+@pytest.mark.slow
 def test_tpe_with_two_jobs_ranks_on_validation_and_continues_after_an_interruption(tmp_path, monkeypatch, capsys):
     config = _config_file(tmp_path)
     out = tmp_path / "t"
@@ -79,6 +80,7 @@ def test_tpe_with_two_jobs_ranks_on_validation_and_continues_after_an_interrupti
     assert record["set_line"] in printed and (out / "study.journal").is_file()
 
 
+@pytest.mark.slow
 def test_a_grid_under_two_jobs_scores_exactly_as_the_serial_grid(tmp_path, capsys):
     config = _config_file(tmp_path)
     grid = ["--grid", "train.lr=0.01,0.2"]
@@ -173,3 +175,64 @@ def test_tune_ranks_by_balanced_top1_when_asked(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:  # argparse's one line, status 2
         main(["tune", config, "--grid", "train.lr=0.01,0.2", "--metric", "top5", "--out", str(tmp_path / "x")])
     assert refused.value.code == 2 and "invalid choice: 'top5'" in capsys.readouterr().err
+
+
+def test_tune_without_a_config_tunes_the_quickstart(tmp_path, monkeypatch, capsys):
+    """Issue 40 item 6: as ``cilkit run``, ``cilkit tune`` without a config takes the embedded
+    quickstart (into runs/tune-quickstart)."""
+    from cilkit.settings.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    _fake_seeds(monkeypatch, {"0.1": [40.0, 41.0], "0.2": [50.0, 51.0]})
+    seen = []
+    fake = tune_module.run_points
+    monkeypatch.setattr(tune_module, "run_points", lambda configs, *rest: seen.extend(configs) or fake(configs, *rest))
+    sets = ["method=finetune", "scenario.val_per_class=5", "runs=2"]
+    assert main(["tune", *[a for s in sets for a in ("--set", s)], "--grid", "train.lr=0.1,0.2"]) == 0
+    assert "chosen on validation" in capsys.readouterr().out
+    record = json.loads((tmp_path / "runs" / "tune-quickstart" / "ranking.json").read_text())
+    assert record["config"] == "quickstart" and record["chosen"] == {"train.lr": "0.2"}
+    assert [c.to_dict() for c in seen] == [load_config(None, [*sets, f"train.lr={lr}"]).to_dict() for lr in ("0.1", "0.2")]
+
+
+CAVEAT = "single seed, no noise estimate"
+
+
+def test_a_one_seed_grid_choice_carries_the_single_seed_caveat(tmp_path, monkeypatch, capsys):
+    """Issue 40 item 7: one seed per point gives no noise to hold a difference against: the
+    choice is printed and recorded with the caveat; with seeds enough to separate them, none."""
+    config = _config_file(tmp_path)
+    _fake_seeds(monkeypatch, {"0.1": [50.0], "0.2": [50.34]})
+    assert main(["tune", config, "--grid", "train.lr=0.1,0.2", "--out", str(tmp_path / "one")]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen on validation" in printed and "--set train.lr=0.2" in printed
+    assert f"caveat: {CAVEAT}: the first two differ by 0.34 points" in printed
+    record = json.loads((tmp_path / "one" / "ranking.json").read_text())
+    assert record["verdict"] == "chosen" and record["caveat"].startswith(CAVEAT)
+    assert CAVEAT in (tmp_path / "one" / "ranking.md").read_text()
+    config = _config_file(tmp_path, "runs=2")
+    _fake_seeds(monkeypatch, {"0.1": [50.0, 51.0], "0.2": [60.0, 61.0]})
+    assert main(["tune", config, "--grid", "train.lr=0.1,0.2", "--out", str(tmp_path / "two")]) == 0
+    assert CAVEAT not in capsys.readouterr().out
+    assert json.loads((tmp_path / "two" / "ranking.json").read_text())["caveat"] is None
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_one_seed_search_choice_carries_the_same_caveat(tmp_path, monkeypatch, capsys, sampler):
+    """Issue 40 item 7: ``--search tpe|random`` says what the grid says of one seed."""
+    config = _config_file(tmp_path)
+    scores = {"trial-000": 50.0, "trial-001": 50.34}
+
+    def results(run_dir):
+        return {"states": [{}, {}], "mean_incremental_val_top1_excl_first": scores[run_dir.name]}
+
+    monkeypatch.setattr(search_module, "run_points", lambda configs, dirs, *rest: [[results(d)] for d in dirs])
+    monkeypatch.setattr(search_module, "point_datasets", lambda configs: [None] * len(configs))
+    monkeypatch.setattr(search_module, "_trial_results", lambda run_dir, base: [results(run_dir)])
+    out = tmp_path / sampler
+    assert main(["tune", config, "--search", sampler, "--trials", "2", "--range", "train.lr=0.01:0.3:log",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen on validation" in printed and f"caveat: {CAVEAT}: the first two differ by 0.34 points" in printed
+    record = json.loads((out / "ranking.json").read_text())
+    assert record["search"] == sampler and record["caveat"].startswith(CAVEAT)

@@ -129,6 +129,7 @@ def test_attenuation_without_compensation_is_a_config_error(tmp_path):
         tiny_config(tmp_path, "method=sir", "sir.frequency_compensation=false")
 
 
+@pytest.mark.slow
 def test_sir_end_to_end_and_with_every_component_off_it_is_finetuning(tmp_path):
     sir = Run(tiny_config(tmp_path, "method=sir"), tmp_path / "sir", progress=False).execute()
     assert sir["complete"]

@@ -106,6 +106,7 @@ def top1_by_state(rows):
     return [(r["state/state"], r["state/top1"]) for r in rows if "state/top1" in r]
 
 
+@pytest.mark.slow
 def test_a_run_logs_its_config_history_accuracy_matrix_and_protocol_group(tmp_path):
     pytest.importorskip("wandb")
     cfg = tiny_config(tmp_path, "log.wandb=true", "state0_cache=null", "threads=1", "train.epochs=1")
@@ -179,6 +180,7 @@ def test_wandb_switched_on_at_resume_holds_the_earlier_states(tmp_path):
     assert [r["train/epoch"] for r in rows if "train/loss" in r] == [1, 2]
 
 
+@pytest.mark.slow
 def test_cilkit_run_logs_the_report_figures_in_the_protocol_group_and_wandb_mode_overrides(tmp_path, monkeypatch,
                                                                                            capsys):
     pytest.importorskip("wandb")

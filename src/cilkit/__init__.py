@@ -1,14 +1,15 @@
 """cilkit: class-incremental learning under imbalance."""
 
-import os
-
 __version__ = "0.1.0"
 
-# Idle OpenMP threads sleep instead of spinning. With libgomp's default spin-wait, two runs
-# that share a machine's cores wait on each other's spinning threads and slow down many times
-# over (benchmarks/bench_concurrent.py). Set before torch is first imported, so it has no
-# effect in a process that imported torch before cilkit; a policy the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How idle OpenMP threads wait: spinning when the run has the cores alone, sleeping when other
+# processes of cilkit share them (--jobs, torchrun past the cores, another run on the machine:
+# spinning threads of two runs slow both down many times over, benchmarks/bench_concurrent.py).
+# Chosen before torch is first imported (libgomp reads it then), so it has no effect in a
+# process that imported torch before cilkit; a policy the user set is kept (cilkit.common.omp).
+from cilkit.common import omp as _omp
+
+_omp.apply()
 
 # Fill the registries (cilkit.settings.registry) with the built-in methods and data readers.
 from cilkit import data as _data  # noqa: E402,F401

@@ -14,6 +14,7 @@ from cilkit.settings.config import RunConfig, load_config, read_yaml, validate
 from cilkit.describe import describe, overview, version_line
 from cilkit.common.errors import UserError, did_you_mean
 from cilkit.settings.plugins import import_plugins, plugin_list
+from cilkit.analysis.latex import COLUMN_KEYS, DEFAULT_COLUMNS
 from cilkit.analysis.report import compare_runs
 from cilkit.analysis.tables import PAIRED_METRICS
 from cilkit.rundir.layout import RunLayout, check_target, fresh_directory, is_run_dir
@@ -117,9 +118,9 @@ def add_execution_options(p: argparse.ArgumentParser) -> None:
 
 
 def _check_baseline(baseline: str | None, config: RunConfig) -> None:
-    if baseline is not None and baseline not in config.methods:
-        hint = did_you_mean(baseline, config.methods)
-        raise UserError(f"--baseline '{baseline}' is not among the run's methods ({', '.join(config.methods)})"
+    if baseline is not None and baseline not in config.method_names:
+        hint = did_you_mean(baseline, config.method_names)
+        raise UserError(f"--baseline '{baseline}' is not among the run's methods ({', '.join(config.method_names)})"
                         + (f": {hint}" if hint else ""))
 
 
@@ -168,7 +169,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else fresh_directory(Path("runs") / f"tune-{Path(args.config).stem}")
+    stem = Path(args.config).stem if args.config else "quickstart"  # no config: the quickstart, as cilkit run
+    out = Path(args.out) if args.out else fresh_directory(Path("runs") / f"tune-{stem}")
     execution, overrides = execution_of(args), list(args.set or [])
     if args.search:
         from cilkit.runs.search import search
@@ -187,6 +189,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
               f"({_score(a)} vs {_score(b)}); more seeds (--set runs=R) may separate them. First: {record['set_line']}")
     else:
         print(f"\nchosen on validation ({record['metric']}): {record['set_line']}")
+    if record.get("caveat"):  # one seed per point, grid or --search: the choice may be seed noise
+        print(f"caveat: {record['caveat']}")
     print(f"ranking: {out / 'ranking.md'} and ranking.json")
     return 0
 
@@ -204,7 +208,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None, baseline=args.baseline,
-                 metric=args.metric, y_range=args.y_range)
+                 metric=args.metric, y_range=args.y_range,
+                 columns=None if args.columns is None else args.columns.split(","), variants=not args.no_variants)
     return 0
 
 
@@ -215,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a protocol (default: the embedded digits quickstart)")
     r.add_argument("config", nargs="?", help="YAML config file, or a packaged config's name (cilkit configs "
                    "lists them; default: the embedded quickstart)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable); "
+                   "METHOD:KEY=VALUE changes a protocol key for that method's runs alone (--set lwf:memory.total=0)")
     r.add_argument("--methods", help="comma-separated methods to compare on the same protocol")
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
@@ -229,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_execution_options(r)
     r.set_defaults(func=cmd_run)
     t = sub.add_parser("tune", help="rank a grid of settings by validation accuracy (never the test set)")
-    t.add_argument("config", help="YAML config file or a packaged config's name (one method, "
-                   "scenario.val_per_class >= 1)")
+    t.add_argument("config", nargs="?", help="YAML config file or a packaged config's name (one method, "
+                   "scenario.val_per_class >= 1; default: the embedded quickstart, as cilkit run)")
     t.add_argument("--grid", action="append", metavar="KEY=V1,V2,...", help="values to try (repeatable: all combinations)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every point")
     t.add_argument("--out", help="where the runs and the ranking go (default: runs/tune-<config>)")
@@ -260,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the mean incremental top-1 (default) or balanced top-1 (mean per-class accuracy), excl. state 1")
     k.add_argument("--y-range", default="fit", choices=["fit", "full"], help="accuracy axes of the figures: "
                    "fitted to the data (default) or 0-100")
+    k.add_argument("--columns", metavar="NAME,...", help="the columns of table.tex after the method (default "
+                   f"{','.join(DEFAULT_COLUMNS)}; known: {', '.join(COLUMN_KEYS)})")
+    k.add_argument("--no-variants", action="store_true", help="table.tex without the variant rows (method [x])")
     k.set_defaults(func=cmd_compare)
     i = sub.add_parser("info", help="list datasets, methods, backbones and selection strategies")
     i.add_argument("name", nargs="?", help="a method, dataset or backbone to describe")

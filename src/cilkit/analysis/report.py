@@ -32,10 +32,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cilkit.cil.scenario import describe_imbalance
 from cilkit.common import io
 from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
-from cilkit.analysis.latex import table_latex
+from cilkit.analysis.latex import check_columns, table_latex
 from cilkit.analysis.plots import figures as make_figures
 from cilkit.analysis.runsets import FoundRun, Protocol, find_runs, group_runs
 from cilkit.analysis.tables import (
@@ -79,21 +80,6 @@ def _settings(config: Mapping[str, Any] | None) -> str:
         return ""
 
 
-def describe_imbalance(record: Mapping[str, Any] | None) -> str:
-    """The imbalance profile of results.json's ``imbalance`` record, for a protocol header:
-    kind, ratio (or counts), the range of training images per class, whether the test set has
-    it too; empty for a balanced stream (and for results without the record)."""
-    if not record or record.get("profile", "none") == "none":
-        return ""
-    kind = record["profile"]
-    shape = {"longtail": f", ratio {record.get('ratio')}",
-             "step": f", ratio {record.get('ratio')}, minority fraction {record.get('minority_fraction')}"}.get(kind, "")
-    train = [n for n in record.get("train_per_class") or [] if n is not None]
-    counts = f"; {max(train)} to {min(train)} training images per class" if train else ""
-    test = "applied to the test set too" if record.get("apply_to_test") else "the test set balanced"
-    return f" Imbalance: {kind}{shape}{counts}; {test}."
-
-
 def describe_protocol(p: Protocol) -> str:
     """What every run of the protocol shares (dataset, states, settings, imbalance profile),
     and its seeds."""
@@ -109,10 +95,11 @@ def describe_protocol(p: Protocol) -> str:
 
 
 def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table]) -> str:
-    """The table of each protocol (headed by its description when there are several), and the
-    note on std when some row is over several runs."""
+    """The table of each protocol headed by its description (:func:`describe_protocol`, with
+    the imbalance profile; ``Protocol k:`` before it when there are several), as report.html
+    heads it, and the note on std when some row is over several runs."""
     if len(protocols) == 1:
-        parts = [state_table(tables[0])]
+        parts = [f"{describe_protocol(protocols[0])}\n\n{state_table(tables[0])}"]
     else:
         parts = [f"Protocol {p.number}: {describe_protocol(p)}\n\n{state_table(t)}" for p, t in zip(protocols, tables)]
     if any(t.repeated for t in tables):
@@ -321,14 +308,18 @@ def _check_fresh(base: Path, runs: Sequence[FoundRun]) -> list[str]:
 
 
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
-                 baseline: str | None = None, metric: str = "top1", y_range: str = "fit") -> Path:
+                 baseline: str | None = None, metric: str = "top1", y_range: str = "fit",
+                 columns: Sequence[str] | None = None, variants: bool = True) -> Path:
     """Write table.md, table.csv, table.tex, the figures (PNG, PDF) and report.html for the runs in
     ``dirs`` into ``out``, and with a ``baseline`` method paired.csv; print the tables when
     ``echo``. Default ``out``: a single DIR's own DIR/report, else a new :func:`default_out`
     directory (no run's file is touched). ``out`` must be compare's to write (:func:`report_target`);
-    every input is read and every check made before anything is written. Returns ``out``."""
+    every input is read and every check made before anything is written. ``columns`` and
+    ``variants`` shape table.tex alone (:func:`~cilkit.analysis.latex.table_latex`: the paper's
+    table); the other tables keep every column and row. Returns ``out``."""
     if not dirs:
         raise UserError("compare: name at least one run directory")
+    columns = check_columns(columns)
     runs = find_runs(dirs)
     fresh = out is None and len(dirs) > 1
     out_dir = Path(out) if out is not None else default_out(dirs) if fresh else Path(dirs[0]) / "report"
@@ -347,7 +338,8 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
         text += "\n\n" + paired_markdown(protocols, paired, baseline, metric)
         files["paired.csv"] = paired_csv(paired)
     files.update({"table.md": text + "\n", "table.csv": table_csv(tables),
-                  "table.tex": table_latex(tables, paired, baseline, metric)})
+                  "table.tex": table_latex(tables, paired, baseline, metric, [describe_protocol(p) for p in protocols],
+                                           columns, variants)})
     for f in figs:  # each figure as PNG (also in report.html) and as vector PDF
         files.update({f.name: f.png, f.pdf_name: f.pdf})
     html_paired = paired_html(protocols, paired, baseline, metric) if paired is not None and baseline is not None else ""

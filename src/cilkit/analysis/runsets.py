@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from cilkit.settings.config import RunConfig
-from cilkit.settings.keys import protocol_settings
+from cilkit.settings.overrides import method_label
+from cilkit.settings.keys import Role, option_key, protocol_settings
+from cilkit.settings.registry import METHODS
 from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_results
@@ -140,9 +143,19 @@ def _protocol_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _method_options(results: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
-    """The options of the run's method (of its source method for a calibrated run)."""
-    source = results.get("calibration", {}).get("source_method") or results.get("method")
-    return json.dumps((config or {}).get(str(source)), sort_keys=True)
+    """The options of the run's method (of its source method for a calibrated run) that shape
+    its numbers: those it recorded, with the defaults of options an older cilkit did not write
+    (for a registered method), and without those declared to change no number (``allow_memory``)."""
+    source = str(results.get("calibration", {}).get("source_method") or results.get("method"))
+    options = (config or {}).get(source)
+    cls = METHODS.get(source)
+    if cls is not None and isinstance(options, dict):
+        try:
+            options = cls.Config.model_validate(options).model_dump(mode="json")
+        except ValidationError:  # options of another version of the method: as recorded
+            pass
+        options = {k: v for k, v in options.items() if option_key(f"{source}.{k}").role is not Role.NONE}
+    return json.dumps(options, sort_keys=True)
 
 
 def _seed(config: Mapping[str, Any] | None) -> int | None:
@@ -187,7 +200,8 @@ def _split(runs: list[tuple[FoundRun, int | None]]) -> list[list[tuple[FoundRun,
 
 
 def _labels(groups: list[tuple[str, int, list[tuple[FoundRun, int | None]]]], several: bool) -> list[str]:
-    """The method name; with another group of that method, its protocol number when that tells
+    """The method's label (its name, or :func:`~cilkit.settings.config.method_label`'s ``lwf
+    (with memory 200)``); with another group of that label, its protocol number when that tells
     them apart, else its (first) directory."""
     labels = []
     for method, number, members in groups:
@@ -205,6 +219,7 @@ def group_runs(runs: Sequence[FoundRun]) -> list[Protocol]:
     """The runs by protocol (in the order first met), each as groups of seeds of one method."""
     protocols: dict[str, tuple[FoundRun, dict[str, Any] | None]] = {}
     buckets: dict[tuple[str, str, str, int], list[tuple[FoundRun, int | None]]] = {}
+    named: dict[tuple[str, str, str, int], str] = {}  # bucket -> its label (lwf (with memory 200))
     for run in runs:
         config = run_config(run)
         key = protocol_key(run.results, config)
@@ -212,10 +227,12 @@ def group_runs(runs: Sequence[FoundRun]) -> list[Protocol]:
         method = str(run.results.get("method", run.path.name))
         bucket = (key, method, _method_options(run.results, config), len(run.results["states"]))
         buckets.setdefault(bucket, []).append((run, _seed(config)))
+        named.setdefault(bucket, method_label(method, config))  # one protocol: one memory
     number = {key: i + 1 for i, key in enumerate(protocols)}
-    raw = [(b[1], number[b[0]], members) for b, runs_ in buckets.items() for members in _split(runs_)]
+    raw = [(named[b], number[b[0]], members) for b, runs_ in buckets.items() for members in _split(runs_)]
     labels = _labels(raw, len(protocols) > 1)
+    methods = [b[1] for b, runs_ in buckets.items() for _ in _split(runs_)]
     groups = [RunGroup(label, method, n, tuple(r for r, _ in members), tuple(s for _, s in members))
-              for label, (method, n, members) in zip(labels, raw)]
+              for label, method, (_, n, members) in zip(labels, methods, raw)]
     return [Protocol(number[key], first.results, config, tuple(g for g in groups if g.protocol == number[key]))
             for key, (first, config) in protocols.items()]

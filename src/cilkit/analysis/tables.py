@@ -15,10 +15,11 @@ import csv
 import html
 import io as _text_io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cilkit.common.errors import UserError
+from cilkit.settings.registry import METHODS
 from cilkit.cil.metrics import Results, fmt, mean_incremental, variant_names
 from cilkit.analysis.runsets import Protocol, RunGroup
 from cilkit.analysis.significance import LEVEL, PairedInterval, mean_std, paired_interval
@@ -42,6 +43,15 @@ class Spread:
 
 
 @dataclass(frozen=True)
+class RowInfo:
+    """What a row is beyond its cells (what table.tex's bold and ``--no-variants`` read)."""
+
+    variant: str | None  # the score set of a ``method [x]`` row; None for the method's own scores
+    reference: bool  # a row of a reference method (an upper bound: joint), ``Method.reference``
+    by_seed: Mapping[str, Mapping[int, float]]  # column key -> the figure of each run of a known seed
+
+
+@dataclass(frozen=True)
 class Table:
     """One protocol's table: its columns and one row per group and score set (a label, then
     ``None``, a float, or a :class:`Spread` for a group of several runs)."""
@@ -49,6 +59,7 @@ class Table:
     columns: list[Column]
     rows: list[list[Any]]
     repeated: bool  # some group has several runs: the table has runs and seeds columns
+    info: list[RowInfo] = field(default_factory=list)  # one per row (empty: none known)
 
     def shown(self) -> list[int]:
         """The indices of the columns of the Markdown, HTML and LaTeX tables."""
@@ -151,16 +162,43 @@ def _seeds_text(seeds: Sequence[int | None]) -> str:
     return ", ".join("?" if s is None else str(s) for s in seeds)
 
 
+def is_reference(results: Mapping[str, Any]) -> bool:
+    """The run's method (a calibrated run's: its source method) is a reference, an upper bound
+    like ``joint`` (``Method.reference`` of the registered class), not a contender."""
+    method = (results.get("calibration") or {}).get("source_method") or results.get("method")
+    return bool(getattr(METHODS.get(str(method)), "reference", False))
+
+
+def _row_info(group: RunGroup, label: str, keys: Sequence[str],
+              per_run: Sequence[tuple[int | None, Mapping[str, list[Any]]]]) -> RowInfo:
+    """A row's :class:`RowInfo`: its score set, whether it is a reference's, and each figure per
+    seed (``per_run``: each run's seed and rows by label, :func:`run_rows`)."""
+    by_seed: dict[str, dict[int, float]] = {k: {} for k in keys}
+    for seed, rows in per_run:
+        cells = rows.get(label)
+        if seed is None or cells is None:
+            continue
+        for k, v in zip(keys, cells):
+            if isinstance(v, (int, float)):
+                by_seed[k][seed] = float(v)
+    variant = None if label == group.label else label[len(group.label) + 2:-1]
+    return RowInfo(variant, is_reference(group.runs[0].results), by_seed)
+
+
 def build_table(groups: Sequence[RunGroup]) -> Table:
     """The table of one protocol's groups."""
     results = {g.label: g.runs[0].results for g in groups}
     n = _state_count(results)
     repeated = any(g.repeated for g in groups)
-    rows = []
+    columns = table_columns(_state_titles(results, n), repeated)
+    keys = [c.key for c in columns if c.key not in ("method", "runs", "seeds")]
+    rows, info = [], []
     for g in groups:
+        per_run = [(s, {row[0]: row[1:] for row in run_rows(g.label, r.results, n)}) for r, s in zip(g.runs, g.seeds)]
         for row in group_rows(g, n):
             rows.append([row[0], len(g.runs), _seeds_text(g.seeds), *row[1:]] if repeated else row)
-    return Table(table_columns(_state_titles(results, n), repeated), rows, repeated)
+            info.append(_row_info(g, row[0], keys, per_run))
+    return Table(columns, rows, repeated, info)
 
 
 def cell_text(value: Any, digits: int) -> str:

@@ -1,5 +1,5 @@
 """The class-incremental primitives, no training: the scenario (class order, states,
-hold-outs: ``scenario``), the exemplar memory (``memory``), per-class sums and means
+hold-outs, the imbalance profile and its one description: ``scenario``), the exemplar memory (``memory``), per-class sums and means
 (``classwise``), the accuracy measures (``metrics``) and the score rectifiers (``rectify``,
 pure functions over stored scores).
 

@@ -7,6 +7,7 @@ so that state b owns a contiguous range of positions, and hands out index tensor
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,23 @@ from cilkit.cil.classwise import class_counts
 from cilkit.settings.config import ImbalanceConfig, ScenarioConfig
 from cilkit.common.errors import UserError
 from cilkit.common.seeding import seeded_generator
+
+
+def describe_imbalance(record: Mapping[str, Any] | None) -> str:
+    """The imbalance profile of a scenario's record (:attr:`Scenario.imbalance`, results.json's
+    ``imbalance``) in words: kind, ratio (or counts), the range of training images per class,
+    whether the test set has it too; empty for a balanced stream (and for results without the
+    record). The one text of it: a run's first line and every protocol header (console table,
+    table.md, report.html, table.tex) end with it."""
+    if not record or record.get("profile", "none") == "none":
+        return ""
+    kind = record["profile"]
+    shape = {"longtail": f", ratio {record.get('ratio')}",
+             "step": f", ratio {record.get('ratio')}, minority fraction {record.get('minority_fraction')}"}.get(kind, "")
+    train = [n for n in record.get("train_per_class") or [] if n is not None]
+    counts = f"; {max(train)} to {min(train)} training images per class" if train else ""
+    test = "applied to the test set too" if record.get("apply_to_test") else "the test set balanced"
+    return f" Imbalance: {kind}{shape}{counts}; {test}."
 
 
 def class_order(order: int | list[int], num_classes: int) -> list[int]:

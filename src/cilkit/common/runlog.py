@@ -3,9 +3,11 @@
 :func:`log` prints a line; inside :func:`tee` it is also appended to the open log files
 (append-only, flushed per line, so a killed run keeps every line it printed). Tees nest: the
 parent directory of a comparison logs every line of its methods' runs, each of which logs its
-own; a file already open is not opened twice. An error that ends a block is written to the
-open log files too (:func:`record_failure`) as its traceback, which the console shows as well; a
-user error only where the run records it (one that ends a state), never a refusal to start.
+own; a file already open is not opened twice. A job in a process of its own writes its own
+run.log; the lines the parent forwards from it (its warnings) go through :func:`relay`. An
+error that ends a block is written to the open log files too (:func:`record_failure`) as its
+traceback, which the console shows as well; a user error only where the run records it (one
+that ends a state), never a refusal to start.
 """
 
 from __future__ import annotations
@@ -26,10 +28,23 @@ _files: dict[Path, TextIO] = {}  # the log files lines are copied to, by resolve
 def log(msg: str) -> None:
     """Print ``msg`` and append it to every log file open under :func:`tee` (under torchrun:
     rank 0 alone prints and writes)."""
+    _emit(msg, None)
+
+
+def relay(msg: str, source: str | os.PathLike) -> None:
+    """:func:`log` a line that another process (a job of :mod:`cilkit.runs.jobs`) wrote to its
+    own log file ``source``: printed and appended to every open log file but ``source`` itself,
+    which has the line already (a single job's run directory is the parent's)."""
+    _emit(msg, Path(source).resolve())
+
+
+def _emit(msg: str, skip: Path | None) -> None:
     if not distributed.is_main():
         return
     print(msg, flush=True)
     for path, f in list(_files.items()):
+        if path == skip:
+            continue
         try:
             f.write(msg + "\n")
             f.flush()

@@ -15,6 +15,7 @@ from cilkit.methods.base import Context, Method
 @register("joint")
 class Joint(Method):
     description = "upper bound: cross-entropy on all training data of all seen classes"
+    reference = True  # an upper bound, not a contender: never bold in table.tex
 
     def train_set(self, ctx: Context) -> torch.Tensor:
         return ctx.scenario.train_indices_of(ctx.state.seen)

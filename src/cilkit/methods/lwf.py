@@ -17,9 +17,12 @@ classifier over all seen classes. Two readings of that are in use; ``loss`` pick
   softmax(student old logits / T), lamb 1, T 2, no ``T^2`` factor), which is Li & Hoiem's Eq. 2
   with the heads merged (:func:`cilkit.methods.base.distillation_kl`).
 
-Run it with ``memory.total: 0`` (its configs do): it is the method that keeps no image. With a
-memory it trains on the exemplars too (then ``bce`` is iCaRL with the network's own
-classifier, iCaRL's ``cnn`` scores). Scores: the logits.
+It keeps no image (``needs_memory = False``): a run with a memory is refused in one line (run it
+with ``memory.total: 0``, as its configs do; beside methods with a memory, ``--set
+lwf:memory.total=0`` gives it a protocol of its own in the same command). With
+``allow_memory: true`` it trains on the exemplars too (then ``bce`` is iCaRL with the network's
+own classifier, iCaRL's ``cnn`` scores) and is labelled ``lwf (with memory N)`` wherever its
+name appears. Scores: the logits.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class LwFConfig(MethodConfig):
     temperature: float = option(2.0, gt=0, state0=False, help="ce_kd only: T of the distillation (Li & Hoiem's 2)")
     lambda_kd: float = option(1.0, ge=0, state0=False,
                               help="ce_kd only: weight of the distillation (Li & Hoiem's lambda_o = 1)")
+    allow_memory: bool = option(
+        False, role="none", state0=False, resume="free",
+        help="train on a memory when the run has one (refused otherwise: LwF keeps none); the run is then "
+             "labelled 'lwf (with memory N)'")
     quick: ClassVar[dict[str, Any]] = {"memory.total": 0}  # LwF keeps no memory
 
 
@@ -65,6 +72,7 @@ class LwF(Method):
     Config = LwFConfig
     cfg: LwFConfig
     needs_teacher = True
+    needs_memory = False  # a memory is refused unless lwf.allow_memory (then labelled "with memory N")
 
     def state0_like(self) -> type[Method] | None:
         """With ``ce_kd``, state 0 (no teacher) is fine-tuning's cross-entropy; ``bce`` is not."""

@@ -62,7 +62,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 
 from cilkit.settings.config import ScheduleConfig
 from cilkit.settings.registry import register_method as register
@@ -137,6 +136,8 @@ def kmeans_proxies(features: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     unit = F.normalize(features.double(), dim=1)
     if unit.shape[0] <= k:
         return unit[torch.arange(k) % unit.shape[0]].float()
+    from sklearn.cluster import KMeans  # scikit-learn (and scipy) only when PODNet imprints: ~90 MB a run need not hold
+
     km = KMeans(n_clusters=k, n_init=1, random_state=seed % 2**32).fit(unit.numpy())
     return torch.from_numpy(km.cluster_centers_).float()
 

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cilkit.common import distributed, io, runlog
+from cilkit.common import distributed, io, omp, runlog
 from cilkit.training.class_statistics import state_statistics
 from cilkit.settings.config import RunConfig
+from cilkit.settings.overrides import method_label
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
 from cilkit.training.engine import Engine
@@ -35,6 +36,7 @@ from cilkit.training.protocol import Context, EpochRecord, FitSpec, StateRecord,
 from cilkit.cil.metrics import score_metrics, state_accuracies
 from cilkit.models import IncrementalLinear
 from cilkit.cil.rectify import ClassStatistics
+from cilkit.cil.scenario import describe_imbalance
 from cilkit.run import provenance, state0cache, tensorboard
 from cilkit.rundir.layout import RunLayout, outermost_run
 from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, idle_milestones,
@@ -78,11 +80,13 @@ class Run:
         progress: bool | None = None,
         dataset: Dataset | None = None,
     ) -> None:
-        if not isinstance(config.method, str):
-            raise ValueError("Run takes one method; use run_methods for a comparison")
+        if not isinstance(config.method, str) or config.methods:
+            raise ValueError("Run takes one method, its overrides resolved (RunConfig.for_method); use run_methods "
+                             "for a comparison")
         if config.log.tensorboard:
             tensorboard.require()  # before any data is read or anything trains
         self.config = config
+        self.tag = method_label(config.method, config.to_dict())  # the method as its lines name it
         self.layout = RunLayout(run_dir)
         torch.set_num_threads(config.threads or free_cores())
         self.device = resolve_device(config.device)
@@ -127,13 +131,14 @@ class Run:
         """Run (or continue) the states; ``until_state`` stops after that state (for tests).
         Every :func:`~cilkit.common.runlog.log` line is copied to ``run.log`` meanwhile."""
         io.make_dir(self.layout.root)
-        with runlog.tee(self.layout.run_log):  # an error that ends the run goes to run.log too
+        # an error that ends the run goes to run.log too; the run holds the machine (cilkit.common.omp)
+        with runlog.tee(self.layout.run_log), omp.holding():
             start = self._restore() if resume else self.store.start_fresh()
-            log(f"[{self.config.method}] {self.setup_line()}")
+            log(f"[{self.tag}] {self.setup_line()}")
             for warning in (memory_covers_old_data(self.config, self.scenario),
                             idle_milestones(self.config, self.scenario)):
                 if warning is not None:
-                    log(f"[{self.config.method}] warning: {warning}")
+                    log(f"[{self.tag}] warning: {warning}")
             last = self.scenario.num_states - 1 if until_state is None else min(until_state, self.scenario.num_states - 1)
             try:
                 with self.store.recording(start):
@@ -164,7 +169,7 @@ class Run:
         t0 = time.perf_counter()
         torch.manual_seed(derive_seed(self.config.seed, "torch", b))
         st = self.scenario.state(b)
-        log(f"[{self.config.method}] state {b + 1}/{self.scenario.num_states}: classes {st.new.start}.."
+        log(f"[{self.tag}] state {b + 1}/{self.scenario.num_states}: classes {st.new.start}.."
             f"{st.new.stop - 1} new, {st.n_seen} seen")
         ctx = self.context(b)
         self.method.before_state(ctx)
@@ -179,11 +184,12 @@ class Run:
         self.store.record_state(entry, self._compiled())
         self._save_state(ctx)
         old = f", old {entry['top1_old']:.1f}" if entry["top1_old"] is not None else ""
-        log(f"[{self.config.method}] state {b + 1}: top-1 {entry['top1']:.2f}{old}, new {entry['top1_new']:.1f} "
+        log(f"[{self.tag}] state {b + 1}: top-1 {entry['top1']:.2f}{old}, new {entry['top1_new']:.1f} "
             f"({entry['time_s']:.1f} s)")
 
     def setup_line(self) -> str:
-        """What shapes the run and its speed, in one line (the first the run prints)."""
+        """What shapes the run and its speed, in one line (the first the run prints), ending with
+        the imbalance profile as the protocol headers of the tables name it (none when balanced)."""
         c, sc = self.config, self.scenario
         sizes = [sc.ends[0]] + [e - s for s, e in zip(sc.ends, sc.ends[1:])]
         steps = f"{sizes[0]}" + (f" + {len(sizes) - 1} x {sizes[1]}" if len(set(sizes[1:])) == 1 and len(sizes) > 1
@@ -194,8 +200,9 @@ class Run:
         return (f"{self.dataset.name}: {self.dataset.num_classes} classes, images {self.channels}x{self.size}x"
                 f"{self.size}; {sc.num_states} states of {steps} classes; memory {memory}"
                 f"{f' ({m.selection})' if m.enabled else ''}; device {self.device}{ranks_text()}, threads "
-                f"{torch.get_num_threads()} ({threads_source(c.threads)}), {precision}"
-                f"{', channels-last' if c.channels_last else ''}; seed {c.seed}")
+                f"{torch.get_num_threads()} ({threads_source(c.threads)}), {omp.CHOSEN.describe()}, {precision}"
+                f"{', channels-last' if c.channels_last else ''}; seed {c.seed}"
+                + (f".{imbalance}" if (imbalance := describe_imbalance(sc.imbalance)) else ""))
 
     # ----- train -----------------------------------------------------------------------------
     def _teacher(self, b: int) -> Any:
@@ -218,7 +225,7 @@ class Run:
         cached = distributed.from_main(lambda: state0cache.load_entry(cache, self.model, log)) if cache else None
         if cache is not None and cached is not None:
             distributed.sync_state(self.model)  # rank 0 read the entry
-            log(f"[{self.config.method}] state 1: reusing the cached state-0 model {cache} "
+            log(f"[{self.tag}] state 1: reusing the cached state-0 model {cache} "
                 "(same data content, order, model, code, options, training and execution settings and seed)")
             self.method.begin_round(ctx)  # what the round sets up, but for the training itself
             ctx = self._with_train_set(ctx)
@@ -252,7 +259,7 @@ class Run:
         fit = self.engine.fit(ctx, self.method, indices, ctx.fit, desc=desc)
         losses = fit["epoch_losses"]
         if stalled(losses):
-            log(f"[{self.config.method}] warning: {stall_message(desc, losses, self.method.name)}")
+            log(f"[{self.tag}] warning: {stall_message(desc, losses, self.method.name)}")
         return {
             "train_images": int(indices.numel()),
             "train_seconds": fit["train_seconds"],
@@ -298,7 +305,7 @@ class Run:
         stats = state_statistics(ctx, self._trained(ctx), self.statistics)
         self.store.write_statistics(ctx.state.index, stats)
         for message in self.method.statistics_warnings(ctx, stats):
-            log(f"[{self.config.method}] warning: state {ctx.state.index + 1}: {message}")
+            log(f"[{self.tag}] warning: state {ctx.state.index + 1}: {message}")
         self.statistics = stats
         return stats
 
@@ -366,7 +373,7 @@ class Run:
     def _restore(self) -> int:
         restored = self.store.restore(self._environment())
         if restored is None:
-            log(f"[{self.config.method}] no checkpoint in {self.layout.root}: starting from state 1")
+            log(f"[{self.tag}] no checkpoint in {self.layout.root}: starting from state 1")
             return self.store.restart(self.method.name)
         if restored.data is not None and restored.data != self.data_digest():
             where = self.dataset.origin.get("train") or self.config.data.root or f"dataset '{self.dataset.name}'"
@@ -378,6 +385,6 @@ class Run:
         self.memory.load_state_dict(restored.memory)
         self.statistics = restored.statistics
         self.store.write_results()  # results.json as the checkpoint holds them (a damaged one rebuilt)
-        log(f"[{self.config.method}] resuming {self.layout.root} after state {restored.state + 1}/"
+        log(f"[{self.tag}] resuming {self.layout.root} after state {restored.state + 1}/"
             f"{self.scenario.num_states}")
         return restored.state + 1

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cilkit.common import distributed
+from cilkit.common import distributed, machine
 
 import cilkit
 
@@ -75,6 +75,33 @@ def environment(device: torch.device, threads: int, amp: bool, channels_last: bo
         "ranks": distributed.world_size(),
         "backend": distributed.backend(),
     }
+
+
+_PEAK_SINCE = ["process"]  # where the peak memory counts from: "run" once start_peak_memory reset it
+
+
+def start_peak_memory() -> None:
+    """The run's peak memory (:func:`with_peak_memory`) counts from here: the process's peak
+    resident memory starts again from what it holds now (the data and model included), and so
+    does CUDA's peak allocation."""
+    _PEAK_SINCE[0] = "run" if machine.reset_peak_rss() else "process"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def with_peak_memory(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the run's peak memory so far: ``peak_rss_bytes`` (the most resident memory
+    of the process, since :func:`start_peak_memory`: ``peak_rss_since`` says run or process start)
+    and, where CUDA ran, ``peak_cuda_bytes`` (the most memory its tensors held); on a resumed run
+    the largest of every attempt. Rank 0's, under torchrun."""
+    rss = machine.peak_rss()
+    out = dict(record)
+    if rss is not None:
+        out["peak_rss_bytes"] = max(rss, int(record.get("peak_rss_bytes") or 0))
+        out["peak_rss_since"] = _PEAK_SINCE[0]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_bytes"] = max(int(torch.cuda.max_memory_allocated()), int(record.get("peak_cuda_bytes") or 0))
+    return out
 
 
 def command_line() -> str:

@@ -183,9 +183,16 @@ def check_protocol(config: RunConfig, dataset: Dataset | None = None) -> Dataset
         from cilkit.run import wandb_log
 
         wandb_log.require()
+    # the run's thread count before any parallel region: an OpenMP pool once wider keeps its surplus
+    # threads, and where idle threads spin (cilkit.common.omp) each of them would hold a core
+    torch.set_num_threads(config.threads or free_cores())
     resolve_device(config.device)
     dataset = dataset if dataset is not None else load_dataset(config.data)
     build_scenario(config, dataset)
-    for name in config.methods:
-        build_method_and_model(config.for_method(name), dataset)
+    for name in config.method_names:
+        run_config = config.for_method(name)  # with the method's own protocol keys (config.methods)
+        data = dataset if run_config.data == config.data else load_dataset(run_config.data)
+        if run_config.data != config.data or run_config.scenario != config.scenario:
+            build_scenario(run_config, data)
+        build_method_and_model(run_config, data)
     return dataset

@@ -109,6 +109,7 @@ class RunStore:
         (``log.wandb``), each replaying the finished states unless it holds them already."""
         kept = self.history.keep_states(start - 1)
         self.epochs = sum(line["kind"] == "epoch" for line in kept)
+        provenance.start_peak_memory()  # the run's own peak, also when a process makes several runs
         if not distributed.is_main():
             yield
             return
@@ -151,6 +152,7 @@ class RunStore:
         if "provenance" in r:
             r["provenance"]["finished"] = provenance.now()
             r["provenance"]["compile"] = compiled
+            r["provenance"] = provenance.with_peak_memory(r["provenance"])
         line = history.state_line(entry["state"], entry)
         self.history.append(line)
         for tracker in self.trackers:

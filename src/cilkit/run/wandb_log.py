@@ -38,6 +38,7 @@ from typing import Any
 from cilkit.common import io
 from cilkit.analysis import runsets
 from cilkit.settings.config import RunConfig
+from cilkit.settings.overrides import method_label
 from cilkit.common.errors import UserError, described
 from cilkit.run.tensorboard import STATE_SCALARS
 
@@ -120,8 +121,9 @@ class WandbLog:
     def __init__(self, root: str | os.PathLike, config: RunConfig, results: Mapping[str, Any]) -> None:
         """``results``: the run's results so far (what the protocol group is read from)."""
         assert isinstance(config.method, str)
+        label = method_label(config.method, config.to_dict())  # lwf (with memory 200): not lwf's own runs
         self.run, self.empty = _start(Path(root), RUN_ID, config, group=protocol_group(config.to_dict(), results),
-                                      name=f"{config.method}/{config.seed}", job_type=config.method)
+                                      name=f"{label}/{config.seed}", job_type=label)
         self.run.define_metric("train/epoch")
         self.run.define_metric("train/*", step_metric="train/epoch")
         self.run.define_metric("state/classes_seen")

@@ -49,6 +49,20 @@ def read_results(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
     _check_values(path, data)
+    return _renamed_variants(data)
+
+
+# score sets (``variants``) renamed since a run was made: ``(method, old name) -> name``, so that
+# runs made before read as today's (a group of old and new runs keeps one row per score set)
+RENAMED_VARIANTS = {("active", "cnn"): "unscaled"}  # active CIL's raw logits beside its scaled scores
+
+
+def _renamed_variants(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the score sets of :data:`RENAMED_VARIANTS` under their names of today."""
+    method = str(data.get("method"))
+    for state in data["states"]:
+        if state.get("variants"):
+            state["variants"] = {RENAMED_VARIANTS.get((method, k), k): v for k, v in state["variants"].items()}
     return data
 
 

@@ -16,7 +16,8 @@ from cilkit.settings.config import RunConfig
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
 from cilkit.common.errors import UserError
-from cilkit.runs.jobs import Executor, InProcess, LocalProcesses, StatusBoard, cpu_threads_per_job, gpus_for_jobs
+from cilkit.runs.jobs import Executor, InProcess, LocalProcesses, cpu_threads_per_job, gpus_for_jobs
+from cilkit.runs.status import StatusBoard
 from cilkit.runs.slurm import SlurmExecutor, SlurmOptions, require  # submitit itself only when a plan runs there
 from cilkit.run.setup import build_scenario, free_cores, with_resolved_threads
 from cilkit.common.runlog import log

@@ -21,27 +21,29 @@ its run directory and cause; the other jobs go on, and :class:`JobsFailed` is ra
 end. A job whose run directory holds a finished run is not started again, so ``--resume`` of
 the parent directory runs the unfinished jobs only.
 
-While jobs run in other processes, this process prints one status line per running job (its
-state, epoch and an ETA read off its ``history.jsonl``) every :data:`STATUS_EVERY_S` seconds and
-a line when a job starts, ends or fails; each job writes its own ``run.log`` and
-``history.jsonl`` as a serial run does.
+While jobs run in other processes, this process prints their status lines and forwards their
+warnings (:mod:`cilkit.runs.status`); each job writes its own ``run.log`` and
+``history.jsonl`` as a serial run does. Every warning a job prints (a line ``warning: ...`` or
+``[<method>] warning: ...``) is forwarded from the job's ``run.log`` (:class:`~cilkit.runs.status.WarningRelay`): once,
+within seconds or at the latest when the job ends, prefixed by the job's label and seed
+(``[icarl/run_1, seed 1994] warning: ...``), to the console and the parent's ``run.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
 import sys
-import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cilkit.common import io
+from cilkit.common import io, omp
 from cilkit.settings.config import RunConfig, validate
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
@@ -50,8 +52,8 @@ from cilkit.settings.keys import config_differences
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_results
 from cilkit.common.runlog import log
+from cilkit.runs.status import StatusBoard, status_every
 
-STATUS_EVERY_S = 30.0  # how often the running jobs' status lines are printed (CILKIT_STATUS_EVERY_S overrides)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def plan(config: RunConfig, out: Path, resume: bool = False) -> list[RunJob]:
     ``runs: R > 1`` -> ``.../run_<k>`` with seeds ``seed + k``. With ``resume``, a directory
     that exists is continued."""
     jobs = []
-    for name in config.methods:
+    for name in config.method_names:
         base = out if isinstance(config.method, str) else out / name
         for k in range(config.runs):
             run_dir = base if config.runs == 1 else base / f"run_{k}"
@@ -150,106 +152,6 @@ def _data_key(data: dict[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-# ----- status lines --------------------------------------------------------------------------
-@dataclass
-class JobProgress:
-    """Where a running job is, from its ``history.jsonl``: finished states, the last epoch line."""
-
-    states_done: int = 0
-    state: int = 1
-    stage: str = "train"
-    epoch: int = 0
-    epochs: int | None = None
-
-
-def read_progress(run_dir: Path, epochs_of: list[int]) -> JobProgress:
-    """The progress of the run in ``run_dir`` (``epochs_of[b]``: the training epochs of state b)."""
-    import json
-
-    p = JobProgress()
-    try:
-        lines = RunLayout(run_dir).history.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return p
-    for text in lines:
-        try:
-            line = json.loads(text)
-        except ValueError:
-            continue  # a line being written
-        if not isinstance(line, dict):
-            continue
-        if line.get("kind") == "state":
-            p.states_done, p.state, p.epoch = int(line["state"]), int(line["state"]) + 1, 0
-        elif line.get("kind") == "epoch":
-            p.state, p.stage, p.epoch = int(line["state"]), str(line.get("stage")), int(line["epoch"])
-    b = p.state - 1
-    p.epochs = epochs_of[b] if 0 <= b < len(epochs_of) else None
-    return p
-
-
-def status_line(label: str, p: JobProgress, num_states: int, elapsed: float) -> str:
-    """``[jobs] icarl/run_1: state 2/5, epoch 3/8, ETA 1m20s``; the ETA assumes the states take
-    equally long (the first state, often larger, makes it pessimistic early on)."""
-    where = f"state {min(p.state, num_states)}/{num_states}"
-    if p.epoch:
-        where += f", {'' if p.stage == 'train' else p.stage + ' '}epoch {p.epoch}" + (
-            f"/{p.epochs}" if p.epochs and p.stage == "train" else "")
-    fraction = (p.states_done + (min(p.epoch / p.epochs, 1.0) if p.epochs and p.stage == "train" else 0.0)) / num_states
-    eta = f", ETA {_duration(elapsed * (1 - fraction) / fraction)}" if fraction > 0 else ""
-    return f"[jobs] {label}: {where}{eta}"
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def status_every() -> float:
-    return float(os.environ.get("CILKIT_STATUS_EVERY_S", STATUS_EVERY_S))
-
-
-@dataclass
-class StatusBoard:
-    """The status lines of the jobs running elsewhere (processes, cluster jobs)."""
-
-    num_states: int
-    epochs_of: list[int]
-    started: dict[str, float] = field(default_factory=dict)
-    last_print: float = field(default_factory=time.monotonic)
-
-    def start(self, job: RunJob, where: str) -> None:
-        self.started[job.label] = time.monotonic()
-        log(f"[jobs] {job.label}: started ({where}) -> {job.run_dir}")
-
-    def end(self, job: RunJob) -> None:
-        t0 = self.started.pop(job.label, time.monotonic())
-        log(f"[jobs] {job.label}: done in {_duration(time.monotonic() - t0)}{_result_text(job.run_dir)}")
-
-    def fail(self, job: RunJob, cause: str) -> None:
-        self.started.pop(job.label, None)
-        log(f"[jobs] {job.label}: FAILED ({job.run_dir}): {cause}")
-
-    def tick(self, jobs: list[RunJob]) -> None:
-        """Print every running job's line, at most once per :func:`status_every` seconds."""
-        now = time.monotonic()
-        if now - self.last_print < status_every():
-            return
-        self.last_print = now
-        for job in jobs:
-            if job.label in self.started:
-                p = read_progress(job.run_dir, self.epochs_of)
-                log(status_line(job.label, p, self.num_states, now - self.started[job.label]))
-
-
-def _result_text(run_dir: Path) -> str:
-    try:
-        value = read_results(RunLayout(run_dir).results).get("mean_incremental_top1")
-    except UserError:
-        return ""
-    return "" if value is None else f": mean incremental top-1 {value:.2f}"
-
-
-# ----- local processes -----------------------------------------------------------------------
 def _job_process(job: RunJob, conn: multiprocessing.connection.Connection, gpu: int | None) -> None:
     """A job's process: its console lines go to its run.log alone (the parent prints status
     lines); its cause of failure goes back to the parent, its traceback to its run.log."""
@@ -291,6 +193,7 @@ class LocalProcesses:
         running: dict[Any, tuple[RunJob, Any, Any, int | None]] = {}  # sentinel -> (job, process, conn, gpu)
         free_gpus = list(self.gpus) if self.gpus is not None else None
         failures: list[tuple[RunJob, str]] = []
+        self.board.watch(jobs)
         try:
             while pending or running:
                 while pending and len(running) < self.jobs:
@@ -298,7 +201,8 @@ class LocalProcesses:
                     gpu = free_gpus.pop(0) if free_gpus else None
                     recv, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_job_process, args=(job, send, gpu), name=f"cilkit-{job.label}")
-                    proc.start()
+                    with omp.shared_by_children(f"one of --jobs {self.jobs} processes sharing the cores"):
+                        proc.start()  # its idle threads sleep
                     send.close()
                     running[proc.sentinel] = (job, proc, recv, gpu)
                     self.board.start(job, f"process {proc.pid}" + (f", GPU {gpu}" if gpu is not None else ""))
@@ -320,6 +224,8 @@ class LocalProcesses:
                 proc.terminate()
             for job, proc, _, _ in running.values():
                 proc.join()
+                with contextlib.suppress(Exception):  # what it warned of before it stopped
+                    self.board.warnings.forward(job, final=True)
             raise
         return failures
 

@@ -18,6 +18,7 @@ import numpy as np
 from cilkit.common import distributed, io, runlog
 from cilkit.analysis.significance import mean_std
 from cilkit.settings.config import RunConfig
+from cilkit.settings.overrides import method_label
 from cilkit.data.base import Dataset
 from cilkit.runs.jobs import JobsFailed, RunJob, finished, plan
 from cilkit.runs.execution import Execution
@@ -132,11 +133,11 @@ def write_summary(config: RunConfig, out: Path, results: dict[str, dict[str, Any
     ddof=1, as the report's tables) over the runs of the mean incremental top-1 and balanced
     top-1, with and without state 0."""
     summary: dict[str, Any] = {"runs": config.runs, "seeds": [config.seed + k for k in range(config.runs)], "methods": {}}
-    for name in config.methods:
+    for name in config.method_names:
         runs = [results[f"{name}/run_{k}"] for k in range(config.runs)]
         summary["methods"][name] = {key: _mean_std([r.get(key) for r in runs]) for key in SUMMARY_KEYS}
         m = summary["methods"][name]["mean_incremental_top1_excl_first"]
         if m["sample_std"] is not None:
-            log(f"[{name}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} ± "
+            log(f"[{method_label(name, config.for_method(name).to_dict())}] {config.runs} runs: mean incremental top-1 (excl. state 1) {m['mean']:.2f} ± "
                 f"{m['sample_std']:.2f} (sample std)")
     io.write_json(RunLayout(out).summary, summary)

@@ -8,22 +8,34 @@ GPUs, ``--slurm-mem-gb`` and ``--slurm-time`` minutes. A job that SLURM preempts
 reaches its time limit is requeued by submitit (:class:`SlurmRun` is checkpointable) and
 continues from its last finished state, as ``--resume`` does. submitit's own files (the
 pickled job, its stdout/stderr) go to ``<parent>/slurm/``. This process waits for the jobs,
-prints their status lines from their run directories, and gathers them into the parent
-directory as a local run does, so ``cilkit compare`` reads it; interrupted, it cancels the jobs
-it submitted (``cilkit run --resume <parent> --executor slurm`` submits the unfinished ones).
+prints their status lines and forwards their warnings from their run directories, and gathers
+them into the parent directory as a local run does, so ``cilkit compare`` reads it; interrupted,
+it cancels the jobs it submitted (``cilkit run --resume <parent> --executor slurm`` submits the
+unfinished ones).
+
+submitit asks ``sacct`` for the jobs' states. On a cluster that keeps no accounting
+(``AccountingStorageType=accounting_storage/none``, no slurmdbd) every such call fails, with
+``sacct``'s "Slurm accounting storage is disabled" and submitit's "Bypassing sacct error" on the
+console again and again; there this process says once that accounting is off and reads the
+states from ``squeue`` instead (:func:`squeue_watcher`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cilkit.common.errors import UserError, described
-from cilkit.runs.jobs import RunJob, StatusBoard, run_job, status_every
+from cilkit.runs.jobs import RunJob, run_job
+from cilkit.runs.status import StatusBoard, status_every
 from cilkit.rundir.layout import RunLayout
+from cilkit.common.runlog import log
 
 
 @dataclass(frozen=True)
@@ -98,10 +110,18 @@ class SlurmExecutor:
             executor.update_parameters(**submitit_parameters(self.options, self.jobs))
         except ValueError as e:  # an unknown --slurm-option
             raise UserError(f"--slurm-option: {e}") from None
+        off = accounting_off()
+        self.board.watch(jobs)
         try:
             submitted = executor.map_array(SlurmRun(), jobs)
         except Exception as e:  # sbatch refused (no such partition, no scheduler here, ...)
             raise UserError(f"--executor slurm: submitting the jobs failed: {described(e, 300)}") from None
+        if off is not None:
+            log(f"[jobs] SLURM accounting is off here (sacct: {off}): the jobs' states are read from squeue")
+            watcher = squeue_watcher()
+            for handle in submitted:
+                handle.watcher = watcher  # this job's state checks, instead of submitit's sacct watcher
+                watcher.register_job(handle.job_id)
         for job, handle in zip(jobs, submitted):
             self.board.start(job, f"SLURM job {handle.job_id}")
         try:
@@ -130,6 +150,51 @@ class SlurmExecutor:
             if waiting:
                 time.sleep(min(status_every(), 2.0))
         return failures
+
+
+def accounting_off() -> str | None:
+    """Why ``sacct`` cannot tell the jobs' states here (its last line of error, e.g. "Slurm
+    accounting storage is disabled"), or None when it answers."""
+    try:
+        out = subprocess.run(["sacct", "--noheader", "-X", "-o", "JobID", "-j", "1"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return described(e, 200)
+    if out.returncode == 0:
+        return None
+    lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+    return lines[-1].removeprefix("sacct: ") if lines else f"exit status {out.returncode}"
+
+
+GONE = "NOT_IN_SQUEUE"  # the state of a job squeue no longer lists (ended, then dropped by slurmctld)
+
+
+def squeue_watcher(delay_s: float = 60.0) -> Any:
+    """A submitit job-state watcher that reads ``squeue`` (this user's jobs, every state
+    slurmctld still holds, one line per array task) where submitit's reads ``sacct``. A job it
+    no longer lists ended a while ago (``MinJobAge``): :data:`GONE`, which submitit counts as
+    done; whether it succeeded is then its result file's to say, as with ``sacct``."""
+    return _squeue_watcher_class()(delay_s=delay_s)
+
+
+@functools.cache
+def _squeue_watcher_class() -> type:
+    base: Any = require().slurm.slurm.SlurmInfoWatcher
+
+    class SqueueWatcher(base):
+        def _make_command(self) -> list[str] | None:
+            if super()._make_command() is None:  # no job left to check
+                return None
+            return ["squeue", "--noheader", "--array", "--states=all", f"--user={os.getuid()}", "--format=%i|%T|%N"]
+
+        def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+            text = string.decode() if isinstance(string, bytes) else string
+            info: dict[str, dict[str, str]] = super().read_info("JobID|State|NodeList\n" + text)
+            for job_id in self._registered - self._finished:
+                info.setdefault(job_id, {"JobID": job_id, "State": GONE, "NodeList": ""})
+            return info
+
+    return SqueueWatcher
 
 
 def _job_error(handle: Any) -> str | None:

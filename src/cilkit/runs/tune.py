@@ -283,9 +283,11 @@ def write_ranking(out: Path, rows: list[dict[str, Any]], what: dict[str, Any], m
         "chosen": best["values"],
         "set_line": " ".join(f"--set {k}={v}" for k, v in best["values"].items()),
         "verdict": verdict(ranking),
+        "caveat": caveat(ranking),
     }
     io.write_json(out / "ranking.json", record)
-    io.write_text(out / "ranking.md", ranking_table(ranking, METRICS[metric]) + "\n")
+    note = f"\n\n{record['caveat']}" if record["caveat"] else ""
+    io.write_text(out / "ranking.md", ranking_table(ranking, METRICS[metric]) + note + "\n")
     return record
 
 
@@ -299,6 +301,18 @@ def verdict(ranking: list[dict[str, Any]]) -> str:
     a, b = scored[0], scored[1]
     noise = max(a["val_score_std"] or 0.0, b["val_score_std"] or 0.0)
     return "tie" if a["val_score_mean"] - b["val_score_mean"] <= noise + 1e-9 else "chosen"
+
+
+def caveat(ranking: list[dict[str, Any]]) -> str | None:
+    """What a ``chosen`` verdict cannot say (grid and ``--search`` alike): with one seed per
+    point for the first two, there is no noise to hold their difference against, so any
+    difference wins; None when they have a seed noise (or there is no runner-up)."""
+    scored = [r for r in ranking if r["val_score_mean"] is not None]
+    if len(scored) < 2 or any(r["val_score_std"] is not None for r in scored[:2]):
+        return None
+    gap = scored[0]["val_score_mean"] - scored[1]["val_score_mean"]
+    return (f"single seed, no noise estimate: the first two differ by {gap:.2f} points, which one seed cannot tell "
+            "from seed noise; more seeds (--set runs=R) would")
 
 
 def ranking_table(ranking: list[dict[str, Any]], metric: str = METRICS["top1"]) -> str:

@@ -10,7 +10,6 @@ names of methods, backbones and datasets are checked against the registries.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -27,6 +26,7 @@ from pydantic import (
 )
 
 from cilkit.common.errors import UserError, did_you_mean, first_error, unknown_name
+from cilkit.settings.overrides import apply_overrides, check_methods, overrides_of, resolved
 from cilkit.settings.packaged import quickstart_dict, resolve_config
 from cilkit.settings.plugins import import_plugins, plugin_list
 from cilkit.settings.registry import BACKBONES, METHODS, SOURCE_OPTIONS, SOURCES
@@ -259,6 +259,9 @@ class RunConfig(BaseModel):
     seed: int = 0
     runs: int = Field(1, ge=1)  # > 1: seeds seed, seed+1, ... into run_<k>/ and a summary.json
     method: str | list[str] = "finetune"
+    # per-method overrides of protocol keys (nested or dotted): {lwf: {memory: {total: 0}}}, or
+    # --set lwf:memory.total=0; each method's runs use them (for_method), a protocol of its own
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
     data: DataConfig = Field(default_factory=DataConfig)
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
@@ -284,6 +287,11 @@ class RunConfig(BaseModel):
             raise ValueError("the list of methods is empty")
         return v
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _per_method_keys(cls, v: Any) -> Any:
+        return overrides_of(v)  # each entry a method's, of protocol keys only (nested, as read back)
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, v: str) -> str:
@@ -305,53 +313,30 @@ class RunConfig(BaseModel):
             extra[key] = validated.model_dump()
         return self
 
+    @model_validator(mode="after")
+    def _each_method_as_it_runs(self) -> "RunConfig":
+        check_methods(self, VALUE_KINDS)  # valid with its overrides; a memory only as the method declares
+        return self
+
     @property
-    def methods(self) -> list[str]:
+    def method_names(self) -> list[str]:
+        """The methods the config runs (``method``: one name or a list), in order."""
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
     def method_options(self, name: str) -> dict[str, Any]:
         return dict((self.model_extra or {}).get(name) or {})
 
     def for_method(self, name: str) -> "RunConfig":
-        """This config with a single method (one run of a multi-method comparison)."""
-        data = self.to_dict()
+        """This config with a single method (one run of a multi-method comparison), its
+        overrides of ``methods`` applied (and ``methods`` then empty: a run's config is resolved)."""
+        data = resolved(self.to_dict(), name)
         data["method"] = name
         data["name"] = f"{self.name}/{name}" if self.name else name
         return RunConfig.model_validate(data)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"memory.total=500"`` -> (["memory", "total"], 500). Values are parsed as YAML."""
-    if "=" not in item:
-        raise UserError(f"--set '{item}': expected key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set '{item}': empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set '{item}': '{part}' is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
+        data = self.model_dump(mode="json")  # as config.yaml records it: methods only when it holds overrides
+        return data if data["methods"] else {k: v for k, v in data.items() if k != "methods"}
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -67,6 +67,9 @@ KEYS: dict[str, Key] = {
     "seed": Key(Role.IDENTITY, True, "keep"),
     "runs": Key(Role.NONE, False, "keep"),  # how many seeds a parent holds: changes which runs exist
     "method": Key(Role.IDENTITY, False, "keep"),  # state 0: the method's code and options are keyed
+    # per-method overrides of protocol keys: a comparison's parent only (a run's config holds them
+    # resolved, RunConfig.for_method, where the keys they set are grouped, kept and keyed)
+    "methods": _protocol(state0=False),
     # data
     "data.name": _protocol(),
     "data.root": DERIVED,

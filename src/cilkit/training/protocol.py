@@ -245,6 +245,11 @@ class Method(FitHooks):
     # keep each state's test features and linear classifier in scores/state_XX.npz, what
     # `cilkit calibrate --with scail` reads (fine-tuning and the methods built on it)
     stores_features: ClassVar[bool] = False
+    reference: ClassVar[bool] = False  # an upper bound or reference (joint): never bold in a paper table
+    # what the method is defined with: True needs a memory, False keeps none (LwF: a run with a
+    # memory is refused unless its options set allow_memory, and is labelled "with memory N"),
+    # None either; checked where the config is validated (cilkit.settings.config.memory_refusal)
+    needs_memory: ClassVar[bool | None] = None
 
     def __init__(self, config: RunConfig, options: MethodConfig | None = None) -> None:
         self.run_config = config

@@ -261,10 +261,11 @@ class ActiveIL(Method):
         return prediction_scaling(out["logits"], self.train_counts.to(out["logits"].device))
 
     def extra_scores(self, ctx: Context, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The other side of prediction scaling at inference: raw logits (``cnn``) when scaling
-        is on, scaled probabilities (``scaled``) when it is off."""
+        """The other side of prediction scaling at inference: the raw logits (``unscaled``; runs
+        made before it was named so call it ``cnn``, which :func:`~cilkit.rundir.readers.read_results`
+        renames) when scaling is on, scaled probabilities (``scaled``) when it is off."""
         if self.cfg.scaling:
-            return {"cnn": out["logits"]}
+            return {"unscaled": out["logits"]}
         return {"scaled": prediction_scaling(out["logits"], self.train_counts.to(out["logits"].device))}
 
     # ----- resume ------------------------------------------------------------------------------
