@@ -158,19 +158,19 @@ class SSIL(Method):
         kd = task_wise_kd(logits, batch.teacher["logits"][:, :n_old], self._tasks(ctx), self.cfg.temperature)
         return {"separated_ce": ce, "task_kd": self.cfg.kd_weight * kd}
 
-    def replayed_images(self, ctx: Context, indices: torch.Tensor) -> int:
-        """How many of an epoch's images over ``indices`` are replayed exemplars: ``replay_per_batch``
-        in each full batch of :func:`~cilkit.training.engine.replay_order` (none without a full batch)."""
-        n_new = int(torch.isin(indices, ctx.state.train).sum())
+    def replayed_images(self, ctx: Context, n_new: int, n_replay: int) -> int:
+        """How many of an epoch's images are replayed exemplars, for ``n_new`` new images and a
+        memory of ``n_replay``: ``replay_per_batch`` in each full batch of
+        :func:`~cilkit.training.engine.replay_order` (none without a full batch or a memory)."""
         full = n_new // (ctx.fit.batch_size - self.replay_per_batch)
-        return full * self.replay_per_batch if full and n_new < indices.numel() else 0
+        return full * self.replay_per_batch if full and n_replay else 0
 
     def after_state(self, ctx: Context) -> None:
         if ctx.state.index == 0 or ctx.trained is None or not ctx.trained.rounds:
             return
         indices = ctx.trained.rounds[-1]
         n_new = int(torch.isin(indices, ctx.state.train).sum())
-        replayed = self.replayed_images(ctx, indices)
+        replayed = self.replayed_images(ctx, n_new, indices.numel() - n_new)
         ctx.record.results.update({
             "replay_share": replayed / (n_new + replayed),
             "replay_per_batch": self.replay_per_batch,
