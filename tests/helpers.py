@@ -117,3 +117,14 @@ def total(terms: Any) -> Any:
     from cilkit.training.engine import summed_terms
 
     return summed_terms(terms)[0]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """The one stderr line of a ``cilkit`` command (``argv``) that exits with status 2."""
+    from cilkit.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

@@ -27,8 +27,10 @@ EXERCISED_BY = {
     "cilkit.methods.il2m": "test_calibration.py::test_live_il2m_equals_calibrated_finetune",
     "cilkit.methods.joint": "test_hooks.py::test_train_set_and_memory_candidates_are_pure_queries",  # every method
     "cilkit.methods.scail": "test_hooks.py::test_train_set_and_memory_candidates_are_pure_queries",
+    "cilkit.models.size": "test_strict_inputs.py::test_the_model_size_is_estimated_without_allocating_it",
     "cilkit.models.small": "test_cli.py::test_the_first_line_of_a_run_states_its_setup",  # the convnet
     "cilkit.models.split": "test_lucir.py::test_cosine_head_shares_one_sigma_and_freezes_the_old_rows",
+    "cilkit.training.divergence": "test_divergence.py::test_a_nan_loss_stops_a_single_run_in_its_first_epoch_with_one_line",
     "cilkit.run.history": "test_logs.py::test_a_cached_state0_has_a_state_line_and_no_epoch_lines",
     "cilkit.run.provenance": "test_cli.py::test_the_first_line_of_a_run_states_its_setup",  # every run records it
     "cilkit.run.store": "test_cli.py::test_the_first_line_of_a_run_states_its_setup",

@@ -21,7 +21,7 @@ from cilkit.methods.finetune import Finetune
 from cilkit.run.loop import Run
 from cilkit.runs.jobs import plan
 from cilkit.runs.multirun import claimed_runs
-from cilkit.settings.config import RunConfig, load_config, read_yaml, validate
+from cilkit.settings.config import load_config, read_yaml, validate
 from cilkit.settings.overrides import method_label, parse_override
 from cilkit.settings.registry import METHODS
 from helpers import one_error_line, strip_timings, tiny_config, tiny_dict

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import strip_timings, tiny_config, tiny_dict
+from helpers import one_line_error, strip_timings, tiny_config, tiny_dict
 
 import cilkit
 from cilkit.cli import main
@@ -25,14 +25,6 @@ from cilkit.run.state0cache import cache_file
 
 PACKAGE = Path(cilkit.__file__).parent
 REUSED = "reusing the cached state-0 model"
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 # ----- the state-0 cache ---------------------------------------------------------------------------

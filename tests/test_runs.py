@@ -41,7 +41,7 @@ def test_run_directory_and_results(tmp_path):
     # the checkpoint loads without executing code and holds what a resume needs
     ckpt = load_torch(sorted((d / "checkpoints").glob("*.pt"))[-1])
     assert set(ckpt) == {"state", "num_classes", "architecture", "model", "method", "memory", "statistics", "results",
-                         "config", "data"}
+                         "config", "data", "code"}
     assert ckpt["architecture"] == {"num_classes": 10}  # the model's shape: a plain backbone, no auxiliary head
     assert len(list((d / "checkpoints").glob("*.pt"))) == 1  # keep_checkpoints: last
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -13,22 +15,46 @@ from cilkit.analysis.calibrate import calibrate_run
 from cilkit.settings.config import RunConfig, load_config, read_yaml, validate
 from cilkit.describe import describe, overview, version_line
 from cilkit.common.errors import UserError, did_you_mean
-from cilkit.settings.plugins import import_plugins, plugin_list
+from cilkit.settings.plugins import import_plugins, plugin_failure, plugin_list
 from cilkit.analysis.latex import COLUMN_KEYS, DEFAULT_COLUMNS
 from cilkit.analysis.report import compare_runs
 from cilkit.analysis.tables import PAIRED_METRICS
-from cilkit.rundir.layout import RunLayout, check_target, fresh_directory, is_run_dir
+from cilkit.rundir.layout import LOCK_NAME, DirectoryLock, RunLayout, check_target, fresh_directory, is_run_dir
 from cilkit.common.runlog import log
 from cilkit.runs.execution import Execution
 from cilkit.runs.jobs import JobsFailed
 from cilkit.runs.multirun import repeat_dirs, run_methods
 from cilkit.runs.slurm import SlurmOptions
 from cilkit.run.setup import check_protocol, with_resolved_threads
+from cilkit.run.store import strict_resume
 from cilkit.run.tensorboard import add_report_figures
 from cilkit.runs.tune import parse_grid, ranking_table, tune
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.strict and not args.resume:
+        raise UserError("--strict refuses a resume under other code than the run's checkpoints: give it with "
+                        "--resume DIR")
+    if args.resume:
+        with _resume_lock(Path(args.resume)):
+            return _run(args)
+    return _run(args)
+
+
+def _resume_lock(run_dir: Path) -> contextlib.AbstractContextManager[object]:
+    """The run's lock, taken before ``--resume`` reads anything of the run (its config.yaml,
+    marker, checkpoints): a run that another process holds (one replacing it with --overwrite,
+    or resuming it too) is one line, never a half-cleared run read. Nothing is locked (or made)
+    where no run directory is: the resume itself then says why it cannot continue. Under
+    torchrun only rank 0 locks (the ranks have not joined yet: ``RANK`` says which this is)."""
+    if not run_dir.is_dir() or run_dir.is_symlink() or (distributed.launched() and os.environ.get("RANK", "0") != "0"):
+        return contextlib.nullcontext()
+    return DirectoryLock(run_dir, reentrant=True,
+                         busy=f"--resume: '{run_dir}' is in use by another cilkit run (another process holds its "
+                              f"lock {run_dir / LOCK_NAME}): wait until it ends, or stop it, then resume")
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.methods:
         overrides.append(f"method=[{args.methods}]")
@@ -48,8 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else distributed.from_main(lambda: fresh_directory(Path("runs") / name))
     distributed.resume_hint = f"continue with the same torchrun command and cilkit run --resume {run_dir}"
     try:
-        run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset,
-                    execution=execution_of(args))
+        with strict_resume(args.strict):
+            run_methods(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, dataset=dataset,
+                        execution=execution_of(args))
     except JobsFailed as e:
         print(f"error: {len(e.failures)} of the runs failed (the others finished):", file=sys.stderr)
         for job, cause in e.failures:
@@ -61,8 +88,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"interrupted: finished states are saved; continue with cilkit run --resume {run_dir}",
                   file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        if not distributed.lost_contact(e):
+    except Exception as e:
+        if (line := plugin_error_line(e, run_dir)) is not None:
+            print(line, file=sys.stderr)
+            return 2
+        if not (isinstance(e, RuntimeError) and distributed.lost_contact(e)):
             raise
         print(f"error: rank {distributed.rank()}: {distributed.failure_line(e)}; the finished states are saved: "
               f"{distributed.resume_hint}", file=sys.stderr)
@@ -83,6 +113,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nrun directory: {run_dir}")
     distributed.finish()
     return 0
+
+
+def plugin_error_line(e: Exception, run_dir: Path) -> str | None:
+    """The one line of an exception a plugin's code raised (:func:`plugin_failure`: the hook, the
+    file and line) whose traceback the run wrote to its run.log, with the way on; None for any
+    other (cilkit's own code raised it, or no run.log holds it: its traceback is printed)."""
+    where = plugin_failure(e)
+    if where is None or not getattr(e, "_cilkit_logged", False):  # set once runlog wrote its traceback
+        return None
+    return (f"error: {where}; the traceback is in {RunLayout(run_dir).run_log}; after the fix, resume with: "
+            f"cilkit run --resume {run_dir}")
 
 
 def execution_of(args: argparse.Namespace) -> Execution:
@@ -225,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", help="comma-separated methods to compare on the same protocol")
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
+    r.add_argument("--strict", action="store_true", help="with --resume: refuse to continue under other code (cilkit "
+                   "or a plugin edited since the finished states ran) instead of warning")
     r.add_argument("--baseline", metavar="METHOD", help="also compare every other method with this one, "
                    "paired by seed (with runs: R > 1)")
     r.add_argument("--metric", default="top1", choices=PAIRED_METRICS, help="the figure --baseline pairs: "

@@ -20,7 +20,7 @@ from cilkit.cil.metrics import fmt, run_summary, score_metrics, state_accuracies
 from cilkit.cil.rectify import check_rectifier, rectify, scail_classifier, scail_scores
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import RESULTS_VERSION, read_state_classifier, read_state_scores, read_stats
-from cilkit.analysis.runsets import FoundRun, find_runs
+from cilkit.analysis.runsets import FoundRun, scan_runs
 
 # run-level keys of the source's results.json that describe the source run itself, not its
 # rectified scores: never copied (the summaries are recomputed; the provenance is kept under
@@ -89,12 +89,15 @@ def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: 
     method and seed) gets one output per run, at the run's path below the parent
     (``<out>/<method>``, ``<out>/<method>/run_<k>``; default ``<run>/calibrated/<rectifier>``). Loads no
     model and no checkpoint; every input is read before anything is written. A run that is
-    itself the output of ``cilkit calibrate`` is skipped (and said so when ``echo``).
-    Returns ``{label: results}`` (label ``""`` for a single run)."""
+    itself the output of ``cilkit calibrate`` is skipped (and said so when ``echo``); so is a run
+    of the parent whose training diverged (it has no scores to rectify), and a diverged run named
+    itself is refused. Returns ``{label: results}`` (label ``""`` for a single run)."""
     check_rectifier(rectifier)
     run_dir = Path(run_dir)
     single = RunLayout(run_dir).results.is_file()
-    found = find_runs([run_dir])
+    found, diverged = scan_runs([run_dir])
+    if RunLayout(run_dir).diverged.is_file() or (diverged and not found):
+        raise UserError(f"calibrate: nothing to rectify: {diverged[0].line()}; rerun it with a setting that trains")
     runs = [r for r in found if "calibration" not in r.results]  # never re-rectify an output
     skipped = [r for r in found if "calibration" in r.results]
     if not runs:
@@ -107,6 +110,8 @@ def calibrate_run(run_dir: Path, rectifier: str, out: Path | None = None, echo: 
     if echo:
         for run in skipped:
             print(f"{run.path}: skipped, already the output of cilkit calibrate ({run.results.get('method', '?')})")
+        for d in diverged:
+            print(f"{d.path}: skipped, its training diverged ({d.line()})")
     for _, dest, source, results, arrays in done:
         layout = RunLayout(dest)
         for b, arr in arrays.items():

@@ -11,7 +11,8 @@ beside its NME, ...) get their own row, ``icarl [cnn]``; forgetting and time are
 them. The tables are built and rendered in :mod:`cilkit.analysis.tables`; this module describes
 the protocols, writes the provenance lines and assembles ``report.html`` (:func:`compare_runs`).
 With a baseline method, a second table gives each other method's paired difference from it over
-the seeds both ran (:func:`~cilkit.analysis.tables.paired_rows`).
+the seeds both ran (:func:`~cilkit.analysis.tables.paired_rows`). A run whose training diverged
+has no results: it is listed under the tables (method, seed, state, epoch, loss term), never a row.
 
 A comparison is written only where it may be (:func:`report_target`): a new or empty directory,
 an earlier comparison's (marked by :data:`COMPARE_MARKER`, written first), or the own
@@ -38,7 +39,8 @@ from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
 from cilkit.analysis.latex import check_columns, table_latex
 from cilkit.analysis.plots import figures as make_figures
-from cilkit.analysis.runsets import FoundRun, Protocol, find_runs, group_runs
+from cilkit.analysis.runsets import DivergedRun, FoundRun, Protocol, group_runs, scan_runs
+from cilkit.analysis.runsets import find_runs  # noqa: F401 (imported from here too)
 from cilkit.analysis.tables import (
     Table,
     build_table,
@@ -105,6 +107,21 @@ def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table]) 
     if any(t.repeated for t in tables):
         parts.append(STD_NOTE)
     return "\n\n".join(parts)
+
+
+def diverged_markdown(diverged: Sequence[DivergedRun]) -> str:
+    """The runs whose training diverged, one line each (no row of a table: they have no
+    results); empty when none did."""
+    if not diverged:
+        return ""
+    return "Diverged (no results, not in the tables):\n\n" + "\n".join(f"- {d.line()}" for d in diverged)
+
+
+def _diverged_html(diverged: Sequence[DivergedRun]) -> str:
+    if not diverged:
+        return ""
+    items = "".join(f"<li>{html.escape(d.line())}</li>" for d in diverged)
+    return f"<h2>Diverged</h2>\n<p>No results, not in the tables:</p>\n<ul>{items}</ul>\n"
 
 
 # ----- report.html -----------------------------------------------------------------------------
@@ -174,7 +191,7 @@ def _provenance_html(prov: dict[str, Any] | None) -> str:
 
 
 def report_html(protocols: Sequence[Protocol], tables: Sequence[Table], figures: Sequence[tuple[str, str, bytes]],
-                paired: str = "") -> str:
+                paired: str = "", diverged: Sequence[DivergedRun] = ()) -> str:
     """One HTML file with the tables and every figure inlined as a base64 ``data:`` URI: no
     external resource, so it opens offline (a Content-Security-Policy forbids any fetch)."""
     e = html.escape
@@ -197,7 +214,7 @@ def report_html(protocols: Sequence[Protocol], tables: Sequence[Table], figures:
 {_header_html(protocols)}
 <h2>Results</h2>
 {_results_html(protocols, tables)}
-{paired_section}<h2>Figures</h2>
+{_diverged_html(diverged)}{paired_section}<h2>Figures</h2>
 {figs}
 <h2>Runs</h2>
 <ul>{_sources_html(protocols)}</ul>
@@ -307,6 +324,16 @@ def _check_fresh(base: Path, runs: Sequence[FoundRun]) -> list[str]:
     return []
 
 
+def _check_baseline_trained(baseline: str | None, runs: Sequence[FoundRun], diverged: Sequence[DivergedRun]) -> None:
+    """Refuse a ``baseline`` method whose every run diverged, saying so (not "no such method")."""
+    if baseline is None or any(r.results.get("method") == baseline for r in runs):
+        return
+    gone = [d for d in diverged if d.record.get("method") == baseline]
+    if gone:
+        raise UserError(f"--baseline '{baseline}': the training of its run diverged, nothing to pair the others with "
+                        f"({gone[0].line()})")
+
+
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
                  baseline: str | None = None, metric: str = "top1", y_range: str = "fit",
                  columns: Sequence[str] | None = None, variants: bool = True) -> Path:
@@ -320,10 +347,14 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     if not dirs:
         raise UserError("compare: name at least one run directory")
     columns = check_columns(columns)
-    runs = find_runs(dirs)
+    runs, diverged = scan_runs(dirs)
+    if not runs:
+        raise UserError(f"compare: no run to tabulate: the training of every run named diverged ({diverged[0].line()}"
+                        + (f"; and {len(diverged) - 1} more" if len(diverged) > 1 else "") + ")")
     fresh = out is None and len(dirs) > 1
     out_dir = Path(out) if out is not None else default_out(dirs) if fresh else Path(dirs[0]) / "report"
     previous = _check_fresh(out_dir, runs) if fresh else report_target(out_dir, runs)
+    _check_baseline_trained(baseline, runs, diverged)
     protocols = group_runs(runs)
     paired = paired_rows(protocols, baseline, metric) if baseline is not None else None
     groups = [g for p in protocols for g in p.groups]
@@ -333,6 +364,8 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
                         repeat_dirs={g.label: [r.path for r in g.runs] for g in groups if g.repeated})
     tables = [build_table(p.groups) for p in protocols]
     text = comparison_markdown(protocols, tables)
+    if diverged:
+        text += "\n\n" + diverged_markdown(diverged)
     files: dict[str, str | bytes] = {}
     if paired is not None and baseline is not None:
         text += "\n\n" + paired_markdown(protocols, paired, baseline, metric)
@@ -343,7 +376,8 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     for f in figs:  # each figure as PNG (also in report.html) and as vector PDF
         files.update({f.name: f.png, f.pdf_name: f.pdf})
     html_paired = paired_html(protocols, paired, baseline, metric) if paired is not None and baseline is not None else ""
-    files["report.html"] = report_html(protocols, tables, [(f.name, f.caption, f.png) for f in figs], html_paired)
+    files["report.html"] = report_html(protocols, tables, [(f.name, f.caption, f.png) for f in figs], html_paired,
+                                       diverged)
     if fresh:
         out_dir = fresh_directory(out_dir)
     write_report(out_dir, files, previous)

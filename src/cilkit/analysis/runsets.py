@@ -1,6 +1,8 @@
 """The runs a comparison reads, and how they group.
 
-:func:`find_runs` turns the directories named on the command line into runs. :func:`group_runs`
+:func:`scan_runs` turns the directories named on the command line into runs, and the runs whose
+training diverged (their ``diverged.json``, no results: listed, never tabulated); :func:`find_runs`
+keeps the runs with results. :func:`group_runs`
 sorts them by *protocol* (:func:`protocol_key`: everything in results.json and config.yaml that
 shapes the numbers, but the seed and the method) and, within a protocol, puts the runs of one
 method with one set of options and different seeds into one :class:`RunGroup`, which the report
@@ -24,9 +26,10 @@ from cilkit.settings.config import RunConfig
 from cilkit.settings.overrides import method_label
 from cilkit.settings.keys import Role, option_key, protocol_settings
 from cilkit.settings.registry import METHODS
-from cilkit.common.errors import UserError
+from cilkit.common.errors import UserError, divergence_text
+from cilkit.common.io import path_inside
 from cilkit.rundir.layout import RunLayout
-from cilkit.rundir.readers import read_results
+from cilkit.rundir.readers import read_divergence, read_results
 
 
 # ----- finding the runs ------------------------------------------------------------------------
@@ -37,6 +40,28 @@ class FoundRun:
     label: str
     path: Path
     results: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DivergedRun:
+    """A run whose training went non-finite (:class:`~cilkit.common.errors.RunDiverged`): its
+    directory and ``diverged.json``. It has no results: a comparison lists it, never as a row."""
+
+    path: Path
+    record: dict[str, Any]
+
+    def line(self) -> str:
+        """``wa, seed 1993: diverged in state 2, train epoch 1: the loss term 'kd' is nan (...)
+        (runs/x/wa)``."""
+        r = self.record
+        seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
+        return f"{r.get('label') or r['method']}{seed}: diverged in {divergence_text(r)} ({self.path})"
+
+
+def _has_run(d: Path) -> bool:
+    """``d`` holds a run's results.json, or the record of a run that diverged instead."""
+    layout = RunLayout(d)
+    return layout.results.is_file() or layout.diverged.is_file()
 
 
 def _listed_methods(parent: Path) -> list[str]:
@@ -54,18 +79,20 @@ def _natural(path: Path) -> list[Any]:
 
 
 def _runs_in(parent: Path) -> list[Path]:
-    """The sub-directories of ``parent`` that hold a results.json (``run_0``, ``run_1``, ...)."""
-    return sorted((d for d in parent.iterdir() if d.is_dir() and RunLayout(d).results.is_file()), key=_natural)
+    """The sub-directories of ``parent`` that hold a results.json or a diverged.json (``run_0``,
+    ``run_1``, ...)."""
+    return sorted((d for d in parent.iterdir() if d.is_dir() and _has_run(d)), key=_natural)
 
 
 def _method_dirs(parent: Path) -> list[Path]:
     """The run directories under a comparison's parent: its config's methods first (each holds
     results.json, or one run per seed when the config set ``runs: R``), then any other
     sub-directory holding one, by name."""
-    listed = [parent / m for m in _listed_methods(parent)]
+    listed = [path_inside(parent, m, RunLayout(parent).config, f"method '{m}'")  # a name read from a file
+              for m in _listed_methods(parent)]
     found: list[Path] = []
     for d in listed:
-        if RunLayout(d).results.is_file():
+        if _has_run(d):
             found.append(d)
         elif d.is_dir() and (repeats := _runs_in(d)):
             found += repeats
@@ -76,12 +103,23 @@ def _method_dirs(parent: Path) -> list[Path]:
 
 
 def find_runs(dirs: Sequence[str | os.PathLike]) -> list[FoundRun]:
-    """Each DIR is a run (it holds results.json) or a parent of one run directory per method
-    (or per method and seed). A run named twice is taken once. Labels are the method names,
-    made unique with the directory when two runs share one."""
+    """The runs with results of :func:`scan_runs` (a run that diverged has none); when every
+    run named diverged, a ``UserError`` with the first one's line."""
+    runs, diverged = scan_runs(dirs)
+    if not runs and diverged:
+        raise UserError(f"no results to read: the training of every run named diverged ({diverged[0].line()}"
+                        + (f"; and {len(diverged) - 1} more" if len(diverged) > 1 else "") + ")")
+    return runs
+
+
+def scan_runs(dirs: Sequence[str | os.PathLike]) -> tuple[list[FoundRun], list[DivergedRun]]:
+    """Each DIR is a run (it holds results.json, or diverged.json when its training diverged) or
+    a parent of one run directory per method (or per method and seed). A run named twice is
+    taken once. Returns the runs with results and those that diverged. Labels are the method
+    names, made unique with the directory when two runs share one."""
     paths: list[Path] = []
     for d in map(Path, dirs):
-        if RunLayout(d).results.is_file():
+        if _has_run(d):
             paths.append(d)
         elif d.is_dir() and (subs := _method_dirs(d)):
             paths += subs
@@ -92,9 +130,12 @@ def find_runs(dirs: Sequence[str | os.PathLike]) -> list[FoundRun]:
     for p in paths:
         first.setdefault(p.resolve(), p)  # each run once, where it is first named
     paths = list(first.values())
-    loaded = [(p, read_results(RunLayout(p).results)) for p in paths]
+    diverged = [DivergedRun(p, read_divergence(RunLayout(p).diverged)) for p in paths if RunLayout(p).diverged.is_file()]
+    gone = {d.path for d in diverged}
+    loaded = [(p, read_results(RunLayout(p).results)) for p in paths if p not in gone]
     names = [str(r.get("method", p.name)) for p, r in loaded]
-    return [FoundRun(n if names.count(n) == 1 else f"{n} ({p})", p, r) for n, (p, r) in zip(names, loaded)]
+    runs = [FoundRun(n if names.count(n) == 1 else f"{n} ({p})", p, r) for n, (p, r) in zip(names, loaded)]
+    return runs, diverged
 
 
 # ----- protocols and groups --------------------------------------------------------------------

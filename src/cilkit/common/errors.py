@@ -23,6 +23,34 @@ class UserError(Exception):
     """
 
 
+class RunDiverged(UserError):
+    """Training went non-finite: the epoch mean of a loss term, or a parameter after an epoch, is
+    NaN or infinite. The engine raises it at the first such epoch with where it happened
+    (``record``: the 1-based ``state``, ``round`` and ``epoch``, the ``stage``, the ``term`` —
+    ``"parameters"`` when the loss stayed finite — and its ``value``); the run adds who diverged
+    and what to try (``method``, ``seed``, ``message``), writes the record to its
+    ``diverged.json`` and stops, its finished states kept. Exit status 2, as every UserError."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = dict(record)
+        super().__init__(record.get("message") or divergence_text(record))
+
+
+def divergence_text(record: dict[str, Any]) -> str:
+    """Where a run diverged, as a :class:`RunDiverged` record says it: ``state 2, train epoch 1:
+    the loss term 'kd' is nan (it had reached 3.1e+11; 'ce' went with it)`` (``round 2`` after
+    the state when the round is not the first)."""
+    rnd = record.get("round")
+    where = f"state {record.get('state')}" + (f" round {rnd}" if isinstance(rnd, int) and rnd > 1 else "")
+    term, also, peak = record.get("term"), record.get("also"), record.get("peak")
+    what = "the parameters are" if term == "parameters" else f"the loss term '{term}' is"
+    grew = f"it had reached {peak:.3g}" if isinstance(peak, (int, float)) and peak > 0 else ""
+    with_it = f"{', '.join(repr(n) for n in also)} went with it" if isinstance(also, list) and also else ""
+    notes = "; ".join(n for n in (grew, with_it) if n)
+    return (f"{where}, {record.get('stage')} epoch {record.get('epoch')}: {what} {record.get('value')}"
+            + (f" ({notes})" if notes else ""))
+
+
 def reason(e: BaseException, limit: int = 200) -> str:
     """An exception's message on one line (its type name when it has none), at most ``limit``
     characters: the cause part of a ``UserError``."""

@@ -60,6 +60,24 @@ def make_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def path_inside(owner: str | os.PathLike, value: object, source: str | os.PathLike, what: str) -> Path:
+    """A path read from a file (``source``: a journal, a marker) that names something inside the
+    directory that owns the file (``owner``): ``owner / value`` resolved (``..`` folded, links
+    followed) must lie strictly inside ``owner`` (resolved too). Returns ``owner / value``. A
+    value that is not a path, or that leads outside (``../x``, an absolute path elsewhere, a link
+    out), is one ``UserError`` naming the file, ``what`` and the value: cilkit never reads, runs
+    into or removes what a file it did not check points at."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise UserError(f"'{source}': {what} is {value!r}, not a path: the file was edited or is not cilkit's; "
+                        "restore it or start afresh in a new directory")
+    home = Path(owner).resolve()
+    target = (home / value).resolve()  # an absolute value replaces ``home``
+    if home not in target.parents:
+        raise UserError(f"'{source}': {what} '{value}' leads outside '{owner}', the directory that holds the file: "
+                        "the file was edited or is not cilkit's; restore it or start afresh in a new directory")
+    return Path(owner) / value  # the path as the file gives it (what was checked is where it leads)
+
+
 def _remove(tmp_path: Path | None) -> None:
     if tmp_path is not None:
         try:

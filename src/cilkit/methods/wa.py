@@ -57,7 +57,7 @@ after training (never negative when the state clipped). Scores: the logits.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

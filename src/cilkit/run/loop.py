@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import os
 import time
 from typing import Any
@@ -29,8 +28,9 @@ from cilkit.settings.config import RunConfig
 from cilkit.settings.overrides import method_label
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
+from cilkit.data.fingerprint import data_change, fingerprint
 from cilkit.training.engine import Engine
-from cilkit.common.errors import UserError
+from cilkit.common.errors import RunDiverged, UserError, divergence_text
 from cilkit.cil.memory import Memory
 from cilkit.training.protocol import Context, EpochRecord, FitSpec, StateRecord, TrainingRecord, freeze
 from cilkit.cil.metrics import score_metrics, state_accuracies
@@ -41,33 +41,14 @@ from cilkit.run import provenance, state0cache, tensorboard
 from cilkit.rundir.layout import RunLayout, outermost_run
 from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, idle_milestones,
                               memory_covers_old_data, normalisation, resolve_device, threads_source)
+from cilkit.run.health import divergence_advice, stall_message, stalled
 from cilkit.run.store import RunStore, checkpoint_parts, empty_results, tensors_of
 from cilkit.common.runlog import log
 from cilkit.common.seeding import derive_seed, seeded_generator
 
-STALL_RATIO = 0.9
-
-
-def stalled(epoch_losses: list[float]) -> bool:
-    """A fit whose last epoch's mean loss is within 10% of its first epoch's: a model that
-    learned nothing (e.g. iCaRL's first state stuck at ln 2 per class under plain SGD). Means
-    over whole epochs on both sides: a first batch that happens to score low is no baseline.
-    One epoch (or none) tells nothing."""
-    if len(epoch_losses) < 2 or not epoch_losses[0] > 0:
-        return False
-    return epoch_losses[-1] >= STALL_RATIO * epoch_losses[0]
-
-
 def ranks_text() -> str:
     """``, 2 ranks (gloo)`` under torchrun; nothing in one process."""
     return f", {distributed.world_size()} ranks ({distributed.backend()})" if distributed.active() else ""
-
-
-def stall_message(desc: str, epoch_losses: list[float], method: str) -> str:
-    """The warning of a fit that :func:`stalled`, naming the method's ``cilkit info`` page."""
-    return (f"{desc}: the mean loss of its last epoch ({epoch_losses[-1]:.3f}) is about that of its first "
-            f"({epoch_losses[0]:.3f}): the model may have learned nothing; try another learning rate or seed "
-            f"(see cilkit info {method})")
 
 
 class Run:
@@ -115,12 +96,11 @@ class Run:
         return self.store.results
 
     @functools.cache
-    def data_digest(self) -> str:
-        """A digest of every training and test image and label, in order (checkpointed: a
-        resume on other data is refused)."""
-        train, test = self.dataset.train, self.dataset.test
-        parts = [train.content_digest(torch.arange(len(train))), test.content_digest(torch.arange(len(test)))]
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    def data_fingerprint(self) -> dict[str, Any]:
+        """Digests of every training and test image and label, in order, and each split's
+        images per class (:func:`cilkit.data.fingerprint.fingerprint`; checkpointed: a resume
+        on other data is refused, naming the split that changed)."""
+        return fingerprint(self.dataset)
 
     def _environment(self) -> dict[str, Any]:
         c = self.config
@@ -129,11 +109,14 @@ class Run:
     # ----- the states ------------------------------------------------------------------------
     def execute(self, resume: bool = False, until_state: int | None = None) -> dict[str, Any]:
         """Run (or continue) the states; ``until_state`` stops after that state (for tests).
-        Every :func:`~cilkit.common.runlog.log` line is copied to ``run.log`` meanwhile."""
+        Every :func:`~cilkit.common.runlog.log` line is copied to ``run.log`` meanwhile. A fit
+        whose loss or parameters go non-finite ends the run with :class:`RunDiverged` (recorded
+        by :meth:`_diverged`; the finished states' checkpoints stay)."""
         io.make_dir(self.layout.root)
         # an error that ends the run goes to run.log too; the run holds the machine (cilkit.common.omp)
         with runlog.tee(self.layout.run_log), omp.holding():
             start = self._restore() if resume else self.store.start_fresh()
+            self._clear_divergence()  # running again: no longer a diverged run (a refused resume keeps it)
             log(f"[{self.tag}] {self.setup_line()}")
             for warning in (memory_covers_old_data(self.config, self.scenario),
                             idle_milestones(self.config, self.scenario)):
@@ -144,6 +127,10 @@ class Run:
                 with self.store.recording(start):
                     for b in range(start, last + 1):
                         self.run_state(b)
+            except RunDiverged as e:  # recorded, its one line in run.log: the finished states stay
+                diverged = self._diverged(e.record)
+                runlog.record_failure(diverged)
+                raise diverged from None
             except Exception as e:
                 if isinstance(e, UserError):  # e.g. a disk that filled while a state ran: its one line in run.log
                     runlog.record_failure(e)
@@ -152,6 +139,28 @@ class Run:
                                f"cilkit run --resume {outermost_run(self.layout.root)}")
                 raise
         return self.results
+
+    # ----- divergence --------------------------------------------------------------------------
+    def _diverged(self, where: dict[str, Any]) -> RunDiverged:
+        """The run's :class:`RunDiverged` for the engine's ``where``: with the method, seed and
+        what to try, written to ``diverged.json``; results.json is removed (a run that diverged
+        claims no results; its finished states stay in their checkpoints, which a resume reads)."""
+        finished = len(self.results["states"])
+        record = {**where, "method": str(self.config.method), "label": self.tag, "seed": self.config.seed,
+                  "finished_states": finished}
+        kept = f"its {finished} finished state(s) are kept" if finished else "no state had finished"
+        record["message"] = (f"[{self.tag}] training diverged in {divergence_text(record)}; try "
+                             f"{divergence_advice(record, str(self.config.method), type(self.method))}; {kept}; "
+                             f"{self.layout.diverged} records it")
+        io.write_json(self.layout.diverged, record)
+        if distributed.is_main():
+            self.layout.results.unlink(missing_ok=True)
+        return RunDiverged(record)
+
+    def _clear_divergence(self) -> None:
+        """Remove the record of an earlier attempt that diverged (rank 0)."""
+        if distributed.is_main():
+            self.layout.diverged.unlink(missing_ok=True)
 
     def context(self, b: int) -> Context:
         """The context state ``b`` starts with (its generator seeded from ``(seed, "state", b)``,
@@ -360,7 +369,7 @@ class Run:
 
     def _save_state(self, ctx: Context) -> None:
         parts = checkpoint_parts(self.model, self.model.architecture(), self.method.state_dict(),
-                                 self.memory.state_dict(), self.statistics, self.data_digest())
+                                 self.memory.state_dict(), self.statistics, self.data_fingerprint())
         self.store.save_state(ctx.state.index, parts, self._memory_record(), self.method.name, ctx.record.files)
 
     def _memory_record(self) -> dict[str, Any]:
@@ -375,10 +384,10 @@ class Run:
         if restored is None:
             log(f"[{self.tag}] no checkpoint in {self.layout.root}: starting from state 1")
             return self.store.restart(self.method.name)
-        if restored.data is not None and restored.data != self.data_digest():
-            where = self.dataset.origin.get("train") or self.config.data.root or f"dataset '{self.dataset.name}'"
-            raise UserError(f"--resume: the data in {where} is not what the finished states of {self.layout.root} "
-                            "ran on (its images, labels or order changed): restore it, or start a new run")
+        changed = data_change(restored.data, self.dataset, self.data_fingerprint())
+        if changed is not None:
+            raise UserError(f"--resume: {changed.subject} is not what the finished states of {self.layout.root} "
+                            f"ran on ({changed.detail}): restore it, or start a new run")
         self.model.rebuild(restored.architecture)  # the grown shape (head, backbone branches, auxiliary heads)
         self.model.load_state_dict(restored.model)
         self.method.load_state_dict(restored.method)

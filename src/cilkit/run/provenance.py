@@ -1,5 +1,7 @@
 """Where a run's numbers come from: code, libraries, machine, settings that move the last
-digits, the command and the times (``provenance`` in results.json).
+digits, the command and the times (``provenance`` in results.json); ``code``: the digests of
+the cilkit package and the plugins that produced each state (two or more when a resume ran
+under edited code).
 
 Figures move between machines and thread counts (benchmarks/RESULTS.md shows one example), so
 a results file says which it was made on.
@@ -112,6 +114,19 @@ def command_line() -> str:
 def started(env: dict[str, Any]) -> dict[str, Any]:
     """The provenance record of a fresh run."""
     return {**env, "command": command_line(), "started": now(), "finished": None, "resumed": []}
+
+
+def with_state_code(record: dict[str, Any], code: dict[str, Any], state: int) -> dict[str, Any]:
+    """``record`` with state ``state`` (its ``state`` index in results.json) produced by ``code``
+    (:func:`cilkit.run.state0cache.code_version`): ``code`` lists every version of the code the
+    run's states ran under, in order, each with its ``states``; a resume under other code adds
+    one (an uninterrupted run has one)."""
+    versions = list(record.get("code", []))
+    if versions and {k: v for k, v in versions[-1].items() if k != "states"} == code:
+        versions[-1] = {**versions[-1], "states": [*versions[-1]["states"], state]}
+    else:
+        versions.append({**code, "states": [state]})
+    return {**record, "code": versions}
 
 
 def resumed(record: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:

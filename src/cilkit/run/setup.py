@@ -18,6 +18,7 @@ from cilkit.cil.memory import class_quotas
 from cilkit.methods import METHODS
 from cilkit.methods.base import Method
 from cilkit.models import load_backbone_weights
+from cilkit.models.size import model_bytes
 from cilkit.run import tensorboard
 from cilkit.cil.scenario import Scenario
 from cilkit.common.seeding import derive_seed
@@ -147,17 +148,22 @@ def idle_milestones(config: RunConfig, scenario: Scenario) -> str | None:
 
 
 def estimated_model_bytes(method: Method, channels: int, size: int) -> int | None:
-    """The parameter bytes of the method's model, from a build on the meta device (no memory
-    used, the global RNG left as it was); None where the model cannot be built that way."""
-    state = torch.random.get_rng_state()
+    """The parameter bytes of the method's model, without allocating it (:func:`cilkit.models.size.model_bytes`:
+    a build on the meta device, extrapolated over ``model.width`` where a tensor is too large
+    for that); None where the model cannot be built on the meta device (an op it lacks, in a
+    plugin backbone's constructor)."""
+    config = method.run_config
+
+    def build_at(width: int) -> torch.nn.Module:
+        at_width = config.model_copy(update={"model": config.model.model_copy(update={"width": width})})
+        return (method if width == config.model.width else type(method)(at_width, method.cfg)).build_model(channels, size)
+
     try:
-        with torch.device("meta"):
-            model = method.build_model(channels, size)
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-    except Exception:
-        return None
-    finally:
-        torch.random.set_rng_state(state)
+        return model_bytes(build_at, config.model.width)
+    except (NotImplementedError, RuntimeError, TypeError) as e:
+        if "meta" not in str(e):  # the model's own error, which its real build raises too
+            raise
+        return None  # an op the meta device cannot run ("Tensor.item() cannot be called on meta tensors" ...)
 
 
 def check_model_size(config: RunConfig, method: Method, channels: int, size: int) -> None:
@@ -188,11 +194,12 @@ def check_protocol(config: RunConfig, dataset: Dataset | None = None) -> Dataset
     torch.set_num_threads(config.threads or free_cores())
     resolve_device(config.device)
     dataset = dataset if dataset is not None else load_dataset(config.data)
-    build_scenario(config, dataset)
+    scenario = build_scenario(config, dataset)
     for name in config.method_names:
         run_config = config.for_method(name)  # with the method's own protocol keys (config.methods)
         data = dataset if run_config.data == config.data else load_dataset(run_config.data)
-        if run_config.data != config.data or run_config.scenario != config.scenario:
-            build_scenario(run_config, data)
-        build_method_and_model(run_config, data)
+        same = run_config.data == config.data and run_config.scenario == config.scenario
+        run_scenario = scenario if same else build_scenario(run_config, data)
+        method, *_ = build_method_and_model(run_config, data)
+        method.check_scenario(run_scenario)
     return dataset

@@ -14,9 +14,11 @@ trains it once. Reuse is only safe when everything that shapes the model is equa
 - the model's architecture (parameter names and shapes, module classes), the pretrained
   backbone weights file if any (its path, size and modification time);
 - the method's options but those it declares unread in state 0 and what else it declares
-  (:meth:`Method.state0_signature`), and the *code*: a digest of every source file of the
-  installed cilkit package and of the run's plugins, and of the method's state-0 hooks (so a
-  subclass defined anywhere with another loss never gets the parent's model);
+  (:meth:`Method.state0_signature`), and the *code* (:func:`code_version`): a digest of every
+  source file of the installed cilkit package and of the run's plugins (a plugin's package, or
+  the modules its file imported from beside it: :mod:`cilkit.settings.plugins`), and of the
+  method's state-0 hooks (so a subclass defined anywhere with another loss never gets the
+  parent's model);
 - the cilkit and torch versions.
 
 The entry stores its full key and is used only when the key it holds is the one asked for (a
@@ -115,6 +117,22 @@ def package_digest() -> str:
     return h.hexdigest()[:16]
 
 
+def code_version(plugin_specs: list[str]) -> dict[str, Any]:
+    """The code a run runs: a digest of the cilkit package (:func:`package_digest`) and of each
+    of its plugins (:func:`cilkit.settings.plugins.source_digest`: a plugin's package or the
+    modules beside it included). The state-0 cache is keyed on it, and every checkpoint records
+    it (:mod:`cilkit.run.store`: a resume under other code is said, or refused)."""
+    return {"cilkit": package_digest(), **({"plugins": plugins.source_digest(plugin_specs)} if plugin_specs else {})}
+
+
+def code_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`code_version` records, in words: ``the cilkit package``,
+    ``plugin '/path/x.py'``."""
+    changed = ["the cilkit package"] if before.get("cilkit") != now.get("cilkit") else []
+    old, new = before.get("plugins", {}), now.get("plugins", {})
+    return changed + [f"plugin '{spec}'" for spec in dict.fromkeys([*old, *new]) if old.get(spec) != new.get(spec)]
+
+
 def state0_key(config: RunConfig, dataset: "Dataset", scenario: "Scenario", model: torch.nn.Module,
                method: "Method", mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> dict[str, Any]:
     """Everything that shapes the state-0 model (see the module's docstring)."""
@@ -132,7 +150,7 @@ def state0_key(config: RunConfig, dataset: "Dataset", scenario: "Scenario", mode
         "lr": c.train.lr_of(0),
         "model": {**model_signature(model),
                   **({"weights_file": file_stamp(c.model.weights)} if c.model.weights else {})},
-        "code": {"cilkit": package_digest(), **({"plugins": plugins.source_digest(c.plugins)} if c.plugins else {})},
+        "code": code_version(c.plugins),
         "method": method_signature(method),
         "device": device.type,
         "threads": torch.get_num_threads(),

@@ -1,6 +1,7 @@
 """What a run writes and reads back: :class:`RunStore`.
 
-results.json (its schema: :func:`empty_results`), the checkpoint after every state, the memory,
+results.json (its schema: :func:`empty_results`), the checkpoint after every state (with the
+code version that ran it: a resume under other code is said, or refused with ``--strict``), the memory,
 scores and class statistics of each state, a method's own records, provenance, and the fan-out
 of the run's records to history.jsonl and its trackers (TensorBoard, Weights & Biases: a
 :class:`Tracker` each). Only rank 0 writes; every rank reads a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from cilkit.training.protocol import EpochRecord
 from cilkit.common.errors import UserError
 from cilkit.settings.keys import config_differences
 from cilkit.cil.metrics import run_summary
-from cilkit.run import history, provenance, tensorboard, wandb_log
+from cilkit.run import history, provenance, state0cache, tensorboard, wandb_log
 from cilkit.rundir.layout import RUN_MARKER, STATE_ENTRIES, RunLayout, clear_run, mark_run, marked_config
 from cilkit.rundir.readers import RESULTS_VERSION, read_stats
 from cilkit.common.runlog import log
@@ -86,7 +88,9 @@ class Restored:
     memory: dict[str, Any]
     statistics: dict[str, Any] | None
     results: dict[str, Any]
-    data: str | None  # the digest of the data the finished states ran on (None: cilkit 0.1.0)
+    # the fingerprint of the data the finished states ran on (cilkit.data.fingerprint; a bare
+    # digest before the splits were kept; None: cilkit 0.1.0)
+    data: str | dict[str, Any] | None
 
 
 class RunStore:
@@ -99,6 +103,7 @@ class RunStore:
         self.history = history.History(layout.history)
         self.trackers: list[Tracker] = []  # open while the states run
         self.epochs = 0  # the run's epochs so far, over every fit
+        self.code = state0cache.code_version(config.plugins)  # the code this process runs (checkpointed)
 
     # ----- records as the run goes ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -152,7 +157,8 @@ class RunStore:
         if "provenance" in r:
             r["provenance"]["finished"] = provenance.now()
             r["provenance"]["compile"] = compiled
-            r["provenance"] = provenance.with_peak_memory(r["provenance"])
+            r["provenance"] = provenance.with_state_code(provenance.with_peak_memory(r["provenance"]), self.code,
+                                                         entry["state"])
         line = history.state_line(entry["state"], entry)
         self.history.append(line)
         for tracker in self.trackers:
@@ -174,7 +180,7 @@ class RunStore:
         if method_files:
             io.write_json(self.layout.method_file(method_name, b), method_files)
         io.write_json(self.layout.memory(b), memory_record)
-        io.write_torch(self.layout.checkpoint(b), {**checkpoint, "state": b,
+        io.write_torch(self.layout.checkpoint(b), {**checkpoint, "state": b, "code": self.code,
                                                    "results": json.dumps(self.results),
                                                    "config": json.dumps(self.config.to_dict())})
         if self.config.keep_checkpoints == "last":
@@ -215,6 +221,8 @@ class RunStore:
         path, ckpt = found
         if "config" in ckpt:
             self._check_resume_config(json.loads(ckpt["config"]), path)
+        if "code" in ckpt:  # a checkpoint written before checkpoints recorded their code has none
+            self._check_resume_code(ckpt["code"], path)
         results = json.loads(ckpt["results"])
         version = results.get("version", 1)
         if version != RESULTS_VERSION:  # never one results.json of two layouts
@@ -247,6 +255,21 @@ class RunStore:
         except Exception as e:  # a corrupt or foreign file
             raise UserError(f"checkpoint '{path}' cannot be read: {e.__class__.__name__}") from None
 
+    def _check_resume_code(self, saved: dict[str, Any], path: Path) -> None:
+        """A resume under other code (cilkit or a plugin edited since the checkpoint) than the
+        finished states ran: one warning line naming what changed (the run goes on, and the
+        provenance in results.json lists both versions with their states); refused under
+        ``--strict`` (:func:`strict_resume`)."""
+        changed = state0cache.code_changes(saved, self.code)
+        if not changed:
+            return
+        what = " and ".join(changed)
+        if os.environ.get(STRICT_RESUME) == "1":
+            raise UserError(f"--resume --strict: {what} changed since checkpoint '{path}' was written: restore the "
+                            "code the finished states ran, or resume without --strict to continue under the new code")
+        log(f"[{self.config.method}] warning: --resume: {what} changed since the finished states ran: the remaining "
+            "states run under the new code (results.json's provenance lists both; --strict refuses)")
+
     def _check_resume_config(self, saved: dict[str, Any], path: Path) -> None:
         """Refuse to resume when the run's config.yaml no longer says what the checkpoint was
         made with, in a key a resume must keep (:mod:`cilkit.settings.keys`)."""
@@ -255,6 +278,25 @@ class RunStore:
             shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
             raise UserError(f"--resume: '{self.layout.config}' differs from checkpoint '{path}' in {shown}: "
                             "restore those settings, or start a new run")
+
+
+STRICT_RESUME = "CILKIT_STRICT_RESUME"
+# ^ set while cilkit run --resume --strict runs (an environment variable: the jobs a resume
+#   starts, local processes or SLURM jobs, inherit it): a resume under other code is refused
+
+
+@contextlib.contextmanager
+def strict_resume(strict: bool) -> Iterator[None]:
+    """Inside the block, a resume under other code than its checkpoint's is refused (``strict``)
+    rather than warned of."""
+    if not strict:
+        yield
+        return
+    os.environ[STRICT_RESUME] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(STRICT_RESUME, None)
 
 
 def tensors_of(obj: Any) -> list[Any]:
@@ -267,10 +309,10 @@ def tensors_of(obj: Any) -> list[Any]:
 
 
 def checkpoint_parts(model: torch.nn.Module, architecture: dict[str, Any], method_state: dict[str, Any],
-                     memory_state: dict[str, Any], statistics: dict[str, Any] | None, data: str) -> dict[str, Any]:
+                     memory_state: dict[str, Any], statistics: dict[str, Any] | None, data: dict[str, Any]) -> dict[str, Any]:
     """What a resume needs after a state, besides the results and config the store adds: the
     model and its architecture (its shape: rebuilt before the weights load), the method's and the memory's state, the class statistics (the history IL2M's next
-    state reads), and the digest of the data (a resume on other data is refused). No optimiser
+    state reads), and the fingerprint of the data (a resume on other data is refused). No optimiser
     (every state, and every round, starts a fresh one) and no RNG state (every state re-seeds
     its generators from ``(seed, state)``)."""
     return {

@@ -3,7 +3,7 @@
 Every path of a run directory is built here; the runner, the statistics step, the offline
 calibration, the report and the methods ask a :class:`RunLayout` instead of joining strings::
 
-    config.yaml  results.json  summary.json  run.log  history.jsonl  tb/
+    config.yaml  results.json  summary.json  run.log  history.jsonl  tb/  diverged.json
     scores/state_XX.npz   stats/state_XX.json   memory/state_XX.json   <method>/state_XX.json
     checkpoints/state_XX.pt   report/   calibrated/<rectifier>/
 
@@ -20,12 +20,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 from cilkit.common import distributed, locks
 from cilkit.common.errors import UserError
-from cilkit.common.io import make_dir
+from cilkit.common.io import make_dir, path_inside
 
 _STATE_FILE = re.compile(r"state_(\d+)\.pt")
 
@@ -47,6 +47,12 @@ class RunLayout:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def diverged(self) -> Path:
+        """Where a run whose training went non-finite says so (:class:`~cilkit.common.errors.RunDiverged`'s
+        record, read by :func:`cilkit.rundir.readers.read_divergence`); such a run has no results.json."""
+        return self.root / DIVERGED_NAME
 
     @property
     def run_log(self) -> Path:
@@ -105,16 +111,17 @@ class RunLayout:
 
 # ----- claiming a directory for a run -----------------------------------------------------------
 LOCK_NAME = ".cilkit.lock"
+DIVERGED_NAME = "diverged.json"  # instead of results.json: the run's training went non-finite
 RUN_MARKER = ".cilkit-run"  # written first into every run directory: what makes it a run's
 # What cilkit writes into a run directory (anything else is the user's: never overwritten).
 OWN_ENTRIES = frozenset({
-    "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", LOCK_NAME, RUN_MARKER,
+    "config.yaml", "results.json", "summary.json", "run.log", "history.jsonl", LOCK_NAME, RUN_MARKER, DIVERGED_NAME,
     "scores", "stats", "memory", "active", "bic", "checkpoints", "report", "calibrated", "tb",
     "slurm",  # the scheduler's job files and logs of --executor slurm (cilkit.runs.slurm)
     "wandb",  # wandb's own folder of log.wandb: true (cilkit.run.wandb_log), the run's id in it
 })
-STATE_ENTRIES = frozenset({"results.json", "summary.json", "history.jsonl", "scores", "stats", "memory",
-                           "checkpoints", "report", "calibrated", "tb", "slurm"})
+STATE_ENTRIES = frozenset({"results.json", "summary.json", "history.jsonl", DIVERGED_NAME, "scores", "stats",
+                           "memory", "checkpoints", "report", "calibrated", "tb", "slurm"})
 # ^ what a run's states wrote (a fresh start over a run clears them; config.yaml, run.log, the
 #   lock and the marker stay)
 _SUB_RUN = re.compile(r"run_\d+")
@@ -151,11 +158,92 @@ def _entries(root: Path) -> list[Path]:
 
 def foreign_entries(root: Path) -> list[str]:
     """Entries of ``root`` that cilkit did not write. In a run directory: anything but
-    :data:`OWN_ENTRIES`, sub-runs (a method or ``run_k`` of a comparison) and a method's
-    records; elsewhere, everything but a failed start's leftovers."""
-    own = is_run_dir(root)
+    :data:`OWN_ENTRIES`, the sub-runs its marker lists (:func:`listed_sub_runs`) and a method's
+    records (a run it does not list is foreign, even named after a method); elsewhere,
+    everything but a failed start's leftovers."""
+    if not is_run_dir(root):
+        return [p.name for p in _entries(root) if not _leftover(p)]
+    tops = {sub.relative_to(root).parts[0] for sub in listed_sub_runs(root)}
     return [p.name for p in _entries(root) if not _leftover(p) and not (
-        own and (p.name in OWN_ENTRIES or is_run_dir(p) or _is_method_dir(p)))]
+        p.name in OWN_ENTRIES or p.name in tops or (_is_method_dir(p) and not is_run_dir(p)))]
+
+
+def sub_run_names(config: dict[str, Any]) -> list[str]:
+    """The directories, relative to the run's own, of the sub-runs a run of ``config`` makes,
+    laid out as :func:`cilkit.runs.jobs.plan` lays them out: several methods -> ``<method>``,
+    ``runs: R > 1`` -> ``run_<k>`` below that (or below the run itself for one method)."""
+    method, runs = config.get("method"), config.get("runs", 1)
+    seeds = [f"run_{k}" for k in range(runs)] if isinstance(runs, int) and runs > 1 else []
+    if isinstance(method, str):
+        return seeds
+    names: list[str] = []
+    for name in method if isinstance(method, list) else []:
+        names += [str(name)] + [f"{name}/{seed}" for seed in seeds]
+    return names
+
+
+def listed_sub_runs(root: Path) -> list[Path]:
+    """The sub-runs (and their method folders) the run ``root`` made, as its marker lists them
+    (``sub_runs``); for a marker without the list, as its config lays them out (for a run of
+    cilkit 0.1.0 without a marker, its config.yaml's). Each entry read from the file is checked
+    to lie inside ``root`` (:func:`cilkit.common.io.path_inside`)."""
+    marker, names = root / RUN_MARKER, None
+    data = _read_marker(marker)
+    if isinstance(data, dict) and "sub_runs" in data:
+        names, source = data["sub_runs"], marker
+        if not isinstance(names, list):
+            raise UserError(f"'{marker}': 'sub_runs' is not a list: the file was edited or is not cilkit's; restore it "
+                            "or start afresh in a new directory")
+    elif isinstance(data, dict) and isinstance(data.get("config"), dict):
+        names, source = sub_run_names(data["config"]), marker
+    else:
+        config, source = _read_config_yaml(root / "config.yaml"), root / "config.yaml"
+        names = sub_run_names(config) if isinstance(config, dict) else []
+    checked = [path_inside(root, name, source, "the sub-run") for name in names]
+    return [root / os.path.relpath(os.path.abspath(p), os.path.abspath(root)) for p in checked]
+
+
+def _read_marker(marker: Path) -> Any:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _read_config_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def foreign_runs(root: Path, below: list[Path] | None = None) -> list[Path]:
+    """Run directories below the run ``root`` (at any depth, links not followed; only below the
+    entries ``below`` when given) that ``root`` did not make: not among the sub-runs its marker
+    lists. A run moved in from elsewhere is one; removing ``root`` must never remove it."""
+    listed = {os.path.normpath(p) for p in listed_sub_runs(root)}
+    found: list[Path] = []
+    for top in below if below is not None else _entries(root):
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for d, dirs, _ in os.walk(top):
+            here = Path(d)
+            if is_run_dir(here) and os.path.normpath(here) not in listed:
+                found.append(here)
+                dirs.clear()
+            else:
+                dirs.sort()
+    return found
+
+
+def _refuse_foreign_runs(root: Path, below: list[Path] | None, what: str) -> None:
+    found = foreign_runs(root, below)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UserError(f"{what} '{root}' holds the cilkit run '{found[0]}'{more}, which the run in it did not make "
+                        "(moved in?): cilkit removes only a run's own sub-runs; move it out first (nothing was removed)")
 
 
 def holds_run(root: Path) -> bool:
@@ -182,12 +270,19 @@ def outermost_run(root: str | os.PathLike) -> Path:
 
 def check_target(root: Path, overwrite: bool) -> None:
     """Refuse to start a fresh run in ``root`` when it holds another run (unless
-    ``overwrite``), files cilkit did not write (always), or lies inside another run."""
+    ``overwrite``), files cilkit did not write or a run that the run in ``root`` did not make (a
+    run moved in: always refused, never removed), lies inside another run, or is a symbolic link
+    (never followed: a run's own directory is never a link)."""
+    if root.is_symlink():
+        raise UserError(f"--out '{root}' is a symbolic link (to '{os.readlink(root)}'): cilkit does not follow it "
+                        "into a run directory (nothing was removed); give the directory itself")
     if root.exists() and not root.is_dir():
         raise UserError(f"--out '{root}' is a file, not a directory")
     outer = enclosing_run(root)
     if outer is not None:
         raise UserError(f"--out '{root}' lies inside the cilkit run '{outer}': choose a directory outside it")
+    if is_run_dir(root):
+        _refuse_foreign_runs(root, None, "--out")
     foreign = foreign_entries(root)
     if foreign:
         shown = ", ".join(f"'{n}'" for n in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
@@ -199,11 +294,12 @@ def check_target(root: Path, overwrite: bool) -> None:
 
 
 def mark_run(root: Path, config: dict[str, Any]) -> None:
-    """Write the run marker (with the config the run starts from) into ``root`` (rank 0)."""
+    """Write the run marker (with the config the run starts from and the sub-runs it makes,
+    :func:`sub_run_names`: all that ``--overwrite`` may remove below it) into ``root`` (rank 0)."""
     if distributed.is_main():
         from cilkit.common.io import write_json
 
-        write_json(root / RUN_MARKER, {"config": config})
+        write_json(root / RUN_MARKER, {"config": config, "sub_runs": sub_run_names(config)})
 
 
 def marked_config(root: Path) -> dict[str, Any] | None:
@@ -216,14 +312,18 @@ def marked_config(root: Path) -> dict[str, Any] | None:
 
 
 def clear_run(root: Path, entries: frozenset[str] | None = None) -> None:
-    """Remove a previous run's files from ``root``: its own entries and sub-runs (all of
-    :data:`OWN_ENTRIES` but the lock, or just ``entries``), never a file cilkit did not write
-    and never through a symlink (a link is removed, not what it points to). Everything is
-    checked before anything is removed: a half-cleared run is never left. Rank 0 only."""
+    """Remove a previous run's files from ``root``: its own entries and the sub-runs its marker
+    lists (all of :data:`OWN_ENTRIES` but the lock, or just ``entries``), never a file cilkit did
+    not write, never a run it did not make (a run moved into it, at any depth: refused, see
+    :func:`foreign_runs`) and never through a symlink (a link is removed, not what it points
+    to). Everything is checked before anything is removed: a half-cleared run is never left.
+    Rank 0 only."""
     if not distributed.is_main():
         return
+    tops = {sub.relative_to(root).parts[0] for sub in listed_sub_runs(root)} if is_run_dir(root) else set()
     doomed = [p for p in _entries(root) if p.name != LOCK_NAME and (
-        p.name in entries if entries is not None else (p.name in OWN_ENTRIES or is_run_dir(p) or _is_method_dir(p)))]
+        p.name in entries if entries is not None else (p.name in OWN_ENTRIES or p.name in tops or _is_method_dir(p)))]
+    _refuse_foreign_runs(root, doomed, "the run directory")
     for p in doomed:
         _check_removable(p)
     for p in doomed:
@@ -245,29 +345,52 @@ def _check_removable(path: Path) -> None:
 class DirectoryLock:
     """An exclusive lock on a run directory for the lifetime of a run (``flock`` on
     ``.cilkit.lock`` inside it, removed when the run lets go: :mod:`cilkit.common.locks`): a second
-    run into the same directory fails at once."""
+    run into the same directory fails at once, with ``busy`` (a line naming the directory and
+    the lock file) when given. A lock taken ``reentrant`` is joined by the locks this process
+    takes on the same directory while it holds it: ``cilkit run --resume`` holds the run's lock
+    before it reads anything of the run, and the run it continues takes it again. (Any other
+    lock refuses a second holder, in this process too.)"""
 
-    def __init__(self, root: Path) -> None:
+    _held: ClassVar[dict[str, int]] = {}  # the reentrant locks this process holds -> how many holders
+
+    def __init__(self, root: Path, busy: str | None = None, reentrant: bool = False) -> None:
         self.path = Path(root) / LOCK_NAME
+        self.busy = busy or f"'{self.path.parent}' is in use by another cilkit run (locked: {self.path})"
+        self.reentrant = reentrant
         self._file: Any = None
+        self._key: str | None = None
 
     def __enter__(self) -> "DirectoryLock":
         if not distributed.is_main():  # rank 0 holds it for the run
             return self
         make_dir(self.path.parent)
+        key = os.path.realpath(self.path)
+        if key in DirectoryLock._held:
+            DirectoryLock._held[key] += 1
+            self._key = key
+            return self
         try:
             self._file = locks.acquire(self.path, wait=False)
         except BlockingIOError:
-            raise UserError(f"'{self.path.parent}' is in use by another cilkit run (locked: {self.path})") from None
+            raise UserError(self.busy) from None
         except OSError as e:
             raise UserError(f"cannot write '{self.path}': {e.strerror or e}") from None
+        if self.reentrant:
+            DirectoryLock._held[key] = 1
+            self._key = key
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._file is None:
-            return
-        locks.release(self._file, self.path)
-        self._file = None
+        if self._key is not None:
+            DirectoryLock._held[self._key] -= 1
+            if DirectoryLock._held[self._key] > 0:  # joined: the first holder lets go
+                self._key = None
+                return
+            del DirectoryLock._held[self._key]
+            self._key = None
+        if self._file is not None:
+            locks.release(self._file, self.path)
+            self._file = None
 
 
 def fresh_directory(base: Path) -> Path:

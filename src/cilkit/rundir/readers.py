@@ -1,9 +1,13 @@
 """The checked readers of a run's files: a missing, foreign, damaged or newer-version file is one
-:class:`~cilkit.common.errors.UserError` naming it (and the field), never a traceback."""
+:class:`~cilkit.common.errors.UserError` naming it (and the field), never a traceback. A NaN or
+infinite number (in results.json, class statistics, score arrays) is refused the same way, naming
+the key or array: what a diverged run left is never read as a result. A run whose training
+diverged has ``diverged.json`` (:func:`read_divergence`) instead of results.json."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ def read_results(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"'{path}' is not a cilkit results file: no '{missing[0]}'")
     _check_values(path, data)
+    _check_finite_numbers(path, data)
     return _renamed_variants(data)
 
 
@@ -75,6 +80,23 @@ _RUN_SHAPES: tuple[tuple[str, type, str], ...] = (
 def _damaged(path: Path, key: str, problem: str) -> UserError:
     """``'<path>' is damaged: '<key>' <problem>``: the one line naming the file and the field."""
     return UserError(f"'{path}' is damaged: '{key}' {problem}")
+
+
+def _non_finite(path: Path, key: str, what: str) -> UserError:
+    """The one line refusing a NaN or infinite value of ``key`` (a field or an array)."""
+    return UserError(f"'{path}' holds a non-finite value: '{key}' {what} (a run whose training diverged, or a "
+                     "damaged file): it is not read as a result")
+
+
+def _check_finite_numbers(path: Path, data: Any, where: str = "") -> None:
+    """Refuse the first NaN or infinite number anywhere in ``data`` (a JSON file's contents:
+    Python's json reads ``NaN`` and ``Infinity``), naming its key (``states[1].top1``)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise _non_finite(path, where, f"is {data}")
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        _check_finite_numbers(path, value, f"{where}[{key}]" if isinstance(key, int) else
+                              f"{where}.{key}" if where else str(key))
 
 
 def _check_shapes(path: Path, data: dict[str, Any]) -> None:
@@ -191,16 +213,31 @@ def _check_matrix(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_scores(path: Path, *keys: str) -> list[np.ndarray]:
-    """The named arrays of a stored ``scores/state_XX.npz`` (object arrays refused)."""
+    """The named arrays of a stored ``scores/state_XX.npz`` (object arrays refused), each
+    checked for non-finite values (:func:`_check_finite_array`)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return [npz[k] for k in keys]
+            arrays = [npz[k] for k in keys]
     except FileNotFoundError:
         raise UserError(f"'{path}' not found (the run's stored test scores)") from None
     except KeyError as e:
         raise UserError(f"'{path}' has no {e} array (not a cilkit scores file)") from None
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"'{path}' cannot be read: {e.__class__.__name__}: {e}") from None
+    for key, array in zip(keys, arrays):
+        _check_finite_array(path, key, array)
+    return arrays
+
+
+def _check_finite_array(path: Path, key: str, array: np.ndarray) -> None:
+    """Refuse NaN or infinity in a float array; a score set (``scores``, ``scores_<name>``) may
+    hold ``-inf``, a class it cannot predict (NME without a class mean, ScaIL's unkept old classes)."""
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return
+    scores = key == "scores" or key.startswith("scores_")
+    bad = np.isnan(array) | (np.isposinf(array) if scores else ~np.isfinite(array))
+    if bad.any():
+        raise _non_finite(path, key, f"holds {int(bad.sum())} NaN or infinite value(s) of {array.size}")
 
 
 def read_state_scores(path: Path, n_seen: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +304,7 @@ def read_stats(path: Path, b: int, state_ends: Sequence[int] | None = None) -> d
     if missing:
         raise UserError(f"'{path}' is not a cilkit statistics file: no '{missing[0]}'")
     _check_stats(path, data, b, state_ends)
+    _check_finite_numbers(path, data)
     return data
 
 
@@ -301,3 +339,27 @@ def _check_per_class(path: Path, key: str, values: Any, nullable: bool) -> None:
     for c, value in values.items():
         if not (_is_figure(value) if nullable else _is_number(value)):
             raise _damaged(path, f"{key}.{c}", "is not a number" + (" (or null)" if nullable else ""))
+
+
+# ----- a run that diverged ----------------------------------------------------------------------
+_DIVERGENCE_FIELDS: tuple[tuple[str, type, str], ...] = (
+    ("method", str, "a name"), ("state", int, "a state number"), ("stage", str, "a stage name"),
+    ("epoch", int, "an epoch number"), ("term", str, "a loss term's name"), ("message", str, "a line"),
+)
+
+
+def read_divergence(path: Path) -> dict[str, Any]:
+    """The record of a run whose training went non-finite (``diverged.json``, written by the run:
+    :class:`~cilkit.common.errors.RunDiverged`), checked: ``method``, the 1-based ``state`` and
+    ``epoch``, the ``stage``, the ``term`` and the one-line ``message`` (``seed``: an integer or
+    null)."""
+    data = read_json(path, "the record of a run whose training diverged")
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is not a cilkit divergence record (not an object)")
+    for key, kind, what in _DIVERGENCE_FIELDS:
+        value = data.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _damaged(path, key, f"is not {what}")
+    if data.get("seed") is not None and not _is_int(data["seed"]):
+        raise _damaged(path, "seed", "is not an integer (or null)")
+    return data

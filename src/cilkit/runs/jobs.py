@@ -27,6 +27,12 @@ warnings (:mod:`cilkit.runs.status`); each job writes its own ``run.log`` and
 ``[<method>] warning: ...``) is forwarded from the job's ``run.log`` (:class:`~cilkit.runs.status.WarningRelay`): once,
 within seconds or at the latest when the job ends, prefixed by the job's label and seed
 (``[icarl/run_1, seed 1994] warning: ...``), to the console and the parent's ``run.log``.
+
+A job's process outlives nothing it should not: Ctrl-C stops every job as it stops a serial run
+(each unwinds on its SIGINT, closing its files: nothing is left for multiprocessing's resource
+tracker to warn of), and a job whose parent is gone (killed, even by ``kill -9``) stops before its
+next state with a line in its ``run.log`` (:class:`ParentWatch`): its finished states are saved,
+``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import traceback
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,13 +55,13 @@ from cilkit.common import io, omp
 from cilkit.settings.config import RunConfig, validate
 from cilkit.data import load_dataset
 from cilkit.data.base import Dataset
-from cilkit.common.errors import UserError, described
+from cilkit.common.errors import RunDiverged, UserError, described
 from cilkit.settings.keys import config_differences
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_results
-from cilkit.common.runlog import log
 from cilkit.runs.status import StatusBoard, status_every
-
+from cilkit.runs.workers import (ParentGone, ParentWatch, interrupts_ignored, stop_jobs, take_interrupts, tell_parent,
+                                  thread_lock_for_bars, watched_run)
 
 
 @dataclass(frozen=True)
@@ -110,12 +118,16 @@ def finished(job: RunJob) -> bool:
     return saved is not None and not config_differences(job.config, json.loads(saved))
 
 
-def run_job(job: RunJob, dataset: Dataset | None = None, progress: bool | None = None) -> dict[str, Any]:
-    """Run (or continue) one job here; its results. The job's plugins are imported first."""
+def run_job(job: RunJob, dataset: Dataset | None = None, progress: bool | None = None,
+            watch: ParentWatch | None = None) -> dict[str, Any]:
+    """Run (or continue) one job here; its results. The job's plugins are imported first.
+    ``watch``: the process that started this one, which the job checks before each state
+    (:class:`ParentWatch`)."""
     from cilkit.run.loop import Run  # the state loop imports the methods: only where a job runs
 
     config = validate(job.config, source=str(RunLayout(job.run_dir).config))
-    return Run(config, job.run_dir, progress, dataset).execute(resume=job.resume)
+    run_class = Run if watch is None else watched_run(watch)
+    return run_class(config, job.run_dir, progress, dataset).execute(resume=job.resume)
 
 
 class Executor(Protocol):
@@ -127,7 +139,8 @@ class Executor(Protocol):
 @dataclass
 class InProcess:
     """One job after another in this process, each distinct ``data`` setting read once (an
-    error stops them all, as a single run's would). ``dataset``: data read already, for the
+    error stops them all, as a single run's would; a job whose training diverged is returned as
+    failed, and the others go on, as under ``--jobs N``). ``dataset``: data read already, for the
     jobs whose ``data`` settings it was read with (``data_config``)."""
 
     dataset: Dataset | None = None
@@ -138,12 +151,16 @@ class InProcess:
         loaded: dict[str, Dataset] = {}
         if self.dataset is not None and self.data_config is not None:
             loaded[_data_key(self.data_config)] = self.dataset
+        failures: list[tuple[RunJob, str]] = []
         for job in jobs:
             key = _data_key(job.config["data"])
             if key not in loaded and len(jobs) > 1:
                 loaded[key] = load_dataset(validate(job.config).data)
-            run_job(job, loaded.get(key), self.progress)
-        return []
+            try:
+                run_job(job, loaded.get(key), self.progress)
+            except RunDiverged as e:  # recorded in the job's directory (diverged.json)
+                failures.append((job, str(e)))
+        return failures
 
 
 def _data_key(data: dict[str, Any]) -> str:
@@ -152,20 +169,30 @@ def _data_key(data: dict[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def _job_process(job: RunJob, conn: multiprocessing.connection.Connection, gpu: int | None) -> None:
+def _job_process(job: RunJob, conn: multiprocessing.connection.Connection, gpu: int | None, parent_pid: int) -> None:
     """A job's process: its console lines go to its run.log alone (the parent prints status
-    lines); its cause of failure goes back to the parent, its traceback to its run.log."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts: the job sees one GPU, as cuda:0
-    sys.stdout = open(os.devnull, "w")
+    lines); its cause of failure goes back to the parent, its traceback to its run.log. It
+    stops before its next state when the parent is gone (:class:`ParentWatch`), and on the
+    first SIGINT (Ctrl-C, or the parent's :func:`stop_jobs`), which it takes from here on: it
+    was started with SIGINT blocked and ignored (:func:`interrupts_ignored`)."""
     try:
-        run_job(job, progress=False)
-    except BaseException as e:  # report every cause, the interrupt included
-        cause = str(e) if isinstance(e, UserError) else described(e, 300)
-        _append_traceback(job.run_dir)
-        conn.send(("failed", cause))
+        take_interrupts()  # a Ctrl-C that came while the process started arrives here
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts: the job sees one GPU, as cuda:0
+        sys.stdout = open(os.devnull, "w")
+        thread_lock_for_bars()
+        run_job(job, progress=False, watch=ParentWatch(parent_pid))
+        outcome = ("done", "")
+    except ParentGone:  # said in its run.log; nobody is left to tell
         return
-    conn.send(("done", ""))
+    except KeyboardInterrupt:  # stopped as a serial run is by Ctrl-C: its finished states saved
+        outcome = ("failed", "interrupted")
+    except BaseException as e:  # report every other cause
+        outcome = ("failed", str(e) if isinstance(e, UserError) else described(e, 300))
+        _append_traceback(job.run_dir)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job is over: an interrupt would only cut its report
+    tell_parent(conn, outcome)
 
 
 def _append_traceback(run_dir: Path) -> None:
@@ -194,17 +221,19 @@ class LocalProcesses:
         free_gpus = list(self.gpus) if self.gpus is not None else None
         failures: list[tuple[RunJob, str]] = []
         self.board.watch(jobs)
+        resource_tracker.ensure_running()  # now: as it starts, it unblocks SIGINT (see interrupts_ignored)
         try:
             while pending or running:
                 while pending and len(running) < self.jobs:
                     job = pending.popleft()
                     gpu = free_gpus.pop(0) if free_gpus else None
                     recv, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_job_process, args=(job, send, gpu), name=f"cilkit-{job.label}")
-                    with omp.shared_by_children(f"one of --jobs {self.jobs} processes sharing the cores"):
+                    proc = ctx.Process(target=_job_process, args=(job, send, gpu, os.getpid()), name=f"cilkit-{job.label}")
+                    with omp.shared_by_children(f"one of --jobs {self.jobs} processes sharing the cores"), \
+                            interrupts_ignored():
                         proc.start()  # its idle threads sleep
+                        running[proc.sentinel] = (job, proc, recv, gpu)  # before an interrupt can arrive
                     send.close()
-                    running[proc.sentinel] = (job, proc, recv, gpu)
                     self.board.start(job, f"process {proc.pid}" + (f", GPU {gpu}" if gpu is not None else ""))
                 ready = multiprocessing.connection.wait(list(running), timeout=min(status_every(), 5.0))
                 for sentinel in ready:
@@ -220,10 +249,9 @@ class LocalProcesses:
                         self.board.fail(job, failures[-1][1])
                 self.board.tick([j for j, *_ in running.values()])
         except BaseException:  # interrupted: stop the jobs (each keeps its finished states)
-            for job, proc, _, _ in running.values():
-                proc.terminate()
-            for job, proc, _, _ in running.values():
-                proc.join()
+            stop_jobs([proc for _, proc, _, _ in running.values()])
+            for job, _, recv, _ in running.values():
+                recv.close()
                 with contextlib.suppress(Exception):  # what it warned of before it stopped
                     self.board.warnings.forward(job, final=True)
             raise

@@ -6,7 +6,10 @@ directories, the Python environment, the data, the state-0 cache). It asks for
 ``--slurm-cpus-per-job`` CPUs (the run's ``threads`` when unset), ``--slurm-gpus-per-job``
 GPUs, ``--slurm-mem-gb`` and ``--slurm-time`` minutes. A job that SLURM preempts or that
 reaches its time limit is requeued by submitit (:class:`SlurmRun` is checkpointable) and
-continues from its last finished state, as ``--resume`` does. submitit's own files (the
+continues from its last finished state, as ``--resume`` does; a requeue that comes after the
+last state finds the run finished and exits at once, saying so. A failed job is one line, as a
+local job's: the exception it raised (or the SLURM state it ended in) and its log file
+(:func:`failure_line`). submitit's own files (the
 pickled job, its stdout/stderr) go to ``<parent>/slurm/``. This process waits for the jobs,
 prints their status lines and forwards their warnings from their run directories, and gathers
 them into the parent directory as a local run does, so ``cilkit compare`` reads it; interrupted,
@@ -25,14 +28,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cilkit.common import runlog
 from cilkit.common.errors import UserError, described
-from cilkit.runs.jobs import RunJob, run_job
+from cilkit.runs.jobs import RunJob, finished, run_job
 from cilkit.runs.status import StatusBoard, status_every
 from cilkit.rundir.layout import RunLayout
 from cilkit.common.runlog import log
@@ -62,9 +67,15 @@ def require() -> Any:
 
 class SlurmRun:
     """The callable a SLURM job runs: one run of the plan. Checkpointable: on preemption or
-    timeout submitit requeues it with the same job, which then continues the run directory."""
+    timeout submitit requeues it with the same job, which then continues the run directory; an
+    attempt that finds the run finished (a requeue that came after the last state) says so in a
+    line and exits at once."""
 
     def __call__(self, job: RunJob) -> str:
+        if finished(job):
+            with runlog.tee(RunLayout(job.run_dir).run_log):
+                log(finished_line(job))
+            return str(job.run_dir)
         resumable = job.resume or RunLayout(job.run_dir).config.is_file()  # a requeued attempt continues
         run_job(dataclasses.replace(job, resume=resumable), progress=False)
         return str(job.run_dir)
@@ -72,6 +83,12 @@ class SlurmRun:
     def checkpoint(self, job: RunJob) -> Any:
         """submitit's preemption hook: resubmit the same job (it resumes from its checkpoint)."""
         return require().helpers.DelayedSubmission(SlurmRun(), job)
+
+
+def finished_line(job: RunJob) -> str:
+    """What a requeued attempt of a finished job says (in its run.log and its SLURM output)."""
+    return (f"[jobs] {job.label}: {job.run_dir} is finished already (every state done): this requeued SLURM job "
+            "has nothing to run")
 
 
 def submitit_parameters(options: SlurmOptions, jobs: int) -> dict[str, Any]:
@@ -198,12 +215,58 @@ def _squeue_watcher_class() -> type:
 
 
 def _job_error(handle: Any) -> str | None:
-    """None when the job returned; else the last line of its failure (the run's own message)."""
+    """None when the job returned; else its :func:`failure_line`."""
     try:
         error = handle.exception()
     except Exception as e:  # the job vanished (cancelled, node lost): submitit cannot tell why
         return described(e, 300)
     if error is None:
         return None
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:300]
+    return failure_line(str(error), type(error).__name__, str(handle.paths.stderr))
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"(?P<type>[A-Za-z_][\w.]*): (?P<message>.*)")
+_SLURM_STATE = re.compile(r"has not produced any output \(state: (?P<state>[^)]*)\)")
+
+
+def failure_line(error: str, error_type: str, log_path: str) -> str:
+    """The cause of a failed SLURM job in one line, as a local job's (:mod:`cilkit.runs.jobs`),
+    then its log: ``ValueError: boom (log: .../slurm/12_0_log.err)``. ``error``: submitit's
+    text of the failure (``error_type``: its class): the job's traceback, whose exception line
+    is the cause (a :class:`UserError`'s message alone, as the run printed it); or, for a job
+    that left no result (killed by SLURM: time limit, memory, node), its SLURM state and the
+    last line of its error stream."""
+    lines = error.splitlines()
+    if _TRACEBACK in lines:
+        after = lines[len(lines) - lines[::-1].index(_TRACEBACK):]  # the last exception of the chain
+        cause = next((line for line in after if line.strip() and not line[0].isspace()), error_type)
+        cause = _as_run_printed(cause)
+    elif (state := _SLURM_STATE.search(error)) is not None:
+        stream = error.split("Error stream produced:", 1)[1] if "Error stream produced:" in error else ""
+        last = [line.strip() for line in stream.splitlines() if line.strip().strip("-")]
+        cause = f"the job ended without a result (SLURM state {state['state']})" + (f": {last[-1]}" if last else "")
+    else:
+        cause = next((line.strip() for line in lines if line.strip()), error_type)
+    return f"{cause[:300]} (log: {log_path})"
+
+
+def _as_run_printed(line: str) -> str:
+    """A traceback's exception line as the local path reports the exception: a UserError (of
+    any subclass) by its message, anything else ``Type: message`` with the type's bare name."""
+    m = _EXCEPTION_LINE.fullmatch(line)
+    if m is None:
+        return line
+    if m["type"] in _user_error_names():
+        return m["message"]
+    return f"{m['type'].rpartition('.')[2]}: {m['message']}"
+
+
+def _user_error_names() -> set[str]:
+    """The names a traceback gives UserError and its subclasses (``cilkit.common.errors.RunDiverged``)."""
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(f"{cls.__module__}.{cls.__qualname__}")
+        todo.extend(cls.__subclasses__())
+    return names

@@ -6,8 +6,10 @@ scores on ``scenario.val_per_class`` held-out images of every seen class (never 
 never in the memory: see :meth:`cilkit.run.loop.Run._validate`). Points are ranked by the mean
 incremental validation top-1 (without state 1 when there are several states), averaged over
 ``runs`` seeds; the test set is never read for the choice (a test shows that permuting the
-test labels leaves the ranking unchanged); a point without a score ranks last. Writes
-``ranking.md`` and ``ranking.json`` and prints the ``--set`` line of the winner.
+test labels leaves the ranking unchanged); a point without a score ranks last. A point one of
+whose runs diverged (its training went non-finite) has no score: it is marked ``diverged`` in the
+ranking (which seed, where) and the other points go on. Writes ``ranking.md`` and
+``ranking.json`` and prints the ``--set`` line of the winner.
 
 Every point is checked before any runs, on data read once (per distinct ``data`` settings). The
 ``--out`` must be new, empty, or a tune of the same config file and grid (its marker,
@@ -35,12 +37,11 @@ from cilkit.settings.config import RunConfig, load_config, read_yaml
 from cilkit.data.base import Dataset
 from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout, enclosing_run, holds_run, is_run_dir
-from cilkit.rundir.readers import read_results
 from cilkit.common.runlog import log
 from cilkit.settings.keys import config_differences
 from cilkit.cil.metrics import mean_incremental
 from cilkit.runs.execution import Execution
-from cilkit.runs.multirun import claimed_runs, run_claims
+from cilkit.runs.multirun import claimed_runs, is_diverged, run_claims
 from cilkit.run.setup import check_protocol
 from cilkit.analysis.significance import mean_std
 
@@ -235,12 +236,21 @@ def check_tune_target(out: Path, identity: dict[str, Any], point_dirs: list[str]
 
 def point_row(values: dict[str, Any], config: RunConfig, runs: list[dict[str, Any]], run_dir: Path,
               metric: str) -> dict[str, Any]:
-    """A point's line of the ranking: its validation score over its seeds."""
-    scores = [validation_score(r, metric) for r in runs]
+    """A point's line of the ranking: its validation score over its seeds. A point with a run
+    that diverged (:func:`~cilkit.runs.multirun.is_diverged`) has no score, whatever its other
+    seeds scored: its row says where each diverged (``diverged``)."""
+    scores = [None if is_diverged(r) else validation_score(r, metric) for r in runs]
     known = [s for s in scores if s is not None]
-    mean, std = mean_std(known) if known else (None, None)
-    return {"values": values, "val_score_mean": mean, "val_score_std": std,
-            "seeds": [config.seed + i for i in range(len(runs))], "val_scores": scores, "dir": str(run_dir)}
+    diverged = [_divergence_brief(r["diverged"]) for r in runs if is_diverged(r)]
+    mean, std = mean_std(known) if known and not diverged else (None, None)
+    row = {"values": values, "val_score_mean": mean, "val_score_std": std,
+           "seeds": [config.seed + i for i in range(len(runs))], "val_scores": scores, "dir": str(run_dir)}
+    return row | {"diverged": diverged} if diverged else row
+
+
+def _divergence_brief(record: dict[str, Any]) -> dict[str, Any]:
+    """Where a point's run diverged, for its ranking row: seed, state, stage, epoch, loss term."""
+    return {k: record.get(k) for k in ("seed", "state", "stage", "epoch", "term", "value")}
 
 
 def tune(config_path: str | None, grid_items: list[str], overrides: list[str], out: Path,
@@ -272,8 +282,12 @@ def write_ranking(out: Path, rows: list[dict[str, Any]], what: dict[str, Any], m
     """Rank ``rows`` (best validation score first, unscored last), say whether the winner is a
     tie (:func:`verdict`), write ranking.json and ranking.md; the record."""
     if all(r["val_score_mean"] is None for r in rows):
-        raise UserError(f"cilkit tune: no {unit} has a score ({METRICS[metric]}): its runs under '{out}' recorded "
-                        "no validation top-1")
+        diverged = sum(bool(r.get("diverged")) for r in rows)
+        why = (f"its runs under '{out}' recorded no validation top-1" if not diverged else
+               f"the training of every {unit} diverged (each run's diverged.json under '{out}' says where)"
+               if diverged == len(rows) else
+               f"{diverged} diverged, the others' runs under '{out}' recorded no validation top-1")
+        raise UserError(f"cilkit tune: no {unit} has a score ({METRICS[metric]}): {why}")
     ranking = sorted(rows, key=_ranked)
     best = ranking[0]
     record = {
@@ -322,7 +336,7 @@ def ranking_table(ranking: list[dict[str, Any]], metric: str = METRICS["top1"]) 
     lines = ["| rank | " + " | ".join(keys) + f" | {score_name} (mean inc., excl. 1st) | runs |",
              "|---|" + "---|" * (len(keys) + 2)]
     for i, r in enumerate(ranking, 1):
-        score = "-" if r["val_score_mean"] is None else f"{r['val_score_mean']:.2f}"
+        score = ("diverged" if r.get("diverged") else "-") if r["val_score_mean"] is None else f"{r['val_score_mean']:.2f}"
         if r["val_score_std"] is not None:
             score += f" ± {r['val_score_std']:.2f}"
         lines.append(f"| {i} | " + " | ".join(str(r["values"][k]) for k in keys) + f" | {score} | {len(r['val_scores'])} |")

@@ -27,6 +27,7 @@ from pydantic import (
 
 from cilkit.common.errors import UserError, did_you_mean, first_error, unknown_name
 from cilkit.settings.overrides import apply_overrides, check_methods, overrides_of, resolved
+from cilkit.settings.options import StrictNumbers, refuse_loose_numbers
 from cilkit.settings.packaged import quickstart_dict, resolve_config
 from cilkit.settings.plugins import import_plugins, plugin_list
 from cilkit.settings.registry import BACKBONES, METHODS, SOURCE_OPTIONS, SOURCES
@@ -36,7 +37,9 @@ DEFAULT_TEST_FRACTION = 0.2
 VALUE_KINDS = {"memory.selection": "selection strategy"}  # what a Literal key's values are called, in errors
 
 
-class Strict(BaseModel):
+class Strict(StrictNumbers):
+    """A section of the run config: no unknown key, numbers that are numbers (StrictNumbers)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -110,6 +113,7 @@ class DataConfig(Strict):
             if v:
                 raise ValueError(f"config key 'data.options': dataset '{name}' takes no options")
             return {}
+        refuse_loose_numbers(model, v, prefix="data.options")  # a plugin's model need not derive from StrictNumbers
         try:
             return model.model_validate(v if v is not None else {}).model_dump(mode="json")
         except ValidationError as e:
@@ -247,7 +251,7 @@ class LogConfig(Strict):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline: nothing is sent; WANDB_MODE overrides
 
 
-class RunConfig(BaseModel):
+class RunConfig(StrictNumbers):
     """A whole run. Extra top-level keys must be method names holding that method's options."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -328,7 +332,16 @@ class RunConfig(BaseModel):
 
     def for_method(self, name: str) -> "RunConfig":
         """This config with a single method (one run of a multi-method comparison), its
-        overrides of ``methods`` applied (and ``methods`` then empty: a run's config is resolved)."""
+        overrides of ``methods`` applied (and ``methods`` then empty: a run's config is resolved).
+        A config that does not validate so is one ``UserError`` line naming the method and the key."""
+        try:
+            return self.validated_for(name)
+        except ValidationError as e:
+            raise UserError(f"method '{name}': {first_error(e, model=RunConfig, kinds=VALUE_KINDS)}") from None
+
+    def validated_for(self, name: str) -> "RunConfig":
+        """:meth:`for_method`, raising pydantic's ``ValidationError`` (the check of ``methods``
+        while the config validates, which names the key under ``methods.<name>``)."""
         data = resolved(self.to_dict(), name)
         data["method"] = name
         data["name"] = f"{self.name}/{name}" if self.name else name

@@ -90,7 +90,7 @@ def check_methods(config: Any, kinds: dict[str, str]) -> None:
     for name in config.method_names:
         if name in config.methods:
             try:
-                config.for_method(name)  # its own config is checked, memory included
+                config.validated_for(name)  # its own config is checked, memory included
             except ValidationError as e:
                 raise ValueError(first_error(e, prefix=f"methods.{name}", model=type(config), kinds=kinds)) from None
             continue

@@ -26,6 +26,7 @@ from cilkit.common import distributed
 from cilkit.settings.config import ScheduleConfig
 from cilkit.data.base import Dataset, ImageSet, Rows, batch_sizes, shuffled
 from cilkit.common.errors import described
+from cilkit.training.divergence import all_finite, check_finite, track_peak
 from cilkit.training.protocol import Batch, Context, EpochRecord, FitHooks, FitSpec, LossTerms
 from cilkit.common.runlog import log
 
@@ -176,6 +177,7 @@ class Engine:
             epoch_start, lr_now = time.perf_counter(), float(opt.param_groups[0]["lr"])
             total, count = torch.zeros((), device=self.device), 0
             term_sums: dict[str, torch.Tensor] = {}
+            term_peaks: dict[str, torch.Tensor] = {}  # each term's largest finite batch value: which one blew up
             for k, (x, labels, idx) in enumerate(data.batches(
                 indices,
                 batch_size,
@@ -209,7 +211,11 @@ class Engine:
                 for name, t in terms.items():
                     term = t.detach().float() * x.shape[0]
                     term_sums[name] = term_sums[name] + term if name in term_sums else term
-            epoch_loss, term_means = self._epoch_means(total, count, term_sums, shard is not None)
+                    track_peak(term_peaks, name, t)
+            checks = [all_finite(step_params, self.device), *(term_peaks[n] for n in term_sums)]
+            epoch_loss, term_means, checked = self._epoch_means(total, count, term_sums, shard is not None, checks)
+            check_finite(ctx, stage, e + 1, lr_now, epoch_loss, term_means, bool(checked[0]),
+                          dict(zip(term_sums, checked[1:])))
             seen += count
             records.append(_epoch_record(stage, e + 1, epoch_loss, lr_now, count, time.perf_counter() - epoch_start,
                                          term_means))
@@ -241,10 +247,11 @@ class Engine:
         return _floated(out)
 
     @staticmethod
-    def _epoch_means(total: torch.Tensor, count: int, term_sums: dict[str, torch.Tensor], parallel: bool
-                     ) -> tuple[float, dict[str, float]]:
-        """The epoch's mean loss and mean of each term over its images: the epoch's one host
-        sync (under torchrun, the global batch's: the same plateau decision on every rank)."""
+    def _epoch_means(total: torch.Tensor, count: int, term_sums: dict[str, torch.Tensor], parallel: bool,
+                     checks: list[torch.Tensor]) -> tuple[float, dict[str, float], list[float]]:
+        """The epoch's mean loss, the mean of each term over its images, and the values of
+        ``checks`` (0-d tensors: what :func:`check_finite` reads, this rank's): the epoch's one
+        host sync (under torchrun, the global batch's: the same plateau decision on every rank)."""
         names = list(term_sums)
         sums = [term_sums[n] for n in names]
         if parallel:
@@ -252,8 +259,8 @@ class Engine:
             if sums:
                 sums = list(distributed.all_sum(torch.stack(sums).double()).float().unbind())
         n = max(count, 1)
-        means = torch.stack([total / n, *(t / n for t in sums)]).tolist()
-        return means[0], dict(zip(names, means[1:]))
+        means = torch.stack([total / n, *(t / n for t in sums), *(c.to(total.dtype) for c in checks)]).tolist()
+        return means[0], dict(zip(names, means[1:len(names) + 1])), means[len(names) + 1:]
 
     def _bar_disabled(self) -> bool | None:
         return None if self.progress is None else not self.progress

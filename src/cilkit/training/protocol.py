@@ -51,9 +51,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from cilkit.settings.config import RunConfig, ScheduleConfig, TrainConfig
+from cilkit.settings.options import StrictNumbers
 from cilkit.data.base import Dataset, ImageSet, Rows, shuffled
 from cilkit.cil.memory import Memory
 from cilkit.models import IncrementalNet, build_model
@@ -65,8 +66,9 @@ __all__ = ["Batch", "Context", "EpochRecord", "FitHooks", "FitSpec", "LossTerms"
 LossTerms = dict[str, torch.Tensor]  # a loss's named terms, summed by the engine in their order
 
 
-class MethodConfig(BaseModel):
-    """A method's own hyperparameters; subclass it in the method's file."""
+class MethodConfig(StrictNumbers):
+    """A method's own hyperparameters; subclass it in the method's file. A number option takes
+    no boolean, infinity or NaN (:class:`~cilkit.settings.options.StrictNumbers`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -272,6 +274,12 @@ class Method(FitHooks):
         always holds (the method's options, the code of its state-0 hooks, the model's
         architecture, the data and training settings): e.g. a run setting read in state 0."""
         return {}
+
+    def check_scenario(self, scenario: Scenario) -> None:
+        """Refuse, with a ``UserError`` line naming the option, options that cannot work on
+        this run's classes (more PODNet proxies than a class has images). Called by
+        :func:`cilkit.run.setup.check_protocol` before anything is written; default: nothing to check."""
+        return None
 
     # ----- hooks -------------------------------------------------------------------------------
     def before_state(self, ctx: Context) -> None:
