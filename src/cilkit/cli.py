@@ -1,4 +1,4 @@
-"""Command line: ``cilkit run | tune | calibrate | compare | info | configs``."""
+"""Command line: ``cilkit run | reproduce | tune | calibrate | compare | info | configs``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from cilkit.common.runlog import log
 from cilkit.runs.execution import Execution
 from cilkit.runs.jobs import JobsFailed
 from cilkit.runs.multirun import repeat_dirs, run_methods
+from cilkit.runs import reproduce
 from cilkit.runs.slurm import SlurmOptions
 from cilkit.run.setup import check_protocol, with_resolved_threads
 from cilkit.run.store import strict_resume
@@ -158,6 +159,58 @@ def add_execution_options(p: argparse.ArgumentParser) -> None:
                    help="another submitit slurm_KEY parameter (e.g. account=myproj, qos=high; repeatable)")
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """--set, --out, --overwrite and --plugin, shared by run and reproduce."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable); "
+                   "METHOD:KEY=VALUE changes a protocol key for that method's runs alone (--set lwf:memory.total=0)")
+    p.add_argument("--out", help="run directory (default: runs/<name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
+    p.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
+                   help="import a .py file or module of your own methods, backbones or datasets first (repeatable)")
+
+
+def add_reproduce_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", metavar="NAME", help="a paper config's name (--list) or a config file with "
+                   "a paper: target")
+    p.add_argument("--list", action="store_true", help="list the paper configs: target and compute (images processed)")
+    p.add_argument("--seeds", type=int, metavar="N", help="seeds seed, seed+1, ... (default: the paper's number of "
+                   f"runs, else the config's runs, else {reproduce.DEFAULT_SEEDS})")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted reproduction in --out DIR")
+    add_run_options(p)
+    add_execution_options(p)
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """cilkit run's own path (``runs: N``, --jobs/--executor, the report in <out>/report) for a
+    config with a ``paper:`` target; ``--list``: the paper configs (:mod:`cilkit.runs.reproduce`)."""
+    if args.list:
+        if args.config or args.resume:
+            raise UserError("--list takes no NAME nor --resume")
+        print(reproduce.paper_listing())
+        return 0
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: expected a number of seeds >= 1")
+    as_run = {**vars(args), "methods": None, "strict": False, "baseline": None, "metric": "top1"}
+    if args.resume:
+        if not args.out or args.seeds is not None:
+            raise UserError("--resume continues the reproduction in --out DIR with the seeds it started with: give "
+                            "--out DIR (and no --seeds)")
+        reproduce.check_resumable(Path(args.out), args.config)
+        return _run(argparse.Namespace(**{**as_run, "config": None, "resume": args.out, "out": None}))
+    if args.config is None:
+        raise UserError(f"cilkit reproduce NAME: name a paper config; {reproduce.LIST_HINT}")
+    overrides = list(args.set or [])
+    if any(o.split("=", 1)[0].strip() == "runs" for o in overrides):
+        raise UserError("--set runs=N: cilkit reproduce takes the number of seeds as --seeds N")
+    path = reproduce.paper_config_path(args.config)
+    config = load_config(path, overrides, args.plugin)
+    reproduce.require_paper(config, args.config, path)
+    seeds = args.seeds or reproduce.default_seeds(config)
+    return _run(argparse.Namespace(**{**as_run, "config": str(path), "set": [*overrides, f"runs={seeds}"],
+                                      "resume": None}))
+
+
 def _check_baseline(baseline: str | None, config: RunConfig) -> None:
     if baseline is not None and baseline not in config.method_names:
         hint = did_you_mean(baseline, config.method_names)
@@ -261,10 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a protocol (default: the embedded digits quickstart)")
     r.add_argument("config", nargs="?", help="YAML config file, or a packaged config's name (cilkit configs "
                    "lists them; default: the embedded quickstart)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable); "
-                   "METHOD:KEY=VALUE changes a protocol key for that method's runs alone (--set lwf:memory.total=0)")
+    add_run_options(r)
     r.add_argument("--methods", help="comma-separated methods to compare on the same protocol")
-    r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished state")
     r.add_argument("--strict", action="store_true", help="with --resume: refuse to continue under other code (cilkit "
                    "or a plugin edited since the finished states ran) instead of warning")
@@ -272,11 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "paired by seed (with runs: R > 1)")
     r.add_argument("--metric", default="top1", choices=PAIRED_METRICS, help="the figure --baseline pairs: "
                    "the mean incremental top-1 (default) or balanced top-1, excluding state 1")
-    r.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed first)")
-    r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
-                   help="import a .py file or module of your own methods, backbones or datasets first (repeatable)")
     add_execution_options(r)
     r.set_defaults(func=cmd_run)
+    add_reproduce_options(sub.add_parser("reproduce", help="run a paper config over several seeds, its report beside "
+                                         "the paper's figure"))
     t = sub.add_parser("tune", help="rank a grid of settings by validation accuracy (never the test set)")
     t.add_argument("config", nargs="?", help="YAML config file or a packaged config's name (one method, "
                    "scenario.val_per_class >= 1; default: the embedded quickstart, as cilkit run)")

@@ -3,7 +3,9 @@
 The cells are those of :func:`cilkit.analysis.tables.state_table` (``mean $\\pm$ std`` over
 several seeds), on the columns a paper shows (:data:`DEFAULT_COLUMNS`, or those named with
 ``cilkit compare --columns``), in a float that fits the text width of a one-column page, with a
-caption naming the protocol, the seeds and what the cells and the bold mean. A value is bold only
+caption naming the protocol, the seeds (and, where the runs' config carries a ``paper:``, the
+paper's figure beside theirs: :func:`cilkit.analysis.paper.paper_sentence`) and what the cells
+and the bold mean. A value is bold only
 where the paired comparison over the shared seeds puts its row above every other row of the column
 (:func:`distinguished_row`), never on a reference method's row (``Method.reference``: joint, an
 upper bound). With a baseline, a last column gives each row's paired verdict.
@@ -21,7 +23,8 @@ from cilkit.analysis.tables import Column, PairedRow, Spread, Table, cell_text
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "−": "-", "≥": r"$\geq$"}
+                  "±": r"$\pm$", "−": "-", "≥": r"$\geq$",
+                  "→": r"$\rightarrow$", "…": r"\ldots{}"}
 HIGHER_BETTER = ("top1_state", "mean_incremental_top1", "last_balanced_top1", "mean_incremental_balanced_top1",
                  "last_top1_old", "last_top1_new")  # key prefixes
 LOWER_BETTER = ("average_forgetting",)

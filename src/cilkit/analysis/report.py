@@ -38,6 +38,7 @@ from cilkit.common import io
 from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
 from cilkit.analysis.latex import check_columns, table_latex
+from cilkit.analysis.paper import PaperComparison, paper_comparisons, paper_html, paper_markdown, paper_sentence
 from cilkit.analysis.plots import figures as make_figures
 from cilkit.analysis.runsets import DivergedRun, FoundRun, Protocol, group_runs, scan_runs
 from cilkit.analysis.runsets import find_runs  # noqa: F401 (imported from here too)
@@ -96,14 +97,22 @@ def describe_protocol(p: Protocol) -> str:
             + describe_imbalance(r.get("imbalance")))
 
 
-def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table]) -> str:
+def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table],
+                        papers: Sequence[Sequence[PaperComparison]] = ()) -> str:
     """The table of each protocol headed by its description (:func:`describe_protocol`, with
     the imbalance profile; ``Protocol k:`` before it when there are several), as report.html
-    heads it, and the note on std when some row is over several runs."""
+    heads it, then its paper's figure beside the runs' (``papers``, one list per protocol:
+    :func:`~cilkit.analysis.paper.paper_markdown`, where a run's config has a ``paper:``), and
+    the note on std when some row is over several runs."""
+    def paper(k: int) -> str:
+        text = paper_markdown(papers[k]) if k < len(papers) else ""
+        return f"\n\n{text}" if text else ""
+
     if len(protocols) == 1:
-        parts = [f"{describe_protocol(protocols[0])}\n\n{state_table(tables[0])}"]
+        parts = [f"{describe_protocol(protocols[0])}\n\n{state_table(tables[0])}{paper(0)}"]
     else:
-        parts = [f"Protocol {p.number}: {describe_protocol(p)}\n\n{state_table(t)}" for p, t in zip(protocols, tables)]
+        parts = [f"Protocol {p.number}: {describe_protocol(p)}\n\n{state_table(t)}{paper(k)}"
+                 for k, (p, t) in enumerate(zip(protocols, tables))]
     if any(t.repeated for t in tables):
         parts.append(STD_NOTE)
     return "\n\n".join(parts)
@@ -190,8 +199,19 @@ def _provenance_html(prov: dict[str, Any] | None) -> str:
     return f'<br><span class="note">{html.escape(line)}</span>' if line else ""
 
 
+def _paper_html(protocols: Sequence[Protocol], papers: Sequence[Sequence[PaperComparison]]) -> str:
+    """The section putting each protocol's paper figure beside its runs' (empty without any)."""
+    parts = []
+    for p, comparisons in zip(protocols, papers):
+        if comparisons:
+            head = f"<h3>Protocol {p.number}</h3>\n" if len(protocols) > 1 else ""
+            parts.append(head + paper_html(comparisons))
+    return f"<h2>Paper</h2>\n{chr(10).join(parts)}\n" if parts else ""
+
+
 def report_html(protocols: Sequence[Protocol], tables: Sequence[Table], figures: Sequence[tuple[str, str, bytes]],
-                paired: str = "", diverged: Sequence[DivergedRun] = ()) -> str:
+                paired: str = "", diverged: Sequence[DivergedRun] = (),
+                papers: Sequence[Sequence[PaperComparison]] = ()) -> str:
     """One HTML file with the tables and every figure inlined as a base64 ``data:`` URI: no
     external resource, so it opens offline (a Content-Security-Policy forbids any fetch)."""
     e = html.escape
@@ -214,7 +234,7 @@ def report_html(protocols: Sequence[Protocol], tables: Sequence[Table], figures:
 {_header_html(protocols)}
 <h2>Results</h2>
 {_results_html(protocols, tables)}
-{_diverged_html(diverged)}{paired_section}<h2>Figures</h2>
+{_paper_html(protocols, papers)}{_diverged_html(diverged)}{paired_section}<h2>Figures</h2>
 {figs}
 <h2>Runs</h2>
 <ul>{_sources_html(protocols)}</ul>
@@ -357,13 +377,14 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     _check_baseline_trained(baseline, runs, diverged)
     protocols = group_runs(runs)
     paired = paired_rows(protocols, baseline, metric) if baseline is not None else None
+    papers = [paper_comparisons(p) for p in protocols]  # where a run's config carries the paper's figure
     groups = [g for p in protocols for g in p.groups]
     results = {g.label: g.runs[0].results for g in groups}
     repeats = {g.label: [r.results for r in g.runs] for g in groups if g.repeated}
     figs = make_figures({g.label: g.runs[0].path for g in groups}, results, repeats, y_range=y_range,
                         repeat_dirs={g.label: [r.path for r in g.runs] for g in groups if g.repeated})
     tables = [build_table(p.groups) for p in protocols]
-    text = comparison_markdown(protocols, tables)
+    text = comparison_markdown(protocols, tables, papers)
     if diverged:
         text += "\n\n" + diverged_markdown(diverged)
     files: dict[str, str | bytes] = {}
@@ -371,13 +392,14 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
         text += "\n\n" + paired_markdown(protocols, paired, baseline, metric)
         files["paired.csv"] = paired_csv(paired)
     files.update({"table.md": text + "\n", "table.csv": table_csv(tables),
-                  "table.tex": table_latex(tables, paired, baseline, metric, [describe_protocol(p) for p in protocols],
-                                           columns, variants)})
+                  "table.tex": table_latex(tables, paired, baseline, metric,
+                                           [" ".join(filter(None, [describe_protocol(p), paper_sentence(c)]))
+                                            for p, c in zip(protocols, papers)], columns, variants)})
     for f in figs:  # each figure as PNG (also in report.html) and as vector PDF
         files.update({f.name: f.png, f.pdf_name: f.pdf})
     html_paired = paired_html(protocols, paired, baseline, metric) if paired is not None and baseline is not None else ""
     files["report.html"] = report_html(protocols, tables, [(f.name, f.caption, f.png) for f in figs], html_paired,
-                                       diverged)
+                                       diverged, papers)
     if fresh:
         out_dir = fresh_directory(out_dir)
     write_report(out_dir, files, previous)

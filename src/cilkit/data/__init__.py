@@ -5,7 +5,8 @@ A reader is registered with :func:`register_source`; :func:`load_dataset` looks 
 (range, and images of every class in both splits). Here live the image sets (``base``,
 ``files``), the readers (``sources``: digits, IDX and synthetic data in memory; ``cifar``: the CIFAR
 pickles; ``folders``: image folders and list
-files), the checks of image files and the augmentations (``transforms``).
+files), the checks of image files and the augmentations (``transforms``); ``nominal``: the datasets'
+published sizes (for estimates made without the data).
 
 The package may import only the top-level modules ``errors``, ``config``, ``registry``, ``machine``,
 ``distributed`` and ``io``; never ``methods``, ``run`` or ``analysis``.

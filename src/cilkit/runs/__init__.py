@@ -7,7 +7,8 @@ where they execute. Each run of a plan is one :class:`~cilkit.run.loop.Run` of :
   process; ``--jobs N`` processes), with their status lines;
 - ``execution``: ``--jobs`` and ``--executor`` as one value, which builds the executor of a plan;
 - ``slurm``: ``--executor slurm``, one SLURM job per run through submitit (imported only then);
-- ``tune``: a grid of runs ranked on validation; ``search``: ``tune --search`` with Optuna.
+- ``tune``: a grid of runs ranked on validation; ``search``: ``tune --search`` with Optuna;
+- ``reproduce``: ``cilkit reproduce``'s paper configs, their default seeds and the images each needs.
 
 May import: the top-level modules, ``cilkit.data``, ``cilkit.run`` (one run), ``cilkit.rundir``
 (the files it reads and claims) and of ``cilkit.analysis`` ``significance`` (mean ± std over

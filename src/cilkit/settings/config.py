@@ -27,6 +27,7 @@ from pydantic import (
 
 from cilkit.common.errors import UserError, did_you_mean, first_error, unknown_name
 from cilkit.settings.overrides import apply_overrides, check_methods, overrides_of, resolved
+from cilkit.settings.paper import PaperTarget
 from cilkit.settings.options import StrictNumbers, refuse_loose_numbers
 from cilkit.settings.packaged import quickstart_dict, resolve_config
 from cilkit.settings.plugins import import_plugins, plugin_list
@@ -280,6 +281,7 @@ class RunConfig(StrictNumbers):
     dist_timeout_s: float = Field(300.0, gt=0)  # under torchrun: how long a rank waits for the others
     state0_cache: str | None = "~/.cache/cilkit/state0"  # null = never reuse a state-0 model
     keep_checkpoints: Literal["last", "all"] = "last"
+    paper: PaperTarget | None = None  # the paper's figure for this protocol (paper configs; changes no number)
 
     @field_validator("method")
     @classmethod

@@ -63,6 +63,7 @@ METHOD_OPTIONS = Key(Role.IDENTITY, True, "keep")  # an option no method's confi
 
 KEYS: dict[str, Key] = {
     "name": NO_NUMBER,
+    "paper": NO_NUMBER,  # the paper's reported figure, shown beside the run's (cilkit.settings.paper)
     "plugins": NO_NUMBER,  # where the files are; their source is keyed by digest
     "seed": Key(Role.IDENTITY, True, "keep"),
     "runs": Key(Role.NONE, False, "keep"),  # how many seeds a parent holds: changes which runs exist
