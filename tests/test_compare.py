@@ -144,7 +144,8 @@ def test_a_single_run_table_is_as_before(runs, tmp_path):
     assert head.startswith("Dataset: digits. 2 states; classes seen after each state: 4, 7.") and blank == ""
     assert table[0] == ("| method | 4 cl. | 7 cl. | mean inc. | mean inc. (excl. 1st) | bal. last | "
                         "bal. mean inc. | bal. mean inc. (excl. 1st) | last old | "
-                        "last new | forgetting | time (s) |")
+                        "last new | forgetting | time (s) | model MB | memory MB | total MB | model in ex. |")
+    # ^ the last four: the last state's memory-aligned accounting (issue 39 item 5)
     assert table[2].startswith(f"| icarl | {r['states'][0]['top1']:.1f} | {r['states'][1]['top1']:.1f} | "
                                          f"{r['mean_incremental_top1']:.2f} |")
     assert "±" not in md and "ddof" not in md
@@ -152,7 +153,8 @@ def test_a_single_run_table_is_as_before(runs, tmp_path):
     assert header == ("method,top1_state1,top1_state2,mean_incremental_top1,mean_incremental_top1_excl_first,"
                       "balanced_top1_state1,balanced_top1_state2,mean_incremental_balanced_top1,"
                       "mean_incremental_balanced_top1_excl_first,"
-                      "last_top1_old,last_top1_new,average_forgetting,wall_time_s")
+                      "last_top1_old,last_top1_new,average_forgetting,wall_time_s,"
+                      "last_model_mb,last_memory_mb,last_total_mb,last_model_in_exemplars")
 
 
 def test_run_refuses_a_baseline_it_does_not_run(tmp_path, capsys):

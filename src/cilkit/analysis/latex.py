@@ -38,6 +38,9 @@ COLUMN_KEYS = {
     "bal_mean_inc_excl": "mean_incremental_balanced_top1_excl_first",
     "last_old": "last_top1_old", "last_new": "last_top1_new", "forgetting": "average_forgetting",
     "time": "wall_time_s",
+    # opt-in: the last state's memory-aligned accounting (cilkit.analysis.tables.ACCOUNTING_COLUMNS)
+    "model_mb": "last_model_mb", "memory_mb": "last_memory_mb", "total_mb": "last_total_mb",
+    "model_in_ex": "last_model_in_exemplars",
 }
 DEFAULT_COLUMNS = ("mean_inc", "last", "bal_mean_inc", "forgetting")
 _LEGEND = {
@@ -52,6 +55,11 @@ _LEGEND = {
     "last_new": "last new: top-1 on the new classes after the last state",
     "forgetting": "forgetting: average forgetting (Chaudhry et al., 2018; lower is better)",
     "time": "time (s): wall time of all states",
+    "model_mb": ("model MB: the model after the last state, its parameters and buffers as stored "
+                 "(1 MB = 1,000,000 bytes)"),
+    "memory_mb": "memory MB: the exemplars after the last state, as the training images are stored",
+    "total_mb": "total MB: model and exemplars",
+    "model_in_ex": "model in ex.: the model's bytes over one training image's (Zhou et al., 2023)",
 }
 
 

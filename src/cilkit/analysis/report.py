@@ -61,11 +61,13 @@ STD_NOTE = ("Rows over several runs: mean ± std over their seeds (std: the samp
 # ----- protocols described ---------------------------------------------------------------------
 def describe_memory(memory: Mapping[str, Any] | None) -> str:
     """A memory config (config.yaml's ``memory``) in words, as a run's first line says it:
-    ``none`` (no budget, or a budget of 0), ``K exemplars`` (``total``) or ``N per class``
-    (``per_class``), then the selection, ``60 exemplars (herding)``."""
+    ``none`` (no budget, or a budget of 0), ``K exemplars`` (``total``), ``N per class``
+    (``per_class``) or ``B bytes shared with the model`` (``budget_bytes``), then the selection,
+    ``60 exemplars (herding)``."""
     memory = memory or {}
-    total, per_class = memory.get("total"), memory.get("per_class")
-    budget = f"{total} exemplars" if total else f"{per_class} per class" if per_class else None
+    total, per_class, shared = memory.get("total"), memory.get("per_class"), memory.get("budget_bytes")
+    budget = (f"{total} exemplars" if total else f"{per_class} per class" if per_class else
+              f"{shared} bytes shared with the model" if shared else None)
     if budget is None:
         return "none"
     selection = memory.get("selection")

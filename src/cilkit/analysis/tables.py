@@ -2,7 +2,8 @@
 
 A :class:`Table` has one row per group of runs (:mod:`cilkit.analysis.runsets`) and score set:
 top-1 after each state, the mean incremental top-1 with and without state 0, top-1 on the old
-and new classes after the last state, average forgetting and wall time, each a float or, over
+and new classes after the last state, average forgetting, wall time and the last state's model and
+memory in MB (memory-aligned accounting), each a float or, over
 several seeds, a :class:`Spread` (mean ± sample std). Its columns are defined once
 (:func:`table_columns`, :func:`build_table`) and rendered as Markdown (:func:`state_table`),
 HTML (:func:`table_html`) and CSV (:func:`table_csv`). The paired comparison with a baseline
@@ -78,11 +79,30 @@ def _state_titles(results: Results, n: int) -> list[str]:
     return [f"state {b + 1}" for b in range(n)]
 
 
+MB = 1e6  # bytes in a megabyte, as Zhou et al. (ICLR 2023) count a model's size
+# the last state's memory-aligned accounting (results.json's states[b]["accounting"]): the model
+# and the exemplars in MB and the model in exemplars (model bytes / one training image's bytes)
+ACCOUNTING_COLUMNS = [
+    Column("model MB", "last_model_mb", 2),
+    Column("memory MB", "last_memory_mb", 2),
+    Column("total MB", "last_total_mb", 2),
+    Column("model in ex.", "last_model_in_exemplars", 1),
+]
+
+
+def accounting_cells(state: Mapping[str, Any]) -> list[float | None]:
+    """The cells of :data:`ACCOUNTING_COLUMNS` from a state's results (None for a run recorded
+    before states kept their accounting)."""
+    a = state.get("accounting") or {}
+    sizes = [a.get(k) for k in ("model_bytes", "memory_bytes", "total_bytes")]
+    return [None if v is None else v / MB for v in sizes] + [a.get("model_in_exemplars")]
+
+
 def table_columns(state_titles: Sequence[str], repeated: bool = False) -> list[Column]:
     """The table's columns: method, (runs and seeds,) top-1 after each state and its means, then
     balanced top-1 (the mean per-class accuracy, which an imbalanced test set tells apart from
     top-1): after each state (CSV only), its means and after the last state; then old / new top-1
-    after the last state, forgetting and time."""
+    after the last state, forgetting and time; then the last state's sizes (:data:`ACCOUNTING_COLUMNS`)."""
     return [
         Column("method", "method", 0),
         *([Column("runs", "runs", 0), Column("seeds", "seeds", 0)] if repeated else []),
@@ -97,6 +117,7 @@ def table_columns(state_titles: Sequence[str], repeated: bool = False) -> list[C
         Column("last new", "last_top1_new", 1),
         Column("forgetting", "average_forgetting", 1),
         Column("time (s)", "wall_time_s", 1),
+        *ACCOUNTING_COLUMNS,
     ]
 
 
@@ -113,13 +134,16 @@ def _means(values: list[float | None]) -> list[float | None]:
 
 
 def _score_row(label: str, accs: list[Mapping[str, Any]], n: int, mean_top1: list[float | None],
-               forgetting: float | None, wall: float | None) -> list[Any]:
-    """A row of :func:`table_columns` from a score set's per-state figures ``accs``."""
+               forgetting: float | None, wall: float | None, own: bool = True) -> list[Any]:
+    """A row of :func:`table_columns` from a score set's per-state figures ``accs``; the
+    accounting of the last state on the run's ``own`` row only (a score set's row repeats no
+    size, as it repeats no time)."""
     last = accs[-1] if accs else {}
     balanced = [a.get("balanced_top1") for a in accs]
+    sizes = accounting_cells(last) if own else [None] * len(ACCOUNTING_COLUMNS)
     return [label, *_padded([a.get("top1") for a in accs], n), *mean_top1,
             *_padded(balanced, n), last.get("balanced_top1"), *_means(balanced),
-            last.get("top1_old"), last.get("top1_new"), forgetting, wall]
+            last.get("top1_old"), last.get("top1_new"), forgetting, wall, *sizes]
 
 
 def run_rows(label: str, r: Mapping[str, Any], n: int) -> list[list[Any]]:
@@ -129,7 +153,8 @@ def run_rows(label: str, r: Mapping[str, Any], n: int) -> list[list[Any]]:
                        r.get("average_forgetting"), r.get("wall_time_s"))]
     for v in variant_names(r) if states else []:
         accs = [s.get("variants", {}).get(v, {}) for s in states]
-        rows.append(_score_row(f"{label} [{v}]", accs, n, _means([a.get("top1") for a in accs]), None, None))
+        rows.append(_score_row(f"{label} [{v}]", accs, n, _means([a.get("top1") for a in accs]), None, None,
+                               own=False))
     return rows
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cilkit.common.errors import UserError
 from cilkit.settings.config import MemoryConfig
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -56,6 +57,18 @@ def class_quotas(budget_total: int | None, per_class: int | None, n_seen: int) -
     return [base + (1 if c < extra else 0) for c in range(n_seen)]
 
 
+def shared_budget_total(budget_bytes: int, model_bytes: int, image_bytes: int, state: int) -> int:
+    """The exemplars a budget shared with the model leaves (``memory.budget_bytes``, the
+    memory-aligned comparison of Zhou et al., ICLR 2023): ``floor((budget - model) / image)``,
+    the model as it is when the memory of 0-based ``state`` is filled. A model larger than the
+    budget is refused in one line (the comparison would not be memory-aligned)."""
+    if model_bytes > budget_bytes:
+        raise UserError(f"state {state + 1}: the model ({model_bytes} bytes) outgrew memory.budget_bytes "
+                        f"({budget_bytes}), which it shares with the exemplars: raise memory.budget_bytes to at "
+                        f"least the model's bytes plus the exemplars to keep, and start a new run")
+    return (budget_bytes - model_bytes) // image_bytes
+
+
 class Memory:
     """Priority lists per class position, and the current quotas."""
 
@@ -70,13 +83,19 @@ class Memory:
         new_classes: dict[int, torch.Tensor],
         features_of: FeatureFn,
         generator: torch.Generator,
+        total: int | None = None,
     ) -> None:
         """Re-balance quotas over ``n_seen`` classes and rank the new classes' candidates.
 
         ``new_classes`` maps a class position to the training indices it may store.
-        ``features_of(indices)`` gives their features (herding only).
+        ``features_of(indices)`` gives their features (herding only). ``total``: the state's
+        images under ``memory.budget_bytes`` (:func:`shared_budget_total`), re-balanced as
+        ``memory.total`` is; None: the config's ``total`` or ``per_class``.
         """
-        self.quotas = class_quotas(self.cfg.total, self.cfg.per_class, n_seen)
+        if total is None:
+            self.quotas = class_quotas(self.cfg.total, self.cfg.per_class, n_seen)
+        else:
+            self.quotas = class_quotas(total, None, n_seen)
         for c, candidates in new_classes.items():
             m = min(self.quotas[c], candidates.numel())
             if m == 0:

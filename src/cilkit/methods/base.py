@@ -6,7 +6,9 @@ distillation) and :class:`BuildsOn`, a method built on another one (SIR on its b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -48,6 +50,22 @@ def reset_classifier(model: IncrementalNet, key: str) -> None:
     if not isinstance(head, IncrementalLinear):
         raise UserError(f"config key '{key}' needs the linear head")
     head.reset_parameters()
+
+
+@contextlib.contextmanager
+def frozen(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """``params`` frozen (``requires_grad`` off) inside the block, their flags restored after it:
+    a stage that trains part of the model (LUCIR's class-balanced finetuning, DER's classifier
+    learning)."""
+    params = list(params)
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
 
 
 def teacher_old_logits(ctx: Context, batch: Batch) -> torch.Tensor | None:

@@ -164,6 +164,9 @@ class BiC(Method):
         if not self.run_config.memory.enabled:
             raise UserError("method 'bic' needs an exemplar memory (set memory.total or memory.per_class): "
                             "its validation split comes out of the exemplars")
+        if self.run_config.memory.budget_bytes is not None:  # sized per state, after the hold-out is chosen
+            raise UserError("method 'bic' holds its validation images out in advance, sized from memory.total or "
+                            "memory.per_class: memory.budget_bytes cannot size them; run it with one of those")
         self.bias: dict[int, tuple[float, float]] = {}  # state -> (alpha, beta), states >= 1
         self.holdout: dict[int, torch.Tensor] = {}  # class position -> its held-out images
         self.val: dict[int, torch.Tensor] = {}  # state -> validation indices (old classes first)

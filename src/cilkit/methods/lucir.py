@@ -52,7 +52,8 @@ from cilkit.cil.classwise import normalised_class_means
 from cilkit.settings.config import ScheduleConfig
 from cilkit.common.errors import UserError
 from cilkit.settings.registry import register_method as register
-from cilkit.methods.base import Batch, Context, FitHooks, LossTerms, MethodConfig, head_of, stage_record
+from cilkit.methods.base import (Batch, Context, FitHooks, LossTerms, MethodConfig, frozen, head_of,
+                                 stage_record)
 from cilkit.methods.nme import WithClassMeans
 from cilkit.models import IncrementalNet, SplitCosineLinear, build_model
 from cilkit.settings.options import option
@@ -121,21 +122,6 @@ def imprinted_weights(
 
 
 # ----- helpers for the class-balanced finetuning -----------------------------------------------
-@contextlib.contextmanager
-def frozen_feature_extractor(model: IncrementalNet) -> Iterator[None]:
-    """Freeze the backbone's parameters inside the block (its batch-norm statistics stay fixed
-    through :meth:`BalancedFinetune.train_mode`)."""
-    params = list(model.backbone.parameters())
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, saved):
-            p.requires_grad_(flag)
-
-
 @contextlib.contextmanager
 def trainable(param: torch.nn.Parameter) -> Iterator[None]:
     """Let a frozen parameter train inside the block."""
@@ -262,8 +248,8 @@ class LUCIR(WithClassMeans):
         indices = ctx.memory.indices(ctx.state.seen)
         schedule = ScheduleConfig(type="multistep", milestones=self.cfg.cbf_milestones, gamma=0.1)
         head = _cosine_head(ctx)
-        frozen, rows = frozen_feature_extractor(ctx.model), trainable(head.weight_old)
-        with frozen, rows:
+        frozen_backbone, rows = frozen(ctx.model.backbone.parameters()), trainable(head.weight_old)
+        with frozen_backbone, rows:
             spec = ctx.fit.replace(epochs=self.cfg.cbf_epochs, lr=self.cfg.cbf_lr, schedule=schedule)
             fit = ctx.engine.fit(ctx, BalancedFinetune(self), indices, spec,
                                  desc=f"state {ctx.state.index + 1} balanced finetuning", stage="balanced finetuning")

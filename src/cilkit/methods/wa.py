@@ -57,7 +57,7 @@ after training (never negative when the state clipped). Scores: the logits.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,22 @@ def aligned_weights(weight: torch.Tensor, n_old: int) -> tuple[torch.Tensor, tor
     return torch.cat([weight[:n_old], weight[n_old:] * gamma]), gamma
 
 
+def align_new_rows(head: Any, n_old: int, align: bool) -> dict[str, Any]:
+    """Weight Aligning of ``head``'s new rows in place when ``align`` (and they have a norm):
+    the record of it, ``norm_old``, ``norm_new``, ``gamma`` (None when not aligned), as WA and
+    MEMO store it in results.json."""
+    weight = head.weight.detach()
+    norms = weight.norm(dim=1)
+    norm_new = norms[n_old:].mean()
+    record: dict[str, Any] = {"norm_old": float(norms[:n_old].mean()), "norm_new": float(norm_new), "gamma": None}
+    if align and float(norm_new) > 0:
+        rows, gamma = aligned_weights(weight, n_old)
+        with torch.no_grad():
+            head.weight.copy_(rows)
+        record["gamma"] = float(gamma)
+    return record
+
+
 # ----- the method ------------------------------------------------------------------------------
 @register("wa")
 class WA(Method):
@@ -162,15 +178,7 @@ class WA(Method):
     def after_state(self, ctx: Context) -> None:
         if ctx.state.index == 0:
             return
-        head, n_old = self._head(ctx), ctx.state.n_old
-        weight = head.weight.detach()
-        norms = weight.norm(dim=1)
-        norm_old, norm_new = norms[:n_old].mean(), norms[n_old:].mean()
-        record = {"norm_old": float(norm_old), "norm_new": float(norm_new), "min_weight": float(weight.min()),
-                  "gamma": None}
-        if self.cfg.align and float(norm_new) > 0:
-            rows, gamma = aligned_weights(weight, n_old)
-            with torch.no_grad():
-                head.weight.copy_(rows)
-            record["gamma"] = float(gamma)
-        ctx.record.results.update(record)
+        head = self._head(ctx)
+        min_weight = float(head.weight.detach().min())  # before aligning: what the clipping left
+        record = align_new_rows(head, ctx.state.n_old, self.cfg.align)
+        ctx.record.results.update({**record, "min_weight": min_weight})

@@ -1,18 +1,27 @@
-"""The growing backbone of DER (Yan et al., CVPR 2021): :class:`GrowingBackbone`.
+"""The growing backbones: DER's :class:`GrowingBackbone` (Yan et al., CVPR 2021) and MEMO's
+:class:`SharedPrefixGrowingBackbone` (Zhou et al., ICLR 2023).
 
-It holds one backbone per state, built by a factory, and concatenates their features, oldest
-first; ``grow()`` appends a backbone and by default freezes the ones held before. It has no
-name in the backbone registry: it is built around a factory of any backbone, and
-:meth:`cilkit.models.IncrementalNet.grow_backbone` grows it and widens the head.
+:class:`GrowingBackbone` holds one backbone per state, built by a factory, and concatenates
+their features, oldest first; ``grow()`` appends a backbone and by default freezes the ones held
+before. :class:`SharedPrefixGrowingBackbone` is one too, except that the first stages of a staged
+backbone (the stem and ``shared_stages`` stages) are one shared module and only the rest, the
+specialised block, is replicated per state. Neither has a name in the backbone registry: they
+are built around a factory of a backbone, and :meth:`cilkit.models.IncrementalNet.grow_backbone`
+grows either and widens the head.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Self
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from cilkit.models.backbones import ResNet
+from cilkit.models.small import ConvNet
 
 
 class GrowingBackbone(nn.Module):
@@ -80,3 +89,92 @@ class GrowingBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([b(x) for b in self.backbones], 1)
+
+
+def stage_split(net: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
+    """``(stem, stages)`` of a built-in backbone whose features are the global average pooling
+    of its last stage map: a ``ResNet`` (its ``stem`` and ``stages``) or the ``convnet`` (its two
+    stages, split at the max-pool as its ``stage_outputs`` does; no stem). The modules are the
+    backbone's own (not copies). None for any other backbone (``lenet``'s features come from fc
+    layers; a plugin's structure is unknown)."""
+    if isinstance(net, ResNet):
+        return net.stem, list(net.stages)
+    if isinstance(net, ConvNet):
+        pool = net._pool_index  # the convnet's own stage boundary
+        return nn.Identity(), [net.body[:pool], net.body[pool:]]
+    return None
+
+
+class SpecialisedBlock(nn.Module):
+    """MEMO's specialised block (PyCIL's ``AdaptiveExtractor``): the last stages of a staged
+    backbone, then global average pooling to ``out_dim`` features."""
+
+    def __init__(self, stages: list[nn.Module], out_dim: int) -> None:
+        super().__init__()
+        self.stages = nn.Sequential(*stages)
+        self.out_dim = out_dim
+
+    def forward(self, shared_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.stages(shared_map), 1), 1)
+
+
+class SharedPrefixGrowingBackbone(GrowingBackbone):
+    """A growing backbone whose first stages are shared (MEMO: Zhou et al., ICLR 2023; PyCIL's
+    ``AdaptiveNet``).
+
+    ``factory()`` builds a staged backbone that :func:`stage_split` knows (a ``ResNet`` or the
+    ``convnet``); it is called once. Its stem and first ``shared_stages`` stages become
+    ``shared`` (PyCIL's ``TaskAgnosticExtractor``, the generalised blocks), the remaining stages
+    the first :class:`SpecialisedBlock` (``backbones[0]``, PyCIL's ``AdaptiveExtractors[0]``).
+    ``forward(x)`` runs ``shared`` once and concatenates every block's features of its map, oldest
+    first: with one block it is the factory's backbone, number for number.
+
+    ``grow()`` appends a copy of the newest block (PyCIL's ``update_fc`` loads the previous
+    block's state dict into the new one), trainable and in this module's mode, and by default
+    freezes the blocks held before (as :class:`GrowingBackbone`: ``requires_grad`` False, kept
+    in eval mode). ``freeze_shared()`` freezes ``shared`` the same way (MEMO after its first
+    state). The count of frozen blocks and whether ``shared`` is frozen are not in the state
+    dict: :meth:`cilkit.models.IncrementalNet.architecture` records them and ``rebuild``
+    restores them.
+    """
+
+    def __init__(self, factory: Callable[[], nn.Module], shared_stages: int) -> None:
+        nn.Module.__init__(self)
+        net = factory()
+        split = stage_split(net)
+        if split is None:
+            raise TypeError(f"SharedPrefixGrowingBackbone: backbone {type(net).__name__} has no known stem and "
+                            "stages (a ResNet or the convnet)")
+        stem, stages = split
+        if not 0 <= shared_stages < len(stages):
+            raise ValueError(f"shared_stages must be in 0..{len(stages) - 1} (the backbone has {len(stages)} "
+                             f"stages and at least one is specialised), got {shared_stages}")
+        self.factory = factory
+        self.shared_stages = shared_stages
+        self.shared = nn.Sequential(stem, *stages[:shared_stages])
+        self.backbones = nn.ModuleList([SpecialisedBlock(stages[shared_stages:], int(getattr(net, "out_dim")))])
+        self.num_frozen = 0
+        self.shared_frozen = False
+
+    def _build(self) -> nn.Module:
+        """A copy of the newest block, trainable (the previous one's weights, as PyCIL)."""
+        block = copy.deepcopy(self.backbones[-1])
+        block.requires_grad_(True)
+        return block
+
+    def freeze_shared(self) -> None:
+        """Freeze the shared stages (``requires_grad`` False, kept in eval mode)."""
+        self.shared.requires_grad_(False)
+        self.shared.eval()
+        self.shared_frozen = True
+
+    def train(self, mode: bool = True) -> Self:
+        """As :meth:`GrowingBackbone.train`; a frozen ``shared`` stays in eval too."""
+        super().train(mode)
+        if self.shared_frozen:
+            self.shared.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared_map = self.shared(x)
+        return torch.cat([b(shared_map) for b in self.backbones], 1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cilkit.models.growing import GrowingBackbone
+from cilkit.models.growing import GrowingBackbone, SharedPrefixGrowingBackbone
 from cilkit.models.lsc import LocalSimilarityClassifier
 from cilkit.models.split import SplitRows
 
@@ -120,9 +120,11 @@ class IncrementalNet(nn.Module):
     features being ``backbone.embed(stages[-1])``; it needs a backbone with both methods (all
     built-in ones) and raises ``TypeError`` naming the backbone class otherwise.
 
-    Growth seam: with a :class:`~cilkit.models.growing.GrowingBackbone` (DER),
-    ``grow_backbone()`` adds a backbone and widens the linear head with zero columns, so the
-    logits are unchanged right after it; ``add_classes`` works as before.
+    Growth seam: with a :class:`~cilkit.models.growing.GrowingBackbone` (DER) or a
+    :class:`~cilkit.models.growing.SharedPrefixGrowingBackbone` (MEMO: its shared stages
+    recorded in :meth:`architecture`, frozen or not), ``grow_backbone()`` adds a backbone and
+    widens the linear head with zero columns, so the logits are unchanged right after it;
+    ``add_classes`` works as before.
 
     The model owns its shape: named auxiliary heads (:meth:`set_aux_head`, their logits in
     ``out["aux"][name]``) are modules of the model, so they move, train under DDP and are saved
@@ -191,6 +193,9 @@ class IncrementalNet(nn.Module):
         if isinstance(self.backbone, GrowingBackbone):
             arch["branches"] = len(self.backbone.backbones)
             arch["frozen_branches"] = self.backbone.num_frozen
+        if isinstance(self.backbone, SharedPrefixGrowingBackbone):
+            arch["shared_stages"] = self.backbone.shared_stages
+            arch["shared_frozen"] = self.backbone.shared_frozen
         if len(self.aux_heads):
             arch["aux_heads"] = {name: _aux(head).spec() for name, head in self.aux_heads.items()}
         return arch
@@ -206,11 +211,23 @@ class IncrementalNet(nn.Module):
             while len(self.backbone.backbones) < branches:
                 self.grow_backbone(freeze_old=False)
             self.backbone.freeze_first(int(arch.get("frozen_branches", 0)))
+        if "shared_stages" in arch:
+            self._rebuild_shared(int(arch["shared_stages"]), bool(arch.get("shared_frozen", False)))
         grow = int(arch["num_classes"]) - self.num_classes
         if grow > 0:
             self.add_classes(grow)
         for name, spec in arch.get("aux_heads", {}).items():
             self.set_aux_head(name, int(spec["out_dim"]), spec["source"])
+
+    def _rebuild_shared(self, shared_stages: int, frozen: bool) -> None:
+        """The shared prefix of a :class:`SharedPrefixGrowingBackbone` as the checkpoint's was:
+        the same stages shared (else its weights could not load), frozen if they were."""
+        if not isinstance(self.backbone, SharedPrefixGrowingBackbone) or self.backbone.shared_stages != shared_stages:
+            held = getattr(self.backbone, "shared_stages", None)
+            raise TypeError(f"the checkpoint's model shares its first {shared_stages} backbone stages, this one "
+                            f"{'shares none' if held is None else f'shares {held}'}")
+        if frozen:
+            self.backbone.freeze_shared()
 
     def add_classes(self, n: int) -> None:
         """Grow the head by ``n`` classes (rebuild optimizers afterwards)."""

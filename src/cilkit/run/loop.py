@@ -37,7 +37,7 @@ from cilkit.cil.metrics import score_metrics, state_accuracies
 from cilkit.models import IncrementalLinear
 from cilkit.cil.rectify import ClassStatistics
 from cilkit.cil.scenario import describe_imbalance
-from cilkit.run import provenance, state0cache, tensorboard
+from cilkit.run import accounting, provenance, state0cache, tensorboard
 from cilkit.rundir.layout import RunLayout, outermost_run
 from cilkit.run.setup import (build_method_and_model, build_scenario, free_cores, idle_milestones,
                               memory_covers_old_data, normalisation, resolve_device, threads_source)
@@ -85,6 +85,8 @@ class Run:
         if config.train.sync_bn and distributed.active():
             model = distributed.global_batchnorm(model)
         self.model = model.to(self.device)
+        accounting.check_budget(config.memory, self.model)  # before anything trains
+        self.image_bytes = accounting.stored_image_bytes(self.dataset.train)  # one training image as stored
         self.memory = Memory(config.memory)
         self.statistics: ClassStatistics | None = None  # the last finished state's class statistics
         self.store = RunStore(self.layout, config, empty_results(
@@ -187,8 +189,10 @@ class Run:
         ctx = self._update_memory(ctx)
         self.method.after_state(ctx)
         ctx = dataclasses.replace(ctx, statistics=self._statistics(ctx))
-        entry = {**self._evaluate(ctx), **train_info, **self._method_results(ctx),
-                 "memory_size": len(self.memory), "time_s": time.perf_counter() - t0}
+        entry = {**self._evaluate(ctx), **train_info, **self._method_results(ctx), "memory_size": len(self.memory),
+                 "accounting": accounting.state_accounting(self.model, len(self.memory), self.image_bytes,
+                                                           self.config.memory.budget_bytes),
+                 "time_s": time.perf_counter() - t0}
         distributed.check_agreement(f"state {b + 1}", self._digest(entry))
         self.store.record_state(entry, self._compiled())
         self._save_state(ctx)
@@ -204,7 +208,8 @@ class Run:
         steps = f"{sizes[0]}" + (f" + {len(sizes) - 1} x {sizes[1]}" if len(set(sizes[1:])) == 1 and len(sizes) > 1
                                   else "".join(f" + {n}" for n in sizes[1:]))
         m = c.memory
-        memory = (f"{m.total} exemplars" if m.total else f"{m.per_class} per class" if m.per_class else "none")
+        memory = (f"{m.total} exemplars" if m.total else f"{m.per_class} per class" if m.per_class else
+                  f"{m.budget_bytes} bytes shared with the model" if m.budget_bytes else "none")
         precision = ("bf16 autocast" if c.amp else "fp32") + (", torch.compile" if c.compile else "")
         return (f"{self.dataset.name}: {self.dataset.num_classes} classes, images {self.channels}x{self.size}x"
                 f"{self.size}; {sc.num_states} states of {steps} classes; memory {memory}"
@@ -300,11 +305,16 @@ class Run:
         new = {c: candidates[pos == c] for c in st.new}
         own = self.method.memory_contents(ctx)
         if own is not None:
+            if self.config.memory.budget_bytes is not None:
+                raise UserError(f"method '{self.method.name}' chooses its own memory, which memory.budget_bytes "
+                                "cannot size: run it with memory.total")
             self.memory.assign(st.n_seen, own)
             return ctx
         self.memory.update(  # its own generator: a state-0 cache hit (no training draws) changes nothing
             st.n_seen, new, lambda idx: self.engine.train_features(self.model, idx),
             seeded_generator(self.config.seed, "memory", st.index),
+            # memory.budget_bytes: what the model leaves, the model as it is now (grown in before_state)
+            total=accounting.exemplar_total(self.config.memory, self.model, self.image_bytes, st.index),
         )
         return ctx
 

@@ -179,6 +179,7 @@ class MemoryConfig(Strict):
 
     total: int | None = Field(None, ge=0)
     per_class: int | None = Field(None, ge=0)
+    budget_bytes: int | None = Field(None, gt=0)  # in place of both: shared with the model (cilkit.run.accounting)
     selection: Literal["herding", "random"] = "herding"
 
     @model_validator(mode="after")
@@ -186,12 +187,16 @@ class MemoryConfig(Strict):
         if self.total is not None and self.per_class is not None:
             raise ValueError("set memory.total or memory.per_class, not both (over a config that sets one, "
                              "--set memory.total=null or --set memory.per_class=null clears it)")
+        other = "memory.total" if self.total is not None else "memory.per_class" if self.per_class is not None else None
+        if self.budget_bytes is not None and other is not None:
+            raise ValueError(f"memory.budget_bytes (the model's and the exemplars' bytes) replaces {other}: set one of "
+                             f"them (over a config that sets {other}, --set {other}=null clears it)")
         return self
 
     @property
     def enabled(self) -> bool:
         """Whether any exemplar is stored."""
-        return bool(self.total) or bool(self.per_class)
+        return bool(self.total) or bool(self.per_class) or self.budget_bytes is not None
 
 
 class ModelConfig(Strict):

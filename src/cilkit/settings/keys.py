@@ -109,6 +109,8 @@ KEYS: dict[str, Key] = {
     # memory: filled after state 0 trains (a method that reads it in state 0 declares so)
     "memory.total": _protocol(state0=False),
     "memory.per_class": _protocol(state0=False),
+    # the model counted against the memory (memory-aligned): never compared with exemplars alone
+    "memory.budget_bytes": _protocol(state0=False),
     "memory.selection": _protocol(state0=False),
     # model
     "model.backbone": _protocol(),

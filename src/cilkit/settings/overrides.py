@@ -154,6 +154,8 @@ def _memory_text(memory: Mapping[str, Any]) -> tuple[str, str] | None:
         return "memory.total", str(memory["total"])
     if memory.get("per_class"):
         return "memory.per_class", f"{memory['per_class']} per class"
+    if memory.get("budget_bytes"):  # shared with the model (cilkit.run.accounting)
+        return "memory.budget_bytes", f"{memory['budget_bytes']} bytes"
     return None
 
 
@@ -166,11 +168,12 @@ def memory_refusal(name: str, memory: Mapping[str, Any], options: Mapping[str, A
     budget = _memory_text(memory)
     if needs is False and budget is not None and not options.get("allow_memory"):
         key, size = budget
-        how = (f"give it none with --set {name}:{key}=0 (memory-free and memory methods are two protocols: the "
+        none = "null" if key == "memory.budget_bytes" else "0"  # a budget shared with the model is > 0
+        how = (f"give it none with --set {name}:{key}={none} (memory-free and memory methods are two protocols: the "
                "report shows each with its own table)" if several else
-               f"run it with --set {key}=0 (a comparison with methods that keep a memory is two protocols: "
-               f"--methods A,{name} --set {name}:{key}=0 runs both, each with its own table)")
-        return (f"method '{name}' keeps no memory but {key} is {memory.get('total') or memory.get('per_class')}: {how}, or "
+               f"run it with --set {key}={none} (a comparison with methods that keep a memory is two protocols: "
+               f"--methods A,{name} --set {name}:{key}={none} runs both, each with its own table)")
+        return (f"method '{name}' keeps no memory but {key} is {memory.get(key.split('.')[1])}: {how}, or "
                 f"--set {name}.allow_memory=true to train it on the memory, labelled '{name} (with memory {size})'")
     if needs is True and budget is None:
         return f"method '{name}' needs a memory: set memory.total (or memory.per_class) above 0"
