@@ -124,10 +124,12 @@ def main() -> None:
             for policy in ("ACTIVE", "PASSIVE", "unset"):
                 env = environment(None if policy == "unset" else policy, tmp / "machine")
                 alone[policy] += run_together([command(args, fresh())], [env])
+                print(f"[done] alone  {policy:8s} {summary(alone[policy][-1:])}", flush=True)  # kept if killed later
             if not args.no_shared:
                 for policy in ("ACTIVE", "PASSIVE"):
                     env = environment(policy, tmp / "machine")
                     shared[policy] += run_together([command(args, fresh()), command(args, fresh())], [env, env])
+                    print(f"[done] shared {policy:8s} {summary(shared[policy][-2:])}", flush=True)
             shutil.rmtree(tmp / "machine", ignore_errors=True)
         futex: dict[str, str] = {}
         if args.futex:
