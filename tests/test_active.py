@@ -15,7 +15,7 @@ from cilkit.methods.active.oracle import Oracle
 from cilkit.settings.config import ImbalanceConfig, ScenarioConfig, load_config
 from cilkit.training.engine import Engine
 from cilkit.common.errors import UserError
-from cilkit.methods.active import annotation_budget, cycle_budgets
+from cilkit.cil.budgets import annotation_budget, cycle_budgets
 from cilkit.run.loop import Run
 from cilkit.runs.multirun import run_methods
 from cilkit.cil.scenario import Scenario, imbalance_counts

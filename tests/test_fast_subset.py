@@ -24,6 +24,7 @@ EXERCISED_BY = {
     "cilkit.data.checks": "test_data_checks.py::test_list_label_99_in_a_3_class_list_names_the_line",
     "cilkit.data.cifar": "test_data.py::test_cifar100_pixel_layout_and_labels",
     "cilkit.data.folders": "test_data_checks.py::test_imagefolder_class_missing_from_val",
+    "cilkit.methods.active.method": "test_active.py::test_active_run_trains_only_on_annotated_images_and_resumes",
     "cilkit.methods.il2m": "test_calibration.py::test_live_il2m_equals_calibrated_finetune",
     "cilkit.methods.joint": "test_hooks.py::test_train_set_and_memory_candidates_are_pure_queries",  # every method
     "cilkit.methods.scail": "test_hooks.py::test_train_set_and_memory_candidates_are_pure_queries",

@@ -54,7 +54,6 @@ accuracy "before bias correction"). ``alpha`` and ``beta`` of each state go to r
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +64,7 @@ from cilkit.data.base import Rows
 from cilkit.common.errors import UserError
 from cilkit.cil.memory import class_quotas
 from cilkit.settings.registry import register_method as register
+from cilkit.cil.budgets import validation_size
 from cilkit.methods.base import Batch, Context, FitHooks, FitSpec, LossTerms, Method, MethodConfig, distillation_kl
 from cilkit.models.bias import BiasLayer, correct_logits
 from cilkit.cil.scenario import Scenario
@@ -124,12 +124,6 @@ def fit_bias_layer(ctx: Context, logits: torch.Tensor, labels: torch.Tensor, lay
 def _pick(indices: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """``k`` of ``indices``, a seeded random choice."""
     return indices[torch.randperm(indices.numel(), generator=generator)[:k]]
-
-
-def validation_size(share: int, ratio: float) -> int:
-    """Validation images per class for an old-class memory share ``share``: ``floor(ratio *
-    share)``, at least 1 and at most ``share`` (0 when ``share`` is 0)."""
-    return min(share, max(1, math.floor(ratio * share)))
 
 
 def validation_sizes(ends: list[int], total: int | None, per_class: int | None, ratio: float) -> list[int]:

@@ -32,7 +32,7 @@ outputs), the rebalancing of a plugin method (its states count as the first rule
 
 from __future__ import annotations
 
-import math
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from cilkit.cil.budgets import annotation_budget, cycle_budgets, validation_size
 from cilkit.cil.memory import class_quotas
 from cilkit.cil.scenario import class_order, imbalance_counts
 from cilkit.common.errors import UserError, unknown_name
@@ -277,17 +278,12 @@ def _ssil(s: Schedule, o: Any) -> Stages:
     return {"training": total}
 
 
-def _bic_validation(share: int, ratio: float) -> int:
-    """BiC's validation images per class for a smallest old-class share (methods/bic.py's rule)."""
-    return min(share, max(1, math.floor(ratio * share)))
-
-
 def _bic(s: Schedule, o: Any) -> Stages:
     """Training without the validation images; the bias stage's images once (v_b per seen class)."""
     training = bias = 0
     for b in s.states:
         quotas = s.shares(s.ends[0] if b == 0 else s.old(b))
-        v = _bic_validation(min(quotas), o.val_ratio) if quotas else 0  # state 0 holds out v_1
+        v = validation_size(min(quotas), o.val_ratio) if quotas else 0  # state 0 holds out v_1
         new = s.new_images(b) - v * (s.ends[b] - s.old(b))
         old = sum(max(0, q - v) for q in quotas) if b > 0 else 0
         training += s.epochs(b) * (new + old)
@@ -297,17 +293,16 @@ def _bic(s: Schedule, o: Any) -> Stages:
 
 def _active(s: Schedule, o: Any) -> Stages:
     """State 0 in full; later, per cycle, the exemplars and the images annotated so far (the
-    state's half-up-rounded budget, split as methods/active/method.py's cycle_budgets)."""
+    state's budget split into cycles as the method splits it: :mod:`cilkit.cil.budgets`)."""
     total = s.epochs(0) * s.new_images(0)
     annotated = list(s.per_class[:s.ends[0]])  # images of each class the memory may hold
     for b in s.states:
         if b == 0:
             continue
         pool = s.new_images(b)
-        budget = min(pool, math.floor(o.budget * pool + 0.5))
+        budget = annotation_budget(o.budget, pool)
         exemplars = s.memory(s.old(b), annotated)
-        rest = (1.0 - o.first_share) / (o.cycles - 1) if o.cycles > 1 else 0.0
-        done = [math.floor(budget * (o.first_share + rest * r) + 0.5) for r in range(o.cycles - 1)] + [budget]
+        done = list(itertools.accumulate(cycle_budgets(budget, o.cycles, o.first_share)))
         total += sum(s.epochs(b) * (exemplars + n) for n in done)  # n: annotated after each cycle
         n_new = s.ends[b] - s.old(b)
         annotated += [budget // n_new] * n_new

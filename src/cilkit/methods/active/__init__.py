@@ -6,7 +6,7 @@ acquisition functions (``acquisition.py``, pure functions of model outputs).
 May import: the top-level modules, ``cilkit.data``, ``cilkit.models``, ``cilkit.methods.base``.
 """
 
-from cilkit.methods.active.method import ActiveConfig, ActiveIL, annotation_budget, cycle_budgets
+from cilkit.methods.active.method import ActiveConfig, ActiveIL
 from cilkit.methods.active.oracle import Oracle
 
-__all__ = ["ActiveConfig", "ActiveIL", "Oracle", "annotation_budget", "cycle_budgets"]
+__all__ = ["ActiveConfig", "ActiveIL", "Oracle"]

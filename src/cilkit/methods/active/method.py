@@ -48,7 +48,6 @@ Reading chosen where the sources leave a choice:
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -58,6 +57,7 @@ from cilkit.methods.active.oracle import Oracle
 from cilkit.cil.rectify import prediction_scaling
 from cilkit.cil.classwise import class_counts
 from cilkit.settings.registry import register_method as register
+from cilkit.cil.budgets import annotation_budget, cycle_budgets
 from cilkit.methods.base import Context, Method, MethodConfig, reset_classifier
 from cilkit.settings.options import option
 from cilkit.common.seeding import seeded_generator
@@ -83,23 +83,6 @@ class ActiveConfig(MethodConfig):
         True, help="a new last layer (all rows re-initialised) at every incremental state, as the original "
                    "(main.py: model.fc = nn.Linear(..., base + P * (b - 1)) before each state's training)")
     quick: ClassVar[dict[str, Any]] = {"active.budget": 0.2, "active.cycles": 2}
-
-
-def annotation_budget(fraction: float, pool: int) -> int:
-    """Images to annotate in a state: ``fraction * pool`` rounded half up."""
-    return min(pool, int(math.floor(fraction * pool + 0.5)))
-
-
-def cycle_budgets(total: int, cycles: int, first_share: float) -> list[int]:
-    """Split ``total`` over ``cycles``: ``first_share`` in the first, the rest evenly (one
-    cycle: everything); each
-    cycle gets the difference of consecutive half-up-rounded cumulative shares, so the parts
-    sum to ``total`` exactly (100 -> 40, 20, 20, 20; 22 -> 9, 4, 5, 4)."""
-    if cycles == 1:
-        return [total]
-    rest = (1.0 - first_share) / (cycles - 1)
-    bounds = [0] + [int(math.floor(total * (first_share + rest * r) + 0.5)) for r in range(cycles - 1)] + [total]
-    return [bounds[r + 1] - bounds[r] for r in range(cycles)]
 
 
 @register("active")
