@@ -37,6 +37,8 @@ EXERCISED_BY = {
     "cilkit.run.store": "test_cli.py::test_the_first_line_of_a_run_states_its_setup",
     "cilkit.run.tensorboard": "test_logs.py::test_tensorboard_switched_on_at_resume_holds_the_earlier_states",
     "cilkit.training.class_statistics": "test_calibration.py::test_statistics_are_the_class_means_of_the_state_model",
+    "cilkit.cil.shots": "test_shot_groups.py::test_six_classes_by_hand",
+    "cilkit.analysis.paired": "test_shot_groups.py::test_compare_metric_pairs_a_shot_figure",
 }
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import tiny_config
 
 from cilkit.methods import foster
-from cilkit.methods.foster import (FE_HEAD, BoostingStage, balanced_kd, boosting_loss, effective_number_weights,
+from cilkit.methods.foster import (FE_HEAD, BoostingStage, effective_number_weights,
                                    two_branch_model)
 from cilkit.models import GrowingBackbone, build_model
 from cilkit.run.loop import Run

@@ -18,7 +18,8 @@ from scipy import stats
 from cilkit.analysis.report import COMPARE_MARKER, compare_runs, default_out, describe_protocol
 from cilkit.analysis.latex import COLUMN_KEYS, latex_escape, table_latex
 from cilkit.analysis.runsets import find_runs, group_runs
-from cilkit.analysis.tables import build_table, paired_rows
+from cilkit.analysis.paired import paired_rows
+from cilkit.analysis.tables import build_table
 from cilkit.cli import main
 from cilkit.run.loop import Run
 

@@ -18,7 +18,7 @@ from cilkit.common.errors import UserError, did_you_mean
 from cilkit.settings.plugins import import_plugins, plugin_failure, plugin_list
 from cilkit.analysis.latex import COLUMN_KEYS, DEFAULT_COLUMNS
 from cilkit.analysis.report import compare_runs
-from cilkit.analysis.tables import PAIRED_METRICS
+from cilkit.analysis.paired import PAIRED_METRICS
 from cilkit.rundir.layout import LOCK_NAME, DirectoryLock, RunLayout, check_target, fresh_directory, is_run_dir
 from cilkit.common.runlog import log
 from cilkit.runs.execution import Execution
@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", metavar="METHOD", help="also compare every other method with this one, "
                    "paired by seed (with runs: R > 1)")
     r.add_argument("--metric", default="top1", choices=PAIRED_METRICS, help="the figure --baseline pairs: "
-                   "the mean incremental top-1 (default) or balanced top-1, excluding state 1")
+                   "the mean incremental top-1 (default) or balanced top-1, excluding state 1 (long-tailed runs: "
+                   "also <many|medium|few>_shot_top1, and last_<group>_shot_top1 after the last state)")
     add_execution_options(r)
     r.set_defaults(func=cmd_run)
     add_reproduce_options(sub.add_parser("reproduce", help="run a paper config over several seeds, its report beside "
@@ -356,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--baseline", metavar="METHOD", help="paired difference of every other method from this "
                    "one over their shared seeds, with a 95%% confidence interval (paired.csv)")
     k.add_argument("--metric", default="top1", choices=PAIRED_METRICS, help="the figure --baseline pairs: "
-                   "the mean incremental top-1 (default) or balanced top-1 (mean per-class accuracy), excl. state 1")
+                   "the mean incremental top-1 (default) or balanced top-1 (mean per-class accuracy), excl. state 1 "
+                   "(long-tailed runs: also <many|medium|few>_shot_top1, and last_<group>_shot_top1 after the last "
+                   "state)")
     k.add_argument("--y-range", default="fit", choices=["fit", "full"], help="accuracy axes of the figures: "
                    "fitted to the data (default) or 0-100")
     k.add_argument("--columns", metavar="NAME,...", help="the columns of table.tex after the method (default "

@@ -16,7 +16,7 @@ import torch
 
 from cilkit.common import io
 from cilkit.common.errors import UserError
-from cilkit.cil.metrics import fmt, run_summary, score_metrics, state_accuracies
+from cilkit.cil.metrics import add_shot_figures, fmt, run_summary, score_metrics, state_accuracies
 from cilkit.cil.rectify import check_rectifier, rectify, scail_classifier, scail_scores
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import RESULTS_VERSION, read_state_classifier, read_state_scores, read_stats
@@ -63,6 +63,8 @@ def calibrated_results(
         variants = {} if rectifier == "none" else {"cnn": state_accuracies(logits, labels, n_old)}
         kept = {k: v for k, v in entry.items() if not k.startswith("val_")}  # validation scores are not stored
         out["states"].append({**kept, **metrics, "variants": variants})
+        add_shot_figures(out["states"][-1], scores, {"cnn": logits} if variants else {}, labels,
+                         source.get("imbalance"))
         arrays[b] = {"logits": logits_np, "labels": labels_np, "scores": scores.numpy()}
     out.update(run_summary(out["states"], out["accuracy_matrix"]))
     out["complete"] = bool(source.get("complete"))

@@ -19,6 +19,7 @@ import numpy as np
 
 from cilkit.common.errors import UserError
 from cilkit.cil.metrics import Results, variant_names
+from cilkit.cil.shots import SHOT_GROUPS, SHOT_KEYS, has_shot_figures
 from cilkit.rundir.layout import RunLayout
 from cilkit.rundir.readers import read_scores
 from cilkit.analysis.significance import mean_std
@@ -73,20 +74,32 @@ def curve_data(results: Results, repeats: Repeats | None = None, key: str = "top
     return data
 
 
+def _parts(label: str, r: Mapping[str, Any], repeats: Repeats | None, parts: Mapping[str, str]) -> dict[str, Any]:
+    """A method's lines of a per-method panel: for each part (name -> state key) its value per
+    state (None where a state has none), over several runs the mean with ``<part>_std`` and ``runs``."""
+    runs = _runs(label, r, repeats)
+    d: dict[str, Any] = {"classes": [s["classes_seen"] for s in r["states"]]}
+    for part, key in parts.items():
+        mean, std = spread([[s.get(key) for s in x["states"]] for x in runs])
+        d[part] = mean
+        if std is not None:
+            d[f"{part}_std"], d["runs"] = std, len(runs)
+    return d
+
+
 def old_new_data(results: Results, repeats: Repeats | None = None) -> dict[str, dict[str, Any]]:
     """Per method and state: top-1 on the old classes (None in state 0) and on the new ones;
     over several runs their means with ``old_std``/``new_std`` and ``runs``."""
-    data = {}
-    for label, r in results.items():
-        runs = _runs(label, r, repeats)
-        d: dict[str, Any] = {"classes": [s["classes_seen"] for s in r["states"]]}
-        for part in ("old", "new"):
-            mean, std = spread([[s[f"top1_{part}"] for s in x["states"]] for x in runs])
-            d[part] = mean
-            if std is not None:
-                d[f"{part}_std"], d["runs"] = std, len(runs)
-        data[label] = d
-    return data
+    return {label: _parts(label, r, repeats, {"old": "top1_old", "new": "top1_new"}) for label, r in results.items()}
+
+
+def shot_data(results: Results, repeats: Repeats | None = None) -> dict[str, dict[str, Any]]:
+    """Per long-tailed method and state: many-, medium- and few-shot top-1 (``many``, ``medium``,
+    ``few``; :mod:`cilkit.cil.shots`; None in a state where the group has no seen class), over
+    several runs their means with ``<group>_std`` and ``runs``. A method whose runs have no shot
+    figures (a protocol without a long tail) is left out."""
+    return {label: _parts(label, r, repeats, dict(zip(SHOT_GROUPS, SHOT_KEYS))) for label, r in results.items()
+            if any(has_shot_figures(x) for x in _runs(label, r, repeats))}
 
 
 def new_share_data(results: Results, repeats: Repeats | None = None) -> dict[str, dict[str, Any]]:

@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cilkit.common.errors import UserError, did_you_mean
+from cilkit.cil.shots import SHOT_GROUPS
 from cilkit.analysis.significance import LEVEL, paired_interval
-from cilkit.analysis.tables import Column, PairedRow, Spread, Table, cell_text
+from cilkit.analysis.paired import PairedRow, metric_words
+from cilkit.analysis.tables import Column, Spread, Table, cell_text
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -26,7 +28,8 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "±": r"$\pm$", "−": "-", "≥": r"$\geq$",
                   "→": r"$\rightarrow$", "…": r"\ldots{}"}
 HIGHER_BETTER = ("top1_state", "mean_incremental_top1", "last_balanced_top1", "mean_incremental_balanced_top1",
-                 "last_top1_old", "last_top1_new")  # key prefixes
+                 "last_top1_old", "last_top1_new", *(f"{p}{g}_shot_top1" for g in SHOT_GROUPS
+                                                     for p in ("last_", "mean_incremental_")))  # key prefixes
 LOWER_BETTER = ("average_forgetting",)
 
 # --columns: a name -> the key of the table column it shows (``states``: every top1_state<b>,
@@ -41,8 +44,13 @@ COLUMN_KEYS = {
     # opt-in: the last state's memory-aligned accounting (cilkit.analysis.tables.ACCOUNTING_COLUMNS)
     "model_mb": "last_model_mb", "memory_mb": "last_memory_mb", "total_mb": "last_total_mb",
     "model_in_ex": "last_model_in_exemplars",
+    # many-, medium- and few-shot top-1 (cilkit.cil.shots): a long-tailed protocol's tables only
+    **{f"{g}_{n}": f"{p}{g}_shot_top1{e}" for g in SHOT_GROUPS for n, p, e in
+       (("last", "last_", ""), ("mean_inc", "mean_incremental_", ""),
+        ("mean_inc_excl", "mean_incremental_", "_excl_first"))},
 }
-DEFAULT_COLUMNS = ("mean_inc", "last", "bal_mean_inc", "forgetting")
+# the shot columns are skipped where the table has none (a protocol without a long tail)
+DEFAULT_COLUMNS = ("mean_inc", "last", "bal_mean_inc", "many_last", "medium_last", "few_last", "forgetting")
 _LEGEND = {
     "runs": "runs: the runs of a row", "seeds": "seeds: theirs",
     "states": "N cl.: top-1 after the state with N classes seen", "last": "last: top-1 after the last state",
@@ -60,6 +68,10 @@ _LEGEND = {
     "memory_mb": "memory MB: the exemplars after the last state, as the training images are stored",
     "total_mb": "total MB: model and exemplars",
     "model_in_ex": "model in ex.: the model's bytes over one training image's (Zhou et al., 2023)",
+    # the groups themselves are in the caption's protocol description (cilkit.cil.shots.shots_sentence)
+    **{f"{g}_{n}": f"{g} {t}: {g}-shot top-1{x}" for g in SHOT_GROUPS for n, t, x in
+       (("last", "last", " after the last state"), ("mean_inc", "mean inc.", " over the states with such a class"),
+        ("mean_inc_excl", "mean inc. (excl. 1st)", ", the same without the first state"))},
 }
 
 
@@ -178,9 +190,9 @@ def _caption(table: Table, chosen: Sequence[tuple[str, int, Column]], rows: Sequ
     ref = f"Reference (upper bound), never bold: {', '.join(references)}. " if references else ""
     variants = ("Rows method [x]: another score set of the same runs. "
                 if table.info and any(table.info[r].variant is not None for r in rows) else "")
-    words = "balanced top-1 (the mean per-class accuracy)" if metric == "balanced_top1" else "top-1"
-    verdict = (f"vs. {baseline}: the mean paired difference (method − {baseline}) of the mean incremental {words} "
-               f"excluding the first state over the shared seeds; better / worse: its {LEVEL:.0%} interval "
+    words = metric_words(metric, "the first state")
+    verdict = (f"vs. {baseline}: the mean paired difference (method − {baseline}) of the {words} "
+               f"over the shared seeds; better / worse: its {LEVEL:.0%} interval "
                "excludes 0; n.s.: it holds 0; n/a: fewer than 2 shared seeds."
                if baseline is not None else "")
     std = ", mean ± std over the seeds (sample std, ddof=1)" if table.repeated else ""
@@ -230,7 +242,7 @@ def table_latex(tables: Sequence[Table], paired: Sequence[PairedRow] | None = No
     (``mean $\\pm$ std`` over several seeds), the variant rows unless ``variants`` is False,
     bold where the paired comparison distinguishes a row (:func:`distinguished_row`), with a
     ``baseline`` a column of each row's paired verdict and mean difference
-    (:func:`~cilkit.analysis.tables.paired_rows`), and a caption: the protocol's
+    (:func:`~cilkit.analysis.paired.paired_rows`), and a caption: the protocol's
     ``descriptions`` (one per table: settings and seeds), then what the cells and the bold mean."""
     names = check_columns(columns)
     lines = [r"% Written by cilkit compare. Needs \usepackage{booktabs} in the preamble.",

@@ -38,6 +38,7 @@ from cilkit.analysis.figure_data import (  # re-exported: tests and callers impo
     new_share_data,
     old_new_data,
     row_percent,
+    shot_data,
     seeds_note,
     true_new_share,
     y_limits,
@@ -46,7 +47,7 @@ from cilkit.analysis.figure_data import (  # re-exported: tests and callers impo
 __all__ = ["FigureFile", "STYLE", "Y_RANGES", "annotation_data", "confusion_data", "curve_data", "figures",
            "identical_lines", "new_share_data", "old_new_data", "png_bytes", "pdf_bytes", "plot_accuracy_matrix",
            "plot_annotations", "plot_confusion", "plot_curves", "plot_new_share", "plot_old_new", "rgb_array",
-           "row_percent", "true_new_share", "y_limits"]
+           "row_percent", "shot_data", "true_new_share", "y_limits"]
 
 # ----- the one style of every figure ------------------------------------------------------------
 STYLE: dict[str, Any] = {
@@ -195,10 +196,17 @@ def plot_curves(data: Mapping[str, Mapping[str, Any]], y_range: str = "fit", key
     return fig
 
 
+OLD_NEW = (("old", "o", "-", 1.0, "old classes"), ("new", "s", "--", 0.7, "new classes"))
+SHOTS = (("many", "o", "-", 1.0, "many-shot classes"), ("medium", "s", "--", 0.85, "medium-shot classes"),
+         ("few", "^", ":", 0.7, "few-shot classes"))  # shot_data's lines
+
+
 @styled
-def plot_old_new(data: Mapping[str, Mapping[str, Any]], y_range: str = "fit") -> Figure:
-    """One panel per method: top-1 on old and on new classes per state (``old_new_data``),
-    over several runs their means with ± one std bands; one fitted y-axis for all panels."""
+def plot_old_new(data: Mapping[str, Mapping[str, Any]], y_range: str = "fit",
+                 parts: Sequence[tuple[str, str, str, float, str]] = OLD_NEW) -> Figure:
+    """One panel per method: top-1 on old and on new classes per state (``old_new_data``; or
+    the ``parts`` named, e.g. :data:`SHOTS` of ``shot_data``), over several runs their means with
+    ± one std bands; one fitted y-axis for all panels."""
     rows, cols = _grid(len(data))
     width, height = STYLE["panel_size"]
     fig = _figure(width * cols, height * rows)
@@ -206,18 +214,18 @@ def plot_old_new(data: Mapping[str, Mapping[str, Any]], y_range: str = "fit") ->
     colours = _colours(list(data))
     shown: list[float | None] = []
     for ax, (label, d) in zip(axes, data.items()):
-        for part, marker, linestyle, alpha in (("old", "o", "-", 1.0), ("new", "s", "--", 0.7)):
+        for part, marker, linestyle, alpha, name in parts:
             std = d.get(f"{part}_std")
             _band(ax, d["classes"], d[part], std, colours[label], STYLE["band_alpha"])
             ax.plot(d["classes"], _nan(d[part]), color=colours[label], marker=marker, linestyle=linestyle, alpha=alpha,
                     linewidth=STYLE["variant_line_width"], markersize=STYLE["marker_size"], clip_on=False,
-                    label=f"{part} classes")
+                    label=name)
             shown += band_edges(d[part], std)
         _state_axis(ax, d["classes"])
         ax.set_title(_runs_label(label, d, spread=False))
     axes[0].set_ylim(*y_limits(shown, y_range, min_span=STYLE["min_span"]))  # shared by every panel
     if data:  # one legend for all panels, above them: never over a curve at 0% or 100%
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2)
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(parts))
     for ax in axes[: len(data): cols]:
         ax.set_ylabel("top-1 (%)")
     for ax in axes[len(data):]:
@@ -380,6 +388,11 @@ def figures(run_dirs: Mapping[str, Path], results: Results, repeats: Repeats | N
     old_new = old_new_data(results, repeats)
     out.append(_file("old_new", "Top-1 on the old and on the new classes after each state." + seeds_note(old_new),
                      plot_old_new(old_new, y_range)))
+    shots = shot_data(results, repeats)
+    if shots:  # long-tailed protocols only
+        out.append(_file("shot_groups", "Many-, medium- and few-shot top-1 (test images of the seen classes of each "
+                         "group by training images per class) after each state; a group without a seen class has no "
+                         "point." + seeds_note(shots), plot_old_new(shots, y_range, SHOTS)))
     confusion = confusion_data(run_dirs, results, repeat_dirs)
     firsts = [k for k in (repeats or {}) if k in confusion and "runs" not in confusion[k]]
     out.append(_file("confusion_last_state", "Confusion matrix after the last state (rows: true class in the run's "

@@ -11,7 +11,7 @@ beside its NME, ...) get their own row, ``icarl [cnn]``; forgetting and time are
 them. The tables are built and rendered in :mod:`cilkit.analysis.tables`; this module describes
 the protocols, writes the provenance lines and assembles ``report.html`` (:func:`compare_runs`).
 With a baseline method, a second table gives each other method's paired difference from it over
-the seeds both ran (:func:`~cilkit.analysis.tables.paired_rows`). A run whose training diverged
+the seeds both ran (:func:`~cilkit.analysis.paired.paired_rows`). A run whose training diverged
 has no results: it is listed under the tables (method, seed, state, epoch, loss term), never a row.
 
 A comparison is written only where it may be (:func:`report_target`): a new or empty directory,
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cilkit.cil.scenario import describe_imbalance
+from cilkit.cil.shots import has_shot_figures, shots_sentence
 from cilkit.common import io
 from cilkit.common.errors import UserError
 from cilkit.rundir.layout import RunLayout, enclosing_run, fresh_directory, holds_run, is_run_dir
@@ -42,17 +43,8 @@ from cilkit.analysis.paper import PaperComparison, paper_comparisons, paper_html
 from cilkit.analysis.plots import figures as make_figures
 from cilkit.analysis.runsets import DivergedRun, FoundRun, Protocol, group_runs, scan_runs
 from cilkit.analysis.runsets import find_runs  # noqa: F401 (imported from here too)
-from cilkit.analysis.tables import (
-    Table,
-    build_table,
-    paired_csv,
-    paired_html,
-    paired_markdown,
-    paired_rows,
-    state_table,
-    table_csv,
-    table_html,
-)
+from cilkit.analysis.paired import paired_csv, paired_html, paired_markdown, paired_rows
+from cilkit.analysis.tables import Table, build_table, state_table, table_csv, table_html
 
 STD_NOTE = ("Rows over several runs: mean ± std over their seeds (std: the sample standard deviation, "
             "ddof=1); runs: their number, seeds: theirs.")
@@ -86,8 +78,8 @@ def _settings(config: Mapping[str, Any] | None) -> str:
 
 
 def describe_protocol(p: Protocol) -> str:
-    """What every run of the protocol shares (dataset, states, settings, imbalance profile),
-    and its seeds."""
+    """What every run of the protocol shares (dataset, states, settings, imbalance profile and,
+    when long-tailed, its shot groups), and its seeds."""
     r = p.results
     seeds = sorted({s for g in p.groups for s in g.seeds if s is not None})
     settings = _settings(p.config)
@@ -96,7 +88,8 @@ def describe_protocol(p: Protocol) -> str:
             else f" {seed_text[0].upper()}{seed_text[1:]}." if seed_text else "")
     return (f"Dataset: {r.get('dataset', '?')}. {r.get('num_states', len(r['state_ends']))} states; "
             f"classes seen after each state: {', '.join(map(str, r['state_ends']))}." + tail
-            + describe_imbalance(r.get("imbalance")))
+            + describe_imbalance(r.get("imbalance"))
+            + shots_sentence(next((x.results for g in p.groups for x in g.runs if has_shot_figures(x.results)), r)))
 
 
 def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table],
@@ -156,6 +149,9 @@ _TABLE_NOTE = (
     "the last state. <em>forgetting</em>: average forgetting (Chaudhry et al., 2018). "
     "Rows <em>method [x]</em> are other score sets of the same run."
 )
+_SHOTS_NOTE = (" <em>many / medium / few</em>: top-1 on the test images of the seen many-, medium- and few-shot "
+               "classes (the groups by training images per class in the protocol's description); their <em>mean "
+               "inc.</em> is over the states in which the group has a seen class.")
 
 
 def _header_html(protocols: Sequence[Protocol]) -> str:
@@ -173,7 +169,8 @@ def _results_html(protocols: Sequence[Protocol], tables: Sequence[Table]) -> str
         body = "\n".join(f"<h3>Protocol {p.number}</h3>\n<p>{html.escape(describe_protocol(p))}</p>\n{table_html(t)}"
                          for p, t in zip(protocols, tables))
     std = f" {html.escape(STD_NOTE)}" if any(t.repeated for t in tables) else ""
-    return f'{body}\n<p class="note">{_TABLE_NOTE}{std}</p>'
+    shots = _SHOTS_NOTE if any(c.key.endswith("_shot_top1") for t in tables for c in t.columns) else ""
+    return f'{body}\n<p class="note">{_TABLE_NOTE}{shots}{std}</p>'
 
 
 def _sources_html(protocols: Sequence[Protocol]) -> str:

@@ -7,7 +7,7 @@ memory in MB (memory-aligned accounting), each a float or, over
 several seeds, a :class:`Spread` (mean ± sample std). Its columns are defined once
 (:func:`table_columns`, :func:`build_table`) and rendered as Markdown (:func:`state_table`),
 HTML (:func:`table_html`) and CSV (:func:`table_csv`). The paired comparison with a baseline
-method (:class:`PairedRow`, :func:`paired_rows`) and its renderers live here too.
+method lives in :mod:`cilkit.analysis.paired`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cilkit.common.errors import UserError
 from cilkit.settings.registry import METHODS
 from cilkit.cil.metrics import Results, fmt, mean_incremental, variant_names
-from cilkit.analysis.runsets import Protocol, RunGroup
-from cilkit.analysis.significance import LEVEL, PairedInterval, mean_std, paired_interval
+from cilkit.cil.shots import SHOT_GROUPS, SHOT_KEYS, has_shot_figures, present_mean
+from cilkit.analysis.runsets import RunGroup
+from cilkit.analysis.significance import mean_std
 
 
 # ----- the table -------------------------------------------------------------------------------
@@ -98,11 +98,22 @@ def accounting_cells(state: Mapping[str, Any]) -> list[float | None]:
     return [None if v is None else v / MB for v in sizes] + [a.get("model_in_exemplars")]
 
 
-def table_columns(state_titles: Sequence[str], repeated: bool = False) -> list[Column]:
+def shot_columns(state_titles: Sequence[str]) -> list[Column]:
+    """Many-, medium- and few-shot top-1 (:mod:`cilkit.cil.shots`) of a long-tailed protocol: each
+    group after each state (CSV only), after the last state and its mean over the states where it
+    has a seen class (without the first: CSV only)."""
+    return [c for g in SHOT_GROUPS for c in (
+        *[Column(f"{g} {t}", f"{g}_shot_top1_state{b + 1}", 1, "csv") for b, t in enumerate(state_titles)],
+        Column(f"{g} last", f"last_{g}_shot_top1", 1), Column(f"{g} mean inc.", f"mean_incremental_{g}_shot_top1", 2),
+        Column(f"{g} mean inc. (excl. 1st)", f"mean_incremental_{g}_shot_top1_excl_first", 2, "csv"))]
+
+
+def table_columns(state_titles: Sequence[str], repeated: bool = False, shots: bool = False) -> list[Column]:
     """The table's columns: method, (runs and seeds,) top-1 after each state and its means, then
     balanced top-1 (the mean per-class accuracy, which an imbalanced test set tells apart from
-    top-1): after each state (CSV only), its means and after the last state; then old / new top-1
-    after the last state, forgetting and time; then the last state's sizes (:data:`ACCOUNTING_COLUMNS`)."""
+    top-1): after each state (CSV only), its means and after the last state; with ``shots`` (a
+    long-tailed protocol) :func:`shot_columns`; then old / new top-1 after the last state,
+    forgetting and time; then the last state's sizes (:data:`ACCOUNTING_COLUMNS`)."""
     return [
         Column("method", "method", 0),
         *([Column("runs", "runs", 0), Column("seeds", "seeds", 0)] if repeated else []),
@@ -113,6 +124,7 @@ def table_columns(state_titles: Sequence[str], repeated: bool = False) -> list[C
         Column("bal. last", "last_balanced_top1", 1, "shown"),
         Column("bal. mean inc.", "mean_incremental_balanced_top1", 2),
         Column("bal. mean inc. (excl. 1st)", "mean_incremental_balanced_top1_excl_first", 2),
+        *(shot_columns(state_titles) if shots else []),
         Column("last old", "last_top1_old", 1),
         Column("last new", "last_top1_new", 1),
         Column("forgetting", "average_forgetting", 1),
@@ -133,8 +145,14 @@ def _means(values: list[float | None]) -> list[float | None]:
     return [mean_incremental(known), mean_incremental(known, skip_first=True)]
 
 
+def _shot_cells(accs: list[Mapping[str, Any]], n: int) -> list[float | None]:
+    """The cells of :func:`shot_columns` from a score set's per-state figures."""
+    return [c for k in SHOT_KEYS for v in [[a.get(k) for a in accs]]
+            for c in (*_padded(v, n), v[-1] if v else None, present_mean(v), present_mean(v, skip_first=True))]
+
+
 def _score_row(label: str, accs: list[Mapping[str, Any]], n: int, mean_top1: list[float | None],
-               forgetting: float | None, wall: float | None, own: bool = True) -> list[Any]:
+               forgetting: float | None, wall: float | None, own: bool = True, shots: bool = False) -> list[Any]:
     """A row of :func:`table_columns` from a score set's per-state figures ``accs``; the
     accounting of the last state on the run's ``own`` row only (a score set's row repeats no
     size, as it repeats no time)."""
@@ -143,18 +161,20 @@ def _score_row(label: str, accs: list[Mapping[str, Any]], n: int, mean_top1: lis
     sizes = accounting_cells(last) if own else [None] * len(ACCOUNTING_COLUMNS)
     return [label, *_padded([a.get("top1") for a in accs], n), *mean_top1,
             *_padded(balanced, n), last.get("balanced_top1"), *_means(balanced),
+            *(_shot_cells(accs, n) if shots else []),
             last.get("top1_old"), last.get("top1_new"), forgetting, wall, *sizes]
 
 
-def run_rows(label: str, r: Mapping[str, Any], n: int) -> list[list[Any]]:
-    """One run's rows (label, then floats or None): its primary scores, then each score set."""
+def run_rows(label: str, r: Mapping[str, Any], n: int, shots: bool = False) -> list[list[Any]]:
+    """One run's rows (label, then floats or None): its primary scores, then each score set;
+    with ``shots`` the cells of :func:`shot_columns`."""
     states = r["states"]
     rows = [_score_row(label, states, n, [r.get("mean_incremental_top1"), r.get("mean_incremental_top1_excl_first")],
-                       r.get("average_forgetting"), r.get("wall_time_s"))]
+                       r.get("average_forgetting"), r.get("wall_time_s"), shots=shots)]
     for v in variant_names(r) if states else []:
         accs = [s.get("variants", {}).get(v, {}) for s in states]
         rows.append(_score_row(f"{label} [{v}]", accs, n, _means([a.get("top1") for a in accs]), None, None,
-                               own=False))
+                               own=False, shots=shots))
     return rows
 
 
@@ -168,11 +188,11 @@ def _aggregate(values: Sequence[float | None]) -> Spread | None:
     return Spread(mean, std)
 
 
-def group_rows(group: RunGroup, n: int) -> list[list[Any]]:
+def group_rows(group: RunGroup, n: int, shots: bool = False) -> list[list[Any]]:
     """A group's rows: its run's own (one run), or each cell as a :class:`Spread` over its runs."""
     if not group.repeated:
-        return run_rows(group.label, group.runs[0].results, n)
-    per_run = [{row[0]: row[1:] for row in run_rows(group.label, r.results, n)} for r in group.runs]
+        return run_rows(group.label, group.runs[0].results, n, shots)
+    per_run = [{row[0]: row[1:] for row in run_rows(group.label, r.results, n, shots)} for r in group.runs]
     rows = []
     for label, first in per_run[0].items():
         cells = [c for pr in per_run if (c := pr.get(label)) is not None]
@@ -183,7 +203,7 @@ def group_rows(group: RunGroup, n: int) -> list[list[Any]]:
     return rows
 
 
-def _seeds_text(seeds: Sequence[int | None]) -> str:
+def seeds_text(seeds: Sequence[int | None]) -> str:
     return ", ".join("?" if s is None else str(s) for s in seeds)
 
 
@@ -211,17 +231,19 @@ def _row_info(group: RunGroup, label: str, keys: Sequence[str],
 
 
 def build_table(groups: Sequence[RunGroup]) -> Table:
-    """The table of one protocol's groups."""
+    """The table of one protocol's groups (the shot columns when some run has shot figures)."""
     results = {g.label: g.runs[0].results for g in groups}
     n = _state_count(results)
     repeated = any(g.repeated for g in groups)
-    columns = table_columns(_state_titles(results, n), repeated)
+    shots = any(has_shot_figures(r.results) for g in groups for r in g.runs)
+    columns = table_columns(_state_titles(results, n), repeated, shots)
     keys = [c.key for c in columns if c.key not in ("method", "runs", "seeds")]
     rows, info = [], []
     for g in groups:
-        per_run = [(s, {row[0]: row[1:] for row in run_rows(g.label, r.results, n)}) for r, s in zip(g.runs, g.seeds)]
-        for row in group_rows(g, n):
-            rows.append([row[0], len(g.runs), _seeds_text(g.seeds), *row[1:]] if repeated else row)
+        per_run = [(s, {row[0]: row[1:] for row in run_rows(g.label, r.results, n, shots)})
+                   for r, s in zip(g.runs, g.seeds)]
+        for row in group_rows(g, n, shots):
+            rows.append([row[0], len(g.runs), seeds_text(g.seeds), *row[1:]] if repeated else row)
             info.append(_row_info(g, row[0], keys, per_run))
     return Table(columns, rows, repeated, info)
 
@@ -241,12 +263,12 @@ def _titles(table: Table) -> list[str]:
     return [table.columns[i].title for i in table.shown()]
 
 
-def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """An HTML ``<table>``: the first column text, the others right-aligned numbers."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
@@ -260,12 +282,12 @@ def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def state_table(table: Table) -> str:
     """A Markdown table: one row per group (and extra score set), top-1 after each state, then
     the summaries."""
-    return _markdown(_titles(table), _formatted(table)) if table.rows else ""
+    return markdown_table(_titles(table), _formatted(table)) if table.rows else ""
 
 
 def table_html(table: Table) -> str:
     """The same table as an HTML ``<table>`` (numbers right-aligned)."""
-    return _html_table(_titles(table), _formatted(table))
+    return html_table(_titles(table), _formatted(table))
 
 
 def _csv_number(v: Any) -> Any:
@@ -281,7 +303,7 @@ def table_csv(tables: Sequence[Table]) -> str:
     ``key`` (the mean) has a ``key_std`` column (sample std) beside it, plus ``runs``, ``seeds``."""
     repeated = any(t.repeated for t in tables)
     n = max((sum(c.key.startswith("top1_state") for c in t.columns) for t in tables), default=0)
-    columns = table_columns([""] * n, repeated)
+    columns = table_columns([""] * n, repeated, any(c.key.endswith("_shot_top1") for t in tables for c in t.columns))
     keys = ["protocol"] if len(tables) > 1 else []
     for c in columns:
         if c.where != "shown":
@@ -302,111 +324,3 @@ def table_csv(tables: Sequence[Table]) -> str:
             w.writerow(out)
     return buf.getvalue()
 
-
-# ----- paired comparison with a baseline -------------------------------------------------------
-PAIRED_METRICS = {"top1": "mean_incremental_top1_excl_first",
-                  "balanced_top1": "mean_incremental_balanced_top1_excl_first"}  # --metric -> results.json key
-_METRIC_WORDS = {"top1": "top-1", "balanced_top1": "balanced top-1 (mean per-class accuracy)"}
-
-
-@dataclass(frozen=True)
-class PairedRow:
-    """A group's paired difference from the baseline of its protocol over their shared seeds."""
-
-    protocol: int
-    label: str
-    baseline: str
-    seeds: tuple[int, ...]
-    interval: PairedInterval
-    metric: str = "top1"  # a key of PAIRED_METRICS
-
-
-def _by_seed(group: RunGroup, key: str) -> dict[int, float]:
-    """The group's figure ``key`` of results.json per known seed."""
-    return {s: v for r, s in zip(group.runs, group.seeds) if s is not None and (v := r.results.get(key)) is not None}
-
-
-def paired_rows(protocols: Sequence[Protocol], baseline: str, metric: str = "top1") -> list[PairedRow]:
-    """For each protocol holding a group of method ``baseline``: every other group's paired
-    difference (method - baseline) of the mean incremental ``metric`` (top1 or balanced_top1)
-    excluding state 1, over the seeds both ran, with its
-    :data:`~cilkit.analysis.significance.LEVEL` interval (paired t)."""
-    if metric not in PAIRED_METRICS:
-        raise UserError(f"--metric '{metric}': expected one of {', '.join(PAIRED_METRICS)}")
-    methods = sorted({g.method for p in protocols for g in p.groups})
-    if baseline not in methods:
-        raise UserError(f"--baseline '{baseline}': no compared run is of that method (methods: {', '.join(methods)})")
-    key, rows = PAIRED_METRICS[metric], []
-    for p in protocols:
-        bases = [g for g in p.groups if g.method == baseline]
-        if len(bases) > 1:
-            raise UserError(f"--baseline '{baseline}': protocol {p.number} holds several groups of it "
-                            f"({'; '.join(g.label for g in bases)}): compare them separately")
-        if not bases:
-            continue
-        base = _by_seed(bases[0], key)
-        for g in p.groups:
-            if g is bases[0]:
-                continue
-            mine = _by_seed(g, key)
-            shared = tuple(sorted(set(mine) & set(base)))
-            rows.append(PairedRow(p.number, g.label, bases[0].label, shared,
-                                  paired_interval([mine[s] for s in shared], [base[s] for s in shared]), metric))
-    return rows
-
-
-_PAIRED_HEADERS = ["method", "pairs", "seeds", "mean diff.", f"{LEVEL:.0%} CI", "verdict"]
-
-
-def _paired_cells(row: PairedRow, baseline: str) -> list[str]:
-    i = row.interval
-    ci = "-" if i.low is None or i.high is None else f"[{i.low:.2f}, {i.high:.2f}]"
-    mean = "-" if i.mean is None else f"{i.mean:+.2f}"
-    return [row.label, str(i.pairs), _seeds_text(row.seeds) or "-", mean, ci, i.verdict(baseline)]
-
-
-def paired_note(baseline: str, metric: str = "top1") -> str:
-    return (f"Paired difference from {baseline} (method − {baseline}) of the mean incremental {_METRIC_WORDS[metric]} "
-            f"excluding state 1, over the seeds both ran; {LEVEL:.0%} confidence interval of the mean "
-            "difference from Student's t with pairs − 1 degrees of freedom. Verdict: better / worse when "
-            "the interval excludes 0.")
-
-
-def paired_markdown(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str,
-                    metric: str = "top1") -> str:
-    """The paired comparison in Markdown: a note, then a table per protocol."""
-    parts = [paired_note(baseline, metric)]
-    for p in protocols:
-        mine = [_paired_cells(r, baseline) for r in rows if r.protocol == p.number]
-        head = f"Protocol {p.number}:" if len(protocols) > 1 else ""
-        if not mine:
-            parts.append(f"{head or 'No paired comparison:'} no other method beside a run of {baseline}."
-                         if any(g.method == baseline for g in p.groups) else f"{head} no run of {baseline}.")
-        else:
-            parts.append("\n\n".join(filter(None, [head, _markdown(_PAIRED_HEADERS, mine)])))
-    return "\n\n".join(parts)
-
-
-def paired_html(protocols: Sequence[Protocol], rows: Sequence[PairedRow], baseline: str, metric: str = "top1") -> str:
-    """The paired comparison in HTML: a table per protocol, then the note."""
-    parts = []
-    for p in protocols:
-        mine = [_paired_cells(r, baseline) for r in rows if r.protocol == p.number]
-        if len(protocols) > 1:
-            parts.append(f"<h3>Protocol {p.number}</h3>")
-        parts.append(_html_table(_PAIRED_HEADERS, mine) if mine else
-                     f"<p>No paired comparison (no run of {html.escape(baseline)} or no other method).</p>")
-    return "\n".join(parts) + f'\n<p class="note">{html.escape(paired_note(baseline, metric))}</p>'
-
-
-def paired_csv(rows: Sequence[PairedRow]) -> str:
-    """The paired comparison as CSV (full precision)."""
-    buf = _text_io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["protocol", "method", "baseline", "metric", "pairs", "seeds", "mean_difference",
-                f"ci{LEVEL * 100:.0f}_low", f"ci{LEVEL * 100:.0f}_high", "verdict"])
-    for r in rows:
-        i = r.interval
-        w.writerow([r.protocol, r.label, r.baseline, PAIRED_METRICS[r.metric], i.pairs, " ".join(map(str, r.seeds)),
-                    *("" if v is None else v for v in (i.mean, i.low, i.high)), i.verdict(r.baseline)])
-    return buf.getvalue()

@@ -11,6 +11,12 @@ from typing import Any
 
 import torch
 
+from cilkit.cil.shots import add_shot_figures, shot_summary
+
+__all__ = ["Results", "accuracy_per_state", "add_shot_figures", "average_forgetting", "balanced_accuracy", "fmt",
+           "mean_incremental", "new_class_share", "run_summary", "score_metrics", "state_accuracies",
+           "topk_correct", "variant_names"]
+
 Results = Mapping[str, Mapping[str, Any]]  # label -> results.json content, in display order
 
 
@@ -124,7 +130,8 @@ def score_metrics(
 def run_summary(states: Sequence[dict], matrix: Sequence[Sequence[float | None]]) -> dict[str, float | None]:
     """A run's summaries in results.json: mean incremental top-1, top-5 and balanced top-1,
     each with and without state 0, and average forgetting. A mean over a state without a value
-    (e.g. balanced top-1 of an empty test set) is None."""
+    (e.g. balanced top-1 of an empty test set) is None. A long-tailed run adds its many-, medium-
+    and few-shot summaries (:func:`cilkit.cil.shots.shot_summary`)."""
     out: dict[str, float | None] = {}
     for key in ("top1", "top5", "balanced_top1"):
         values = [s.get(key) for s in states]
@@ -133,6 +140,7 @@ def run_summary(states: Sequence[dict], matrix: Sequence[Sequence[float | None]]
             known = [v for v in kept if v is not None]
             out[f"mean_incremental_{key}{suffix}"] = mean_incremental(known) if len(known) == len(kept) else None
     out["average_forgetting"] = average_forgetting(matrix)
+    out.update(shot_summary(states))
     if states and all("val_top1" in s for s in states):  # runs with a validation hold-out
         val: list[float | None] = [s["val_top1"] for s in states]
         for suffix, kept in (("", val), ("_excl_first", val[1:])):

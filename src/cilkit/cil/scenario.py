@@ -51,15 +51,26 @@ def class_order(order: int | list[int], num_classes: int) -> list[int]:
     return list(order)
 
 
-def imbalance_ranks(cfg: ImbalanceConfig, n_classes: int, seed: int) -> torch.Tensor:
+def imbalance_ranks(cfg: ImbalanceConfig, n_classes: int, seed: int, labels: list[int] | None = None) -> torch.Tensor:
     """(C,) the size rank of each class position (0 = largest): the positions themselves
-    (``ordering: position``) or a seeded permutation of them (``shuffled``)."""
+    (``ordering: position``), the rank of each position's dataset class id among the scenario's
+    classes (``label``: the id itself when every class of the dataset is used), a seeded torch
+    permutation (``shuffled``) or numpy's (``numpy_shuffled``: ``numpy.random.seed(seed)`` then a
+    shuffle of the counts, LT-CIL's list-file loader for its shuffled scenario)."""
     if cfg.ordering == "position":
         return torch.arange(n_classes)
+    if cfg.ordering == "label":
+        if labels is None or len(labels) < n_classes:
+            raise ValueError("ordering 'label' needs the class ids of the scenario's positions")
+        by_label = torch.tensor(labels[:n_classes]).argsort()
+        return torch.empty(n_classes, dtype=torch.int64).scatter_(0, by_label, torch.arange(n_classes))
+    if cfg.ordering == "numpy_shuffled":
+        return torch.from_numpy(np.random.RandomState(seed).permutation(n_classes))
     return torch.randperm(n_classes, generator=seeded_generator(seed, "imbalance-order"))
 
 
-def imbalance_counts(cfg: ImbalanceConfig, available: torch.Tensor, seed: int) -> torch.Tensor:
+def imbalance_counts(cfg: ImbalanceConfig, available: torch.Tensor, seed: int,
+                     labels: list[int] | None = None) -> torch.Tensor:
     """(C,) training images kept per class position, given the ``available`` ones.
 
     * ``longtail`` (exponential profile of Cui et al., CVPR 2019 / Cao et al., NeurIPS 2019):
@@ -86,7 +97,7 @@ def imbalance_counts(cfg: ImbalanceConfig, available: torch.Tensor, seed: int) -
             raise UserError(f"config key 'scenario.imbalance.counts': class position {c} asks for "
                             f"{int(want[c])} images but has {int(available[c])}")
         return want
-    ranks = imbalance_ranks(cfg, n, seed).double()
+    ranks = imbalance_ranks(cfg, n, seed, labels).double()
     n_max = float(available.max())
     if cfg.profile == "longtail":
         factor = cfg.ratio ** (-ranks / max(n - 1, 1))
@@ -104,6 +115,35 @@ def subsample(pos: torch.Tensor, keep: torch.Tensor, generator: torch.Generator)
         idx = (pos == c).nonzero().flatten()
         drop = idx[torch.randperm(idx.numel(), generator=generator)[int(keep[c]):]]
         out[drop] = -1
+    return out
+
+
+def keep_first(pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``pos`` with only the first ``keep[c]`` images of each class c (in file order) kept: the
+    list-file loader of LT-CIL (``base_dataset.get_data``) reads its lines in order and stops
+    taking a class once it has its count."""
+    out = pos.clone()
+    for c in range(keep.numel()):
+        out[(pos == c).nonzero().flatten()[int(keep[c]):]] = -1
+    return out
+
+
+def keep_numpy_shuffled(pos: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, seed: int) -> torch.Tensor:
+    """``pos`` with the images LT-CIL's CIFAR-100-LT keeps (``IMBALANCECIFAR100.gen_imbalanced_data``
+    of Long-Tailed-CIL, after Cao et al.'s LDAM code): ``numpy.random.seed(seed)``, then for every
+    class id of the dataset in increasing order, a shuffle of that class's image indices (file
+    order), of which the first ``n`` are kept. Classes outside the scenario are shuffled too (they
+    draw from the same stream), and dropped."""
+    state = np.random.RandomState(seed)
+    out = torch.full_like(pos, -1)
+    labels_np = labels.numpy()
+    for label in np.unique(labels_np):
+        idx = np.where(labels_np == label)[0]
+        state.shuffle(idx)
+        c = int(pos[idx[0]]) if idx.size else -1
+        if c >= 0:
+            kept = torch.from_numpy(idx[: int(keep[c])])
+            out[kept] = c
     return out
 
 
@@ -182,7 +222,7 @@ class Scenario:
         self.position_of[torch.tensor(self.order[:needed])] = torch.arange(needed)
         self.train_pos = self.position_of[train_labels]
         self.test_pos = self.position_of[test_labels]
-        self.imbalance = self._apply_imbalance(cfg.imbalance, seed)
+        self.imbalance = self._apply_imbalance(cfg.imbalance, seed, train_labels)
         self.val_mask = self._holdout(cfg.val_per_class, seed)
         self._position_on: dict[torch.device, torch.Tensor] = {}
 
@@ -192,15 +232,19 @@ class Scenario:
             self._position_on[device] = self.position_of.to(device)
         return self._position_on[device]
 
-    def _apply_imbalance(self, cfg: ImbalanceConfig, run_seed: int) -> dict[str, Any]:
-        """Drop images (seeded choice) to the per-class profile; returns what was applied, with
-        the kept counts per class position (train, and test) for results.json. The hold-out of
-        ``val_per_class`` is taken afterwards, from the kept images."""
+    def _apply_imbalance(self, cfg: ImbalanceConfig, run_seed: int, train_labels: torch.Tensor) -> dict[str, Any]:
+        """Drop images to the per-class profile (which ones: ``cfg.keep``); returns what was
+        applied, with the kept counts per class position (train, and test) for results.json. The
+        hold-out of ``val_per_class`` is taken afterwards, from the kept images."""
         seed = run_seed if cfg.seed is None else cfg.seed
         n = self.ends[-1]
         available = class_counts(self.train_pos, n)
-        keep = imbalance_counts(cfg, available, seed)
-        if cfg.profile != "none":
+        keep = imbalance_counts(cfg, available, seed, self.order)
+        if cfg.profile != "none" and cfg.keep == "numpy_shuffle":
+            self.train_pos = keep_numpy_shuffled(self.train_pos, train_labels.cpu(), keep, seed)
+        elif cfg.profile != "none" and cfg.keep == "first":
+            self.train_pos = keep_first(self.train_pos, keep)
+        elif cfg.profile != "none":
             self.train_pos = subsample(self.train_pos, keep, seeded_generator(seed, "imbalance-train"))
         if cfg.profile != "none" and cfg.apply_to_test:
             # each class keeps the same fraction of its test images as of its training images

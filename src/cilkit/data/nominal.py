@@ -30,7 +30,8 @@ class NominalSize:
 # 5,000 per class for CIFAR-10 and 500 for CIFAR-100. (Fashion-)MNIST: 60,000, 6,000 per class
 # (MNIST's classes hold 5,421 to 6,742: 6,000 on average). ImageNet (ILSVRC-2012): 1,281,167
 # images of 1,000 classes, 732 to 1,300 each; the 100-class subsets of LUCIR and PODNet
-# (seed 1993) hold about 1,300 per class.
+# (seed 1993) hold about 1,300 per class. Food-101 (Bossard et al., ECCV 2014): 101 classes of
+# 1,000 images, 750 of them for training.
 NOMINAL_SIZES: dict[str, NominalSize] = {s.name: s for s in (
     NominalSize("cifar10", 10, 5000),
     NominalSize("cifar100", 100, 500),
@@ -38,6 +39,7 @@ NOMINAL_SIZES: dict[str, NominalSize] = {s.name: s for s in (
     NominalSize("fashion-mnist", 10, 6000),
     NominalSize("imagenet-subset", 100, 1300),
     NominalSize("imagenet", 1000, 1281),
+    NominalSize("food101", 101, 750),
 )}
 
 

@@ -33,7 +33,7 @@ from cilkit.training.engine import Engine
 from cilkit.common.errors import RunDiverged, UserError, divergence_text
 from cilkit.cil.memory import Memory
 from cilkit.training.protocol import Context, EpochRecord, FitSpec, StateRecord, TrainingRecord, freeze
-from cilkit.cil.metrics import score_metrics, state_accuracies
+from cilkit.cil.metrics import add_shot_figures, score_metrics, state_accuracies
 from cilkit.models import IncrementalLinear
 from cilkit.cil.rectify import ClassStatistics
 from cilkit.cil.scenario import describe_imbalance
@@ -337,6 +337,7 @@ class Run:
         entry: dict[str, Any] = {"state": st.index, "classes_seen": st.n_seen, "new_classes": list(st.new)}
         entry.update(score_metrics(scores, labels, st.n_old, self.scenario.ends[: st.index + 1]))
         entry["variants"] = {k: state_accuracies(v, labels, st.n_old) for k, v in extras.items()}
+        add_shot_figures(entry, scores, extras, labels, self.scenario.imbalance)  # long-tailed scenarios only
         if self.config.scenario.val_per_class > 0:
             entry.update(self._validate(ctx))
         arrays = {"logits": out["logits"].numpy(), "labels": labels.numpy(), "scores": scores.numpy()}

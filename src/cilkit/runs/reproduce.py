@@ -196,7 +196,9 @@ def schedule_of(config: RunConfig) -> Schedule | None:
     states = sc.states if sc.states is not None else 1 + max(0, (available - sc.initial) // sc.increment)
     ends = [sc.initial + sc.increment * b for b in range(states)]
     seed = sc.imbalance.seed if sc.imbalance.seed is not None else config.seed
-    kept = imbalance_counts(sc.imbalance, torch.full((ends[-1],), size.train_per_class, dtype=torch.int64), seed)
+    order = class_order(sc.order, size.classes)
+    kept = imbalance_counts(sc.imbalance, torch.full((ends[-1],), size.train_per_class, dtype=torch.int64), seed,
+                            order)
     return Schedule(config, [max(0, int(n) - sc.val_per_class) for n in kept], ends)
 
 
@@ -258,6 +260,13 @@ def _sir(s: Schedule, o: Any) -> Stages:
     return estimate(s, o.base)
 
 
+def _lt2stage(s: Schedule, o: Any) -> Stages:
+    """The base's stages, then in every state ``epochs`` class-aware epochs over the state's
+    training set (the new images and the old classes' exemplars)."""
+    stage2 = sum(o.epochs * (s.new_images(b) + (s.memory(s.old(b)) if b > 0 else 0)) for b in s.states)
+    return {**estimate(s, o.base), "two-stage rebalancing": stage2}
+
+
 def _joint(s: Schedule, o: Any) -> Stages:
     return {"training": sum(s.epochs(b) * sum(s.per_class[:s.ends[b]]) for b in s.states)}
 
@@ -311,5 +320,5 @@ def _active(s: Schedule, o: Any) -> Stages:
 
 ESTIMATORS: dict[str, Estimator] = {
     "lucir": _lucir, "podnet": _podnet, "eeil": _eeil, "sir": _sir, "joint": _joint, "gdumb": _gdumb,
-    "ssil": _ssil, "bic": _bic, "active": _active,
+    "ssil": _ssil, "bic": _bic, "active": _active, "lt2stage": _lt2stage,
 }

@@ -27,6 +27,7 @@ from pydantic import (
 
 from cilkit.common.errors import UserError, did_you_mean, first_error, unknown_name
 from cilkit.settings.overrides import apply_overrides, check_methods, overrides_of, resolved
+from cilkit.settings.imbalance import ImbalanceConfig, Strict
 from cilkit.settings.paper import PaperTarget
 from cilkit.settings.options import StrictNumbers, refuse_loose_numbers
 from cilkit.settings.packaged import quickstart_dict, resolve_config
@@ -36,12 +37,6 @@ from cilkit.settings.registry import BACKBONES, METHODS, SOURCE_OPTIONS, SOURCES
 OptionsModel = TypeVar("OptionsModel", bound=BaseModel)
 DEFAULT_TEST_FRACTION = 0.2
 VALUE_KINDS = {"memory.selection": "selection strategy"}  # what a Literal key's values are called, in errors
-
-
-class Strict(StrictNumbers):
-    """A section of the run config: no unknown key, numbers that are numbers (StrictNumbers)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class SyntheticConfig(Strict):
@@ -123,35 +118,6 @@ class DataConfig(Strict):
     def source_options(self, model: type[OptionsModel]) -> OptionsModel:
         """``data.options`` as the reader's options model (validated with the config)."""
         return model.model_validate(self.options)
-
-
-class ImbalanceConfig(Strict):
-    """Per-class training-set sizes, applied by the scenario before the hold-out is taken (see
-    ``cilkit.cil.scenario.imbalance_counts``). ``longtail``: the class of rank r (0..C-1) keeps
-    ``floor(n_max * ratio^(-r/(C-1)))`` images; ``step``: the last ``minority_fraction`` of the
-    ranks keep ``floor(n_max / ratio)``; ``counts``: explicit kept counts, one per class position
-    in the run's order. Ranks are a seeded shuffle of the class positions (``ordering:
-    shuffled``, seed ``seed``, default the run seed) or the positions themselves (``position``:
-    the first classes of the order are the largest). ``apply_to_test`` keeps the same fraction
-    of each class's test images."""
-
-    profile: Literal["none", "longtail", "step", "counts"] = "none"
-    ratio: float = Field(10.0, ge=1)  # rho = n_max / n_min
-    minority_fraction: float = Field(0.5, gt=0, lt=1)  # step only
-    counts: list[int] | None = None  # counts only
-    ordering: Literal["shuffled", "position"] = "shuffled"
-    seed: int | None = None  # shuffle and dropped images (default: the run seed)
-    apply_to_test: bool = False
-
-    @model_validator(mode="after")
-    def _counts_with_profile(self) -> "ImbalanceConfig":
-        if self.profile == "counts" and not self.counts:
-            raise ValueError("config key 'scenario.imbalance.counts': required by profile 'counts'")
-        if self.profile != "counts" and self.counts is not None:
-            raise ValueError("config key 'scenario.imbalance.counts': only used with profile 'counts'")
-        if self.counts is not None and any(c < 1 for c in self.counts):
-            raise ValueError("config key 'scenario.imbalance.counts': every count must be >= 1")
-        return self
 
 
 class ScenarioConfig(Strict):

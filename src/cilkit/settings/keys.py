@@ -104,6 +104,9 @@ KEYS: dict[str, Key] = {
     "scenario.imbalance.minority_fraction": _protocol(),
     "scenario.imbalance.counts": _protocol(),
     "scenario.imbalance.ordering": _protocol(),
+    "scenario.imbalance.keep": _protocol(),
+    "scenario.imbalance.shots.many": _protocol(),
+    "scenario.imbalance.shots.few": _protocol(),
     "scenario.imbalance.seed": _protocol(),
     "scenario.imbalance.apply_to_test": _protocol(),
     # memory: filled after state 0 trains (a method that reads it in state 0 declares so)

@@ -45,6 +45,10 @@ class PaperTarget(StrictNumbers):
     # of a method whose ``primary_scores`` it is, else ``variants[classifier]`` (cnn, nme, bic, ...)
     classifier: str = Field("cnn", pattern=r"^[a-z][a-z0-9_]*$")
     top: Literal[1, 5] = 1
+    # a state's accuracy: over the test images of every seen class (cilkit's top1), or the mean of
+    # the accuracies of each state's classes (FACIL's task-agnostic accuracy averaged over the
+    # tasks, which LT-CIL and DGR report: a 5-class task weighs as much as the 50-class first one)
+    state_accuracy: Literal["all_classes", "mean_over_tasks"] = "all_classes"
     value: float | None = Field(None, ge=0, le=100)  # the summary (mean over the paper's runs)
     std: float | None = Field(None, ge=0)  # the paper's spread over its runs
     paper_runs: int | None = Field(None, ge=1)  # how many runs (class orders, seeds) the paper averaged
@@ -55,6 +59,8 @@ class PaperTarget(StrictNumbers):
 
     @model_validator(mode="after")
     def _a_figure(self) -> "PaperTarget":
+        if self.state_accuracy == "mean_over_tasks" and self.top != 1:
+            raise ValueError("state_accuracy 'mean_over_tasks' is a top-1 figure (set top: 1)")
         if self.value is None and not self.per_state:
             raise ValueError("a paper target needs a value or per_state")
         if self.per_state is not None and any(not 0 <= v <= 100 for v in self.per_state):
@@ -79,7 +85,8 @@ class PaperTarget(StrictNumbers):
         what = "average incremental" if self.metric == "average_incremental" else "last-state"
         first = "" if self.metric == "last" else (", first state included" if self.include_first
                                                   else ", first state excluded")
-        return f"{what} top-{self.top} ({self.classifier.upper()}{first})"
+        tasks = " over tasks" if self.state_accuracy == "mean_over_tasks" else ""
+        return f"{what} top-{self.top}{tasks} ({self.classifier.upper()}{first})"
 
     def cited(self) -> str:
         """Where the figure is: ``PODNet: ... (ECCV 2020, Table 1)``."""

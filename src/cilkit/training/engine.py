@@ -2,8 +2,9 @@
 
 The engine owns the step: the optimiser and schedule of the :class:`~cilkit.training.protocol.FitSpec`,
 the teacher's forward (once per batch, without gradients, under the student's autocast, memory
-format and compiled graph), the sum of the loss's named terms and their epoch means, gradient
-clipping or clamping, the optimiser step. What is trained supplies the training indices and the
+format and compiled graph), the sum of the loss's named terms and their epoch means, the
+gradients as the hooks' ``before_step`` leaves them, clipped or clamped, the optimiser step.
+What is trained supplies the training indices and the
 :class:`~cilkit.training.protocol.FitHooks`: parameter groups, teacher, loss, train mode, per-epoch hooks
 and the order of the epoch's images (see :mod:`cilkit.training.protocol`). Data stays on the training
 device; a fit may also run over rows of cached features or logits (:class:`~cilkit.data.base.Rows`:
@@ -203,6 +204,7 @@ class Engine:
                 # a rank's mean loss over its slice, weighted so that DDP's average over the
                 # ranks is the mean over the global batch (slices may differ by one image)
                 (loss * (x.shape[0] * distributed.world_size() / epoch_sizes[k]) if shard else loss).backward()
+                hooks.before_step(ctx)
                 _limit_gradients(step_params, spec)
                 opt.step()
                 hooks.after_step(ctx)

@@ -26,6 +26,8 @@ state the runner calls, in this order::
         batch_order(ctx, indices, batch_size, generator)
         loss(ctx, batch, out)    named terms {name: tensor}; the engine sums them in order and
                                  logs each term's epoch mean
+        before_step(ctx)         after the backward pass, before clipping and the optimiser step
+                                 (DGR rewrites its classifier's gradients here)
         after_step(ctx)          after every optimiser step
     memory_candidates(ctx)       the new-class images the memory may store: a query
     memory_contents(ctx)         a memory the method keeps itself (GDumb), or None: a query
@@ -217,6 +219,11 @@ class FitHooks(abc.ABC):
 
     def begin_epoch(self, ctx: Context, epoch: int) -> None:
         """Before epoch ``epoch`` (1-based) of the fit."""
+
+    def before_step(self, ctx: Context) -> None:
+        """After every backward pass, before the gradients are clipped or clamped (``FitSpec``)
+        and the optimiser steps: the place to change the parameters' ``.grad`` in place (DGR
+        reweights its classifier's gradients here); on the device, never a host sync."""
 
     def after_step(self, ctx: Context) -> None:
         """After every optimiser step (WA clips its classifier's weights here); in place on
