@@ -125,11 +125,53 @@ def test_lt_cil_figures_are_read_as_the_mean_over_tasks():
     from cilkit.analysis.paper import run_figure
     from cilkit.settings.paper import PaperTarget
 
-    results = {"method": "finetune", "states": [
-        {"top1": 80.0, "accuracy_per_state": [80.0]},
-        {"top1": 70.0, "accuracy_per_state": [72.0, 50.0]},
-        {"top1": 60.0, "accuracy_per_state": [64.0, 40.0, 30.0]}]}
-    base = {"title": "t", "venue": "v", "table": "T", "value": 50.0, "source": "s"}
+    from cilkit.analysis.paper import why_no_figure
+
+    results = {"method": "icarl", "primary_scores": "nme",
+               "states": [{"top1": 80.0, "variants": {"cnn": {"top1": 79.0}}},
+                          {"top1": 70.0, "variants": {"cnn": {"top1": 69.0}}},
+                          {"top1": 60.0, "variants": {"cnn": {"top1": 59.0}}}],
+               "accuracy_matrix": [[80.0], [72.0, 50.0], [64.0, 40.0, 30.0]]}
+    base = {"title": "t", "venue": "v", "table": "T", "value": 50.0, "source": "s", "classifier": "nme"}
     tasks = PaperTarget.model_validate({**base, "state_accuracy": "mean_over_tasks"})
     assert run_figure(results, tasks) == pytest.approx((80.0 + 61.0 + 134.0 / 3) / 3)
     assert run_figure(results, PaperTarget.model_validate(base)) == pytest.approx(70.0)
+    other = PaperTarget.model_validate({**base, "classifier": "cnn", "state_accuracy": "mean_over_tasks"})
+    assert run_figure(results, other) is None and "accuracy matrix" in (why_no_figure(results, other) or "")
+
+
+def write_cifar100(root, train_per_class: int, test_per_class: int) -> None:
+    """A CIFAR-100-format folder (``cifar-100-python/{train,test,meta}``) of 100 classes, the
+    training images interleaved in file order as the real file's are."""
+    import pickle
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rs = np.random.RandomState(0)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = cifar_like_labels(per_class, 100, seed=1).tolist()
+        data = rs.randint(0, 256, (len(labels), 3072)).astype(np.uint8)
+        (folder / split).write_bytes(pickle.dumps({b"data": data, b"fine_labels": labels}))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}))
+
+
+def test_the_lt_cil_paper_config_is_one_command_and_prints_the_paper_figure(tmp_path, capsys):
+    """Issue 38 item 9: ``cilkit run lt-cifar100-ordered-b50-10steps --set data.root=DIR`` runs on
+    CIFAR-100's files (here a tiny copy in the real format, two states and one epoch of each stage),
+    keeps the authors' per-class counts, and puts the paper's 45.73 beside the run."""
+    import json
+
+    from cilkit.cli import main
+
+    write_cifar100(tmp_path / "data", train_per_class=20, test_per_class=2)
+    out = tmp_path / "run"
+    assert main(["run", "lt-cifar100-ordered-b50-10steps", "--set", f"data.root={tmp_path / 'data'}",
+                 "--set", "train.epochs=1", "--set", "lt2stage.epochs=1", "--set", "lucir.cbf=false",
+                 "--set", "scenario.states=2", "--set", "threads=1", "--set", "state0_cache=null",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    counts = results["imbalance"]["train_per_class"]  # by position; the ordered order is the label order
+    assert counts == [max(1, int(20 * 0.01 ** (c / 99))) for c in range(55)]
+    assert len(results["states"]) == 2 and "few_shot_top1" in results["states"][1]
+    assert "45.73" in (out / "report" / "table.md").read_text()
+    capsys.readouterr()

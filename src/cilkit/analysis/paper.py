@@ -79,21 +79,24 @@ def why_no_figure(results: Mapping[str, Any], target: PaperTarget) -> str | None
     key = f"top{target.top}"
     if any(a.get(key) is None for a in accs):
         return f"the run has no {key} in every state"
-    if target.state_accuracy == "mean_over_tasks" and any(not a.get("accuracy_per_state") for a in accs):
-        return "the run has no accuracy per state's classes in every state"
+    if target.state_accuracy == "mean_over_tasks":
+        if target.classifier != primary_scores(results):
+            return (f"a mean over tasks is read from the accuracy matrix, which holds the run's top-1 scores "
+                    f"('{primary_scores(results)}'), not '{target.classifier}'")
+        rows = results.get("accuracy_matrix") or []
+        if len(rows) < len(accs) or any(not any(v is not None for v in row) for row in rows[:len(accs)]):
+            return "the run has no accuracy per state's classes (accuracy_matrix) in every state"
     if target.metric == "average_incremental" and not target.include_first and len(accs) < 2:
         return "a mean without the first state needs two states or more"
     return None
 
 
-def state_figure(figures: Mapping[str, Any], target: PaperTarget) -> float:
-    """One state's accuracy read as the paper reads it: ``top1``/``top5`` over every seen class,
-    or (``state_accuracy: mean_over_tasks``) the mean of the accuracies on each state's classes
-    (results.json's ``accuracy_per_state``, the row of the accuracy matrix)."""
-    if target.state_accuracy == "mean_over_tasks":
-        per_task = [float(v) for v in figures["accuracy_per_state"] if v is not None]
-        return sum(per_task) / len(per_task)
-    return float(figures[f"top{target.top}"])
+def task_mean(row: Sequence[float | None]) -> float:
+    """A state's accuracy as FACIL reports it (LT-CIL, DGR): the mean of the accuracies on each
+    state's classes so far (a row of results.json's ``accuracy_matrix``), each state weighing the
+    same whatever its number of classes."""
+    known = [float(v) for v in row if v is not None]
+    return sum(known) / len(known)
 
 
 def _variants(results: Mapping[str, Any]) -> list[str]:
@@ -107,7 +110,10 @@ def run_figure(results: Mapping[str, Any], target: PaperTarget) -> float | None:
     if why_no_figure(results, target) is not None:
         return None
     accs = _score_set(results, target.classifier) or []
-    values = [state_figure(a, target) for a in accs]
+    if target.state_accuracy == "mean_over_tasks":
+        values = [task_mean(row) for row in results["accuracy_matrix"][:len(accs)]]
+    else:
+        values = [float(a[f"top{target.top}"]) for a in accs]
     if target.metric == "last":
         return values[-1]
     return mean_incremental(values, skip_first=not target.include_first)

@@ -53,8 +53,8 @@ def class_order(order: int | list[int], num_classes: int) -> list[int]:
 
 def imbalance_ranks(cfg: ImbalanceConfig, n_classes: int, seed: int, labels: list[int] | None = None) -> torch.Tensor:
     """(C,) the size rank of each class position (0 = largest): the positions themselves
-    (``ordering: position``), the rank of each position's dataset class id among the scenario's
-    classes (``label``: the id itself when every class of the dataset is used), a seeded torch
+    (``ordering: position``), the rank of each position's class id among the dataset's classes
+    (``label``: the id itself; ``labels`` is the run's whole class order), a seeded torch
     permutation (``shuffled``) or numpy's (``numpy_shuffled``: ``numpy.random.seed(seed)`` then a
     shuffle of the counts, LT-CIL's list-file loader for its shuffled scenario)."""
     if cfg.ordering == "position":
@@ -62,8 +62,9 @@ def imbalance_ranks(cfg: ImbalanceConfig, n_classes: int, seed: int, labels: lis
     if cfg.ordering == "label":
         if labels is None or len(labels) < n_classes:
             raise ValueError("ordering 'label' needs the class ids of the scenario's positions")
-        by_label = torch.tensor(labels[:n_classes]).argsort()
-        return torch.empty(n_classes, dtype=torch.int64).scatter_(0, by_label, torch.arange(n_classes))
+        by_label = torch.tensor(labels).argsort()  # every class of the dataset (the full order)
+        ranks = torch.empty(len(labels), dtype=torch.int64).scatter_(0, by_label, torch.arange(len(labels)))
+        return ranks[:n_classes]
     if cfg.ordering == "numpy_shuffled":
         return torch.from_numpy(np.random.RandomState(seed).permutation(n_classes))
     return torch.randperm(n_classes, generator=seeded_generator(seed, "imbalance-order"))
@@ -100,7 +101,10 @@ def imbalance_counts(cfg: ImbalanceConfig, available: torch.Tensor, seed: int,
     ranks = imbalance_ranks(cfg, n, seed, labels).double()
     n_max = float(available.max())
     if cfg.profile == "longtail":
-        factor = cfg.ratio ** (-ranks / max(n - 1, 1))
+        # ``label``: the profile spans the dataset's classes, a class's count its id's whatever
+        # part of the order the scenario uses (CIFAR-100-LT's 500 -> 5 over the 100 ids)
+        span = len(labels) if cfg.ordering == "label" and labels is not None else n
+        factor = cfg.ratio ** (-ranks / max(span - 1, 1))
     else:  # step
         n_minor = int(math.floor(cfg.minority_fraction * n + 0.5))
         factor = torch.where(ranks >= n - n_minor, 1.0 / cfg.ratio, 1.0)
