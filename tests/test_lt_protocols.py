@@ -175,3 +175,19 @@ def test_the_lt_cil_paper_config_is_one_command_and_prints_the_paper_figure(tmp_
     assert len(results["states"]) == 2 and "few_shot_top1" in results["states"][1]
     assert "45.73" in (out / "report" / "table.md").read_text()
     capsys.readouterr()
+
+
+def test_a_wrapper_run_with_two_bases_is_labelled_by_the_option_that_differs(tmp_path):
+    """Issue 38 item 8: ``lt2stage`` over ``lucir`` and over ``eeil`` on one protocol are two rows
+    named by their base (``lt2stage (base=eeil)``), not by a run directory; twins whose options
+    are the same keep the directory."""
+    from cilkit.analysis.runsets import FoundRun, _labels
+
+    def found(name: str) -> list:
+        return [(FoundRun(name, tmp_path / name, {}), 0)]
+
+    groups = [("lt2stage", 1, found("a")), ("lt2stage", 1, found("b")), ("lucir", 1, found("c"))]
+    options = ['{"base": "lucir", "epochs": 1}', '{"base": "eeil", "epochs": 1}', '{"lambda_base": 1.0}']
+    assert _labels(groups, False, options) == ["lt2stage (base=lucir)", "lt2stage (base=eeil)", "lucir"]
+    same = ['{"base": "eeil"}', '{"base": "eeil"}', "{}"]
+    assert _labels(groups, False, same)[:2] == [f"lt2stage ({tmp_path / 'a'})", f"lt2stage ({tmp_path / 'b'})"]

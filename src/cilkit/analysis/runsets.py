@@ -240,20 +240,38 @@ def _split(runs: list[tuple[FoundRun, int | None]]) -> list[list[tuple[FoundRun,
     return [runs]
 
 
-def _labels(groups: list[tuple[str, int, list[tuple[FoundRun, int | None]]]], several: bool) -> list[str]:
+def _labels(groups: list[tuple[str, int, list[tuple[FoundRun, int | None]]]], several: bool,
+            options: list[str]) -> list[str]:
     """The method's label (its name, or :func:`~cilkit.settings.config.method_label`'s ``lwf
     (with memory 200)``); with another group of that label, its protocol number when that tells
-    them apart, else its (first) directory."""
+    them apart, else the options in which its twins differ (``lt2stage (base=eeil)``), else its
+    (first) directory. ``options``: each group's method options (:func:`_method_options`)."""
     labels = []
-    for method, number, members in groups:
+    for i, (method, number, members) in enumerate(groups):
         twins = [n for m, n, _ in groups if m == method]
         if len(twins) == 1:
             labels.append(method)
         elif several and twins.count(number) == 1:
             labels.append(f"{method} (protocol {number})")
         else:
-            labels.append(f"{method} ({members[0][0].path})")
+            same = [j for j, (m, n, _) in enumerate(groups) if m == method and n == number]
+            differing = _differing_options([options[j] for j in same], options[i])
+            labels.append(f"{method} ({differing})" if differing else f"{method} ({members[0][0].path})")
     return labels
+
+
+def _differing_options(twins: list[str], mine: str) -> str:
+    """``key=value, ...`` of ``mine`` (a JSON mapping of options) over the keys whose values are
+    not the same in every one of ``twins``; empty when none differ (or they are not mappings)."""
+    try:
+        decoded = [json.loads(t) for t in twins]
+        own = json.loads(mine)
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(own, dict) or not all(isinstance(d, dict) for d in decoded):
+        return ""
+    keys = sorted({k for d in decoded for k in d if len({json.dumps(x.get(k), sort_keys=True) for x in decoded}) > 1})
+    return ", ".join(f"{k}={own.get(k)}" for k in keys)
 
 
 def group_runs(runs: Sequence[FoundRun]) -> list[Protocol]:
@@ -271,7 +289,7 @@ def group_runs(runs: Sequence[FoundRun]) -> list[Protocol]:
         named.setdefault(bucket, method_label(method, config))  # one protocol: one memory
     number = {key: i + 1 for i, key in enumerate(protocols)}
     raw = [(named[b], number[b[0]], members) for b, runs_ in buckets.items() for members in _split(runs_)]
-    labels = _labels(raw, len(protocols) > 1)
+    labels = _labels(raw, len(protocols) > 1, [b[2] for b, runs_ in buckets.items() for _ in _split(runs_)])
     methods = [b[1] for b, runs_ in buckets.items() for _ in _split(runs_)]
     groups = [RunGroup(label, method, n, tuple(r for r, _ in members), tuple(s for _, s in members))
               for label, method, (_, n, members) in zip(labels, methods, raw)]
