@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from cilkit.common.errors import UserError
 from cilkit.models import IncrementalLinear, IncrementalNet
+from cilkit.settings.registry import METHODS
 from cilkit.training.protocol import (Batch, Context, EpochRecord, FitHooks, FitSpec, LossTerms, Method, MethodConfig,
                              StateRecord, TrainingRecord, freeze)
 
@@ -93,11 +94,13 @@ class BuildsOn(Method):
 
     base: Method
 
-    def __init__(self, config: Any, options: MethodConfig | None = None, *, base: Method) -> None:
+    def __init__(self, config: Any, options: MethodConfig | None = None, *, base: Method | None = None) -> None:
+        """``base``: the method built on; by default the one the options name (``<name>.base``),
+        with its own options (under its own name in the config)."""
         super().__init__(config, options)
-        self.base = base
+        self.base = base if base is not None else METHODS[getattr(self.cfg, "base")](config)
         for attr in FORWARDED_ATTRIBUTES:
-            setattr(self, attr, getattr(base, attr))
+            setattr(self, attr, getattr(self.base, attr))
 
 
 # every public hook of Method, but for what keys a method by itself (its state-0 identity)

@@ -73,7 +73,7 @@ from cilkit.methods.base import Batch, BuildsOn, Context, FitHooks, LossTerms, M
 from cilkit.models import IncrementalLinear
 from cilkit.settings.config import ScheduleConfig
 from cilkit.settings.options import option
-from cilkit.settings.registry import METHODS, register_method as register
+from cilkit.settings.registry import register_method as register
 
 Shape = Literal["concave", "linear", "convex", "exp"]
 
@@ -267,9 +267,7 @@ class LT2Stage(BuildsOn):
     cfg: LT2StageConfig
 
     def __init__(self, config: Any, options: MethodConfig | None = None) -> None:
-        cfg = options if options is not None else LT2StageConfig.model_validate(config.method_options(self.name))
-        assert isinstance(cfg, LT2StageConfig)
-        super().__init__(config, cfg, base=METHODS[cfg.base](config))
+        super().__init__(config, options)  # the base the options name, with its own options
         self.lws = torch.ones(0)  # one scale per seen class (CPU), after the latest stage 2
 
     def state0_like(self) -> type[Method]:

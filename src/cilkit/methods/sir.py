@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 
 from cilkit.cil.classwise import class_counts, normalised_class_means
-from cilkit.settings.registry import METHODS, register_method as register
+from cilkit.settings.registry import register_method as register
 from cilkit.methods.base import Batch, BuildsOn, Context, LossTerms, MethodConfig
 from cilkit.settings.options import option
 from cilkit.cil.scenario import Scenario
@@ -185,9 +185,7 @@ class SIR(BuildsOn):
     cfg: SIRConfig
 
     def __init__(self, config: Any, options: MethodConfig | None = None) -> None:
-        cfg = options if options is not None else SIRConfig.model_validate(config.method_options(self.name))
-        assert isinstance(cfg, SIRConfig)
-        super().__init__(config, cfg, base=METHODS[cfg.base](config))  # the base with its own options (``podnet:``)
+        super().__init__(config, options)  # the base the options name, with its own options
         self.offsets: torch.Tensor | None = None  # this round's logit adjustment
         self.transfer: torch.Tensor | None = None  # this state's (n_new, n_old) similarity targets
 
