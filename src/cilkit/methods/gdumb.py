@@ -49,27 +49,88 @@ storage order), and the class statistics read it (``cur_mean`` over the old clas
 it; ``init_mean`` / ``conf`` over the new classes' picks, ``memory_candidates``;
 ``train_counts`` from ``train_set``). Its counts are in results.json under ``gdumb``.
 
-Not in cilkit's engine (noted in configs/gdumb-cifar100-b0-10.yaml): the original's SGDR
-schedule (1 warm-up epoch at lr/10, then cosine warm restarts T_0 = 1, T_mult = 2 to
-``minlr``), gradient-norm clipping at 10, CutMix (p 0.5, alpha 1) and fp16 training.
+**The authors' training regime** (``src/main.py``, ``src/utils.py``), which the paper's
+method section does not state, is the run's to set: the SGDR schedule (1 warm-up epoch at
+lr/10, then cosine warm restarts T_0 = 1, T_mult = 2 to ``minlr``) is ``train.schedule.type:
+sgdr`` (``warmup_epochs: 1``, ``period: 1``, ``period_mult: 2``, ``min_lr``); the gradient
+clipping at 10 is ``train.clip_grad_norm``; CutMix (Yun et al., ICCV 2019) with probability
+0.5 and alpha 1 is ``gdumb.cutmix_prob`` / ``gdumb.cutmix_alpha`` (default off, the paper's
+method). CutMix transcribes ``cutmix_data`` and ``rand_bbox``: per batch, mix when a uniform
+draw is below ``cutmix_prob``; ``lam ~ Beta(alpha, alpha)``; a box of
+``int(size * sqrt(1 - lam))`` pixels a side (rows and columns), its centre a uniform pixel,
+clipped to the image, pasted from the batch under a random permutation; ``lam`` then
+recomputed as the share of pixels left unpasted; the loss ``lam * CE(out, y) + (1 - lam) *
+CE(out, y[perm])`` (``cutmix``, ``loss``). The draws (decision, ``lam``, permutation,
+centre) come from ``seeded_generator(seed, "gdumb-cutmix", b)``, made in ``before_state``
+(a resume redraws them), on the CPU: ``lam`` through two Gamma draws (Marsaglia & Tsang's
+method, ``beta_draw``), where the authors call numpy's Beta.
+fp16 training (``model.half()``) is not reproduced (``amp: true`` is bf16 autocast).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from cilkit.common.errors import UserError
 from cilkit.settings.registry import register_method as register
-from cilkit.methods.base import Context, Method, MethodConfig
+from cilkit.methods.base import Batch, Context, LossTerms, Method, MethodConfig
 from cilkit.models import IncrementalNet, load_backbone_weights
 from cilkit.common.seeding import derive_seed, seeded_generator
+from cilkit.settings.options import option
 
 
 class GDumbConfig(MethodConfig):
-    """GDumb has no options of its own: the memory size is ``memory.total`` (``K``), the
-    learner's training settings are ``train``."""
+    """GDumb's CutMix (the authors' scripts: probability 0.5, alpha 1); the memory size is
+    ``memory.total`` (``K``), the learner's other training settings are ``train``."""
+
+    cutmix_prob: float = option(0.0, ge=0, le=1, help="the chance that a batch is CutMix-ed (0: never, the "
+                                "paper's method; the authors' scripts: 0.5)")
+    cutmix_alpha: float = option(1.0, gt=0, help="CutMix's lam ~ Beta(alpha, alpha) (the authors': 1)")
+
+
+def cutmix(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor, cx: int, cy: int
+           ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix of the batch ``x`` (N, C, rows, cols) with labels ``y``, as the authors'
+    ``cutmix_data`` / ``rand_bbox`` given their draws: ``lam``, the permutation ``perm`` (on
+    ``x``'s device) and the box centre (row ``cx``, column ``cy``). Returns the mixed images (a
+    new tensor), the partner labels ``y[perm]`` and ``lam`` recomputed from the clipped box."""
+    rows, cols = x.shape[2], x.shape[3]
+    side = math.sqrt(1.0 - lam)
+    half_r, half_c = int(rows * side) // 2, int(cols * side) // 2
+    r1, r2 = min(max(cx - half_r, 0), rows), min(max(cx + half_r, 0), rows)
+    c1, c2 = min(max(cy - half_c, 0), cols), min(max(cy + half_c, 0), cols)
+    mixed = x.clone()
+    mixed[:, :, r1:r2, c1:c2] = x[perm, :, r1:r2, c1:c2]
+    return mixed, y[perm], 1.0 - (r2 - r1) * (c2 - c1) / (rows * cols)
+
+
+def _gamma_draw(a: float, gen: torch.Generator) -> float:
+    """One Gamma(a, 1) draw: Marsaglia & Tsang (ACM TOMS 2000); for a < 1, Gamma(a + 1) * U ** (1 / a)."""
+    boost = 1.0
+    if a < 1:
+        boost = float(torch.rand((), generator=gen, dtype=torch.float64)) ** (1.0 / a)
+        a += 1.0
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    while True:
+        z = float(torch.randn((), generator=gen, dtype=torch.float64))
+        v = (1.0 + c * z) ** 3
+        if v <= 0:
+            continue
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if 0 < u and math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
+            return d * v * boost
+
+
+def beta_draw(alpha: float, gen: torch.Generator) -> float:
+    """One Beta(alpha, alpha) draw from ``gen``: X / (X + Y) of two Gamma(alpha) draws."""
+    a, b = _gamma_draw(alpha, gen), _gamma_draw(alpha, gen)
+    return a / (a + b) if a + b > 0 else 0.5
 
 
 def greedy_update(memory: dict[int, list[int]], images: list[int], classes: list[int], budget: int,
@@ -115,6 +176,8 @@ class GDumb(Method):
         self.buffer: dict[int, list[int]] = {}  # class position -> stored images, in entry order
         self.streamed = -1  # the last state whose stream the memory holds
         self.update: dict[str, int] = {}  # that state's stored / evicted counts (results.json)
+        # the state's CutMix generator (made in before_state), kept as its state: a tensor
+        self.cutmix_state: torch.Tensor | None = None
 
     def state0_signature(self) -> dict[str, Any]:
         return {**super().state0_signature(), "gdumb_memory_total": self.budget}  # state 0 trains on K images
@@ -135,6 +198,37 @@ class GDumb(Method):
     def before_state(self, ctx: Context) -> None:
         super().before_state(ctx)
         ctx.model.load_state_dict(self.fresh_model(ctx).state_dict())
+        self.cutmix_state = seeded_generator(ctx.config.seed, "gdumb-cutmix", ctx.state.index).get_state()
+
+    # ----- CutMix (the authors' regime; off by default) ----------------------------------------------
+    def mix_inputs(self, ctx: Context, batch: Batch) -> Batch:
+        """With probability ``cutmix_prob``, the batch CutMix-ed (``cutmix``); else unchanged."""
+        x, p = batch.x, self.cfg.cutmix_prob
+        if p == 0 or x.dim() != 4 or x.shape[0] == 0:
+            return batch
+        if self.cutmix_state is None:
+            raise RuntimeError("gdumb: CutMix's generator is made in before_state")
+        gen = torch.Generator()
+        gen.set_state(self.cutmix_state)
+        try:
+            if float(torch.rand((), generator=gen, dtype=torch.float64)) >= p:
+                return batch
+            lam = beta_draw(self.cfg.cutmix_alpha, gen)
+            perm = torch.randperm(x.shape[0], generator=gen)
+            cx = int(torch.randint(x.shape[2], (), generator=gen))
+            cy = int(torch.randint(x.shape[3], (), generator=gen))
+        finally:
+            self.cutmix_state = gen.get_state()
+        mixed, partner, lam = cutmix(x, batch.y, lam, perm.to(x.device), cx, cy)
+        return dataclasses.replace(batch, x=mixed, y_partner=partner, lam=lam)
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> LossTerms:
+        """Cross-entropy; on a CutMix-ed batch ``lam * CE(y) + (1 - lam) * CE(y_partner)``."""
+        if batch.y_partner is None:
+            return super().loss(ctx, batch, out)
+        logits = self.class_logits(ctx, out)
+        return {"ce": batch.lam * F.cross_entropy(logits, batch.y)
+                + (1.0 - batch.lam) * F.cross_entropy(logits, batch.y_partner)}
 
     # ----- sampler -----------------------------------------------------------------------------------
     def begin_round(self, ctx: Context) -> None:

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from cilkit.cil.scenario import Scenario
 
 STATE0_HOOKS = ("build_model", "before_state", "rounds", "begin_round", "train_set", "param_groups", "loss",
-                "train_mode", "begin_epoch", "end_epoch", "batch_order", "before_step", "after_step")
+                "train_mode", "begin_epoch", "end_epoch", "batch_order", "mix_inputs", "before_step", "after_step")
 # ^ the Method hooks that run while state 0 trains (after it: memory, statistics, scores,
 #   which the cache does not skip)
 FIT_KEYS = ("train_seconds", "images_per_second", "first_loss", "final_loss")

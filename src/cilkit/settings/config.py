@@ -186,10 +186,16 @@ class ModelConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    type: Literal["constant", "multistep", "cosine", "plateau"] = "multistep"
+    type: Literal["constant", "multistep", "cosine", "plateau", "sgdr"] = "multistep"
     milestones: list[int] = Field(default_factory=list)  # epochs (multistep)
     gamma: float = Field(0.1, gt=0)  # multistep / plateau factor
     patience: int = Field(5, ge=0)  # plateau, on the epoch's training loss
+    # sgdr (Loshchilov & Hutter's warm restarts), read by no other type (as milestones):
+    period: int = Field(1, ge=1)  # T_0, the first cycle's epochs
+    period_mult: int = Field(2, ge=1)  # T_mult, each cycle this many times the previous one
+    min_lr: float = Field(0.0, ge=0)  # eta_min, absolute: the lr at the end of a cycle
+    warmup_epochs: int = Field(0, ge=0)  # epochs at lr * warmup_factor before the first cycle
+    warmup_factor: float = Field(0.1, gt=0)
 
 
 class TrainConfig(Strict):

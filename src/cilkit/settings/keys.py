@@ -133,6 +133,11 @@ KEYS: dict[str, Key] = {
     "train.schedule.milestones": _protocol(),
     "train.schedule.gamma": _protocol(),
     "train.schedule.patience": _protocol(),
+    "train.schedule.period": _protocol(),
+    "train.schedule.period_mult": _protocol(),
+    "train.schedule.min_lr": _protocol(),
+    "train.schedule.warmup_epochs": _protocol(),
+    "train.schedule.warmup_factor": _protocol(),
     "train.eval_batch_size": _protocol(state0=False),
     "train.sync_bn": _protocol(),
     "log.tensorboard": NO_NUMBER,  # a resume rebuilds the finished states' events from history.jsonl

@@ -5,7 +5,8 @@ the teacher's forward (once per batch, without gradients, under the student's au
 format and compiled graph), the sum of the loss's named terms and their epoch means, the
 gradients as the hooks' ``before_step`` leaves them, clipped or clamped, the optimiser step.
 What is trained supplies the training indices and the
-:class:`~cilkit.training.protocol.FitHooks`: parameter groups, teacher, loss, train mode, per-epoch hooks
+:class:`~cilkit.training.protocol.FitHooks`: parameter groups, teacher, input mixing, loss, train
+mode, per-epoch hooks
 and the order of the epoch's images (see :mod:`cilkit.training.protocol`). Data stays on the training
 device; a fit may also run over rows of cached features or logits (:class:`~cilkit.data.base.Rows`:
 BiC's bias layer).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import operator
 import time
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from cilkit.training.protocol import Batch, Context, EpochRecord, FitHooks, FitS
 from cilkit.common.runlog import log
 
 __all__ = ["Batch", "Engine", "EpochRecord", "FitHooks", "FitSpec", "make_optimizer", "make_scheduler",
-           "replay_order", "summed_terms"]
+           "replay_order", "sgdr_lr", "summed_terms"]
 
 EpochCallback = Callable[[Context, EpochRecord], None]
 
@@ -79,7 +81,29 @@ def summed_terms(terms: LossTerms | torch.Tensor) -> tuple[torch.Tensor, LossTer
     return functools.reduce(operator.add, terms.values()), terms
 
 
+def sgdr_lr(epoch: int, lr: float, s: ScheduleConfig) -> float:
+    """The learning rate of a fit's epoch ``epoch`` (0-based) under ``type: sgdr``: the first
+    ``warmup_epochs`` at ``lr * warmup_factor``, then SGDR (Loshchilov & Hutter, ICLR 2017,
+    eq. 5): ``min_lr + (lr - min_lr) * (1 + cos(pi * T_cur / T_i)) / 2`` over cycles of
+    ``T_i = period * period_mult ** i`` epochs, ``T_cur`` the epochs since the cycle began.
+    With warmup_epochs 1, warmup_factor 0.1, period 1, period_mult 2 it is GDumb's loop
+    (drimpossible/GDumb ``src/main.py``: lr/10 at epoch 0, lr at epoch 1, then
+    ``CosineAnnealingWarmRestarts(T_0=1, T_mult=2).step()`` once per epoch)."""
+    if epoch < s.warmup_epochs:
+        return lr * s.warmup_factor
+    t, cycle = epoch - s.warmup_epochs, s.period
+    while t >= cycle:
+        t, cycle = t - cycle, cycle * s.period_mult
+    return s.min_lr + (lr - s.min_lr) * (1 + math.cos(math.pi * t / cycle)) / 2
+
+
 def make_scheduler(opt: torch.optim.Optimizer, s: ScheduleConfig, epochs: int) -> Any:
+    """The per-epoch schedule of ``s`` over ``opt`` (the engine steps it once per epoch; the
+    first epoch reads its value at epoch 0); None for ``constant``."""
+    if s.type == "sgdr":  # each parameter group from its own lr, to the one absolute min_lr
+        bases = [float(g["lr"]) for g in opt.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, [functools.partial(_sgdr_factor, lr=b, s=s) for b in bases])
     if s.type == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=s.milestones, gamma=s.gamma)
     if s.type == "cosine":
@@ -190,9 +214,9 @@ class Engine:
                 device=self.device,
                 shard=shard,
             )):
-                x = self._prepare(x)
-                batch = Batch(x=x, y=ctx.targets(labels), idx=idx,
-                              teacher=self._teacher_outputs(teacher, x, hooks.needs_stages))
+                batch = hooks.mix_inputs(ctx, Batch(x=self._prepare(x), y=ctx.targets(labels), idx=idx))
+                x = batch.x
+                batch.teacher = self._teacher_outputs(teacher, x, hooks.needs_stages)
                 with self._autocast():
                     out = _as_outputs(net(x, stages=True) if hooks.needs_stages else net(x))
                 out = _floated(out)
@@ -337,6 +361,10 @@ def _epoch_record(stage: str, epoch: int, loss: float, lr: float, images: int, s
                   terms: dict[str, float]) -> EpochRecord:
     return EpochRecord(stage=stage, epoch=epoch, loss=loss, lr=lr,
                        images_per_second=images / seconds if seconds > 0 else None, seconds=seconds, terms=terms)
+
+
+def _sgdr_factor(epoch: int, lr: float, s: ScheduleConfig) -> float:
+    return sgdr_lr(epoch, lr, s) / lr if lr else 0.0  # a group at lr 0 stays there
 
 
 def _as_outputs(out: Any) -> dict[str, Any]:

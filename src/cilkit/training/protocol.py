@@ -21,6 +21,7 @@ state the runner calls, in this order::
         param_groups(ctx)        what the optimiser updates (default: all trainable parameters)
         teacher(ctx)             the model whose outputs the loss reads (batch.teacher): the
                                  engine runs its forward once per batch, without gradients
+        mix_inputs(ctx, batch)   the batch to train on (default: itself; GDumb's CutMix)
         train_mode(ctx, model)   the mode each epoch trains in (default: model.train())
         begin_epoch / end_epoch  per-epoch state
         batch_order(ctx, indices, batch_size, generator)
@@ -83,6 +84,11 @@ class Batch:
     # the outputs of the fit's teacher on ``x`` (float32, no gradient; with "stages" when the
     # hooks set needs_stages), run by the engine; None when the fit has no teacher
     teacher: dict[str, Any] | None = None
+    # a mixed batch (FitHooks.mix_inputs; GDumb's CutMix): the labels of the images mixed into
+    # ``x`` (class positions, on the device) and the share ``lam`` of ``x`` that is each
+    # image's own (a host float); None / 1.0: not mixed
+    y_partner: torch.Tensor | None = None
+    lam: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,13 @@ class FitHooks(abc.ABC):
     def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> LossTerms:
         """The batch's training loss as named terms, each as it enters the sum (the interface's
         one required hook; ``Method`` gives ``{"ce": cross-entropy}``)."""
+
+    def mix_inputs(self, ctx: Context, batch: Batch) -> Batch:
+        """The batch to train on, given the one the data gave (on the device, normalised and
+        augmented), before the teacher's and the model's forward: the place to mix inputs
+        (GDumb's CutMix: ``x`` mixed, ``y_partner`` and ``lam`` set). Default: ``batch``
+        itself (no copy). Draws come from a CPU generator of the hook's own; never a host sync."""
+        return batch
 
     def train_mode(self, ctx: Context, model: torch.nn.Module) -> None:
         """Put ``model`` in the mode an epoch trains in, at the start of every epoch (default:
