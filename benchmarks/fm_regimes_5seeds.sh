@@ -6,6 +6,7 @@
 #   bash benchmarks/fm_regimes_5seeds.sh OUT_DIR            # then, e.g.:
 #   cilkit compare OUT_DIR/rows/* --baseline finetune
 #   cilkit compare OUT_DIR/ssil-b5/* --baseline finetune
+#   python benchmarks/group_offset.py OUT_DIR/ssil-b5/main OUT_DIR/rows/ssil   # old vs new group
 #   cilkit compare OUT_DIR/wa/* --baseline finetune           # with OUT_DIR/rows/finetune
 set -u
 OUT=${1:?usage: bash benchmarks/fm_regimes_5seeds.sh OUT_DIR}
@@ -17,6 +18,7 @@ run_set "$OUT" rows/podnet podnet-fashion-mnist "${CACHE[@]}"
 run_set "$OUT" rows/eeil eeil-fashion-mnist "${CACHE[@]}"
 run_set "$OUT" rows/bic fashion-mnist --set method=bic "${CACHE[@]}"
 run_set "$OUT" ssil-b5/main fashion-mnist-b5-1step --methods finetune,icarl,lucir,ssil "${CACHE[@]}"
+run_set "$OUT" rows/ssil ssil-fashion-mnist "${CACHE[@]}"     # unchanged by the rule: its stored scores
 run_set "$OUT" rows/der der-fashion-mnist "${CACHE[@]}"
 run_set "$OUT" rows/foster foster-fashion-mnist "${CACHE[@]}"
 for clip in always never; do

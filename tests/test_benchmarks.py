@@ -166,3 +166,19 @@ def test_sir_ablation_table_of_a_tiny_run(capsys, tmp_path):
     assert set(rows) == {"none", "finetune"}
     assert all(float(v) >= 0 for c in rows.values() for v in c[1:4])  # top-1 after each state
     assert (out / "ablation.md").read_text().strip() in text  # printed (after the runs' own lines) and written
+
+
+# ----- group_offset ---------------------------------------------------------------------------------
+def test_group_offset_figures_of_four_images_by_hand():
+    bench = _load("group_offset")
+    # 2 old classes (0, 1), 2 new (2, 3); labels 0, 1, 2, 3
+    logits = np.array([[5.0, 1.0, 6.0, 0.0],    # old image, predicted new class 2; within old: 0 (right)
+                       [0.0, 3.0, 1.0, 2.0],    # old image, predicted 1 (right)
+                       [0.0, 0.0, 4.0, 1.0],    # new image, predicted 2 (right)
+                       [2.0, 0.0, 1.0, 0.5]])   # new image, predicted old class 0; within new: 2 (wrong)
+    f = bench.state_figures(logits, np.array([0, 1, 2, 3]), n_old=2)
+    assert f["top1"] == 50.0            # images 2 and 3
+    assert f["within group"] == 75.0    # 0 -> 0, 1 -> 1, 2 -> 2, 3 -> 2
+    assert f["right group"] == 50.0     # image 1 predicted new, image 4 predicted old
+    assert f["new share"] == 50.0       # images 1 and 3
+    assert f["offset"] == pytest.approx(((6 - 5) + (2 - 3) + (4 - 0) + (1 - 2)) / 4)
