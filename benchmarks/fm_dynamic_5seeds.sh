@@ -9,20 +9,10 @@
 #   cilkit compare OUT_DIR/ex/* --baseline finetune       # and OUT_DIR/aligned/*
 set -u
 OUT=${1:?usage: bash benchmarks/fm_dynamic_5seeds.sh OUT_DIR}
+source "$(dirname "$0")/fm_sets.sh"
 BUDGET=1832904
-mkdir -p "$OUT/ex" "$OUT/aligned"
+CACHE=(--set state0_cache="$OUT/cache")
 for cfg in fashion-mnist der-fashion-mnist foster-fashion-mnist memo-fashion-mnist; do
-  for acc in ex aligned; do
-    out=$OUT/$acc/$cfg
-    [ -f "$out/summary.json" ] && continue
-    if [ -d "$out" ]; then
-      python -m cilkit run --resume "$out" --jobs 2 >> "$out.log" 2>&1
-    else
-      extra=()
-      [ $acc = aligned ] && extra=(--set memory.total=null --set memory.budget_bytes=$BUDGET)
-      python -m cilkit run $cfg --set runs=5 --set threads=1 --set state0_cache="$OUT/cache" "${extra[@]}" \
-          --jobs 2 --out "$out" > "$out.log" 2>&1
-    fi
-    echo "$acc $cfg: exit $?"
-  done
+  run_set "$OUT" ex/$cfg $cfg "${CACHE[@]}"
+  run_set "$OUT" aligned/$cfg $cfg --set memory.total=null --set memory.budget_bytes=$BUDGET "${CACHE[@]}"
 done

@@ -7,7 +7,8 @@
 #   cilkit compare OUT_DIR/rows/* --baseline finetune
 #   cilkit compare OUT_DIR/ssil-b5/* --baseline finetune
 #   python benchmarks/group_offset.py OUT_DIR/ssil-b5/main OUT_DIR/rows/ssil   # old vs new group
-#   cilkit compare OUT_DIR/wa/* --baseline finetune           # with OUT_DIR/rows/finetune
+#   cat OUT_DIR/wa-tune/ranking.md                            # WA's reading chosen on validation
+#   cilkit compare OUT_DIR/rows/finetune OUT_DIR/wa/* --baseline finetune
 set -u
 OUT=${1:?usage: bash benchmarks/fm_regimes_5seeds.sh OUT_DIR}
 source "$(dirname "$0")/fm_sets.sh"
@@ -21,6 +22,12 @@ run_set "$OUT" ssil-b5/main fashion-mnist-b5-1step --methods finetune,icarl,luci
 run_set "$OUT" rows/ssil ssil-fashion-mnist "${CACHE[@]}"     # unchanged by the rule: its stored scores
 run_set "$OUT" rows/der der-fashion-mnist "${CACHE[@]}"
 run_set "$OUT" rows/foster foster-fashion-mnist "${CACHE[@]}"
+# WA's readings: chosen on 500 held-out training images per class (3 seeds), never on test;
+# a tune run again reads its finished points back and resumes an interrupted one
+[ -f "$OUT/wa-tune/ranking.json" ] || python -m cilkit tune wa-fashion-mnist --set scenario.val_per_class=500 \
+    --set runs=3 --set threads=1 --grid wa.clip=always,never --grid wa.bias=false,true --jobs 2 \
+    --out "$OUT/wa-tune" > "$OUT/wa-tune.log" 2>&1
+echo "wa-tune: exit $?"
 for clip in always never; do
   for bias in false true; do
     run_set "$OUT" wa/clip-$clip-bias-$bias wa-fashion-mnist --set wa.clip=$clip --set wa.bias=$bias "${CACHE[@]}"
