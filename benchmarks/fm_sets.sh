@@ -4,7 +4,7 @@
 # one resumed with --resume (which takes no other argument: the set's arguments are in its
 # config.yaml).
 run_set() {
-  local out=$1/$2 cfg=$3
+  local name=$2 out=$1/$2 cfg=$3
   shift 3
   if [ -f "$out/summary.json" ]; then
     return 0
@@ -14,5 +14,5 @@ run_set() {
     mkdir -p "$(dirname "$out")"
     python -m cilkit run "$cfg" --set runs=5 --set threads=1 "$@" --jobs 2 --out "$out" > "$out.log" 2>&1
   fi
-  echo "$2: exit $?"
+  echo "$name: exit $?"
 }
