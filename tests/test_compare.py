@@ -162,3 +162,36 @@ def test_run_refuses_a_baseline_it_does_not_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--baseline 'lucir' is not among the run's methods (finetune, icarl)" in err and err.count("\n") == 1
     assert not (tmp_path / "q").exists()
+
+
+# ----- compare --regimes (docs/regimes.md) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def regime_runs(tmp_path_factory):
+    """finetune (1 epoch, step schedule) and iCaRL (2 epochs, cosine) on one data protocol,
+    seeds 3 and 4: two protocols to a plain compare, one to --regimes."""
+    base = tmp_path_factory.mktemp("regimes")
+    for method, sets in (("finetune", ["train.epochs=1"]),
+                         ("icarl", ["train.epochs=2", "train.schedule.type=cosine"])):
+        cfg = tiny_config(base, *sets, "threads=1", "scenario.states=2", f"method={method}")
+        (base / f"{method}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        assert main(["run", str(base / f"{method}.yaml"), "--out", str(base / method), "--set", "runs=2"]) == 0
+    return base
+
+
+def test_regimes_pairs_methods_trained_differently_and_says_how(regime_runs, tmp_path, capsys):
+    dirs = [str(regime_runs / "finetune"), str(regime_runs / "icarl")]
+    assert main(["compare", *dirs, "--out", str(tmp_path / "plain"), "--baseline", "finetune"]) == 0
+    plain = (tmp_path / "plain" / "table.md").read_text()
+    assert "Protocol 2: " in plain and "| icarl | 2 |" not in plain.split("Paired")[-1]  # never paired across
+    assert main(["compare", *dirs, "--out", str(tmp_path / "reg"), "--baseline", "finetune", "--regimes"]) == 0
+    md = (tmp_path / "reg" / "table.md").read_text()
+    assert "Protocol 2" not in md
+    assert ("Training differs by method (--regimes), from finetune's: icarl: epochs 2, schedule.type cosine."
+            in md)
+    key = "mean_incremental_top1_excl_first"
+    ft = [find_runs([regime_runs / "finetune" / f"run_{k}"])[0].results[key] for k in range(2)]
+    ic = [find_runs([regime_runs / "icarl" / f"run_{k}"])[0].results[key] for k in range(2)]
+    with open(tmp_path / "reg" / "paired.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["method"], row["pairs"]) == ("icarl", "2")
+    assert float(row["mean_difference"]) == pytest.approx(sum(i - f for i, f in zip(ic, ft)) / 2, abs=1e-9)

@@ -404,10 +404,10 @@ def test_the_protocol_header_names_the_imbalance_profile():
     record = {"profile": "longtail", "ratio": 10.0, "apply_to_test": True,
               "train_per_class": [500, 300, 120, 50], "test_per_class": [100, 60, 24, 10]}
     results = {"dataset": "imagefolder", "num_states": 2, "state_ends": [2, 4], "imbalance": record}
-    text = describe_protocol(SimpleNamespace(results=results, groups=[], config=None))
+    text = describe_protocol(SimpleNamespace(results=results, groups=[], config=None, regimes=()))
     assert "Imbalance: longtail, ratio 10.0; 500 to 50 training images per class; applied to the test set too." in text
     balanced_test = describe_protocol(SimpleNamespace(results=results | {"imbalance": record | {"apply_to_test": False}},
-                                                      groups=[], config=None))
+                                                      groups=[], config=None, regimes=()))
     assert "the test set balanced" in balanced_test
-    none = describe_protocol(SimpleNamespace(results=results | {"imbalance": {"profile": "none"}}, groups=[], config=None))
+    none = describe_protocol(SimpleNamespace(results=results | {"imbalance": {"profile": "none"}}, groups=[], config=None, regimes=()))
     assert "Imbalance" not in none

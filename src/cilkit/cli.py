@@ -303,7 +303,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     compare_runs([Path(d) for d in args.dirs], Path(args.out) if args.out else None, baseline=args.baseline,
                  metric=args.metric, y_range=args.y_range,
-                 columns=None if args.columns is None else args.columns.split(","), variants=not args.no_variants)
+                 columns=None if args.columns is None else args.columns.split(","), variants=not args.no_variants,
+                 regimes=args.regimes)
     return 0
 
 
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("dirs", nargs="+", help="run directories (or parents of several)")
     k.add_argument("--out", help="where to write the report (default: a new runs/compare-<A>-<B>; "
                    "with one DIR, DIR/report)")
+    k.add_argument("--regimes", action="store_true", help="runs whose training settings (train.*) differ are one "
+                   "protocol: each method in its own regime, as docs/regimes.md's rule sets it; the table names the "
+                   "settings in which each method's training differs")
     k.add_argument("--baseline", metavar="METHOD", help="paired difference of every other method from this "
                    "one over their shared seeds, with a 95%% confidence interval (paired.csv)")
     k.add_argument("--metric", default="top1", choices=PAIRED_METRICS, help="the figure --baseline pairs: "

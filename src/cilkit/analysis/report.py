@@ -41,7 +41,7 @@ from cilkit.rundir.layout import RunLayout, enclosing_run, fresh_directory, hold
 from cilkit.analysis.latex import check_columns, table_latex
 from cilkit.analysis.paper import PaperComparison, paper_comparisons, paper_html, paper_markdown, paper_sentence
 from cilkit.analysis.plots import figures as make_figures
-from cilkit.analysis.runsets import DivergedRun, FoundRun, Protocol, group_runs, scan_runs
+from cilkit.analysis.runsets import DivergedRun, FoundRun, Protocol, group_runs, regimes_sentence, scan_runs
 from cilkit.analysis.runsets import find_runs  # noqa: F401 (imported from here too)
 from cilkit.analysis.paired import paired_csv, paired_html, paired_markdown, paired_rows
 from cilkit.analysis.tables import Table, build_table, state_table, table_csv, table_html
@@ -89,7 +89,9 @@ def describe_protocol(p: Protocol) -> str:
     return (f"Dataset: {r.get('dataset', '?')}. {r.get('num_states', len(r['state_ends']))} states; "
             f"classes seen after each state: {', '.join(map(str, r['state_ends']))}." + tail
             + describe_imbalance(r.get("imbalance"))
-            + shots_sentence(next((x.results for g in p.groups for x in g.runs if has_shot_figures(x.results)), r)))
+            + shots_sentence(next((x.results for g in p.groups for x in g.runs if has_shot_figures(x.results)), r))
+            + regimes_sentence(p))
+
 
 
 def comparison_markdown(protocols: Sequence[Protocol], tables: Sequence[Table],
@@ -355,14 +357,16 @@ def _check_baseline_trained(baseline: str | None, runs: Sequence[FoundRun], dive
 
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, echo: bool = True,
                  baseline: str | None = None, metric: str = "top1", y_range: str = "fit",
-                 columns: Sequence[str] | None = None, variants: bool = True) -> Path:
+                 columns: Sequence[str] | None = None, variants: bool = True, regimes: bool = False) -> Path:
     """Write table.md, table.csv, table.tex, the figures (PNG, PDF) and report.html for the runs in
     ``dirs`` into ``out``, and with a ``baseline`` method paired.csv; print the tables when
     ``echo``. Default ``out``: a single DIR's own DIR/report, else a new :func:`default_out`
     directory (no run's file is touched). ``out`` must be compare's to write (:func:`report_target`);
     every input is read and every check made before anything is written. ``columns`` and
     ``variants`` shape table.tex alone (:func:`~cilkit.analysis.latex.table_latex`: the paper's
-    table); the other tables keep every column and row. Returns ``out``."""
+    table); the other tables keep every column and row. ``regimes``: runs whose training
+    settings differ are one protocol, each method's differing settings said in its description
+    (:func:`~cilkit.analysis.runsets.group_runs`). Returns ``out``."""
     if not dirs:
         raise UserError("compare: name at least one run directory")
     columns = check_columns(columns)
@@ -374,7 +378,7 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     out_dir = Path(out) if out is not None else default_out(dirs) if fresh else Path(dirs[0]) / "report"
     previous = _check_fresh(out_dir, runs) if fresh else report_target(out_dir, runs)
     _check_baseline_trained(baseline, runs, diverged)
-    protocols = group_runs(runs)
+    protocols = group_runs(runs, regimes)
     paired = paired_rows(protocols, baseline, metric) if baseline is not None else None
     papers = [paper_comparisons(p) for p in protocols]  # where a run's config carries the paper's figure
     groups = [g for p in protocols for g in p.groups]

@@ -167,14 +167,25 @@ def run_config(run: FoundRun) -> dict[str, Any] | None:
     return None
 
 
-def protocol_key(results: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
+TRAIN = "train."  # the training settings, which ``regimes`` lets differ by method (docs/regimes.md)
+
+
+def protocol_key(results: Mapping[str, Any], config: Mapping[str, Any] | None, regimes: bool = False) -> str:
     """What makes two runs comparable: dataset, class order and states (results.json), and every
     config setting that :mod:`cilkit.settings.keys` declares a protocol key (data, scenario, memory,
     model, training, precision): not the seed, the method and its options, how the run executed
-    (device, threads, compile, ...) or keys that change no number."""
+    (device, threads, compile, ...) or keys that change no number. With ``regimes``, not the
+    training settings either (``compare --regimes``: each method trained in its own regime)."""
     settings = None if config is None else _protocol_settings(config)
+    if regimes and settings is not None:
+        settings = {k: v for k, v in settings.items() if not k.startswith(TRAIN)}
     return json.dumps({"dataset": results.get("dataset"), "class_order": results.get("class_order"),
                        "state_ends": results.get("state_ends"), "config": settings}, sort_keys=True, default=str)
+
+
+def train_settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run's training settings that are protocol keys (dotted, ``train.``...)."""
+    return {} if config is None else {k: v for k, v in _protocol_settings(config).items() if k.startswith(TRAIN)}
 
 
 def _protocol_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -229,6 +240,9 @@ class Protocol:
     results: dict[str, Any]
     config: dict[str, Any] | None
     groups: tuple[RunGroup, ...]
+    # compare --regimes: each group whose training settings differ from the first group's, with
+    # those settings (label, {dotted key: value}); empty without --regimes
+    regimes: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 def _split(runs: list[tuple[FoundRun, int | None]]) -> list[list[tuple[FoundRun, int | None]]]:
@@ -274,17 +288,24 @@ def _differing_options(twins: list[str], mine: str) -> str:
     return ", ".join(f"{k}={own.get(k)}" for k in keys)
 
 
-def group_runs(runs: Sequence[FoundRun]) -> list[Protocol]:
-    """The runs by protocol (in the order first met), each as groups of seeds of one method."""
+def group_runs(runs: Sequence[FoundRun], regimes: bool = False) -> list[Protocol]:
+    """The runs by protocol (in the order first met), each as groups of seeds of one method.
+    With ``regimes`` the training settings are no protocol key but part of a group's identity
+    (runs of one method in two regimes are two groups), and each protocol names the groups
+    whose training differs from its first group's (:attr:`Protocol.regimes`)."""
     protocols: dict[str, tuple[FoundRun, dict[str, Any] | None]] = {}
     buckets: dict[tuple[str, str, str, int], list[tuple[FoundRun, int | None]]] = {}
     named: dict[tuple[str, str, str, int], str] = {}  # bucket -> its label (lwf (with memory 200))
+    trains: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     for run in runs:
         config = run_config(run)
-        key = protocol_key(run.results, config)
+        key = protocol_key(run.results, config, regimes)
         protocols.setdefault(key, (run, config))
         method = str(run.results.get("method", run.path.name))
-        bucket = (key, method, _method_options(run.results, config), len(run.results["states"]))
+        train = train_settings(config) if regimes else {}
+        options = _method_options(run.results, config) + (json.dumps(train, sort_keys=True, default=str) if train else "")
+        bucket = (key, method, options, len(run.results["states"]))
+        trains.setdefault(bucket, train)
         buckets.setdefault(bucket, []).append((run, _seed(config)))
         named.setdefault(bucket, method_label(method, config))  # one protocol: one memory
     number = {key: i + 1 for i, key in enumerate(protocols)}
@@ -293,5 +314,32 @@ def group_runs(runs: Sequence[FoundRun]) -> list[Protocol]:
     methods = [b[1] for b, runs_ in buckets.items() for _ in _split(runs_)]
     groups = [RunGroup(label, method, n, tuple(r for r, _ in members), tuple(s for _, s in members))
               for label, method, (_, n, members) in zip(labels, methods, raw)]
-    return [Protocol(number[key], first.results, config, tuple(g for g in groups if g.protocol == number[key]))
+    own = [trains[b] for b, runs_ in buckets.items() for _ in _split(runs_)]
+    return [Protocol(number[key], first.results, config, tuple(g for g in groups if g.protocol == number[key]),
+                     _differing_trains([(g, t) for g, t in zip(groups, own) if g.protocol == number[key]]))
             for key, (first, config) in protocols.items()]
+
+
+def _differing_trains(groups: list[tuple[RunGroup, dict[str, Any]]]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """Each group whose training settings differ from the first group's, with the settings that
+    differ (its own values)."""
+    if not groups:
+        return ()
+    first = groups[0][1]
+    out = []
+    for group, train in groups[1:]:
+        differing = {k: train.get(k) for k in sorted(train.keys() | first.keys()) if train.get(k) != first.get(k)}
+        if differing:
+            out.append((group.label, differing))
+    return tuple(out)
+
+
+def regimes_sentence(p: Protocol) -> str:
+    """``compare --regimes``: the training settings in which each method's runs differ from the
+    first row's (docs/regimes.md: each method in its authors' regime, scaled by one rule)."""
+    if not p.regimes:
+        return ""
+    first = p.groups[0].label
+    each = "; ".join(f"{label}: " + ", ".join(f"{k.removeprefix('train.')} {v}" for k, v in train.items())
+                     for label, train in p.regimes)
+    return f" Training differs by method (--regimes), from {first}'s: {each}."
