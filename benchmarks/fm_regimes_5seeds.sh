@@ -4,7 +4,7 @@
 # fine-tuning, iCaRL and LUCIR; WA's readings (clip x bias). Resumable: run it again and every
 # finished set is kept, an unfinished one resumed. Sets in order of need:
 #   bash benchmarks/fm_regimes_5seeds.sh OUT_DIR            # then, e.g.:
-#   cilkit compare OUT_DIR/rows/* --baseline finetune
+#   cilkit compare OUT_DIR/rows/* --baseline finetune --regimes   (the rule trains methods differently)
 #   cilkit compare OUT_DIR/ssil-b5/* --baseline finetune
 #   python benchmarks/group_offset.py OUT_DIR/ssil-b5/main OUT_DIR/rows/ssil   # old vs new group
 #   cat OUT_DIR/wa-tune/ranking.md                            # WA's reading chosen on validation
