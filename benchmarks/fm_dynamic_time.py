@@ -18,18 +18,23 @@ CONFIGS = ["fashion-mnist", "der-fashion-mnist", "foster-fashion-mnist", "memo-f
 
 def run_all(out: Path) -> None:
     for cfg in CONFIGS:
-        if list((out / cfg).glob("results.json")) or list((out / cfg).glob("*/results.json")):
+        if find_results(out / cfg) is not None:
             continue
         subprocess.run([sys.executable, "-m", "cilkit", "run", cfg, "--set", "threads=2", "--set", "seed=0",
                         "--out", str(out / cfg)], check=True)
 
 
-def results_file(run: Path) -> Path:
-    """The run's results.json (a one-method run writes it in OUT, a comparison in OUT/<method>)."""
+def find_results(run: Path) -> Path | None:
+    """The run's results.json (a one-method run writes it in OUT, a comparison in OUT/<method>), or None."""
     found = sorted(run.glob("results.json")) or sorted(run.glob("*/results.json"))
-    if not found:
+    return found[0] if found else None
+
+
+def results_file(run: Path) -> Path:
+    found = find_results(run)
+    if found is None:
         raise SystemExit(f"{run}: no results.json (the run did not finish)")
-    return found[0]
+    return found
 
 
 def state_times(run: Path) -> list[float]:

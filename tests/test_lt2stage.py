@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import strip_timings, tiny_config
+from helpers import state_context, strip_timings, tiny_config
 from scipy import stats
 
 from cilkit.methods import lt2stage as lt
@@ -142,6 +142,36 @@ def test_mixup_mixes_as_the_authors_and_draws_lambda_from_beta():
     lams = [lt.mixup_batch(x, 0.5, gen)[2] for _ in range(400)]
     assert stats.kstest(lams, stats.beta(0.5, 0.5).cdf).pvalue > 0.01
     assert lt.mixup_batch(x, 0.0, gen)[2] == 1.0
+
+
+def test_stage2_mixes_in_the_engine_hook_and_its_loss_is_the_authors_mixup_criterion(tmp_path):
+    """Stage 2's mixup goes through FitHooks.mix_inputs (the engine forwards the mixed images) and
+    the loss is ``mixup_criterion``: lam * CE(lws * out, y_a) + (1 - lam) * CE(lws * out, y_b)."""
+    _, ctx = state_context(_cfg(tmp_path, "finetune"), tmp_path / "run", 1)
+    n = ctx.state.n_seen
+    scales = torch.linspace(0.5, 1.5, n)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 1, 4, 4, generator=gen), torch.randint(n, (6,), generator=gen)
+    off = lt.Stage2(ctx, lt.LT2StageConfig(), scales, ctx.state.train)
+    batch = lt.Batch(x=x, y=y, idx=torch.arange(6))
+    assert off.mix_inputs(ctx, batch) is batch  # mixup off: the batch itself, nothing drawn
+    hooks = lt.Stage2(ctx, lt.LT2StageConfig(mixup_alpha=0.4), scales, ctx.state.train)
+    hooks.mix_generator = torch.Generator().manual_seed(11)
+    mixed = hooks.mix_inputs(ctx, batch)
+    # the same draws, made by hand in mixup_data's order: lam, then the permutation
+    expect_x, perm, lam = lt.mixup_batch(x, 0.4, torch.Generator().manual_seed(11))
+    assert torch.equal(mixed.x, expect_x) and torch.equal(mixed.y_partner, y[perm]) and mixed.lam == lam
+    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(6))
+    logits = torch.randn(6, n, generator=gen)
+    their = TheirLWS(n)
+    with torch.no_grad():
+        their.learned_norm.copy_(scales[None])
+    scaled = their(logits).detach()
+    expected = (lam * F.cross_entropy(scaled, y) + (1 - lam) * F.cross_entropy(scaled, y[perm])).detach()
+    got = hooks.loss(ctx, mixed, {"logits": logits})["ce"].detach()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert float(hooks.loss(ctx, batch, {"logits": logits})["ce"].detach()) == pytest.approx(
+        float(F.cross_entropy(scaled, y)), rel=1e-6)
 
 
 # ----- the class-aware sampler -------------------------------------------------------------------
@@ -295,8 +325,6 @@ def test_the_stage2_schedule_is_the_authors_cosine_and_lws_trains_at_lr_over_the
     """adjust_learning_rate_stage_2: after epoch e, lr = 0.5 lr (1 + cos(e / E pi)) (heads); the
     LWS group at that over --lr-factor. The optimiser of stage 2 holds the new rows and sigma
     (LUCIR's heads[-1]) and the scales, nothing else."""
-    from helpers import state_context
-
     epochs, lr = 4, 0.05
     run = Run(_cfg(tmp_path, "finetune", f"lt2stage.epochs={epochs}"), tmp_path / "run", progress=False)
     run.execute(until_state=0)

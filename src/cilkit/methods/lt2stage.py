@@ -49,8 +49,8 @@ Readings chosen (paper or code, and why):
 - Gradients: no element clamp in stage 2 (PODNet's ``clamp_grad`` is its stage 1's; the authors'
   stage 2 clips the global norm at ``--clipping 10000``, i.e. never): the run's
   ``train.clip_grad_norm`` applies if set.
-- Mixup (when on) mixes the normalised, augmented images of the batch and runs the model on them
-  (the engine's forward of the unmixed batch is then unused).
+- Mixup (when on) mixes the normalised, augmented images of the batch before the engine's forward
+  (the engine's ``mix_inputs`` hook, as GDumb's CutMix), and the loss mixes the two targets' losses.
 - Epochs: 30, the authors' ``self.stage2epoch``, for every base. ``eeil_2stage.py`` runs
   ``range(1)`` (one epoch; the 30-epoch loop commented out beside it, a debugging leftover by
   our reading); ``lt2stage.epochs=1`` gives it.
@@ -63,6 +63,7 @@ Readings chosen (paper or code, and why):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar, Literal
 
@@ -248,12 +249,21 @@ class Stage2(FitHooks):
             return label_aware_smoothing(scaled, targets, self.smooth)
         return F.cross_entropy(scaled, targets)
 
-    def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> LossTerms:
-        if self.cfg.mixup_alpha <= 0:
-            return {self.cfg.loss: self.criterion(out["logits"], batch.y)}
+    def mix_inputs(self, ctx: Context, batch: Batch) -> Batch:
+        """With ``mixup_alpha > 0``, the batch mixed as ``mixup_data`` (``mixup_batch``); else unchanged."""
+        if self.cfg.mixup_alpha <= 0 or batch.x.shape[0] == 0:
+            return batch
         mixed, perm, lam = mixup_batch(batch.x, self.cfg.mixup_alpha, self.mix_generator)
-        logits = ctx.model(mixed)["logits"].float()
-        return {self.cfg.loss: lam * self.criterion(logits, batch.y) + (1 - lam) * self.criterion(logits, batch.y[perm])}
+        return dataclasses.replace(batch, x=mixed, y_partner=batch.y[perm], lam=lam)
+
+    def loss(self, ctx: Context, batch: Batch, out: dict[str, Any]) -> LossTerms:
+        """The criterion on the LWS-scaled logits; on a mixed batch the authors' ``mixup_criterion``,
+        ``lam * L(y) + (1 - lam) * L(y_partner)``."""
+        logits = out["logits"]
+        if batch.y_partner is None:
+            return {self.cfg.loss: self.criterion(logits, batch.y)}
+        return {self.cfg.loss: batch.lam * self.criterion(logits, batch.y)
+                + (1 - batch.lam) * self.criterion(logits, batch.y_partner)}
 
 
 # ----- the method ---------------------------------------------------------------------------------
