@@ -16,6 +16,7 @@ number of futex calls. ``--tiny`` is a seconds-long check that the script works 
 
     python benchmarks/bench_omp_policy.py                      # 2 threads, 3 repeats
     python benchmarks/bench_omp_policy.py --threads 2 --repeat 5 --futex
+    python benchmarks/bench_omp_policy.py --states 3 --epochs 2 --repeat 2 --futex   # about 15 minutes
     python benchmarks/bench_omp_policy.py --tiny --repeat 1    # does it run?
 """
 
@@ -51,7 +52,11 @@ class Timing:
 def command(args: argparse.Namespace, out: Path) -> list[str]:
     sets = [f"method={args.method}", f"threads={args.threads}", "state0_cache=null", f"data.root={args.data}"]
     if args.tiny:
-        sets += ["train.epochs=1", "scenario.states=2", "train.schedule.milestones=[]"]
+        args.states, args.epochs = 2, 1
+    if args.states is not None:
+        sets.append(f"scenario.states={args.states}")
+    if args.epochs is not None:  # the step of the lr is no cost: left out of a shortened run
+        sets += [f"train.epochs={args.epochs}", "train.schedule.milestones=[]"]
     return [sys.executable, "-m", "cilkit", "run", str(CONFIG), *(x for s in sets for x in ("--set", s)),
             "--out", str(out)]
 
@@ -103,6 +108,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--data", type=Path, default=DATA, help=f"Fashion-MNIST folder (default {DATA})")
     p.add_argument("--tiny", action="store_true", help="2 states of 1 epoch: check that the script runs")
+    p.add_argument("--states", type=int, help="a shorter run for every case: its first N states")
+    p.add_argument("--epochs", type=int, help="a shorter run for every case: E epochs per state (no lr step)")
     p.add_argument("--no-shared", action="store_true", help="the run alone only")
     p.add_argument("--futex", action="store_true", help="also count futex calls per policy (strace)")
     args = p.parse_args()
@@ -139,7 +146,8 @@ def main() -> None:
                 (t,) = run_together([command(args, fresh())], [environment(policy, tmp / "machine")],
                                     prefix=["strace", "-f", "-c", "-e", "trace=futex"])
                 futex[policy] = futex_calls(t.first_line)
-    what = "2 states x 1 epoch (--tiny)" if args.tiny else "configs/fashion-mnist.yaml"
+    what = "configs/fashion-mnist.yaml" + "".join(
+        f", {label} {v}" for label, v in (("states", args.states), ("epochs per state", args.epochs)) if v is not None)
     print(f"Fashion-MNIST {args.method}, {what}, threads {args.threads}, {cores} cores, {args.repeat} repeat(s)")
     for policy, ts in alone.items():
         print(f"alone   OMP_WAIT_POLICY={policy:8s} {summary(ts)}")

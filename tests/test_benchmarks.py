@@ -4,6 +4,7 @@ tiny run at one thread."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -182,3 +183,29 @@ def test_group_offset_figures_of_four_images_by_hand():
     assert f["right group"] == 50.0     # image 1 predicted new, image 4 predicted old
     assert f["new share"] == 50.0       # images 1 and 3
     assert f["offset"] == pytest.approx(((6 - 5) + (2 - 3) + (4 - 0) + (1 - 2)) / 4)
+
+
+def _scored_run(path, method, ends, logits_by_state):
+    """A run directory as group_offset reads it: results.json and scores/state_XX.npz."""
+    (path / "scores").mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"method": method, "state_ends": ends}))
+    for b, logits in logits_by_state.items():
+        logits = np.asarray(logits, dtype=np.float32)
+        np.savez(path / "scores" / f"state_{b:02d}.npz", logits=logits, labels=np.arange(len(logits)))
+
+
+def test_group_offset_keeps_one_methods_runs_on_two_protocols_apart(tmp_path, capsys):
+    bench = _load("group_offset")
+    right = np.eye(4) * 3  # every image right
+    wrong_group = np.array([[.5, 0, 1, 0], [0, .5, 0, 1], [1, 0, .5, 0], [0, 1, 0, .5]])  # right class 2nd
+    _scored_run(tmp_path / "a" / "run_0", "ssil", [2, 4], {1: right})             # 2 states of 2
+    _scored_run(tmp_path / "b" / "run_0", "ssil", [1, 2, 4], {1: right[:2, :2], 2: wrong_group})  # 3 states
+    bench.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ssil, classes seen 2, 4 (1 runs)")
+    assert out[1].split(" | ")[:4] == ["  2", "100.00", "100.00", "100.00"]
+    assert out[2].split(" | ")[:4] == ["  mean", "100.00", "100.00", "100.00"]
+    assert out[3].startswith("ssil, classes seen 1, 2, 4 (1 runs)")
+    # its third state: every image in the other group (right group 0), within-group all right
+    assert out[5].split(" | ")[:4] == ["  3", "0.00", "100.00", "0.00"]
+    assert out[6].split(" | ")[:4] == ["  mean", "50.00", "100.00", "50.00"]  # states 2 and 3
