@@ -13,6 +13,7 @@
 #   cat OUT_DIR/wa-tune/ranking.md                            # WA's reading chosen on validation
 #   cilkit compare OUT_DIR/rows/finetune OUT_DIR/wa/* --baseline finetune --regimes
 #   cilkit compare OUT_DIR/nomem/* --baseline finetune        # the memory-free protocol
+#   (IL2M and ScaIL: OUT_DIR/rows/finetune/run_*/calibrated/{il2m,scail}, one per seed)
 set -u
 OUT=${1:?usage: bash benchmarks/fm_regimes_5seeds.sh OUT_DIR}
 source "$(dirname "$0")/fm_sets.sh"
@@ -41,7 +42,7 @@ done
 run_set "$OUT" rows/rest fashion-mnist --methods icarl,lucir,sir,joint "${CACHE[@]}"
 run_set "$OUT" rows/memo memo-fashion-mnist "${CACHE[@]}"
 for rectifier in il2m scail; do   # fine-tuning's training; scored from its stored test scores
-  [ -d "$OUT/rows/finetune/calibrated/$rectifier" ] || python -m cilkit calibrate "$OUT/rows/finetune" \
+  [ -d "$OUT/rows/finetune/run_4/calibrated/$rectifier" ] || python -m cilkit calibrate "$OUT/rows/finetune" \
       --with $rectifier > "$OUT/rows/finetune-$rectifier.log" 2>&1
   echo "calibrate $rectifier: exit $?"
 done
