@@ -16,7 +16,7 @@ number of futex calls. ``--tiny`` is a seconds-long check that the script works 
 
     python benchmarks/bench_omp_policy.py                      # 2 threads, 3 repeats
     python benchmarks/bench_omp_policy.py --threads 2 --repeat 5 --futex
-    python benchmarks/bench_omp_policy.py --states 3 --epochs 2 --repeat 2 --futex   # about 15 minutes
+    python benchmarks/bench_omp_policy.py --states 3 --epochs 2 --repeat 2 --shared-limit 240
     python benchmarks/bench_omp_policy.py --tiny --repeat 1    # does it run?
 """
 
@@ -69,14 +69,29 @@ def environment(policy: str | None, machine_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_together(cmds: list[list[str]], envs: list[dict[str, str]], prefix: list[str] | None = None) -> list[Timing]:
-    """Start every command at once; each one's wall time from the common start, its own CPU times."""
+class CaseStopped(Exception):
+    """A case still running at its time limit (its processes killed): a lower bound, not a time."""
+
+
+def run_together(cmds: list[list[str]], envs: list[dict[str, str]], prefix: list[str] | None = None,
+                 limit_s: float | None = None) -> list[Timing]:
+    """Start every command at once; each one's wall time from the common start, its own CPU times.
+    Past ``limit_s`` seconds every process still running is killed and :class:`CaseStopped` raised."""
     t0 = time.perf_counter()
     procs = [subprocess.Popen([*(prefix or []), *c], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c, e in zip(cmds, envs)]
     timings = []
     for p in procs:
-        _, status, usage = os.wait4(p.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if limit_s is not None and time.perf_counter() - t0 > limit_s:
+                for q in procs:
+                    q.kill()
+                    q.wait()
+                raise CaseStopped(f"stopped at {limit_s:.0f} s")
+            time.sleep(0.2)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
         out, err = p.communicate()
@@ -111,6 +126,8 @@ def main() -> None:
     p.add_argument("--states", type=int, help="a shorter run for every case: its first N states")
     p.add_argument("--epochs", type=int, help="a shorter run for every case: E epochs per state (no lr step)")
     p.add_argument("--no-shared", action="store_true", help="the run alone only")
+    p.add_argument("--shared-limit", type=float, metavar="S", help="stop a shared case still running after S "
+                   "seconds (reported as a lower bound; not started again in later repeats)")
     p.add_argument("--futex", action="store_true", help="also count futex calls per policy (strace)")
     args = p.parse_args()
     if not (args.data / "train-images-idx3-ubyte.gz").exists() and not (args.data / "train-images-idx3-ubyte").exists():
@@ -118,6 +135,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     alone: dict[str, list[Timing]] = {"ACTIVE": [], "PASSIVE": [], "unset": []}
     shared: dict[str, list[Timing]] = {"ACTIVE": [], "PASSIVE": []}
+    stopped: dict[str, str] = {}  # shared cases stopped at --shared-limit
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         k = 0
@@ -134,8 +152,16 @@ def main() -> None:
                 print(f"[done] alone  {policy:8s} {summary(alone[policy][-1:])}", flush=True)  # kept if killed later
             if not args.no_shared:
                 for policy in ("ACTIVE", "PASSIVE"):
+                    if policy in stopped:
+                        continue  # stopped at the limit once: not started again
                     env = environment(policy, tmp / "machine")
-                    shared[policy] += run_together([command(args, fresh()), command(args, fresh())], [env, env])
+                    try:
+                        shared[policy] += run_together([command(args, fresh()), command(args, fresh())], [env, env],
+                                                       limit_s=args.shared_limit)
+                    except CaseStopped as e:
+                        stopped[policy] = str(e)
+                        print(f"[stopped] shared {policy:8s} {e}: not finished", flush=True)
+                        continue
                     print(f"[done] shared {policy:8s} {summary(shared[policy][-2:])}", flush=True)
             shutil.rmtree(tmp / "machine", ignore_errors=True)
         futex: dict[str, str] = {}
@@ -157,9 +183,16 @@ def main() -> None:
     print(f"alone:  ACTIVE / PASSIVE wall = {a / s:.2f}")
     if not args.no_shared:
         for policy, ts in shared.items():
-            print(f"shared  OMP_WAIT_POLICY={policy:8s} {summary(ts)}  (two runs together, each)")
-        a, s = (statistics.mean(t.wall for t in shared[x]) for x in ("ACTIVE", "PASSIVE"))
-        print(f"shared: ACTIVE / PASSIVE wall = {a / s:.2f}")
+            if ts:
+                print(f"shared  OMP_WAIT_POLICY={policy:8s} {summary(ts)}  (two runs together, each)")
+            if policy in stopped:
+                print(f"shared  OMP_WAIT_POLICY={policy:8s} {stopped[policy]} (--shared-limit), not finished")
+        if shared["ACTIVE"] and shared["PASSIVE"]:
+            a, s = (statistics.mean(t.wall for t in shared[x]) for x in ("ACTIVE", "PASSIVE"))
+            print(f"shared: ACTIVE / PASSIVE wall = {a / s:.2f}")
+        elif "ACTIVE" in stopped and shared["PASSIVE"]:
+            s = statistics.mean(t.wall for t in shared["PASSIVE"])
+            print(f"shared: ACTIVE / PASSIVE wall > {args.shared_limit / s:.2f} (ACTIVE stopped at the limit)")
     for policy, calls in futex.items():
         print(f"futex calls, one run alone, {policy}: {calls}")
 
