@@ -7,12 +7,12 @@
 # Resumable: run it again and every finished set is kept, an unfinished one resumed. Sets in
 # order of need:
 #   bash benchmarks/fm_regimes_5seeds.sh OUT_DIR            # then, e.g.:
-#   cilkit compare OUT_DIR/rows/* --baseline finetune --regimes   (the rule trains methods differently)
-#   cilkit compare OUT_DIR/ssil-b5/* --baseline finetune
+#   cilkit compare OUT_DIR/rows/*/ --baseline finetune --regimes   (the rule trains methods differently)
+#   cilkit compare OUT_DIR/ssil-b5/*/ --baseline finetune
 #   python benchmarks/group_offset.py OUT_DIR/ssil-b5/main OUT_DIR/rows/ssil   # old vs new group
 #   cat OUT_DIR/wa-tune/ranking.md                            # WA's reading chosen on validation
-#   cilkit compare OUT_DIR/rows/finetune OUT_DIR/wa/* --baseline finetune --regimes
-#   cilkit compare OUT_DIR/nomem/* --baseline finetune        # the memory-free protocol
+#   cilkit compare OUT_DIR/rows/finetune OUT_DIR/wa/*/ --baseline finetune --regimes
+#   cilkit compare OUT_DIR/nomem/*/ --baseline finetune        # the memory-free protocol
 #   (IL2M and ScaIL: OUT_DIR/rows/finetune/run_*/calibrated/{il2m,scail}, one per seed)
 set -u
 OUT=${1:?usage: bash benchmarks/fm_regimes_5seeds.sh OUT_DIR}
