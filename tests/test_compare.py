@@ -13,6 +13,7 @@ from helpers import tiny_config
 from cilkit.cli import main
 from cilkit.analysis.plots import curve_data
 from cilkit.analysis.report import compare_runs, find_runs
+from cilkit.analysis.runsets import _labels, group_identity
 from cilkit.runs.multirun import run_methods
 
 SEEDS = [3, 4, 5]
@@ -195,3 +196,19 @@ def test_regimes_pairs_methods_trained_differently_and_says_how(regime_runs, tmp
         (row,) = list(csv.DictReader(f))
     assert (row["method"], row["pairs"]) == ("icarl", "2")
     assert float(row["mean_difference"]) == pytest.approx(sum(i - f for i, f in zip(ic, ft)) / 2, abs=1e-9)
+
+
+def test_regimes_labels_twins_by_the_option_or_setting_they_differ_in():
+    """Under --regimes a group's identity holds its training settings too; twins of one method
+    are still labelled by what differs (WA's two readings, PODNet's two schedules), never by path."""
+    train = {"train.epochs": 5, "train.schedule.type": "multistep"}
+    paper = group_identity('{"bias": false, "clip": "always"}', train)
+    pycil = group_identity('{"bias": true, "clip": "never"}', train)
+    cosine = group_identity('{"bias": false, "clip": "always"}', {**train, "train.schedule.type": "cosine"})
+    groups = [("wa", 1, [("runs/a", 0)]), ("wa", 1, [("runs/b", 0)]), ("wa", 1, [("runs/c", 0)])]
+    assert _labels(groups, False, [paper, pycil, cosine]) == [
+        "wa (bias=False, clip=always, train.schedule.type=multistep)",
+        "wa (bias=True, clip=never, train.schedule.type=multistep)",
+        "wa (bias=False, clip=always, train.schedule.type=cosine)"]
+    assert _labels(groups[:2], False, [paper, pycil]) == ["wa (bias=False, clip=always)", "wa (bias=True, clip=never)"]
+    assert group_identity('{"bias": false}', {}) == '{"bias": false}'  # without --regimes: the options alone

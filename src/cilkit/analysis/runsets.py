@@ -274,6 +274,18 @@ def _labels(groups: list[tuple[str, int, list[tuple[FoundRun, int | None]]]], se
     return labels
 
 
+def group_identity(method_options: str, train: Mapping[str, Any]) -> str:
+    """What sets a group apart within its protocol, as one JSON mapping: the method's options
+    (:func:`_method_options`) and, under ``--regimes``, its training settings (dotted ``train.``
+    keys, which no option name shares), so that twins are labelled by whichever differs."""
+    if not train:
+        return method_options
+    own = json.loads(method_options)
+    if own is not None and not isinstance(own, dict):  # not a mapping: kept whole beside the settings
+        return json.dumps({"options": own, **train}, sort_keys=True, default=str)
+    return json.dumps({**(own or {}), **train}, sort_keys=True, default=str)
+
+
 def _differing_options(twins: list[str], mine: str) -> str:
     """``key=value, ...`` of ``mine`` (a JSON mapping of options) over the keys whose values are
     not the same in every one of ``twins``; empty when none differ (or they are not mappings)."""
@@ -303,7 +315,7 @@ def group_runs(runs: Sequence[FoundRun], regimes: bool = False) -> list[Protocol
         protocols.setdefault(key, (run, config))
         method = str(run.results.get("method", run.path.name))
         train = train_settings(config) if regimes else {}
-        options = _method_options(run.results, config) + (json.dumps(train, sort_keys=True, default=str) if train else "")
+        options = group_identity(_method_options(run.results, config), train)
         bucket = (key, method, options, len(run.results["states"]))
         trains.setdefault(bucket, train)
         buckets.setdefault(bucket, []).append((run, _seed(config)))
