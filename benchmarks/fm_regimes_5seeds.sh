@@ -3,7 +3,8 @@
 # every row in one window, 5 seeds each: the rows the rule changed with fine-tuning; SS-IL on
 # tasks of 5 classes beside fine-tuning, iCaRL and LUCIR; WA's readings (clip x bias), chosen on
 # validation; the rows the rule left alone (iCaRL, LUCIR, SIR, joint, MEMO; IL2M and ScaIL from
-# fine-tuning's stored scores); the memory-free pair (fine-tuning and LwF with memory 0).
+# fine-tuning's stored scores); the memory-free pair (fine-tuning and LwF with memory 0); the
+# dynamic-architecture methods (DER, FOSTER, MEMO) with fine-tuning, memory-aligned.
 # Resumable: run it again and every finished set is kept, an unfinished one resumed. Sets in
 # order of need:
 #   bash benchmarks/fm_regimes_5seeds.sh OUT_DIR            # then, e.g.:
@@ -13,6 +14,7 @@
 #   cat OUT_DIR/wa-tune/ranking.md                            # WA's reading chosen on validation
 #   cilkit compare OUT_DIR/rows/finetune OUT_DIR/wa/*/ --baseline finetune --regimes
 #   cilkit compare OUT_DIR/nomem/*/ --baseline finetune        # the memory-free protocol
+#   cilkit compare OUT_DIR/aligned/*/ --baseline finetune       # model + exemplars in one budget
 #   (IL2M and ScaIL: OUT_DIR/rows/finetune/run_*/calibrated/{il2m,scail}, one per seed)
 set -u
 OUT=${1:?usage: bash benchmarks/fm_regimes_5seeds.sh OUT_DIR}
@@ -48,3 +50,9 @@ for rectifier in il2m scail; do   # fine-tuning's training; scored from its stor
 done
 run_set "$OUT" nomem/finetune fashion-mnist --set memory.total=0
 run_set "$OUT" nomem/lwf lwf-fashion-mnist
+# memory-aligned (Zhou et al., ICLR 2023): the model and the exemplars share fine-tuning's convnet
+# after the last state (264,904 bytes) + 2000 images of 784 bytes, as benchmarks/fm_dynamic_5seeds.sh
+for m in finetune der foster memo; do
+  cfg=$m-fashion-mnist; [ $m = finetune ] && cfg=fashion-mnist
+  run_set "$OUT" aligned/$m $cfg --set memory.total=null --set memory.budget_bytes=1832904 "${CACHE[@]}"
+done
