@@ -198,6 +198,19 @@ def test_regimes_pairs_methods_trained_differently_and_says_how(regime_runs, tmp
     assert float(row["mean_difference"]) == pytest.approx(sum(i - f for i, f in zip(ic, ft)) / 2, abs=1e-9)
 
 
+def test_the_baseline_heads_the_table_and_the_regimes_sentence_whatever_the_order(regime_runs, tmp_path):
+    """Named after the method it is compared with, the baseline still comes first: its row heads
+    the table and the training differences are said against its settings, not the first directory's."""
+    dirs = [str(regime_runs / "icarl"), str(regime_runs / "finetune")]
+    assert main(["compare", *dirs, "--out", str(tmp_path / "rev"), "--baseline", "finetune", "--regimes"]) == 0
+    md = (tmp_path / "rev" / "table.md").read_text()
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and " | 2 | " in line]
+    assert rows[:2] == ["| finetune", "| icarl"]
+    assert "from finetune's: icarl: epochs 2, schedule.type cosine." in md
+    assert main(["compare", *dirs, "--out", str(tmp_path / "plain"), "--regimes"]) == 0  # no baseline: as named
+    assert "from icarl's: finetune: epochs 1, schedule.type multistep." in (tmp_path / "plain" / "table.md").read_text()
+
+
 def test_regimes_labels_twins_by_the_option_or_setting_they_differ_in():
     """Under --regimes a group's identity holds its training settings too; twins of one method
     are still labelled by what differs (WA's two readings, PODNet's two schedules), never by path."""

@@ -378,7 +378,7 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     out_dir = Path(out) if out is not None else default_out(dirs) if fresh else Path(dirs[0]) / "report"
     previous = _check_fresh(out_dir, runs) if fresh else report_target(out_dir, runs)
     _check_baseline_trained(baseline, runs, diverged)
-    protocols = group_runs(runs, regimes)
+    protocols = group_runs(runs, regimes, lead=baseline)
     paired = paired_rows(protocols, baseline, metric) if baseline is not None else None
     papers = [paper_comparisons(p) for p in protocols]  # where a run's config carries the paper's figure
     groups = [g for p in protocols for g in p.groups]

@@ -300,11 +300,15 @@ def _differing_options(twins: list[str], mine: str) -> str:
     return ", ".join(f"{k}={own.get(k)}" for k in keys)
 
 
-def group_runs(runs: Sequence[FoundRun], regimes: bool = False) -> list[Protocol]:
+def group_runs(runs: Sequence[FoundRun], regimes: bool = False, lead: str | None = None) -> list[Protocol]:
     """The runs by protocol (in the order first met), each as groups of seeds of one method.
     With ``regimes`` the training settings are no protocol key but part of a group's identity
     (runs of one method in two regimes are two groups), and each protocol names the groups
-    whose training differs from its first group's (:attr:`Protocol.regimes`)."""
+    whose training differs from its first group's (:attr:`Protocol.regimes`). ``lead`` (compare's
+    baseline): that method's runs are met first, so its row heads each table and the settings
+    are said against its own, whatever order the directories were named in."""
+    if lead is not None:
+        runs = sorted(runs, key=lambda r: str(r.results.get("method", r.path.name)) != lead)  # stable
     protocols: dict[str, tuple[FoundRun, dict[str, Any] | None]] = {}
     buckets: dict[tuple[str, str, str, int], list[tuple[FoundRun, int | None]]] = {}
     named: dict[tuple[str, str, str, int], str] = {}  # bucket -> its label (lwf (with memory 200))
