@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -73,13 +74,22 @@ class CaseStopped(Exception):
     """A case still running at its time limit (its processes killed): a lower bound, not a time."""
 
 
+def _read_back(f: IO[str]) -> str:
+    f.seek(0)
+    text = f.read()
+    f.close()
+    return text
+
+
 def run_together(cmds: list[list[str]], envs: list[dict[str, str]], prefix: list[str] | None = None,
                  limit_s: float | None = None) -> list[Timing]:
     """Start every command at once; each one's wall time from the common start, its own CPU times.
     Past ``limit_s`` seconds every process still running is killed and :class:`CaseStopped` raised."""
+    # output to files, read after exit: a pipe nobody reads while the process runs fills and blocks it
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([*(prefix or []), *c], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c, e in zip(cmds, envs)]
+    procs = [subprocess.Popen([*(prefix or []), *c], env=e, stdout=o, stderr=r, text=True)
+             for c, e, (o, r) in zip(cmds, envs, files)]
     timings = []
     for p in procs:
         while True:
@@ -94,7 +104,7 @@ def run_together(cmds: list[list[str]], envs: list[dict[str, str]], prefix: list
             time.sleep(0.2)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
-        out, err = p.communicate()
+        out, err = (_read_back(f) for f in files[procs.index(p)])
         if p.returncode != 0:
             raise SystemExit(f"run failed ({p.returncode}): {err[-800:]}")
         first = next((line for line in out.splitlines() if "idle threads" in line), "")

@@ -209,3 +209,16 @@ def test_group_offset_keeps_one_methods_runs_on_two_protocols_apart(tmp_path, ca
     # its third state: every image in the other group (right group 0), within-group all right
     assert out[5].split(" | ")[:4] == ["  3", "0.00", "100.00", "0.00"]
     assert out[6].split(" | ")[:4] == ["  mean", "50.00", "100.00", "50.00"]  # states 2 and 3
+
+
+# ----- bench_omp_policy ------------------------------------------------------------------------------
+def test_omp_policy_runs_that_write_much_finish_and_a_stopped_case_says_so():
+    """Two processes started together that each write 300 KB to stdout and stderr (more than a pipe
+    holds) both finish, and their marker line is read back; a case past its limit is stopped."""
+    bench = _load("bench_omp_policy")
+    code = 'import sys; sys.stdout.write("x" * 300000 + "\\nidle threads: 3\\n"); sys.stderr.write("e" * 300000)'
+    cmd = [sys.executable, "-c", code]
+    timings = bench.run_together([cmd, cmd], [{}, {}], limit_s=60)
+    assert [t.first_line for t in timings] == ["idle threads: 3", "idle threads: 3"]
+    with pytest.raises(bench.CaseStopped, match="stopped at 1 s"):
+        bench.run_together([[sys.executable, "-c", "import time; time.sleep(30)"]], [{}], limit_s=1)
