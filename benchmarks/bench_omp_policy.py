@@ -91,7 +91,7 @@ def run_together(cmds: list[list[str]], envs: list[dict[str, str]], prefix: list
     procs = [subprocess.Popen([*(prefix or []), *c], env=e, stdout=o, stderr=r, text=True)
              for c, e, (o, r) in zip(cmds, envs, files)]
     timings = []
-    for p in procs:
+    for p, outputs in zip(procs, files):
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
@@ -104,7 +104,7 @@ def run_together(cmds: list[list[str]], envs: list[dict[str, str]], prefix: list
             time.sleep(0.2)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
-        out, err = (_read_back(f) for f in files[procs.index(p)])
+        out, err = (_read_back(f) for f in outputs)
         if p.returncode != 0:
             raise SystemExit(f"run failed ({p.returncode}): {err[-800:]}")
         first = next((line for line in out.splitlines() if "idle threads" in line), "")

@@ -198,6 +198,36 @@ def test_the_model_size_is_estimated_without_allocating_it(tmp_path):
         assert estimated_model_bytes(METHODS["finetune"](config), 1, 8) == 4 * _convnet_parameters(width, 1)
 
 
+def test_a_model_the_meta_device_cannot_build_is_not_sized_and_its_own_error_still_raises(tmp_path):
+    """A plugin model whose constructor reads a value (``.item()``) cannot be built on the meta
+    device: its size is unknown (None, the RAM check skipped) rather than a refused run; an error
+    of the model's own (which its real build raises too) is not swallowed."""
+    import torch
+
+    from cilkit.methods import METHODS
+    from cilkit.run.setup import check_model_size, estimated_model_bytes
+
+    base = METHODS["finetune"]
+
+    class ReadsAValue(base):  # type: ignore[misc, valid-type]
+        def build_model(self, channels: int, size: int) -> torch.nn.Module:
+            layer = torch.nn.Linear(channels * size * size, 4)
+            layer.weight.abs().max().item()  # on the meta device: "cannot be called on meta tensors"
+            return layer
+
+    class Broken(base):  # type: ignore[misc, valid-type]
+        def build_model(self, channels: int, size: int) -> torch.nn.Module:
+            raise RuntimeError("backbone 'mine' needs 3 channels")
+
+    config = tiny_config(tmp_path, "threads=1")
+    method = ReadsAValue(config)
+    assert estimated_model_bytes(method, 1, 8) is None
+    check_model_size(config, method, 1, 8)  # nothing to refuse on
+    assert sum(p.numel() for p in method.build_model(1, 8).parameters()) == 64 * 4 + 4  # the real build works
+    with pytest.raises(RuntimeError, match="needs 3 channels"):
+        estimated_model_bytes(Broken(config), 1, 8)
+
+
 def test_a_model_wider_than_the_machine_is_one_line(tmp_path, capsys):
     """issue 37 item 10: refused before anything is built, naming ``model.width`` and the size."""
     out = tmp_path / "run"

@@ -300,6 +300,11 @@ def _differing_options(twins: list[str], mine: str) -> str:
     return ", ".join(f"{k}={own.get(k)}" for k in keys)
 
 
+def _method_name(run: FoundRun) -> str:
+    """The method a run trained (its directory's name where results.json does not say)."""
+    return str(run.results.get("method", run.path.name))
+
+
 def group_runs(runs: Sequence[FoundRun], regimes: bool = False, lead: str | None = None) -> list[Protocol]:
     """The runs by protocol (in the order first met), each as groups of seeds of one method.
     With ``regimes`` the training settings are no protocol key but part of a group's identity
@@ -308,7 +313,7 @@ def group_runs(runs: Sequence[FoundRun], regimes: bool = False, lead: str | None
     baseline): that method's runs are met first, so its row heads each table and the settings
     are said against its own, whatever order the directories were named in."""
     if lead is not None:
-        runs = sorted(runs, key=lambda r: str(r.results.get("method", r.path.name)) != lead)  # stable
+        runs = sorted(runs, key=lambda r: _method_name(r) != lead)  # stable
     protocols: dict[str, tuple[FoundRun, dict[str, Any] | None]] = {}
     buckets: dict[tuple[str, str, str, int], list[tuple[FoundRun, int | None]]] = {}
     named: dict[tuple[str, str, str, int], str] = {}  # bucket -> its label (lwf (with memory 200))
@@ -317,7 +322,7 @@ def group_runs(runs: Sequence[FoundRun], regimes: bool = False, lead: str | None
         config = run_config(run)
         key = protocol_key(run.results, config, regimes)
         protocols.setdefault(key, (run, config))
-        method = str(run.results.get("method", run.path.name))
+        method = _method_name(run)
         train = train_settings(config) if regimes else {}
         options = group_identity(_method_options(run.results, config), train)
         bucket = (key, method, options, len(run.results["states"]))
